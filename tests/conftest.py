@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny random-init models (no downloads) and their saved checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from trait_guard.testing import make_tiny_model
+
+    return make_tiny_model("llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    from trait_guard.testing import make_tiny_model
+
+    return make_tiny_model("gpt2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    from trait_guard.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", seed=0)

