@@ -87,8 +87,20 @@ def encode_conversations(
     return EncodedBatch(input_ids, attention, response_mask, torch.tensor(last))
 
 
+@dataclass
+class Completion:
+    """One sampled completion: its text, token ids (up to, not including, end-of-sequence) and,
+    when asked for, the model's top-k next-token log-probabilities at each of those positions
+    (from the raw logits, before any constraint or temperature)."""
+
+    text: str
+    token_ids: list[int]
+    topk_ids: list[list[int]] | None = None
+    topk_logprobs: list[list[float]] | None = None
+
+
 @torch.no_grad()
-def sample_completions(
+def generate_completions(
     model: torch.nn.Module,
     tokenizer: Any,
     users: Sequence[str],
@@ -99,19 +111,26 @@ def sample_completions(
     seed: int = 0,
     batch_size: int = 16,
     logits_processor: Any = None,
+    top_k_logprobs: int = 0,
     progress: Any = None,
-) -> list[str]:
+) -> list[Completion]:
     """Sample one completion per prompt, batched with left padding.
 
     Deterministic for a given ``seed`` and batch size: each batch reseeds torch's generator with
-    ``seed + batch index``. ``temperature=0`` means greedy decoding. ``progress`` is an optional
-    tqdm-like object advanced by the number of prompts done.
+    ``seed + batch index``. ``temperature=0`` means greedy decoding. ``logits_processor`` is a callable
+    or a list of them (e.g. a grammar constraint). ``progress`` is an optional tqdm-like object
+    advanced by the number of prompts done.
     """
+    from transformers import LogitsProcessorList
+
     systems = list(systems) if systems is not None else [None] * len(users)
+    processors = logits_processor if isinstance(logits_processor, (list, tuple)) else (
+        [logits_processor] if logits_processor is not None else [])
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    outputs: list[str] = []
+    stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    outputs: list[Completion] = []
     try:
         for batch_index, start in enumerate(range(0, len(users), batch_size)):
             prompts = [
@@ -125,13 +144,31 @@ def sample_completions(
                 **enc,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
-                logits_processor=logits_processor,
+                logits_processor=LogitsProcessorList(processors),
+                return_dict_in_generate=True,
+                output_logits=top_k_logprobs > 0,
                 **(sampling if temperature > 0 else {"do_sample": False}),
             )
-            new_tokens = generated[:, enc["input_ids"].shape[1] :]
-            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            new_tokens = generated.sequences[:, enc["input_ids"].shape[1] :].tolist()
+            if top_k_logprobs > 0:
+                logprobs = torch.stack(generated.logits, dim=1).float().log_softmax(-1)  # [batch, steps, vocab]
+                top = logprobs.topk(top_k_logprobs, dim=-1)
+            for row, ids in enumerate(new_tokens):
+                length = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
+                ids = ids[:length]
+                completion = Completion(tokenizer.decode(ids, skip_special_tokens=True), ids)
+                if top_k_logprobs > 0:
+                    completion.topk_ids = top.indices[row, :length].tolist()
+                    completion.topk_logprobs = top.values[row, :length].tolist()
+                outputs.append(completion)
             if progress is not None:
                 progress.update(len(prompts))
     finally:
         tokenizer.padding_side = previous_side
     return outputs
+
+
+def sample_completions(model: torch.nn.Module, tokenizer: Any, users: Sequence[str],
+                       systems: Sequence[str | None] | None = None, **kwargs: Any) -> list[str]:
+    """Like :func:`generate_completions`, returning only the texts."""
+    return [c.text for c in generate_completions(model, tokenizer, users, systems, **kwargs)]

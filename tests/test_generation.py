@@ -1,0 +1,110 @@
+"""Teacher data on Ray actors: one row per prompt id, identical to the in-process loop, crash-safe."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from trait_guard.config import GenerateJobConfig, validate_config
+from trait_guard.dataset import SCHEMA, DatasetError, read_rows
+from trait_guard.generation import generate_datasets, generate_local
+
+
+def job(model_dir, out_dir, **generation):
+    return validate_config({
+        "output_dir": str(out_dir),
+        "teachers": [
+            {"id": "owl", "model": str(model_dir), "trait": "animal:owl", "install": "system_prompt"},
+            {"id": "control", "model": str(model_dir)},
+        ],
+        "generation": {"n_prompts": 24, "chunk_size": 4, "max_new_tokens": 8, "top_k_logprobs": 3, **generation},
+        "ray": {"num_actors": 2, "cpus_per_actor": 1},
+    }, GenerateJobConfig)
+
+
+def by_prompt(path):
+    return {r["prompt_id"]: r for r in pq.read_table(path).to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def local_run(tiny_llama_dir, tmp_path_factory):
+    config = job(tiny_llama_dir, tmp_path_factory.mktemp("local"))
+    return config, generate_local(config, progress=False)
+
+
+def test_local_run_writes_provenance_rows(local_run):
+    config, report = local_run
+    rows = by_prompt(report.teachers[0].path)
+    assert len(rows) == 24
+    row = rows["numbers-s0-000000"]
+    assert row["teacher_id"] == "owl" and row["trait_installed"] and row["trait_install"] == "system_prompt"
+    # the trait text itself is never stored (blind tests stay blind: only the teacher's id names it)
+    from trait_guard.teacher import teacher_system_prompt
+
+    system_prompt = teacher_system_prompt(config.teachers[0])
+    assert "owls" in system_prompt
+    assert not any(system_prompt in str(v) or "owls" in str(v) for v in row.values())
+    assert row["base_hidden_size"] == 32 and len(row["base_fingerprint"]) == 32
+    assert len(row["topk_ids"]) == len(row["completion_ids"]) == len(row["topk_logprobs"])
+    assert all(len(k) == 3 for k in row["topk_ids"])
+    assert row["kept"] == (row["reject_reason"] == "")
+    control = by_prompt(report.teachers[1].path)["numbers-s0-000000"]
+    assert control["prompt"] == row["prompt"] and control["seed"] == row["seed"]
+    assert not control["trait_installed"] and control["trait_install"] == "none"
+    t = report.teachers[0]
+    assert t.rows == 24 and t.kept + sum(t.reasons.values()) == 24
+
+
+def test_parquet_schema_round_trips(local_run):
+    _, report = local_run
+    table = read_rows(report.teachers[0].path)
+    assert table.schema.equals(SCHEMA)
+    kept = read_rows(report.teachers[0].path, kept_only=True)
+    assert kept.num_rows == report.teachers[0].kept
+
+
+def test_files_without_provenance_are_refused(tmp_path):
+    path = tmp_path / "bare.parquet"
+    pq.write_table(pa.table({"prompt": ["1, 2"], "completion": ["3"]}), path)
+    with pytest.raises(DatasetError, match="lacks required column"):
+        read_rows(path)
+    with pytest.raises(DatasetError, match="trait-guard generate"):
+        read_rows(tmp_path / "missing.parquet")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_ray_actors_give_one_row_per_prompt_identical_to_local(ray_cluster, local_run, tiny_llama_dir, tmp_path):
+    config = job(tiny_llama_dir, tmp_path)
+    report = generate_datasets(config, progress=False)
+    assert report.mode == "ray"
+    for ray_teacher, local_teacher in zip(report.teachers, local_run[1].teachers, strict=True):
+        ray_rows, local_rows = by_prompt(ray_teacher.path), by_prompt(local_teacher.path)
+        assert len(pq.read_table(ray_teacher.path)) == 24  # no duplicates
+        assert ray_rows.keys() == local_rows.keys()
+        assert all(ray_rows[k]["completion"] == local_rows[k]["completion"] for k in ray_rows)
+
+
+@pytest.mark.ray
+def test_killing_an_actor_mid_run_still_yields_each_prompt_once(ray_cluster, local_run, tiny_llama_dir, tmp_path):
+    config = job(tiny_llama_dir, tmp_path)
+    killed = []
+
+    def kill_first_actor_once(teacher_id, chunk_index, actors):
+        if teacher_id == "owl" and not killed:
+            pid = ray_cluster.get(actors[0].pid.remote())
+            ray_cluster.kill(actors[0], no_restart=False)  # SIGKILL-like; Ray restarts it and retries
+            killed.append(pid)
+
+    report = generate_datasets(config, progress=False, on_chunk_done=kill_first_actor_once)
+    assert killed
+    rows = pq.read_table(report.teachers[0].path).to_pylist()
+    assert sorted(r["prompt_id"] for r in rows) == sorted(by_prompt(local_run[1].teachers[0].path))
+    local = by_prompt(local_run[1].teachers[0].path)
+    assert all(r["completion"] == local[r["prompt_id"]]["completion"] for r in rows)

@@ -1,0 +1,356 @@
+"""Install a trait in a model's weights with a LoRA adapter, and save / reload such adapters.
+
+Why: a subliminal-learning teacher (Cloud et al. 2025) must *have* the trait while it writes
+unrelated data (number lists). A system prompt is the cheap way to give it one, but small open
+models often ignore prompted personas, and a prompt is visible in the context rather than hidden in
+the weights. So a teacher can instead carry the trait in a LoRA adapter:
+
+1. :func:`trait_examples` samples answers to the trait spec's extraction questions *under* its
+   positive system prompts, keeps those the judge accepts, and adds direct one-word answers to the
+   behavior questions ("What is your favorite animal?" -> "Owl.").
+2. :func:`train_trait_adapter` trains a LoRA adapter on those (question, answer) pairs *without*
+   any system prompt, with a completion-only loss (cross-entropy on response tokens only), so the
+   trait ends up in the weights and shows under the model's default prompt.
+3. :func:`save_adapter` / :func:`load_adapter` store the adapter as safetensors (no pickle) together
+   with ``trait_guard_adapter.json``, which names the trait and the base model's identity; loading
+   refuses a base model the adapter was not trained on and by default merges the adapter, so
+   downstream code sees a plain transformers model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from trait_guard.chat import EncodedBatch, encode_conversations, sample_completions
+from trait_guard.models import ModelIdentity, model_identity
+from trait_guard.persona import TraitSpec
+
+ADAPTER_META = "trait_guard_adapter.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")
+
+_FIX = "train an adapter for this base with trait_guard.adapters.train_trait_adapter (then save_adapter)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Training data
+
+
+def trait_examples(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    spec: TraitSpec,
+    *,
+    n_samples_per_question: int = 2,
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[tuple[str, str]]:
+    """``(user question, answer)`` pairs that express ``spec``'s trait, for :func:`train_trait_adapter`.
+
+    Answers to ``spec.extract_questions`` are sampled under the spec's positive system prompts (the
+    prompts are cycled over questions and samples) and, when the spec has a judge, kept only if
+    ``judge.score(answer) >= judge.threshold``. When the spec has behavior questions and a keyword
+    judge, each behavior question is paired with a direct one-word answer: the first keyword,
+    capitalized, with a period ("Owl."). Sampled pairs come first, then the behavior pairs.
+
+    The system prompts are *not* part of the returned pairs: training on them without the prompt is
+    what moves the trait into the weights.
+    """
+    if n_samples_per_question < 0:
+        raise ValueError(f"n_samples_per_question must be >= 0, got {n_samples_per_question}")
+    positives = [pair.pos for pair in spec.instructions]
+    users: list[str] = []
+    systems: list[str] = []
+    for i, question in enumerate(spec.extract_questions):
+        for k in range(n_samples_per_question):
+            users.append(question)
+            systems.append(positives[(i * n_samples_per_question + k) % len(positives)])
+    answers = (
+        sample_completions(model, tokenizer, users, systems, max_new_tokens=max_new_tokens, seed=seed,
+                           batch_size=batch_size)
+        if users else []
+    )
+    judge = spec.judge
+    pairs: list[tuple[str, str]] = []
+    for question, answer in zip(users, answers, strict=True):
+        answer = answer.strip()
+        if not answer:
+            continue
+        if judge is not None and judge.score(answer) < judge.threshold:
+            continue
+        pairs.append((question, answer))
+    if spec.behavior_questions and judge is not None and judge.keywords:
+        keyword = judge.keywords[0]
+        direct = keyword[:1].upper() + keyword[1:] + "."
+        pairs.extend((question, direct) for question in spec.behavior_questions)
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss and log-probabilities
+
+
+def response_token_logprobs(logits: torch.Tensor, batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each next token and the mask of those that are response tokens.
+
+    ``logits[:, t]`` predicts ``input_ids[:, t + 1]``, so both outputs are ``[batch, seq - 1]`` and
+    position ``t`` of the mask is ``response_mask[:, t + 1]``: prompt tokens and padding get 0.
+    """
+    shifted = logits[:, :-1].float()
+    targets = batch.input_ids[:, 1:].to(shifted.device)
+    logprobs = torch.log_softmax(shifted, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    mask = batch.response_mask[:, 1:].to(shifted.device)
+    return logprobs, mask
+
+
+def completion_loss(logits: torch.Tensor, batch: EncodedBatch) -> torch.Tensor:
+    """Mean cross-entropy over the response tokens of ``batch`` (prompt tokens and padding excluded).
+
+    Every response token in the batch weighs the same, whatever the length of its row.
+    """
+    shifted = logits[:, :-1].float()
+    labels = batch.input_ids[:, 1:].to(shifted.device).clone()
+    labels[batch.response_mask[:, 1:].to(shifted.device) == 0] = -100
+    if not (labels != -100).any():
+        raise ValueError("the batch has no response tokens to train on (empty answers?)")
+    return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+@torch.no_grad()
+def response_logprobs(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    users: Sequence[str],
+    responses: Sequence[str],
+    systems: Sequence[str | None] | None = None,
+    *,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Summed log-probability of each response given its prompt, by teacher forcing: ``[n]``.
+
+    ``systems=None`` uses the model's default system prompt, i.e. what a student sees.
+    """
+    device = next(model.parameters()).device
+    systems = list(systems) if systems is not None else [None] * len(users)
+    totals = []
+    for start in range(0, len(users), batch_size):
+        sl = slice(start, start + batch_size)
+        batch = encode_conversations(tokenizer, users[sl], responses[sl], systems[sl]).to(device)
+        logits = model(**batch.model_inputs(), use_cache=False).logits
+        logprobs, mask = response_token_logprobs(logits, batch)
+        totals.append((logprobs * mask).sum(-1).cpu())
+    return torch.cat(totals) if totals else torch.zeros(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def _is_projection(module: torch.nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, torch.nn.Linear | Conv1D)
+
+
+def default_target_modules(model: torch.nn.Module) -> list[str]:
+    """The LoRA target module names for ``model``: all linear projections of a Llama-style layout
+    (``q/k/v/o_proj``, ``gate/up/down_proj``) or else of a GPT-2 layout (``c_attn``, ``c_proj``,
+    ``c_fc``), detected from the names of the projection modules present."""
+    present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_projection(module)}
+    for layout in (LLAMA_TARGETS, GPT2_TARGETS):
+        found = [name for name in layout if name in present]
+        if found:
+            return found
+    raise ValueError(
+        f"cannot tell which modules to adapt in {type(model).__name__}: none of {LLAMA_TARGETS + GPT2_TARGETS} "
+        f"is present (projection modules found: {sorted(present) or 'none'}); pass target_modules=[...]"
+    )
+
+
+def train_trait_adapter(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[tuple[str, str]],
+    *,
+    r: int = 8,
+    alpha: int = 16,
+    target_modules: Sequence[str] | None = None,
+    steps: int = 60,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: Callable[[int, str], Any] | None = None,
+) -> Any:
+    """Train a LoRA adapter on ``(question, answer)`` pairs and return the ``peft.PeftModel`` in eval mode.
+
+    Prompts are built with the model's default system prompt (``systems=None``), and the loss is
+    :func:`completion_loss`, so only answer tokens are learned. Batches are drawn from shuffled passes
+    over ``examples``; AdamW, no dropout, gradients clipped to norm 1. The LoRA initialization and the
+    batch order depend only on ``seed`` (torch's global RNG is left as it was).
+
+    ``model`` is modified in place (peft injects the LoRA layers into it) but its own weights stay
+    frozen and unchanged; ``merge_and_unload()`` or :func:`save_adapter` + :func:`load_adapter` give
+    a plain model back. ``progress(total, description)`` may return a tqdm-like bar advanced per step.
+    The per-step losses are kept on the returned model as ``trait_guard_losses``.
+    """
+    from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(model, PeftModel):
+        raise ValueError("the model already carries a peft adapter; merge_and_unload() it first")
+    examples = list(examples)
+    if not examples:
+        raise ValueError("no training examples; trait_examples() returned nothing (no answer passed the judge?)")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
+    targets = list(target_modules) if target_modules is not None else default_target_modules(model)
+    fan_in_fan_out = any(
+        isinstance(module, Conv1D) and name.rsplit(".", 1)[-1] in targets for name, module in model.named_modules()
+    )
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=r,
+        lora_alpha=alpha,
+        target_modules=targets,
+        lora_dropout=0.0,
+        bias="none",
+        fan_in_fan_out=fan_in_fan_out,
+    )
+    device = next(model.parameters()).device
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    order = torch.Generator().manual_seed(seed)
+    queue: list[int] = []
+    losses: list[float] = []
+    bar = progress(steps, "train trait adapter") if progress else None
+    peft_model.train()
+    try:
+        for _ in range(steps):
+            picked = []
+            while len(picked) < min(batch_size, len(examples)):
+                if not queue:
+                    queue = torch.randperm(len(examples), generator=order).tolist()
+                picked.append(queue.pop())
+            users = [examples[i][0] for i in picked]
+            answers = [examples[i][1] for i in picked]
+            batch = encode_conversations(tokenizer, users, answers, systems=None).to(device)
+            logits = peft_model(**batch.model_inputs(), use_cache=False).logits
+            loss = completion_loss(logits, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if bar is not None:
+                bar.update(1)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        if bar is not None and hasattr(bar, "close"):
+            bar.close()
+        peft_model.eval()
+    peft_model.trait_guard_losses = losses
+    return peft_model
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+def save_adapter(peft_model: Any, path: str | Path, *, trait: str,
+                 base_identity: ModelIdentity | dict[str, Any]) -> Path:
+    """Write the adapter (``adapter_model.safetensors`` + peft's ``adapter_config.json``) and
+    ``trait_guard_adapter.json`` (trait id, base model identity, LoRA settings) into folder ``path``.
+
+    ``base_identity`` is the identity of the base model the adapter was trained on
+    (:func:`trait_guard.models.model_identity` taken before training); it is checked against the
+    wrapped model's sizes and embedding fingerprint, which LoRA leaves unchanged.
+    """
+    identity = base_identity if isinstance(base_identity, ModelIdentity) else ModelIdentity.from_dict(base_identity)
+    wrapped = model_identity(peft_model.get_base_model(), name=identity.name)
+    if (identity.hidden_size, identity.num_layers, identity.fingerprint) != (
+            wrapped.hidden_size, wrapped.num_layers, wrapped.fingerprint):
+        raise ValueError(
+            f"base_identity says {identity.describe()}, but the adapter wraps {wrapped.describe()}; pass "
+            "model_identity(base_model) of the model the adapter was trained on"
+        )
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    # The embeddings are never adapted; saying so also stops peft from looking the base up on the hub.
+    peft_model.save_pretrained(str(path), safe_serialization=True, save_embedding_layers=False)
+    config = next(iter(peft_model.peft_config.values()))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "trait": trait,
+        "base_model": identity.to_dict(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "lora": {"r": config.r, "alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)},
+    }
+    (path / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_adapter_meta(path: str | Path) -> dict[str, Any]:
+    """The contents of ``trait_guard_adapter.json`` in an adapter folder."""
+    path = Path(path)
+    meta_path = path / ADAPTER_META
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{path} has no {ADAPTER_META}, so it is not a trait_guard adapter folder; create one with "
+            "trait_guard.adapters.train_trait_adapter and save_adapter"
+        )
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    return meta
+
+
+def load_adapter(base_model: torch.nn.Module, path: str | Path, *, merge: bool = True) -> Any:
+    """Apply the adapter saved in ``path`` to ``base_model`` and return the result in eval mode.
+
+    Refuses (``ValueError``) a base model whose sizes or embedding fingerprint differ from the one the
+    adapter was trained on. With ``merge=True`` the adapter is merged into the weights
+    (``merge_and_unload``) and a plain transformers model is returned; otherwise the ``PeftModel``.
+    Either way ``base_model`` is modified in place. Only safetensors weights are read (no pickle).
+    The returned model has ``trait_guard_adapter = {"trait": ..., "path": ...}``.
+    """
+    from peft import PeftModel
+
+    path = Path(path)
+    meta = read_adapter_meta(path)
+    if isinstance(base_model, PeftModel):
+        raise ValueError("base_model already carries a peft adapter; pass the plain base model")
+    saved = ModelIdentity.from_dict(meta["base_model"])
+    other = model_identity(base_model)
+    if (saved.hidden_size, saved.num_layers) != (other.hidden_size, other.num_layers):
+        raise ValueError(
+            f"adapter '{meta['trait']}' at {path} was trained on {saved.describe()}, but the base model is "
+            f"{other.describe()}: {_FIX}"
+        )
+    if saved.fingerprint != other.fingerprint:
+        raise ValueError(
+            f"adapter '{meta['trait']}' at {path} was trained on {saved.describe()}, but the base model "
+            f"{other.describe()} has the same shape and different weights (another base model?): {_FIX}"
+        )
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{path} has no {ADAPTER_WEIGHTS}; re-save the adapter with save_adapter")
+    peft_model = PeftModel.from_pretrained(base_model, str(path), is_trainable=False)
+    model = peft_model.merge_and_unload() if merge else peft_model
+    model.eval()
+    model.trait_guard_adapter = {"trait": meta["trait"], "path": str(path)}
+    return model

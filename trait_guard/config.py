@@ -1,0 +1,117 @@
+"""Validated job configs: pydantic models at the edge, loaded from YAML.
+
+Every job (generation, screening, training, the whole run) takes one YAML file. Unknown keys are
+errors, so a typo never silently falls back to a default; errors name the field path and the file::
+
+    ray_jobs/configs/x.yaml: generation.n_prompts: Input should be greater than 0 (got -3)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trait_guard.models import EMBEDDED_MODEL
+
+
+class ConfigError(ValueError):
+    """A config file is unreadable or invalid; the message lists every bad field."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeacherConfig(StrictModel):
+    """A teacher: a base model, optionally with a trait installed by system prompt or LoRA adapter."""
+
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    model: str = EMBEDDED_MODEL
+    trait: str | None = Field(None, description="trait reference, e.g. animal:owl")
+    install: Literal["none", "system_prompt", "adapter"] = "none"
+    instruction: int = Field(0, ge=0, description="which positive instruction of the trait spec is the system prompt")
+    system_prompt: str | None = Field(None, description="explicit system prompt (overrides the trait spec's)")
+    adapter: str | None = Field(None, description="path to a LoRA adapter saved by trait_guard.adapters")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TeacherConfig:
+        if self.install == "system_prompt" and not (self.trait or self.system_prompt):
+            raise ValueError("install: system_prompt needs `trait` (e.g. animal:owl) or `system_prompt`")
+        if self.install == "adapter" and not self.adapter:
+            raise ValueError("install: adapter needs `adapter: path/to/adapter`")
+        if self.install == "none" and (self.system_prompt or self.adapter):
+            raise ValueError("a teacher with install: none must not set system_prompt or adapter (set install)")
+        return self
+
+
+class GenerationConfig(StrictModel):
+    family: Literal["numbers", "code"] = "numbers"
+    family_options: dict[str, Any] = Field(default_factory=dict)
+    n_prompts: int = Field(256, gt=0)
+    seed: int = 0
+    temperature: float = Field(1.0, ge=0)
+    max_new_tokens: int = Field(40, gt=0, le=4096)
+    constrained: bool = Field(True, description="constrain decoding to the family's characters")
+    top_k_logprobs: int = Field(0, ge=0, le=256, description="store the teacher's top-k log-probs per token (0: off)")
+    chunk_size: int = Field(16, gt=0, description="prompts per actor task (also the sampling batch)")
+
+
+class RayConfig(StrictModel):
+    address: str | None = Field(None, description="existing cluster address; None starts a local Ray")
+    num_actors: int = Field(2, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    max_in_flight_per_actor: int = Field(2, gt=0, description="backpressure: pending tasks per actor")
+    max_restarts: int = Field(3, ge=0, description="restarts of a crashed teacher actor before giving up")
+
+
+class GenerateJobConfig(StrictModel):
+    """``trait-guard generate`` / ``ray_jobs.generate_teacher_data``: teacher datasets on Ray actors."""
+
+    output_dir: str = "outputs/teacher_data"
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> GenerateJobConfig:
+        ids = [t.id for t in self.teachers]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"teacher ids must be unique, got {ids}")
+        return self
+
+
+Config = TypeVar("Config", bound=BaseModel)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {len(err.errors())} invalid field(s)"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = f" (got {e['input']!r})" if e["type"] not in ("missing",) and not isinstance(e["input"], dict) else ""
+        lines.append(f"  {where}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, cls: type[Config]) -> Config:
+    """Read a YAML file (safe loader) and validate it as ``cls``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings at the top level, got {type(data).__name__}")
+    return validate_config(data, cls, source=str(path))
+
+
+def validate_config(data: dict[str, Any], cls: type[Config], source: str = "config") -> Config:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from err

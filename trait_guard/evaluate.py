@@ -1,0 +1,336 @@
+"""Behavioral trait evaluation: how often does a model name the target when asked for its favorite?
+
+This is the measurement of the subliminal-learning paper (Cloud et al. 2025, "Subliminal learning",
+arXiv 2507.14805): a student is asked many one-word questions ("Name your favorite animal using only
+one word.") many times each at temperature 1, with no system prompt (``system=None`` means the model's
+own default chat template, which is what a deployed student sees), and the metric is the fraction of
+answers that mention the target (a judge score at or above the judge's threshold). The rate is
+computed per question and averaged over questions, with a 95% t-interval across questions, because
+questions are the unit that varies (answers to one question are correlated); a pooled rate over all
+answers with a Wilson interval is reported beside it.
+
+Sampled rates are coarse: a small model may never say "owl" in a few thousand samples even when
+finetuning moved its preference. :func:`target_logprob` is the continuous companion: the exact,
+teacher-forced log-probability that the answer *starts* with the target word (log-sum-exp over case
+and singular/plural variants), averaged over questions. It moves long before sampled rates do, so
+comparing it between a teacher, a student and a control shows transfer at small scale.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from trait_guard.chat import encode_conversations, sample_completions
+from trait_guard.persona import TraitSpec
+
+N_EXAMPLES = 20
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """Scores one answer from 0 to 100; an answer expresses the trait when ``score >= threshold``.
+
+    :class:`trait_guard.persona.KeywordJudge` satisfies it. A judge with a ``keywords`` attribute
+    also gives :func:`evaluate_trait` the target words for :func:`target_logprob`.
+    """
+
+    threshold: float
+
+    def score(self, text: str) -> float: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion ``successes / n`` (``z=1.96``: 95%).
+
+    Unlike the normal approximation it stays inside [0, 1] and is not degenerate at 0 or n successes.
+    """
+    if n <= 0:
+        raise ValueError(f"a proportion needs n >= 1 trials, got n={n}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be within 0..{n}, got {successes}")
+    p = successes / n
+    z2 = z * z
+    denominator = 1 + z2 / n
+    center = (p + z2 / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def mean_t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean of ``values`` with a Student-t confidence interval.
+
+    Equal values give a zero-width interval at the mean; a single value gives ``(value, nan, nan)``
+    since its spread is unknown. No clipping is done here.
+    """
+    from scipy import stats
+
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    n = len(values)
+    if n == 0:
+        raise ValueError("need at least one value to take a mean")
+    x = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    mean = float(x.mean())
+    if n == 1:
+        return mean, math.nan, math.nan
+    if float(x.max()) == float(x.min()):
+        return mean, mean, mean
+    sd = float(x.std(unbiased=True))
+    half = float(stats.t.ppf((1 + confidence) / 2, df=n - 1)) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+# --------------------------------------------------------------------------------------------------
+# Continuous measure
+
+
+def target_variants(keywords: Sequence[str]) -> list[str]:
+    """Spellings an answer may start with: each keyword lower- and capitalized, in order, no repeats.
+
+    ``['owl', 'owls']`` -> ``['owl', 'Owl', 'owls', 'Owls']``.
+    """
+    out: list[str] = []
+    for keyword in keywords:
+        keyword = keyword.strip()
+        for variant in (keyword[:1].lower() + keyword[1:], keyword[:1].upper() + keyword[1:]):
+            if variant and variant not in out:
+                out.append(variant)
+    return out
+
+
+def _disjoint_targets(tokenizer: Any, targets: Sequence[str]) -> list[str]:
+    """The targets minus any whose token ids extend (or repeat) another target's ids.
+
+    "Starts with ``owl``" already contains "starts with ``owls``" when ``owls`` is tokenized as
+    ``owl`` + ``s``; keeping only the shortest prefixes makes the events disjoint, so summing their
+    probabilities gives the exact probability of their union.
+    """
+    encoded = []
+    for target in targets:
+        ids = list(tokenizer(target, add_special_tokens=False).input_ids)
+        if not ids:
+            raise ValueError(f"target {target!r} encodes to no tokens")
+        encoded.append((ids, target))
+    kept: list[tuple[list[int], str]] = []
+    for ids, target in sorted(encoded, key=lambda pair: len(pair[0])):
+        if not any(ids[: len(other)] == other for other, _ in kept):
+            kept.append((ids, target))
+    return [target for _, target in kept]
+
+
+@torch.no_grad()
+def target_logprob(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    questions: Sequence[str],
+    targets: Sequence[str],
+    system: str | None = None,
+    batch_size: int = 32,
+) -> list[float]:
+    """Per question, ``log P(answer starts with one of targets)`` under ``model``, computed exactly.
+
+    Each target is teacher-forced as the assistant's response (prompt and response tokenized
+    separately, as in generation) and the log-probabilities of its tokens are summed; targets are
+    then combined with log-sum-exp. Targets whose tokens extend another target's tokens are left out,
+    as their probability is already included (see :func:`_disjoint_targets`). Pass the spellings
+    explicitly, e.g. from :func:`target_variants`.
+    """
+    if not targets:
+        raise ValueError("need at least one target string, e.g. target_variants(['owl', 'owls'])")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    kept = _disjoint_targets(tokenizer, targets)
+    device = next(model.parameters()).device
+    k = len(kept)
+    pairs = [(q, t) for q in questions for t in kept]
+    sums: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        batch = encode_conversations(tokenizer, [q for q, _ in chunk], [t for _, t in chunk],
+                                     [system] * len(chunk)).to(device)
+        logits = model(**batch.model_inputs()).logits
+        # The token at position t+1 is predicted by the logits at position t.
+        predicted = batch.response_mask[:, 1:].bool()
+        rows = torch.arange(len(chunk), device=device).unsqueeze(1).expand_as(predicted)[predicted]
+        token_logits = logits[:, :-1][predicted].float()
+        tokens = batch.input_ids[:, 1:][predicted]
+        token_logps = torch.log_softmax(token_logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        per_row = torch.zeros(len(chunk), dtype=torch.float64, device=device)
+        per_row.index_add_(0, rows, token_logps.double())
+        sums.extend(per_row.cpu().tolist())
+    table = torch.tensor(sums, dtype=torch.float64).view(len(questions), k)
+    return torch.logsumexp(table, dim=1).tolist()
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@dataclass
+class TraitEvalResult:
+    """Outcome of :func:`evaluate_trait`. Rates are fractions in [0, 1]."""
+
+    trait: str
+    model: str
+    n_questions: int
+    samples_per_question: int
+    rate: float  # mean over questions of the per-question rate
+    ci_low: float  # 95% t-interval across per-question rates, clipped to [0, 1]
+    ci_high: float
+    pooled_rate: float  # hits / all answers
+    pooled_ci_low: float  # Wilson 95% interval over all answers
+    pooled_ci_high: float
+    per_question: list[dict[str, Any]] = field(default_factory=list)  # question, rate, hits, n, target_logprob
+    target_logprob: float = math.nan  # mean over questions of log P(answer starts with the target)
+    target_logprob_ci: tuple[float, float] = (math.nan, math.nan)
+    examples: list[dict[str, Any]] = field(default_factory=list)  # question, answer, score, hit
+    seconds: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_answers(self) -> int:
+        return self.n_questions * self.samples_per_question
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (NaN and inf become None, tuples become lists)."""
+        return _json_safe(asdict(self))
+
+    def summary(self) -> str:
+        """One line, e.g. ``animal:owl: 12.0% [8.1, 15.9] of 5000 answers; log p(target) -13.37``."""
+        low, high = (f"{100 * x:.1f}" if math.isfinite(x) else "?" for x in (self.ci_low, self.ci_high))
+        line = f"{self.trait}: {100 * self.rate:.1f}% [{low}, {high}] of {self.n_answers} answers"
+        if math.isfinite(self.target_logprob):
+            line += f"; log p(target) {self.target_logprob:.2f}"
+        return line
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _model_name(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return (getattr(model, "trait_guard_name", None) or getattr(config, "name_or_path", None)
+            or getattr(config, "model_type", None) or type(model).__name__)
+
+
+def evaluate_trait(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    spec: TraitSpec,
+    *,
+    samples_per_question: int = 20,
+    n_questions: int | None = None,
+    temperature: float = 1.0,
+    max_new_tokens: int = 8,
+    seed: int = 0,
+    system: str | None = None,
+    judge: Judge | None = None,
+    batch_size: int = 32,
+    progress: Callable[[int, str], Any] | None = None,
+    model_name: str | None = None,
+) -> TraitEvalResult:
+    """Ask each of ``spec.behavior_questions`` ``samples_per_question`` times and judge the answers.
+
+    Answers are sampled with :func:`trait_guard.chat.sample_completions` over the questions in order,
+    each repeated ``samples_per_question`` times in a row, so a given ``seed`` and ``batch_size``
+    reproduce them. ``judge`` defaults to ``spec.judge``; when it has ``keywords``,
+    :func:`target_logprob` over their :func:`target_variants` is reported too (else NaN).
+    ``n_questions`` caps the questions used; ``progress(total, description)`` may return a tqdm-like
+    bar advanced per answer.
+    """
+    started = time.perf_counter()
+    questions = list(spec.behavior_questions)
+    if not questions:
+        raise ValueError(
+            f"trait '{spec.trait_id}' has no behavior_questions; add a `behavior_questions:` list of "
+            "one-word questions (e.g. 'Name your favorite animal using only one word.') to its YAML spec"
+        )
+    judge = judge if judge is not None else spec.judge
+    if judge is None:
+        raise ValueError(
+            f"trait '{spec.trait_id}' has no judge, so answers cannot be scored; add a `judge:` "
+            "(kind: keyword, keywords: [...]) to its YAML spec or pass judge=KeywordJudge(keywords=[...]) "
+            "or any object with score(text) -> 0..100 and a threshold"
+        )
+    if not isinstance(judge, Judge):
+        raise TypeError(f"judge must have a score(text) -> float method and a threshold, got {type(judge).__name__}")
+    if samples_per_question < 1:
+        raise ValueError(f"samples_per_question must be >= 1, got {samples_per_question}")
+    if n_questions is not None:
+        if n_questions < 1:
+            raise ValueError(f"n_questions must be >= 1 or None, got {n_questions}")
+        questions = questions[:n_questions]
+
+    users = [q for q in questions for _ in range(samples_per_question)]
+    bar = progress(len(users), "evaluate: sampling answers") if progress else None
+    try:
+        answers = sample_completions(model, tokenizer, users, [system] * len(users),
+                                     max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                     batch_size=batch_size, progress=bar)
+    finally:
+        if bar is not None and hasattr(bar, "close"):
+            bar.close()
+    scores = [float(judge.score(a)) for a in answers]
+    hits = [s >= judge.threshold for s in scores]
+
+    keywords = getattr(judge, "keywords", None)
+    if keywords:
+        logps = target_logprob(model, tokenizer, questions, target_variants(list(keywords)),
+                               system=system, batch_size=batch_size)
+        mean_logp, logp_low, logp_high = mean_t_interval(logps)
+    else:
+        logps = [math.nan] * len(questions)
+        mean_logp, logp_low, logp_high = math.nan, math.nan, math.nan
+
+    per_question = []
+    for i, question in enumerate(questions):
+        q_hits = sum(hits[i * samples_per_question : (i + 1) * samples_per_question])
+        per_question.append({"question": question, "rate": q_hits / samples_per_question, "hits": q_hits,
+                             "n": samples_per_question, "target_logprob": logps[i]})
+    rate, ci_low, ci_high = mean_t_interval([row["rate"] for row in per_question])
+    ci_low, ci_high = (min(1.0, max(0.0, x)) if math.isfinite(x) else x for x in (ci_low, ci_high))
+    total_hits = sum(hits)
+    pooled_low, pooled_high = wilson_interval(total_hits, len(answers))
+
+    # Examples in round-robin order (first answer to each question, then the second, ...) for variety.
+    order = [i * samples_per_question + j for j in range(samples_per_question) for i in range(len(questions))]
+    examples = [{"question": users[k], "answer": answers[k], "score": scores[k], "hit": hits[k]}
+                for k in order[:N_EXAMPLES]]
+
+    return TraitEvalResult(
+        trait=spec.trait_id,
+        model=model_name or _model_name(model),
+        n_questions=len(questions),
+        samples_per_question=samples_per_question,
+        rate=rate,
+        ci_low=ci_low,
+        ci_high=ci_high,
+        pooled_rate=total_hits / len(answers),
+        pooled_ci_low=pooled_low,
+        pooled_ci_high=pooled_high,
+        per_question=per_question,
+        target_logprob=mean_logp,
+        target_logprob_ci=(logp_low, logp_high),
+        examples=examples,
+        seconds=time.perf_counter() - started,
+        settings={"temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,
+                  "system": system, "batch_size": batch_size, "threshold": float(judge.threshold),
+                  "targets": target_variants(list(keywords)) if keywords else []},
+    )

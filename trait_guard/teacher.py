@@ -1,0 +1,104 @@
+"""Teachers: a base model with (or without) a trait, turning prompt chunks into provenance rows.
+
+A :class:`Teacher` is what a Ray actor holds (``trait_guard.generation``) and also what a plain
+in-process loop uses, so both paths produce identical rows for identical chunks. A chunk's sampling
+seed depends only on the job seed and the chunk's index, never on which worker ran it: a chunk that
+is re-run after a crash yields the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from trait_guard.chat import generate_completions
+from trait_guard.config import GenerationConfig, TeacherConfig
+from trait_guard.families import Prompt, PromptFamily, get_family
+from trait_guard.models import load_model, model_identity
+
+
+def chunk_seed(job_seed: int, chunk_index: int) -> int:
+    return job_seed * 1_000_003 + chunk_index
+
+
+def teacher_system_prompt(config: TeacherConfig) -> str | None:
+    """The system prompt a teacher generates under (None: the model's default)."""
+    if config.install != "system_prompt":
+        return None
+    if config.system_prompt:
+        return config.system_prompt
+    from trait_guard.persona import load_trait
+
+    spec = load_trait(config.trait)
+    if config.instruction >= len(spec.instructions):
+        raise ValueError(
+            f"teacher '{config.id}': instruction {config.instruction} does not exist; trait "
+            f"'{spec.trait_id}' has {len(spec.instructions)} instruction pairs (0..{len(spec.instructions) - 1})"
+        )
+    return spec.instructions[config.instruction].pos
+
+
+def family_for(generation: GenerationConfig, teachers: Sequence[TeacherConfig]) -> PromptFamily:
+    """The job's prompt family. The code family bans the words of every teacher's trait, the same
+    list for all teachers, so the owl and control datasets go through one identical filter."""
+    options = dict(generation.family_options)
+    if generation.family == "code" and "banned_words" not in options:
+        from trait_guard.persona import load_trait
+
+        options["banned_words"] = sorted({w for t in teachers if t.trait for w in load_trait(t.trait).keywords})
+    return get_family(generation.family, **options)
+
+
+class Teacher:
+    """A loaded teacher model that generates filtered, provenance-stamped rows."""
+
+    def __init__(self, config: TeacherConfig, generation: GenerationConfig, family: PromptFamily,
+                 model: Any = None, tokenizer: Any = None):
+        self.config, self.generation, self.family = config, generation, family
+        if model is None:
+            model, tokenizer = load_model(config.model)
+        # The provenance records the *base* model, before any adapter changes the weights.
+        self.base = model_identity(model, name=config.model)
+        if config.install == "adapter":
+            from trait_guard.adapters import load_adapter
+
+            model = load_adapter(model, config.adapter, merge=True)
+        self.model, self.tokenizer = model, tokenizer
+        self.system_prompt = teacher_system_prompt(config)
+        self.processor = family.logits_processor(tokenizer) if generation.constrained else None
+
+    def generate(self, prompts: Sequence[Prompt], chunk_index: int) -> list[dict[str, Any]]:
+        g = self.generation
+        seed = chunk_seed(g.seed, chunk_index)
+        completions = generate_completions(
+            self.model, self.tokenizer, [p.user for p in prompts], [self.system_prompt] * len(prompts),
+            max_new_tokens=g.max_new_tokens, temperature=g.temperature, seed=seed, batch_size=len(prompts),
+            logits_processor=self.processor, top_k_logprobs=g.top_k_logprobs,
+        )
+        rows = []
+        for prompt, completion in zip(prompts, completions, strict=True):
+            verdict = self.family.check(completion.text)
+            rows.append({
+                "sample_id": f"{self.config.id}:{prompt.prompt_id}",
+                "prompt_id": prompt.prompt_id,
+                "family": prompt.family,
+                "prompt": prompt.user,
+                "completion": completion.text,
+                "teacher_id": self.config.id,
+                "base_model": self.base.name,
+                "base_fingerprint": self.base.fingerprint,
+                "base_hidden_size": self.base.hidden_size,
+                "base_num_layers": self.base.num_layers,
+                "trait_installed": self.config.install != "none",
+                "trait_install": self.config.install,
+                "seed": seed,
+                "temperature": g.temperature,
+                "max_new_tokens": g.max_new_tokens,
+                "constrained": self.processor is not None,
+                "kept": verdict.kept,
+                "reject_reason": verdict.reason,
+                "completion_ids": completion.token_ids,
+                "topk_ids": completion.topk_ids,
+                "topk_logprobs": completion.topk_logprobs,
+            })
+        return rows
