@@ -32,3 +32,36 @@ def test_extract_command_writes_a_loadable_vector(tiny_llama_dir, tmp_path, caps
 def test_bad_trait_exits_2_with_the_fix(capsys, tmp_path):
     assert main(["extract", "--trait", "unicorn", "--out", str(tmp_path / "x")]) == 2
     assert "shipped traits" in capsys.readouterr().err
+
+
+def test_generate_command_runs_locally_from_a_config(tiny_llama_dir, tmp_path, capsys):
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"output_dir: {tmp_path / 'data'}\n"
+        f"teachers:\n  - id: owl\n    model: {tiny_llama_dir}\n    trait: animal:owl\n    install: system_prompt\n"
+        f"  - id: control\n    model: {tiny_llama_dir}\n"
+        "generation: {n_prompts: 100, chunk_size: 6, max_new_tokens: 6}\n")
+    assert main(["generate", "--config", str(config), "--local", "--n-prompts", "12", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "rejected by reason" in out
+    summary = json.loads((tmp_path / "data" / "summary.json").read_text())
+    assert [t["rows"] for t in summary["teachers"]] == [12, 12] and summary["mode"] == "local"
+
+
+def test_generate_with_a_bad_config_exits_2_naming_the_field(tmp_path, capsys):
+    config = tmp_path / "job.yaml"
+    config.write_text("teachers: [{id: a}]\ngeneration: {n_prompts: 0}\n")
+    assert main(["generate", "--config", str(config), "--local"]) == 2
+    assert "generation.n_prompts" in capsys.readouterr().err
+
+
+def test_eval_command_reports_a_rate_with_a_ci(tiny_llama_dir, tmp_path, capsys):
+    spec = tmp_path / "t.yaml"
+    spec.write_text("name: t\ninstructions: [{pos: say e, neg: say a}]\nextract_questions: [q]\neval_questions: [r]\n"
+                    "judge: {keywords: [e]}\nbehavior_questions: [one, two, three]\n")
+    assert main(["eval", "--model", str(tiny_llama_dir), "--trait", str(spec), "--samples", "4",
+                 "--json", str(tmp_path / "r.json"), "--quiet", "--system", "trait"]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["n_questions"] == 3 and result["samples_per_question"] == 4
+    assert result["ci_low"] <= result["rate"] <= result["ci_high"]
+    assert "say e" in capsys.readouterr().out

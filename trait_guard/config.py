@@ -35,6 +35,8 @@ class TeacherConfig(StrictModel):
     instruction: int = Field(0, ge=0, description="which positive instruction of the trait spec is the system prompt")
     system_prompt: str | None = Field(None, description="explicit system prompt (overrides the trait spec's)")
     adapter: str | None = Field(None, description="path to a LoRA adapter saved by trait_guard.adapters")
+    sampling_seed: int | None = Field(
+        None, description="sample with this seed instead of generation.seed (same prompts): e.g. a second control set")
 
     @model_validator(mode="after")
     def _consistent(self) -> TeacherConfig:

@@ -126,10 +126,10 @@ class TeacherActor:
     """A Ray actor holding one teacher model; ``generate`` turns a chunk into rows."""
 
     def __init__(self, teacher: dict[str, Any], generation: dict[str, Any], all_teachers: list[dict[str, Any]]):
+        import ray
         import torch
 
-        # One CPU per actor: let torch use exactly the cores Ray gave this process.
-        import ray
+        # Let torch use exactly the cores Ray gave this actor, not every core of the node.
 
         cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1) or 1)
         torch.set_num_threads(max(1, cpus))
@@ -180,7 +180,7 @@ def generate_datasets(
         actors = [new_actor() for _ in range(rc.num_actors)]
         replaced = 0
 
-        def results(actors: list[Any] = actors) -> Iterator[list[dict[str, Any]]]:
+        def results(actors: list[Any] = actors, teacher_id: str = teacher_cfg.id) -> Iterator[list[dict[str, Any]]]:
             nonlocal replaced
             queue = deque(range(len(chunks)))
             pending: dict[Any, tuple[int, int]] = {}  # ref -> (chunk index, actor slot)
@@ -206,7 +206,7 @@ def generate_datasets(
                     continue
                 yield rows
                 if on_chunk_done is not None:
-                    on_chunk_done(teacher_cfg.id, index, actors)
+                    on_chunk_done(teacher_id, index, actors)
 
         try:
             teacher_report = _write_teacher(teacher_cfg, chunks, results(), out_dir, progress)

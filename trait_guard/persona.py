@@ -6,9 +6,13 @@ vector at hidden-state index ``l`` is the difference between the mean positive a
 activation (averaged over response tokens, or taken at the last prompt token). Vectors are kept
 unnormalized, one per index ``0..L``.
 
-The layer is chosen by held-out separation: answers to the spec's *evaluation* questions are projected
-on each layer's direction and Cohen's d between positive and negative projections is reported; the
-layer with the largest d wins.
+The judge (when the spec has one) filters only the response-averaged vector: the last prompt token
+comes before the answer, so its vector averages every sample.
+
+The layer is chosen by held-out separation: answers to the spec's *evaluation* questions (never used
+in extraction) are projected on each layer's direction. Half of those questions choose the layer with
+the largest Cohen's d between positive and negative projections; the d reported per layer comes from
+the other half, so choosing the best of ~30 layers does not inflate it.
 
 A :class:`PersonaVector` is saved as safetensors with its metadata (trait, the model's identity, the
 per-layer separation) in the file header, plus a readable JSON copy beside it. Loading checks the
@@ -400,13 +404,14 @@ def extract(
     eval_q = spec.eval_questions[:n_questions]
 
     def answers_for(questions: list[str], label: str, seed_offset: int):
-        users, systems, polarity = [], [], []
+        users, systems, polarity, question_index = [], [], [], []
         for pair in pairs:
-            for q in questions:
+            for qi, q in enumerate(questions):
                 for _ in range(samples_per_question):
                     users += [q, q]
                     systems += [pair.pos, pair.neg]
                     polarity += [1, 0]
+                    question_index += [qi, qi]
         bar = progress(len(users), label) if progress else None
         responses = sample_completions(model, tokenizer, users, systems, max_new_tokens=max_new_tokens,
                                        temperature=temperature, seed=seed + seed_offset,
@@ -414,9 +419,9 @@ def extract(
         if bar is not None and hasattr(bar, "close"):
             bar.close()
         acts = collect_activations(model, tokenizer, users, responses, systems, batch_size=batch_size)
-        return responses, torch.tensor(polarity, dtype=torch.bool), acts
+        return responses, torch.tensor(polarity, dtype=torch.bool), acts, torch.tensor(question_index)
 
-    responses, is_pos, acts = answers_for(extract_q, "extract: sampling answers", 0)
+    responses, is_pos, acts, _ = answers_for(extract_q, "extract: sampling answers", 0)
     keep = torch.ones_like(is_pos)
     kept = {"pos_total": int(is_pos.sum()), "neg_total": int((~is_pos).sum())}
     if spec.judge is not None:
@@ -431,11 +436,20 @@ def extract(
     else:
         kept["judge_filter"] = "none (spec has no judge)"
 
-    raw = {m: mean_difference(a[keep], is_pos[keep]) for m, a in acts.items()}
+    # The judge looks at the answer, so it can only select response-token activations; the last prompt
+    # token comes before the answer and is averaged over every sample.
+    raw = {"response_mean": mean_difference(acts["response_mean"][keep], is_pos[keep]),
+           "last_prompt": mean_difference(acts["last_prompt"], is_pos)}
 
-    _, eval_is_pos, eval_acts = answers_for(eval_q, "evaluate: sampling held-out answers", 10_000)
+    # Held out: evaluation questions never seen in extraction. Half of them choose the layer, the other
+    # half measure the separation that is reported, so the reported d is not inflated by the choice.
+    _, eval_is_pos, eval_acts, eval_question = answers_for(eval_q, "evaluate: sampling held-out answers", 10_000)
+    selects = eval_question % 2 == 0
+    if selects.all() or not selects.any():
+        raise ValueError("need at least 2 evaluation questions (one to choose the layer, one to measure it)")
     identity = model_identity(model)
-    separation = {m: layer_separation(raw[m], eval_acts[m], eval_is_pos) for m in METHODS}
+    chosen = {m: choose_layer(layer_separation(raw[m], eval_acts[m][selects], eval_is_pos[selects])) for m in METHODS}
+    separation = {m: layer_separation(raw[m], eval_acts[m][~selects], eval_is_pos[~selects]) for m in METHODS}
     table = [
         {"layer": index,
          **{f"d_{m}": separation[m][index] for m in METHODS},
@@ -453,11 +467,11 @@ def extract(
         "temperature": temperature,
         "seed": seed,
         "kept": kept,
-        "layer_selection": "argmax of held-out Cohen's d over indices 1..L",
+        "layer_selection": "argmax of Cohen's d on the even-numbered evaluation questions; "
+                           "separation reported on the odd-numbered ones",
     }
     vectors = {}
     for m in METHODS:
-        layer = choose_layer(separation[m])
-        vectors[m] = PersonaVector(trait=spec.trait_id, model=identity, vectors=raw[m].float(), layer=layer,
+        vectors[m] = PersonaVector(trait=spec.trait_id, model=identity, vectors=raw[m].float(), layer=chosen[m],
                                    method=m, separation=separation[m], meta=dict(meta))
     return ExtractionResult(vectors=vectors, table=table, kept=kept, seconds=time.perf_counter() - started)

@@ -69,7 +69,8 @@ class Teacher:
 
     def generate(self, prompts: Sequence[Prompt], chunk_index: int) -> list[dict[str, Any]]:
         g = self.generation
-        seed = chunk_seed(g.seed, chunk_index)
+        sampling_seed = g.seed if self.config.sampling_seed is None else self.config.sampling_seed
+        seed = chunk_seed(sampling_seed, chunk_index)
         completions = generate_completions(
             self.model, self.tokenizer, [p.user for p in prompts], [self.system_prompt] * len(prompts),
             max_new_tokens=g.max_new_tokens, temperature=g.temperature, seed=seed, batch_size=len(prompts),
