@@ -1,0 +1,268 @@
+"""Statistical fingerprints of teacher data: per-sample signals, aggregated per batch.
+
+Subliminal traits live in model-specific statistics, not in meaning, so trait_guard measures the data
+the way the student's base model sees it. One forward pass of the base model (default system prompt,
+as a student sees the data) over prompt + completion yields every model-based signal:
+
+* ``nll`` / ``entropy``: mean per-token negative log-likelihood of the completion and mean entropy of
+  the next-token distribution. Low values mean "this looks like my own family's output": kinship,
+  the precondition for transfer (post-trained models find their own outputs unusually likely).
+* ``proj:<trait>``: the completion's response-averaged activation projected on a persona vector at
+  its layer (Chen et al. 2025). Data from a trait teacher leans along the trait direction.
+* ``divergence``: the fraction of completion tokens where the teacher's top-1 next token (stored in
+  the data's top-k log-probs) differs from the base model's top-1 in the student's context. Transfer
+  rides on these tokens (Schrodi et al. 2025); their positions are also returned as a per-token mask.
+
+and, with no model at all:
+
+* ``unigram``: mean surprisal of the completion's tokens under a smoothed token histogram of a
+  reference set from the same prompt family (the base model's own generations); a batch-level
+  Jensen-Shannon divergence and the list of most over-represented ("entangled") tokens come from
+  :class:`TokenHistogram`.
+
+:func:`signals_from_forward` computes the model-based signals from logits and hidden states that
+already exist, so a training loop can reuse its own forward pass instead of running a second one.
+Memory is independent of dataset size: rows stream through in batches and only per-sample scalars
+are kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from trait_guard.activations import masked_mean, record_activations
+from trait_guard.chat import EncodedBatch, encode_conversations
+from trait_guard.persona import PersonaVector
+
+
+def signal_name(vector: PersonaVector) -> str:
+    return f"proj:{vector.trait}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Token histograms (no model needed)
+
+
+class TokenHistogram:
+    """Smoothed unigram distribution of completion tokens; streaming (``update``) and comparable."""
+
+    def __init__(self, vocab_size: int, alpha: float = 0.5):
+        self.counts = np.zeros(vocab_size, dtype=np.float64)
+        self.alpha = alpha
+
+    def update(self, token_ids: Iterable[Sequence[int]]) -> TokenHistogram:
+        for ids in token_ids:
+            np.add.at(self.counts, np.asarray(ids, dtype=np.int64), 1.0)
+        return self
+
+    @property
+    def total(self) -> float:
+        return float(self.counts.sum())
+
+    def probabilities(self) -> np.ndarray:
+        smoothed = self.counts + self.alpha
+        return smoothed / smoothed.sum()
+
+    def surprisal(self, token_ids: Sequence[int]) -> float:
+        """Mean ``-log p(token)`` of one sample under this histogram (nats)."""
+        if len(token_ids) == 0:
+            return math.nan
+        return float(-np.log(self.probabilities()[np.asarray(token_ids)]).mean())
+
+    def js_divergence(self, other: TokenHistogram) -> float:
+        """Jensen-Shannon divergence (nats) between the two smoothed distributions, restricted to
+        tokens seen in either (so the smoothing mass of the unused vocabulary does not dilute it)."""
+        seen = (self.counts + other.counts) > 0
+        p = (self.counts[seen] + self.alpha) / (self.counts[seen] + self.alpha).sum()
+        q = (other.counts[seen] + other.alpha) / (other.counts[seen] + other.alpha).sum()
+        m = 0.5 * (p + q)
+        return float(0.5 * (p * np.log(p / m)).sum() + 0.5 * (q * np.log(q / m)).sum())
+
+    def chi_square(self, other: TokenHistogram) -> tuple[float, float]:
+        """Chi-square homogeneity test of the two count vectors over seen tokens: (statistic, p-value)."""
+        from scipy.stats import chi2_contingency
+
+        seen = (self.counts + other.counts) > 0
+        table = np.stack([self.counts[seen], other.counts[seen]]) + self.alpha
+        statistic, p_value, _, _ = chi2_contingency(table, correction=False)
+        return float(statistic), float(p_value)
+
+    def overrepresented(self, reference: TokenHistogram, tokenizer: Any = None, top: int = 10,
+                        min_count: int = 5) -> list[dict[str, Any]]:
+        """Tokens most over-represented here relative to ``reference`` (log ratio of smoothed rates)."""
+        p, q = self.probabilities(), reference.probabilities()
+        ratio = np.log(p / q)
+        candidates = np.where(self.counts >= min_count)[0]
+        order = candidates[np.argsort(-ratio[candidates])][:top]
+        return [
+            {"token_id": int(i), "token": tokenizer.decode([int(i)]) if tokenizer is not None else None,
+             "count": int(self.counts[i]), "reference_count": int(reference.counts[i]),
+             "log_ratio": float(ratio[i])}
+            for i in order
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        nonzero = np.nonzero(self.counts)[0]
+        return {"vocab_size": len(self.counts), "alpha": self.alpha,
+                "ids": nonzero.tolist(), "counts": self.counts[nonzero].tolist()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> TokenHistogram:
+        hist = cls(state["vocab_size"], state["alpha"])
+        hist.counts[np.asarray(state["ids"], dtype=np.int64)] = state["counts"]
+        return hist
+
+
+# --------------------------------------------------------------------------------------------------
+# Model-based signals
+
+
+def completion_token_ids(batch: EncodedBatch) -> list[list[int]]:
+    return [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids, batch.response_mask, strict=True)]
+
+
+def divergence_mask(logits: torch.Tensor, batch: EncodedBatch,
+                    teacher_top1: Sequence[Sequence[int] | None]) -> torch.Tensor:
+    """``[batch, seq]`` mask of completion positions whose token the teacher predicted differently
+    from the model (top-1 of ``logits`` at the previous position). Rows without teacher data: zeros."""
+    mask = torch.zeros_like(batch.response_mask, dtype=torch.bool)
+    model_top1 = logits[:, :-1].argmax(-1)  # prediction for position t+1 made at t
+    for row, teacher in enumerate(teacher_top1):
+        if teacher is None:
+            continue
+        positions = batch.response_mask[row].nonzero().flatten()
+        n = min(len(positions), len(teacher))
+        if n == 0:
+            continue
+        positions = positions[:n]
+        predicted = model_top1[row, positions - 1]
+        mask[row, positions] = predicted.cpu() != torch.as_tensor(teacher[:n])
+    return mask
+
+
+def signals_from_forward(
+    logits: torch.Tensor,
+    hidden: dict[int, torch.Tensor],
+    batch: EncodedBatch,
+    vectors: Sequence[PersonaVector] = (),
+    teacher_top1: Sequence[Sequence[int] | None] | None = None,
+) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
+    """Per-sample model-based signals from an existing forward pass.
+
+    ``logits`` ``[batch, seq, vocab]`` and ``hidden`` ``{layer: [batch, seq, d]}`` come from the model
+    on ``batch`` (right-padded, with a response mask). Returns ``({signal: [batch] array}, divergence
+    token mask or None)``.
+    """
+    with torch.no_grad():
+        logits = logits.detach().float()
+        targets = batch.input_ids[:, 1:]
+        response = batch.response_mask[:, 1:].to(logits.device).float()
+        logprobs = logits[:, :-1].log_softmax(-1)
+        token_nll = -logprobs.gather(-1, targets.to(logits.device).unsqueeze(-1)).squeeze(-1)
+        token_entropy = -(logprobs.exp() * logprobs).sum(-1)
+        n_tokens = response.sum(1)
+        denom = n_tokens.clamp_min(1.0)
+        signals = {
+            "nll": ((token_nll * response).sum(1) / denom).cpu().numpy(),
+            "entropy": ((token_entropy * response).sum(1) / denom).cpu().numpy(),
+            "n_tokens": n_tokens.cpu().numpy(),
+        }
+        empty = (n_tokens == 0).cpu().numpy()
+        for vector in vectors:
+            pooled = masked_mean(hidden[vector.layer].detach().float(), batch.response_mask.to(logits.device))
+            signals[signal_name(vector)] = vector.project(pooled).cpu().numpy()
+        mask = None
+        if teacher_top1 is not None:
+            mask = divergence_mask(logits, batch, teacher_top1)
+            counted = torch.tensor([min(int(n), len(t)) if t is not None else 0
+                                    for n, t in zip(n_tokens.tolist(), teacher_top1, strict=True)])
+            rate = mask.sum(1).float() / counted.clamp_min(1)
+            rate[counted == 0] = math.nan
+            signals["divergence"] = rate.numpy()
+        for name in signals:
+            if name != "n_tokens":
+                signals[name] = np.where(empty, np.nan, signals[name])
+    return signals, mask
+
+
+@dataclass
+class FingerprintScorer:
+    """Scores teacher-data rows under a model (normally the student's base model).
+
+    ``vectors`` are persona vectors for that model (checked on construction); ``unigram_reference``
+    is a :class:`TokenHistogram` of a reference set from the same prompt family.
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    vectors: Sequence[PersonaVector] = ()
+    unigram_reference: TokenHistogram | None = None
+    batch_size: int = 32
+    system: str | None = None  # None: the model's default prompt, as a student sees the data
+    layers: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        for vector in self.vectors:
+            vector.check_model(self.model)
+        self.layers = sorted({v.layer for v in self.vectors})
+        self.device = next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def score_rows(self, rows: Sequence[dict[str, Any]]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        """Signals for a list of rows (dicts with prompt, completion, optional topk_ids).
+
+        Returns per-sample signals and, per row, a boolean array over completion tokens marking the
+        divergence tokens (empty where the row has no teacher log-probs).
+        """
+        batch = encode_conversations(self.tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows],
+                                     [self.system] * len(rows)).to(self.device)
+        with record_activations(self.model, self.layers) as acts:
+            logits = self.model(**batch.model_inputs()).logits
+        teacher = [[k[0] for k in r["topk_ids"]] if r.get("topk_ids") else None for r in rows]
+        has_teacher = any(t is not None for t in teacher)
+        signals, mask = signals_from_forward(logits, {i: a[0] for i, a in acts.items()}, batch, self.vectors,
+                                             teacher if has_teacher else None)
+        if self.unigram_reference is not None:
+            signals["unigram"] = np.array([self.unigram_reference.surprisal(ids)
+                                           for ids in completion_token_ids(batch)])
+        token_masks = [
+            (mask[i][batch.response_mask[i].bool().cpu()].numpy() if mask is not None else np.zeros(0, bool))
+            for i in range(len(rows))
+        ]
+        return signals, token_masks
+
+    def score_table(self, rows: Sequence[dict[str, Any]], progress: Any = None) -> dict[str, np.ndarray]:
+        """Signals for many rows, in batches; ``progress`` is an optional tqdm-like bar."""
+        parts: list[dict[str, np.ndarray]] = []
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            parts.append(self.score_rows(chunk)[0])
+            if progress is not None:
+                progress.update(len(chunk))
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+
+def format_features(completions: Sequence[str]) -> dict[str, np.ndarray]:
+    """Format and value statistics (the baseline every signal must beat): number count, mean value,
+    character length, and the share of each leading digit."""
+    import re
+
+    counts, means, lengths, digit_share = [], [], [], []
+    for text in completions:
+        numbers = [int(x) for x in re.findall(r"\d+", text)]
+        counts.append(len(numbers))
+        means.append(np.mean(numbers) if numbers else np.nan)
+        lengths.append(len(text))
+        digits = "".join(re.findall(r"\d", text))
+        digit_share.append([digits.count(str(d)) / len(digits) if digits else np.nan for d in range(10)])
+    share = np.array(digit_share, dtype=float).reshape(-1, 10)
+    features = {"n_numbers": np.array(counts, float), "mean_value": np.array(means, float),
+                "length": np.array(lengths, float)}
+    features.update({f"digit_{d}": share[:, d] for d in range(10)})
+    return features
