@@ -9,6 +9,14 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    # The test models are tiny: one thread beats two (thread hand-off costs more than the matmuls),
+    # and Ray actors started by tests take the other core.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     from trait_guard.testing import make_tiny_model

@@ -45,6 +45,26 @@ def signal_name(vector: PersonaVector) -> str:
     return f"proj:{vector.trait}"
 
 
+# Which way each signal moves when data carries a trait: "up" (larger is suspicious), "down", "both".
+SUSPICIOUS_DIRECTIONS: dict[str, str] = {
+    "proj:*": "up",  # data leaning toward the trait
+    "divergence": "up",  # more tokens where the teacher disagrees with the base model
+    "nll": "up",  # less like the base model's own output
+    "unigram": "up",  # rarer tokens than the reference's
+    "entropy": "both",
+}
+
+
+def suspicious_direction(name: str, overrides: dict[str, str] | None = None) -> str:
+    """The direction of ``name`` (glob patterns allowed in the table); "both" when unknown."""
+    import fnmatch
+
+    for pattern, direction in {**SUSPICIOUS_DIRECTIONS, **(overrides or {})}.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return direction
+    return "both"
+
+
 # --------------------------------------------------------------------------------------------------
 # Token histograms (no model needed)
 

@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from trait_guard.guard import Action, GuardConfig, TraitGuard
+
+
+def reference(n=4000, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"proj:animal:owl": rng.normal(0.0, 1.0, n), "nll": rng.normal(2.0, 0.5, n),
+            "divergence": rng.beta(2, 20, n), "n_tokens": np.full(n, 10.0)}
+
+
+def batch(rng, n=16, shift=0.0):
+    ref = reference(n, seed=int(rng.integers(1 << 30)))
+    ref["proj:animal:owl"] = ref["proj:animal:owl"] + shift
+    return ref
+
+
+def test_config_rejects_bad_values_with_field_paths():
+    with pytest.raises(ValidationError) as err:
+        GuardConfig(target_ert=0, min_weight=2, on_data_alarm="explode", signals=[])
+    text = str(err.value)
+    for field in ("target_ert", "min_weight", "on_data_alarm", "signals"):
+        assert field in text
+    with pytest.raises(ValidationError, match="on_drift_alarm"):
+        GuardConfig(on_drift_alarm="reweight")
+
+
+def test_signals_are_selected_by_pattern_and_missing_ones_refused():
+    guard = TraitGuard(GuardConfig(target_ert=200), reference(), batch_size=16)
+    assert guard.signals == ["divergence", "nll", "proj:animal:owl"]
+    with pytest.raises(ValueError, match="lack"):
+        guard.observe({"nll": np.zeros(16)})
+    with pytest.raises(ValueError, match="none of the watched signals"):
+        TraitGuard(GuardConfig(signals=["proj:*"]), {"nll": np.ones(10)}, batch_size=4)
+
+
+def test_clean_batches_pass_and_a_planted_shift_halts():
+    guard = TraitGuard(GuardConfig(target_ert=1000, signals=["proj:*"]), reference(), batch_size=16)
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        decision = guard.observe(batch(rng))
+        assert decision.action is Action.PASS and torch.equal(decision.sample_weights, torch.ones(16))
+    # a shift of 0.5 sd per sample is 2 sd per 16-sample batch mean: CUSUM (k=0.5) adds ~1.5 per batch
+    steps = 0
+    while not (decision := guard.observe(batch(rng, shift=0.5))).halt:
+        steps += 1
+        assert steps < 20, "a 0.5 sd shift must be caught within 20 batches"
+    assert decision.action is Action.HALT and torch.equal(decision.sample_weights, torch.zeros(16))
+    assert "data alarm on proj:animal:owl" in decision.reason
+    assert guard.alarms[0]["step"] == decision.step == 101 + steps
+    assert guard.observe(batch(rng)).halt  # the mitigation stays in force
+
+
+def test_reweight_follows_the_formula():
+    guard = TraitGuard(GuardConfig(target_ert=200, signals=["proj:*"], on_data_alarm="reweight",
+                                   reweight_temperature=2.0), reference(), batch_size=16)
+    rng = np.random.default_rng(2)
+    while guard.mode is Action.PASS:
+        guard.observe(batch(rng, shift=1.0))
+    values = np.linspace(-2, 3, 16)
+    decision = guard.observe({"proj:animal:owl": values, "nll": np.zeros(16), "divergence": np.zeros(16)})
+    z = (values - guard.mean["proj:animal:owl"]) / guard.std["proj:animal:owl"]
+    raw = np.exp(-np.maximum(z, 0) / 2.0)
+    assert decision.action is Action.REWEIGHT
+    torch.testing.assert_close(decision.sample_weights, torch.as_tensor(raw / raw.mean(), dtype=torch.float32))
+    assert decision.sample_weights[0] > decision.sample_weights[-1]
+
+
+def test_mask_drops_exactly_the_divergence_tokens():
+    guard = TraitGuard(GuardConfig(target_ert=200, mask_divergence_tokens="always"), reference(), batch_size=16)
+    divergence = [np.array([False, True, False]), np.array([True])] + [np.zeros(2, bool)] * 14
+    decision = guard.observe(reference(16, seed=5), token_masks=divergence)
+    assert decision.action is Action.MASK
+    assert decision.token_masks[0].tolist() == [1.0, 0.0, 1.0] and decision.token_masks[1].tolist() == [0.0]
+
+
+def test_drift_alarm_escalates():
+    guard = TraitGuard(GuardConfig(target_ert=200, drift_threshold=1.0), reference(), batch_size=16)
+    assert guard.observe_drift({"animal:owl": 0.4}, step=10).action is Action.PASS
+    decision = guard.observe_drift({"animal:owl": 1.7}, step=20)
+    assert decision.halt and "animal:owl=1.70" in decision.reason and guard.alarms[-1]["channel"] == "drift"
+
+
+def test_state_round_trip_continues_identically():
+    config = GuardConfig(target_ert=500, signals=["proj:*", "nll"])
+    guard = TraitGuard(config, reference(), batch_size=16)
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        guard.observe(batch(rng, shift=0.2))
+    restored = TraitGuard.from_state_dict(guard.state_dict(), reference(), batch_size=16)
+    assert restored.step == guard.step
+    for _ in range(30):
+        b = batch(rng, shift=0.3)
+        a, r = guard.observe(b), restored.observe(b)
+        assert (a.action, a.step, a.evidence["cusum"]) == (r.action, r.step, r.evidence["cusum"])

@@ -1,0 +1,1043 @@
+"""Calibrated detectors: decide on accumulated evidence, with a known false-alarm rate.
+
+Why. The per-sample signals that betray a trait hidden in teacher data are weak: a persona
+projection separates trait-teacher from control-teacher samples with AUROC ~0.6 (about 0.2 sd at
+dataset level), and filtering single samples by such a score does not stop subliminal transfer.
+Evidence accumulated over many samples is strong. So the guard never decides on one sample: it feeds
+numbers (per-sample scores, per-batch scores, several signals at once) to detectors that are
+calibrated on clean/control data, so that every alarm comes with a known false-alarm rate.
+
+Contract (every :class:`Detector`, in the style of drift-detection libraries)::
+
+    det.fit(reference)          # reference values from clean/control data -> det
+    det.calibrate(...)          # threshold for a false-alarm target         -> det
+    det.score(x)                # statistic, larger = more evidence           -> float
+    det.predict(x)              # decision                                    -> Verdict
+    det.state_dict()            # JSON-safe plain values (checkpoint/resume)  -> dict
+    det.load_state_dict(state)  # restores exactly, mid-stream included       -> det
+    Detector.from_state_dict(state)  # rebuilds any detector from its state
+
+``predict`` before ``fit`` (or, where a threshold must be computed, before ``calibrate``) raises a
+RuntimeError naming the missing call. Inputs are validated: a reference needs at least 2 values and a
+non-zero spread, and NaN/inf anywhere raises ValueError naming the input and the first bad index.
+A :class:`Verdict` always has ``flagged == (score > threshold)``; detectors that give a p-value
+flag when ``p < alpha`` and report ``score = -log10(p)``, ``threshold = -log10(alpha)``
+(:class:`MeanShiftDetector` reports its z statistic and the critical z instead).
+
+Detectors.
+
+* :class:`CUSUMDetector`: sequential, over per-batch scores (e.g. the mean persona projection of a
+  batch). One-sided upper CUSUM on standardized scores, ``S_t = max(0, S_{t-1} + z_t - k)``, alarm
+  when ``S_t > h`` (optionally two-sided). False alarms are controlled by the expected run length
+  (ERT, also called ARL0): on clean data an alarm comes on average once every ``target_ert`` batches.
+* :class:`PermutationTest`: dataset-level two-sample test of the mean of per-sample values against
+  the reference; exact p-values by enumeration for small samples, Monte Carlo ones otherwise.
+* :class:`MeanShiftDetector`: a single batch judged alone (z-test of its mean).
+* :class:`SignalCombination` and :func:`combine_pvalues`: several signals at a family-wise level
+  (Holm by default); :func:`split_ert` does the same for several CUSUMs.
+
+Calibration of the CUSUM threshold (bootstrap + renewal theory). Batch scores are rarely Gaussian
+(projections are skewed), and the ERT of a CUSUM depends on the whole shape of the distribution, so
+``h`` is not taken from a Gaussian formula: clean streams are resampled with replacement from the
+standardized reference scores (a bootstrap) and ``h`` is chosen so that their ERT equals the target.
+The run length is not simulated stream by stream (at ERT 10,000 that is slow): CUSUM regenerates
+every time ``S`` returns to 0, so a stream is a sequence of i.i.d. cycles ("excursions") that each end
+in a return to 0 or in an alarm. By Wald's identity ``ERT(h) = E[cycle length](h) / P(cycle alarms)(h)``
+exactly (for the bootstrap process). Many excursions are simulated in parallel with numpy, each until
+it returns to 0 or passes a cap above any candidate ``h``; histograms of each excursion's peak and of
+the running peak before every step give both terms of the ratio at every ``h`` on a fine grid at
+once. ``ERT(h)`` is then non-decreasing on the grid and ``h`` is read off by interpolation (in log ERT)
+between the two grid points that bracket the target: one simulation, no noisy bisection. The number
+of excursions is sized so that about ``n_streams`` false alarms are simulated at the solution, i.e.
+the same information as running ``n_streams`` clean streams to their first alarm (relative standard
+error ~ 1/sqrt(n_streams)). For the two-sided CUSUM, each side is simulated and the two alarm rates
+are added (``1/ERT = 1/ERT_up + 1/ERT_down``, the classical approximation of van Dobben de Bruyn).
+
+This module imports only numpy and the standard library at top level (scipy loads for Fisher's
+method only); it needs no torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from statistics import NormalDist
+from typing import Any, ClassVar, NamedTuple, TypeVar
+
+import numpy as np
+
+__all__ = [
+    "STATE_VERSION",
+    "CUSUMDetector",
+    "CombinedPValues",
+    "Detector",
+    "MeanShiftDetector",
+    "PermutationTest",
+    "SignalCombination",
+    "Verdict",
+    "combine_pvalues",
+    "split_ert",
+]
+
+STATE_VERSION = 1
+_MIN_P = 1e-300  # p-values are floored here before -log10 so that scores stay finite
+_CORRECTIONS = ("holm", "bonferroni", "fisher")
+_ALTERNATIVES = ("greater", "two-sided")
+
+D = TypeVar("D", bound="Detector")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON-safe values: numpy scalars/arrays to Python, tuples to lists, keys to str."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [_jsonable(v) for v in value.tolist()]
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
+def _neglog10(p: float) -> float:
+    return -math.log10(max(float(p), _MIN_P))
+
+
+def _values(x: Any, what: str) -> np.ndarray:
+    """A 1-D float array without NaN/inf (a scalar becomes one value)."""
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be numbers ({exc})") from None
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D sequence of numbers (got shape {arr.shape})")
+    if arr.size == 0:
+        raise ValueError(f"{what} is empty")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        n_nan = int(np.isnan(arr).sum())
+        n_inf = int(bad.sum()) - n_nan
+        parts = [f"{n_nan} NaN" if n_nan else "", f"{n_inf} infinite" if n_inf else ""]
+        raise ValueError(
+            f"{what} contains {' and '.join(p for p in parts if p)} value(s) (first at index "
+            f"{int(np.flatnonzero(bad)[0])}); drop or impute them before detection")
+    return arr
+
+
+def _scalar(x: Any, what: str) -> float:
+    arr = _values(x, what)
+    if arr.size != 1:
+        raise ValueError(f"{what} must be a single number (got {arr.size} values)")
+    return float(arr[0])
+
+
+def _reference(x: Any, what: str = "reference") -> np.ndarray:
+    arr = _values(x, what)
+    if arr.size < 2:
+        raise ValueError(f"{what} needs at least 2 values to estimate a spread (got {arr.size})")
+    if not arr.std(ddof=1) > 0:
+        raise ValueError(
+            f"{what} has zero variance (all {arr.size} values equal {arr[0]!r}): a constant signal "
+            "cannot calibrate a detector")
+    return arr
+
+
+def _check_number(value: Any, what: str, *, low: float | None = None, high: float | None = None,
+                  low_open: bool = False, high_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{what} must be a number (got {value!r})")
+    v = float(value)
+    ok = math.isfinite(v)
+    if ok and low is not None:
+        ok = v > low if low_open else v >= low
+    if ok and high is not None:
+        ok = v < high if high_open else v <= high
+    if not ok:
+        lo = "" if low is None else f"{'(' if low_open else '['}{low}"
+        hi = "" if high is None else f"{high}{')' if high_open else ']'}"
+        rng = f"{lo or '(-inf'}, {hi or 'inf)'}"
+        raise ValueError(f"{what} must be finite and in {rng} (got {value!r})")
+    return v
+
+
+def _check_int(value: Any, what: str, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < low:
+        raise ValueError(f"{what} must be an integer >= {low} (got {value!r})")
+    return int(value)
+
+
+def _check_choice(value: Any, what: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(map(repr, choices))} (got {value!r})")
+    return value
+
+
+# ----------------------------------------------------------------------------- verdict and contract
+
+
+@dataclass
+class Verdict:
+    """One decision. ``flagged == (score > threshold)``; ``evidence`` holds JSON-safe details."""
+
+    detector: str
+    flagged: bool
+    score: float
+    threshold: float
+    p_value: float | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "detector": self.detector,
+            "flagged": bool(self.flagged),
+            "score": float(self.score),
+            "threshold": float(self.threshold),
+            "p_value": None if self.p_value is None else float(self.p_value),
+            "evidence": _jsonable(self.evidence),
+        }
+
+
+class Detector(ABC):
+    """Common contract: fit on clean reference data, calibrate a threshold, score, predict, checkpoint.
+
+    Subclasses whose threshold must be computed (``needs_calibration = True``) refuse to predict until
+    :meth:`calibrate` ran; the others are calibrated by construction (a p-value against ``alpha``).
+    """
+
+    needs_calibration: ClassVar[bool] = False
+    gives_p_value: ClassVar[bool] = False
+    _calibrate_hint: ClassVar[str] = "calibrate()"
+    _registry: ClassVar[dict[str, type[Detector]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        Detector._registry[cls.__name__] = cls
+
+    def __init__(self, name: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string (got {name!r})")
+        self.name = name
+        self._fitted = False
+        self._calibrated = not self.needs_calibration
+
+    # -- contract
+    @abstractmethod
+    def fit(self: D, reference: Any) -> D:
+        """Learn the clean distribution from reference values (clean/control data)."""
+
+    def calibrate(self: D, **kwargs: Any) -> D:
+        """Set the threshold for a false-alarm target (here: nothing to compute)."""
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}.calibrate() got unexpected arguments {sorted(kwargs)}")
+        self._calibrated = True
+        return self
+
+    @abstractmethod
+    def score(self, x: Any) -> float:
+        """The detector's statistic on ``x`` (larger = more evidence of a shift)."""
+
+    @abstractmethod
+    def predict(self, x: Any) -> Verdict:
+        """Decide on ``x``."""
+
+    @property
+    def is_fitted(self) -> bool:
+        return self._fitted
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self._calibrated
+
+    def _require(self, action: str, *, calibrated: bool = True) -> None:
+        who = f"{type(self).__name__}({self.name!r}).{action}()"
+        if not self.is_fitted:
+            raise RuntimeError(
+                f"{who} called before fit(): call fit(reference) with values from clean/control data first")
+        if calibrated and not self.is_calibrated:
+            raise RuntimeError(f"{who} called before calibrate(): call {self._calibrate_hint} after fit()")
+
+    # -- checkpoint / resume
+    @abstractmethod
+    def _config(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-safe)."""
+
+    @abstractmethod
+    def _get_state(self) -> dict[str, Any]:
+        """Learned and streaming state (JSON-safe)."""
+
+    @abstractmethod
+    def _set_state(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`_get_state`."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly, as plain JSON-safe values."""
+        return _jsonable({
+            "type": type(self).__name__,
+            "version": STATE_VERSION,
+            "config": self._config(),
+            "fitted": self._fitted,
+            "calibrated": self._calibrated,
+            "state": self._get_state(),
+        })
+
+    def load_state_dict(self: D, state: Mapping[str, Any]) -> D:
+        """Restore from :meth:`state_dict` (its config replaces this detector's)."""
+        state = _check_state(state, type(self).__name__)
+        self.__init__(**state["config"])  # type: ignore[misc]  # re-validates the config
+        self._set_state(dict(state["state"]))
+        self._fitted = bool(state["fitted"])
+        self._calibrated = bool(state["calibrated"])
+        return self
+
+    @staticmethod
+    def from_state_dict(state: Mapping[str, Any]) -> Detector:
+        """Rebuild a detector of the right class from :meth:`state_dict`."""
+        if not isinstance(state, Mapping) or state.get("type") not in Detector._registry:
+            known = ", ".join(sorted(Detector._registry))
+            got = state.get("type") if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"state: type must be one of {known} (got {got!r})")
+        cls = Detector._registry[state["type"]]
+        obj = cls.__new__(cls)
+        return obj.load_state_dict(state)
+
+
+def _check_state(state: Any, type_name: str) -> dict[str, Any]:
+    if not isinstance(state, Mapping):
+        raise ValueError(f"state must be a dict from state_dict() (got {type(state).__name__})")
+    keys = {"type", "version", "config", "fitted", "calibrated", "state"}
+    if set(state) != keys:
+        extra, missing = sorted(set(state) - keys), sorted(keys - set(state))
+        raise ValueError(f"state: unexpected keys {extra}, missing keys {missing}")
+    if state["type"] != type_name:
+        raise ValueError(f"state: type is {state['type']!r}, cannot load into {type_name}")
+    if state["version"] != STATE_VERSION:
+        raise ValueError(f"state: version {state['version']!r} is not supported (expected {STATE_VERSION})")
+    return dict(state)
+
+
+def _check_keys(state: Mapping[str, Any], keys: set[str], where: str) -> None:
+    if set(state) != keys:
+        extra, missing = sorted(set(state) - keys), sorted(keys - set(state))
+        raise ValueError(f"{where}: unexpected keys {extra}, missing keys {missing}")
+
+
+# ----------------------------------------------------------------------------- CUSUM calibration
+
+
+class _Excursions(NamedTuple):
+    grid: np.ndarray  # candidate thresholds g_0 = 0 < ... < g_G = cap
+    steps: np.ndarray  # steps[j]: total steps of all cycles when h = g_j
+    alarms: np.ndarray  # alarms[j]: cycles that alarm when h = g_j
+    n_cycles: int
+
+
+def _simulate_excursions(increments: np.ndarray, cap: float, n_cycles: int, rng: np.random.Generator,
+                         n_grid: int = 4096, chunk: int = 1 << 19) -> _Excursions:
+    """Simulate CUSUM cycles from S = 0 with increments resampled from ``increments``.
+
+    A cycle ends when S returns to 0 or exceeds ``cap``. For a threshold h the cycle's length is the
+    number of steps taken while its running peak (before the step) was <= h, and it alarms iff its
+    peak exceeds h; both are histogrammed on ``grid`` so every grid h is evaluated at once.
+    """
+    delta = cap / n_grid
+    step_hist = np.zeros(n_grid + 1, dtype=np.int64)
+    peak_hist = np.zeros(n_grid + 2, dtype=np.int64)  # last bin: peak above cap
+    n_incr = increments.size
+    done = 0
+    while done < n_cycles:
+        m = min(chunk, n_cycles - done)
+        s = np.zeros(m)
+        peak = np.zeros(m)
+        step_hist[0] += m  # first step of every cycle: running peak 0
+        first = True
+        while s.size:
+            if not first:
+                bins = np.minimum(np.ceil(peak / delta).astype(np.int64), n_grid)
+                step_hist += np.bincount(bins, minlength=n_grid + 1)
+            first = False
+            s += increments[rng.integers(n_incr, size=s.size)]
+            np.maximum(peak, s, out=peak)
+            end = (s <= 0.0) | (s > cap)
+            if end.any():
+                ended = peak[end]
+                bins = np.minimum(np.ceil(ended / delta).astype(np.int64), n_grid)
+                bins[ended > cap] = n_grid + 1
+                peak_hist += np.bincount(bins, minlength=n_grid + 2)
+                keep = ~end
+                s, peak = s[keep], peak[keep]
+        done += m
+    grid = np.arange(n_grid + 1) * delta
+    steps = np.cumsum(step_hist)
+    alarms = n_cycles - np.cumsum(peak_hist)[: n_grid + 1]
+    return _Excursions(grid, steps, alarms, n_cycles)
+
+
+def _lundberg(increments: np.ndarray) -> float | None:
+    """theta > 0 with mean(exp(theta * X)) = 1 (ERT grows like exp(theta * h)); None if none exists."""
+    if increments.mean() >= 0 or increments.max() <= 0:
+        return None
+
+    def f(theta: float) -> float:
+        a = theta * increments
+        top = a.max()
+        return float(top + np.log(np.mean(np.exp(a - top))))
+
+    hi = 1.0
+    while f(hi) <= 0:
+        hi *= 2.0
+        if hi > 1e6:
+            return None
+    lo = 0.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if f(mid) > 0:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+# ----------------------------------------------------------------------------- CUSUM
+
+
+class CUSUMDetector(Detector):
+    """Sequential CUSUM over per-batch scores, with a bootstrap-calibrated expected run length.
+
+    ``fit(reference_batch_scores)`` standardizes with the reference mean and sd; ``calibrate(target_ert)``
+    sets ``h``; then either stream (``update`` / ``run`` / ``reset``) or judge a whole sequence from
+    a fresh state (``predict``, which leaves the streaming state alone).
+
+    Args:
+        k: drift allowance in reference sd (0.5 is optimal for detecting a 1 sd shift).
+        h: alarm threshold in reference sd; leave None and call :meth:`calibrate`.
+        two_sided: also run the lower CUSUM ``S-_t = max(0, S-_{t-1} - z_t - k)`` (alarms on drops).
+        name: detector name in verdicts.
+    """
+
+    needs_calibration = True
+    _calibrate_hint = "calibrate(target_ert=...) (or pass h=... to the constructor)"
+
+    def __init__(self, k: float = 0.5, h: float | None = None, two_sided: bool = False,
+                 name: str = "cusum") -> None:
+        super().__init__(name)
+        self.k = _check_number(k, "k", low=0.0)
+        if not isinstance(two_sided, bool):
+            raise ValueError(f"two_sided must be a bool (got {two_sided!r})")
+        self.two_sided = two_sided
+        self.h: float | None = None if h is None else _check_number(h, "h", low=0.0)
+        self._h_given = h is not None
+        self._calibrated = self._h_given
+        self.mean: float | None = None
+        self.sd: float | None = None
+        self._ref: np.ndarray | None = None
+        self.calibration: dict[str, Any] | None = None
+        self.step = 0
+        self.reset()
+
+    # -- fit / calibrate
+    def fit(self, reference: Any) -> CUSUMDetector:
+        """Reference: per-batch scores of clean/control batches (same batch size as in use)."""
+        ref = _reference(reference, "reference batch scores")
+        self._ref = ref
+        self.mean = float(ref.mean())
+        self.sd = float(ref.std(ddof=1))
+        self._fitted = True
+        if not self._h_given:  # a bootstrap threshold belongs to the old reference
+            self.h, self.calibration, self._calibrated = None, None, False
+        self.reset()
+        return self
+
+    def calibrate(self, target_ert: float = 10_000, n_streams: int = 1000, seed: int = 0, *,
+                  max_cycles: int = 30_000_000) -> CUSUMDetector:
+        """Choose ``h`` so that clean streams (bootstrapped from the reference) alarm every
+        ``target_ert`` batches on average.
+
+        ``n_streams`` sets the precision: the simulation holds as much information as that many clean
+        streams run to their first false alarm (relative standard error of the ERT ~ 1/sqrt(n_streams)).
+        ``max_cycles`` bounds the work (excursions simulated); ``seed`` makes it reproducible.
+        Details in the module docstring; the outcome is in :attr:`calibration`.
+
+        The bootstrap can only be as good as the reference: its mean is uncertain by ``1/sqrt(n)`` sd,
+        which moves the ERT on the true clean distribution by a factor of about
+        ``exp(2 (h + 1.166) / sqrt(n))`` (``calibration['ert_factor_reference_se']``): 1.23 for
+        ERT 200 with n = 2,000 reference batches, 1.13 for ERT 10,000 with n = 20,000. Use thousands
+        of reference batch scores for large targets.
+        """
+        self._require("calibrate", calibrated=False)
+        target = _check_number(target_ert, "target_ert", low=1.0, low_open=True)
+        n_streams = _check_int(n_streams, "n_streams", low=10)
+        max_cycles = _check_int(max_cycles, "max_cycles", low=1000)
+        assert self._ref is not None
+        z = (self._ref - self.mean) / self.sd
+        sides = [z - self.k] + ([-z - self.k] if self.two_sided else [])
+        if all(s.max() <= 0 for s in sides):
+            raise ValueError(
+                f"k={self.k} is larger than every standardized reference score: the CUSUM can never "
+                "move on clean data, so no threshold can be calibrated; use a smaller k")
+        rng = np.random.default_rng(seed)
+        thetas = [_lundberg(s) for s in sides if s.max() > 0]  # sides that can alarm
+        if all(t is not None for t in thetas):
+            cap = 2.0 + 1.5 * math.log(target) / min(t for t in thetas if t is not None)
+        else:  # no negative drift (k = 0): ERT grows like h^2
+            cap = 2.0 + 2.0 * math.sqrt(target)
+        for _ in range(12):
+            pilot = [_simulate_excursions(s, cap, 20_000, rng) for s in sides]
+            mean_len = min(p.steps[-1] / p.n_cycles for p in pilot)
+            n_cycles = int(min(max_cycles, max(20_000, math.ceil(n_streams * target / mean_len))))
+            sims = [_simulate_excursions(s, cap, n_cycles, rng) for s in sides]
+            rate = np.zeros_like(sims[0].grid)
+            for sim in sims:
+                rate = rate + sim.alarms / sim.steps
+            with np.errstate(divide="ignore"):
+                ert = 1.0 / rate
+            if ert[-1] >= target * 1.05:
+                break
+            cap *= 1.6
+        else:
+            raise RuntimeError(f"CUSUM calibration did not reach target_ert={target} (cap {cap:.3g})")
+        grid = sims[0].grid
+        j = int(np.argmax(ert >= target))  # first grid point at or above the target
+        if j == 0:
+            h = 0.0
+        elif np.isfinite(ert[j]):
+            lo, hi = math.log(ert[j - 1]), math.log(ert[j])
+            frac = 0.0 if hi == lo else (math.log(target) - lo) / (hi - lo)
+            h = float(grid[j - 1] + frac * (grid[j] - grid[j - 1]))
+        else:
+            h = float(grid[j])
+        alarms = int(sum(sim.alarms[j] for sim in sims))
+        self.h = h
+        self._h_given = False
+        self._calibrated = True
+        self.calibration = {
+            "method": "bootstrap-renewal",
+            "target_ert": target,
+            "estimated_ert": float(ert[j]) if np.isfinite(ert[j]) else None,
+            "simulated_alarms": alarms,
+            "relative_se": 1.0 / math.sqrt(alarms) if alarms else None,
+            "n_cycles": n_cycles,
+            "mean_cycle_length": float(mean_len),
+            "n_streams": n_streams,
+            "seed": seed,
+            "two_sided": self.two_sided,
+            "k": self.k,
+            "reference_n": int(self._ref.size),
+            # the reference mean is itself uncertain by 1/sqrt(n) sd; that moves the true ERT by
+            # about this factor (x or /, one standard error; Gaussian approximation)
+            "ert_factor_reference_se": math.exp(2.0 * (h + 1.166) / math.sqrt(self._ref.size)),
+        }
+        return self
+
+    # -- streaming
+    def reset(self) -> None:
+        """Start a new stream: statistics to 0, alarm cleared (the global step count is kept)."""
+        self._upper = 0.0
+        self._lower = 0.0
+        self.steps_since_reset = 0
+        self.alarm_step: int | None = None
+
+    @property
+    def statistic(self) -> float:
+        return max(self._upper, self._lower)
+
+    def _evidence(self, z: float | None) -> dict[str, Any]:
+        ev: dict[str, Any] = {
+            "statistic": self.statistic,
+            "upper": self._upper,
+            "step": self.step,
+            "steps_since_reset": self.steps_since_reset,
+            "alarm_step": self.alarm_step,
+            "z": z,
+        }
+        if self.two_sided:
+            ev["lower"] = self._lower
+            ev["direction"] = "down" if self._lower > self._upper else "up"
+        return ev
+
+    def update(self, batch_score: float) -> Verdict:
+        """Advance the stream by one batch score. ``flagged`` while the statistic is above ``h``;
+        ``alarm_step`` is the (1-based, global) step of the first alarm since the last reset."""
+        self._require("update")
+        z = (_scalar(batch_score, "batch_score") - self.mean) / self.sd  # type: ignore[operator]
+        self._advance(z)
+        return Verdict(self.name, self.statistic > self.h, self.statistic, self.h,  # type: ignore[arg-type]
+                       None, self._evidence(z))
+
+    def _advance(self, z: float) -> bool:
+        self._upper = max(0.0, self._upper + z - self.k)
+        if self.two_sided:
+            self._lower = max(0.0, self._lower - z - self.k)
+        self.step += 1
+        self.steps_since_reset += 1
+        alarm = max(self._upper, self._lower) > self.h  # type: ignore[operator]
+        if alarm and self.alarm_step is None:
+            self.alarm_step = self.step
+        return alarm
+
+    def run(self, scores: Any) -> int | None:
+        """Feed ``scores`` in order; return the index (into ``scores``) of the first alarm, or None.
+
+        Stops at the alarm: later scores are not consumed and the state is the state at the alarm
+        (call :meth:`reset` before watching on). Scores are validated before any is consumed.
+        """
+        self._require("run")
+        z = (_values(scores, "batch scores") - self.mean) / self.sd
+        for i, zi in enumerate(z.tolist()):
+            if self._advance(zi):
+                return i
+        return None
+
+    # -- whole sequence
+    def _path(self, scores: Any) -> tuple[np.ndarray, np.ndarray]:
+        z = ((_values(scores, "batch scores") - self.mean) / self.sd).tolist()
+        up = np.empty(len(z))
+        down = np.zeros(len(z))
+        u = d = 0.0
+        for i, zi in enumerate(z):
+            u = max(0.0, u + zi - self.k)
+            up[i] = u
+            if self.two_sided:
+                d = max(0.0, d - zi - self.k)
+                down[i] = d
+        return up, down
+
+    def score(self, x: Any) -> float:
+        """Largest CUSUM statistic over the sequence ``x`` of batch scores, from a fresh state."""
+        self._require("score", calibrated=False)
+        up, down = self._path(x)
+        return float(np.maximum(up, down).max())
+
+    def predict(self, x: Any) -> Verdict:
+        """Judge a whole sequence of batch scores from a fresh state (the stream is untouched)."""
+        self._require("predict")
+        up, down = self._path(x)
+        stat = np.maximum(up, down)
+        above = np.flatnonzero(stat > self.h)
+        peak = int(stat.argmax())
+        ev: dict[str, Any] = {
+            "alarm_index": int(above[0]) if above.size else None,
+            "n_steps": int(stat.size),
+            "final_statistic": float(stat[-1]),
+            "max_index": peak,
+        }
+        if self.two_sided:
+            ev["direction"] = "down" if down[peak] > up[peak] else "up"
+        return Verdict(self.name, bool(above.size), float(stat[peak]), self.h, None, ev)  # type: ignore[arg-type]
+
+    # -- state
+    def _config(self) -> dict[str, Any]:
+        return {"k": self.k, "h": self.h if self._h_given else None, "two_sided": self.two_sided,
+                "name": self.name}
+
+    def _get_state(self) -> dict[str, Any]:
+        return {
+            "reference": None if self._ref is None else self._ref.tolist(),
+            "mean": self.mean,
+            "sd": self.sd,
+            "h": self.h,
+            "calibration": self.calibration,
+            "upper": self._upper,
+            "lower": self._lower,
+            "step": self.step,
+            "steps_since_reset": self.steps_since_reset,
+            "alarm_step": self.alarm_step,
+        }
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        _check_keys(state, set(self._get_state()), "state.state")
+        self._ref = None if state["reference"] is None else np.asarray(state["reference"], dtype=np.float64)
+        self.mean, self.sd, self.h = state["mean"], state["sd"], state["h"]
+        self.calibration = state["calibration"]
+        self._upper, self._lower = float(state["upper"]), float(state["lower"])
+        self.step, self.steps_since_reset = int(state["step"]), int(state["steps_since_reset"])
+        self.alarm_step = state["alarm_step"]
+
+
+# ----------------------------------------------------------------------------- permutation test
+
+
+class PermutationTest(Detector):
+    """Two-sample permutation test of the mean of per-sample values against the reference.
+
+    ``alternative='greater'`` (default): the data's signal is higher than the reference's.
+    p-values: exact by enumerating every split when there are at most ``n_permutations`` of them
+    (``exact='auto'``), else Monte Carlo with ``(count + 1) / (n_permutations + 1)`` (valid: never
+    below the true p in expectation). Flags when ``p < alpha``. Seeded, so a call is reproducible.
+    """
+
+    gives_p_value = True
+
+    def __init__(self, n_permutations: int = 2000, alternative: str = "greater", alpha: float = 0.01,
+                 seed: int = 0, exact: bool | str = "auto", name: str = "permutation") -> None:
+        super().__init__(name)
+        self.n_permutations = _check_int(n_permutations, "n_permutations", low=1)
+        self.alternative = _check_choice(alternative, "alternative", _ALTERNATIVES)
+        self.alpha = _check_number(alpha, "alpha", low=0.0, high=1.0, low_open=True, high_open=True)
+        self.seed = _check_int(seed, "seed", low=0)
+        if exact not in (True, False, "auto"):
+            raise ValueError(f"exact must be True, False or 'auto' (got {exact!r})")
+        self.exact = exact
+        self._ref: np.ndarray | None = None
+
+    def fit(self, reference: Any) -> PermutationTest:
+        """Reference: per-sample signal values from clean/control data."""
+        self._ref = _reference(reference, "reference samples")
+        self._fitted = True
+        return self
+
+    def calibrate(self, alpha: float | None = None) -> PermutationTest:  # type: ignore[override]
+        """The permutation null is exact, so calibrating only sets the level ``alpha``."""
+        if alpha is not None:
+            self.alpha = _check_number(alpha, "alpha", low=0.0, high=1.0, low_open=True, high_open=True)
+        self._calibrated = True
+        return self
+
+    def _statistic(self, sums: np.ndarray, n: int, m: int, total: float) -> np.ndarray:
+        if self.alternative == "greater":
+            return sums  # the test group's sum orders splits like the difference in means
+        return np.abs(sums * (1.0 / n + 1.0 / m) - total / m)
+
+    def test(self, samples: Any) -> dict[str, Any]:
+        """The test's numbers: p_value, mean_difference, effect_size, counts, method."""
+        self._require("test", calibrated=False)
+        x = _values(samples, "samples")
+        ref = self._ref
+        assert ref is not None
+        n, m = x.size, ref.size
+        pooled = np.concatenate([x, ref])
+        size = n + m
+        total = float(pooled.sum())
+        observed = self._statistic(np.array([x.sum()]), n, m, total)[0]
+        # splits with equal sums must tie despite rounding (~ size * eps * max|x|)
+        tol = 1e-12 * size * float(np.abs(pooled).max())
+        if self.alternative == "two-sided":
+            tol *= 1.0 / n + 1.0 / m
+        log_splits = math.lgamma(size + 1) - math.lgamma(n + 1) - math.lgamma(m + 1)
+        small_enough = log_splits < math.log(max(self.n_permutations, 5_000_000)) + 1.0
+        n_splits = math.comb(size, n) if small_enough else None
+        exact = self.exact is True or (
+            self.exact == "auto" and n_splits is not None and n_splits <= self.n_permutations)
+        if exact:
+            if n_splits is None or n_splits > 5_000_000:
+                raise ValueError(f"exact test needs about 10^{log_splits / math.log(10):.1f} splits "
+                                 "(> 5,000,000); use exact=False or 'auto'")
+            count = 0
+            combos = itertools.combinations(range(size), n)
+            while True:
+                block = np.fromiter(itertools.chain.from_iterable(itertools.islice(combos, 100_000)),
+                                    dtype=np.int64)
+                if block.size == 0:
+                    break
+                sums = pooled[block.reshape(-1, n)].sum(axis=1)
+                count += int((self._statistic(sums, n, m, total) >= observed - tol).sum())
+            p = count / n_splits
+            draws = n_splits
+        else:
+            rng = np.random.default_rng(self.seed)
+            small = min(n, m)  # sum the smaller group of each permutation
+            rows = max(1, (1 << 22) // size)
+            count, left = 0, self.n_permutations
+            while left:
+                r = min(rows, left)
+                perm = rng.permuted(np.broadcast_to(pooled, (r, size)), axis=1)
+                part = perm[:, :small].sum(axis=1)
+                sums = part if small == n else total - part
+                count += int((self._statistic(sums, n, m, total) >= observed - tol).sum())
+                left -= r
+            p = (count + 1) / (self.n_permutations + 1)
+            draws = self.n_permutations
+        var_x = float(x.var(ddof=1)) if n > 1 else 0.0
+        pooled_sd = math.sqrt(((n - 1) * var_x + (m - 1) * float(ref.var(ddof=1))) / (n + m - 2))
+        diff = float(x.mean() - ref.mean())
+        return {
+            "p_value": float(p),
+            "mean_difference": diff,
+            "effect_size": diff / pooled_sd,
+            "n": n,
+            "reference_n": m,
+            "alternative": self.alternative,
+            "method": "exact" if exact else "monte-carlo",
+            "permutations": draws,
+            "count": count,
+        }
+
+    def score(self, x: Any) -> float:
+        """``-log10(p)``."""
+        return _neglog10(self.test(x)["p_value"])
+
+    def predict(self, x: Any) -> Verdict:
+        self._require("predict")
+        ev = self.test(x)
+        p = ev.pop("p_value")
+        ev["alpha"] = self.alpha
+        return Verdict(self.name, p < self.alpha, _neglog10(p), _neglog10(self.alpha), p, ev)
+
+    def _config(self) -> dict[str, Any]:
+        return {"n_permutations": self.n_permutations, "alternative": self.alternative,
+                "alpha": self.alpha, "seed": self.seed, "exact": self.exact, "name": self.name}
+
+    def _get_state(self) -> dict[str, Any]:
+        return {"reference": None if self._ref is None else self._ref.tolist()}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        _check_keys(state, {"reference"}, "state.state")
+        self._ref = None if state["reference"] is None else np.asarray(state["reference"], dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------- single batch
+
+
+class MeanShiftDetector(Detector):
+    """Judge one batch alone: z-test of its mean against the reference mean and sd.
+
+    ``z = (mean(batch) - mean(ref)) / (sd(ref) * sqrt(1/n + 1/n_ref))`` (the reference mean's own
+    uncertainty included), p from the normal distribution (one-sided 'greater' by default). The
+    normal approximation relies on the central limit theorem: fine for Gaussian-ish values or batches
+    of a few dozen samples; for a sequence of batches prefer :class:`CUSUMDetector`.
+    """
+
+    gives_p_value = True
+
+    def __init__(self, alpha: float = 0.01, alternative: str = "greater", name: str = "mean_shift") -> None:
+        super().__init__(name)
+        self.alpha = _check_number(alpha, "alpha", low=0.0, high=1.0, low_open=True, high_open=True)
+        self.alternative = _check_choice(alternative, "alternative", _ALTERNATIVES)
+        self.mean: float | None = None
+        self.sd: float | None = None
+        self.reference_n: int | None = None
+
+    def fit(self, reference: Any) -> MeanShiftDetector:
+        """Reference: per-sample values (or batch scores, then judge one batch score at a time)."""
+        ref = _reference(reference, "reference samples")
+        self.mean, self.sd, self.reference_n = float(ref.mean()), float(ref.std(ddof=1)), int(ref.size)
+        self._fitted = True
+        return self
+
+    def calibrate(self, alpha: float | None = None) -> MeanShiftDetector:  # type: ignore[override]
+        if alpha is not None:
+            self.alpha = _check_number(alpha, "alpha", low=0.0, high=1.0, low_open=True, high_open=True)
+        self._calibrated = True
+        return self
+
+    def _z(self, x: Any) -> tuple[float, int, float]:
+        batch = _values(x, "batch")
+        se = self.sd * math.sqrt(1.0 / batch.size + 1.0 / self.reference_n)  # type: ignore[operator]
+        return (float(batch.mean()) - self.mean) / se, batch.size, float(batch.mean())  # type: ignore[operator]
+
+    def score(self, x: Any) -> float:
+        """The z statistic (its absolute value for 'two-sided')."""
+        self._require("score", calibrated=False)
+        z = self._z(x)[0]
+        return abs(z) if self.alternative == "two-sided" else z
+
+    def predict(self, x: Any) -> Verdict:
+        self._require("predict")
+        z, n, batch_mean = self._z(x)
+        if self.alternative == "greater":
+            p, stat, crit = 0.5 * math.erfc(z / math.sqrt(2.0)), z, NormalDist().inv_cdf(1.0 - self.alpha)
+        else:
+            p, stat, crit = math.erfc(abs(z) / math.sqrt(2.0)), abs(z), NormalDist().inv_cdf(1.0 - self.alpha / 2)
+        ev = {"z": z, "batch_mean": batch_mean, "n": n, "reference_mean": self.mean, "reference_sd": self.sd,
+              "reference_n": self.reference_n, "alternative": self.alternative, "alpha": self.alpha}
+        return Verdict(self.name, p < self.alpha, stat, crit, p, ev)
+
+    def _config(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "alternative": self.alternative, "name": self.name}
+
+    def _get_state(self) -> dict[str, Any]:
+        return {"mean": self.mean, "sd": self.sd, "reference_n": self.reference_n}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        _check_keys(state, {"mean", "sd", "reference_n"}, "state.state")
+        self.mean, self.sd, self.reference_n = state["mean"], state["sd"], state["reference_n"]
+
+
+# ----------------------------------------------------------------------------- several signals
+
+
+class CombinedPValues(NamedTuple):
+    """Result of :func:`combine_pvalues`.
+
+    ``p_value``: p of the family-level null "no signal is shifted" (Holm/Bonferroni: the smallest
+    adjusted p; Fisher: Fisher's combined p). ``adjusted``: per-signal adjusted p-values (Holm or
+    Bonferroni; reject a signal when its adjusted p < alpha, family-wise error <= alpha); empty for
+    Fisher, which tests only the family-level null.
+    """
+
+    p_value: float
+    adjusted: dict[str, float]
+
+    def flagged(self, alpha: float) -> bool:
+        return self.p_value < alpha
+
+    def rejected(self, alpha: float) -> list[str]:
+        """Signals rejected at family-wise level ``alpha`` (none for Fisher)."""
+        return [name for name, p in self.adjusted.items() if p < alpha]
+
+
+def combine_pvalues(p_values: Mapping[str, float], method: str = "holm") -> CombinedPValues:
+    """Combine named p-values: ``'holm'`` (default), ``'bonferroni'`` or ``'fisher'``.
+
+    Holm's step-down: sort p ascending, ``adj_(i) = max_{j<=i} min(1, (m - j + 1) p_(j))``;
+    Bonferroni: ``min(1, m p)``. Both control the family-wise error rate under any dependence.
+    Fisher: ``-2 sum log p ~ chi2(2m)``, more powerful when many signals shift a little, but valid
+    only for independent p-values.
+    """
+    method = _check_choice(method, "method", _CORRECTIONS)
+    if not isinstance(p_values, Mapping) or not p_values:
+        raise ValueError("p_values must be a non-empty dict of name -> p-value")
+    ps = {str(k): _check_number(v, f"p_values[{k!r}]", low=0.0, high=1.0) for k, v in p_values.items()}
+    m = len(ps)
+    if method == "bonferroni":
+        adjusted = {k: min(1.0, m * p) for k, p in ps.items()}
+        return CombinedPValues(min(adjusted.values()), adjusted)
+    if method == "holm":
+        order = sorted(ps, key=ps.__getitem__)  # stable: ties keep the given order
+        adjusted, running = {}, 0.0
+        for i, k in enumerate(order):
+            running = max(running, min(1.0, (m - i) * ps[k]))
+            adjusted[k] = running
+        return CombinedPValues(min(adjusted.values()), {k: adjusted[k] for k in ps})
+    from scipy.special import chdtrc  # chi-square survival function
+
+    if min(ps.values()) == 0.0:
+        return CombinedPValues(0.0, {})
+    statistic = -2.0 * sum(math.log(p) for p in ps.values())
+    return CombinedPValues(float(chdtrc(2 * m, statistic)), {})
+
+
+def split_ert(target_ert: float, n_signals: int) -> float:
+    """ERT for each of ``n_signals`` CUSUMs watched together so the family keeps ``target_ert``.
+
+    Union bound: each CUSUM calibrated to ERT ``k * target`` false-alarms at a long-run rate of
+    ``1 / (k * target)`` per batch; the rate of "any of the k alarms" is at most the sum, ``1/target``,
+    whatever the dependence between signals (correlated signals make the family more conservative).
+    Calibrate each with ``calibrate(target_ert=split_ert(target, k))`` and alarm when any alarms.
+    """
+    target = _check_number(target_ert, "target_ert", low=1.0, low_open=True)
+    k = _check_int(n_signals, "n_signals", low=1)
+    return target * k
+
+
+class SignalCombination(Detector):
+    """Several named p-value detectors (e.g. one :class:`PermutationTest` per signal) at family-wise
+    level ``alpha``, Holm's correction by default. ``fit``/``predict`` take dicts keyed by signal name.
+
+    Sequential detectors give no p-value; for several CUSUMs use :func:`split_ert` instead.
+    """
+
+    gives_p_value = True
+
+    def __init__(self, detectors: Mapping[str, Detector], alpha: float = 0.01, method: str = "holm",
+                 name: str = "combination") -> None:
+        super().__init__(name)
+        if not isinstance(detectors, Mapping) or not detectors:
+            raise ValueError("detectors must be a non-empty dict of signal name -> Detector")
+        for key, det in detectors.items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"signal names must be non-empty strings (got {key!r})")
+            if not isinstance(det, Detector):
+                raise ValueError(f"detectors[{key!r}] must be a Detector (got {type(det).__name__})")
+            if not det.gives_p_value:
+                raise ValueError(
+                    f"detectors[{key!r}] ({type(det).__name__}) gives no p-value; SignalCombination "
+                    "combines p-values. For several CUSUMs calibrate each with "
+                    "calibrate(target_ert=split_ert(target, k)) and alarm when any alarms")
+        self.detectors: dict[str, Detector] = dict(detectors)
+        self.alpha = _check_number(alpha, "alpha", low=0.0, high=1.0, low_open=True, high_open=True)
+        self.method = _check_choice(method, "method", _CORRECTIONS)
+
+    @property
+    def is_fitted(self) -> bool:
+        return all(d.is_fitted for d in self.detectors.values())
+
+    @property
+    def is_calibrated(self) -> bool:
+        return all(d.is_calibrated for d in self.detectors.values())
+
+    def _check_signals(self, x: Any, what: str) -> Mapping[str, Any]:
+        if not isinstance(x, Mapping):
+            raise ValueError(f"{what} must be a dict of signal name -> values (got {type(x).__name__})")
+        if set(x) != set(self.detectors):
+            extra, missing = sorted(set(x) - set(self.detectors)), sorted(set(self.detectors) - set(x))
+            raise ValueError(f"{what}: unexpected signals {extra}, missing signals {missing}")
+        return x
+
+    def fit(self, reference: Mapping[str, Any]) -> SignalCombination:
+        reference = self._check_signals(reference, "reference")
+        for key, det in self.detectors.items():
+            det.fit(reference[key])
+        return self
+
+    def calibrate(self, alpha: float | None = None) -> SignalCombination:  # type: ignore[override]
+        """Sets the family-wise level; the members' own alpha is not used (their p-values are)."""
+        if alpha is not None:
+            self.alpha = _check_number(alpha, "alpha", low=0.0, high=1.0, low_open=True, high_open=True)
+        for det in self.detectors.values():
+            if not det.is_calibrated:
+                det.calibrate()
+        return self
+
+    def _require(self, action: str, *, calibrated: bool = True) -> None:
+        for key, det in self.detectors.items():
+            try:
+                det._require(action, calibrated=calibrated)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{type(self).__name__}({self.name!r}), signal {key!r}: {exc}") from None
+
+    def score(self, x: Any) -> float:
+        """``-log10`` of the family-level p-value."""
+        return self.predict(x).score
+
+    def predict(self, x: Mapping[str, Any]) -> Verdict:
+        self._require("predict")
+        x = self._check_signals(x, "x")
+        verdicts = {key: det.predict(x[key]) for key, det in self.detectors.items()}
+        p_values = {key: float(v.p_value) for key, v in verdicts.items()}  # type: ignore[arg-type]
+        combined = combine_pvalues(p_values, self.method)
+        ev = {
+            "correction": self.method,
+            "alpha": self.alpha,
+            "family_size": len(p_values),
+            "p_values": p_values,
+            "adjusted": combined.adjusted,
+            "flagged_signals": combined.rejected(self.alpha),
+            "signals": {key: v.to_dict() for key, v in verdicts.items()},
+        }
+        p = combined.p_value
+        return Verdict(self.name, p < self.alpha, _neglog10(p), _neglog10(self.alpha), p, ev)
+
+    def _config(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "method": self.method, "name": self.name}
+
+    def _get_state(self) -> dict[str, Any]:
+        return {"detectors": {key: det.state_dict() for key, det in self.detectors.items()}}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError  # restored by load_state_dict below
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["fitted"] = state["calibrated"] = None  # derived from the members
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> SignalCombination:
+        state = _check_state(state, type(self).__name__)
+        inner = dict(state["state"])
+        _check_keys(inner, {"detectors"}, "state.state")
+        detectors = {key: Detector.from_state_dict(s) for key, s in inner["detectors"].items()}
+        self.__init__(detectors, **state["config"])  # type: ignore[misc]
+        return self

@@ -1,0 +1,211 @@
+"""The guard policy: fingerprint signals in, a decision out. Plain numpy/torch, no framework.
+
+Each training batch's per-sample signals (from :mod:`trait_guard.fingerprint`) are standardized
+against a reference (the same signals on clean data from the student's base model), averaged per
+batch, and fed to one CUSUM per signal, calibrated by bootstrap so that the whole guard raises a false
+alarm on clean data about once per ``target_ert`` batches (each of k signals gets ``k * target_ert``:
+a union bound). Single samples are never judged alone: published per-sample screening failed to stop
+subliminal transfer, while evidence accumulated over many samples succeeds (RESEARCH.md section 3).
+
+Until an alarm the decision is PASS (or MASK when divergence tokens are always masked). After a data
+alarm the guard stays in its configured mitigation: REWEIGHT (down-weight samples in proportion to
+how far they lean the suspicious way), MASK (drop divergence tokens from the loss), STEER (the
+training loop enables preventative steering) or HALT. A drift alarm (the student itself moving along
+a persona vector, measured on probe prompts) escalates to ``on_drift_alarm``, HALT by default.
+
+Its state (detector statistics, counters, mode) saves to JSON-safe dicts for checkpoint and resume.
+Multi-rank runs gather the signals of all ranks before calling :meth:`TraitGuard.observe`, so every
+rank sees the same inputs and takes the same action.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from trait_guard.config import StrictModel
+from trait_guard.detect import CUSUMDetector, Verdict, split_ert
+from trait_guard.fingerprint import suspicious_direction
+
+
+class Action(str, Enum):
+    PASS = "pass"
+    REWEIGHT = "reweight"
+    MASK = "mask"
+    STEER = "steer"
+    HALT = "halt"
+
+
+Direction = Literal["up", "down", "both"]
+
+
+class GuardConfig(StrictModel):
+    """How the guard decides. Validated: bad values fail with the field path."""
+
+    signals: list[str] = Field(default_factory=lambda: ["proj:*", "divergence", "nll"],
+                               min_length=1, description="signal names or glob patterns to watch")
+    directions: dict[str, Direction] = Field(default_factory=dict, description="override the suspicious direction")
+    target_ert: float = Field(10_000, gt=1, description="batches to a false alarm on clean data (whole guard)")
+    drift_allowance: float = Field(0.5, ge=0, description="CUSUM k, in reference standard deviations")
+    on_data_alarm: Action = Action.HALT
+    on_drift_alarm: Literal[Action.HALT, Action.STEER] = Action.HALT
+    drift_threshold: float = Field(
+        1.0, gt=0, description="probe drift (in base-model standard deviations) that raises a drift alarm")
+    mask_divergence_tokens: Literal["never", "on_alarm", "always"] = "on_alarm"
+    reweight_temperature: float = Field(1.0, gt=0, description="weight = exp(-max(z, 0) / temperature)")
+    min_weight: float = Field(0.0, ge=0, le=1)
+    bootstrap_batches: int = Field(2000, ge=100, description="reference batch means drawn for calibration")
+    seed: int = 0
+
+
+@dataclass
+class Decision:
+    """What the training loop must do with this batch, and why."""
+
+    step: int
+    action: Action
+    reason: str
+    sample_weights: torch.Tensor  # [batch], mean 1 unless HALT
+    token_masks: list[np.ndarray] | None = None  # per sample, over completion tokens: 1 keep, 0 drop
+    verdicts: list[Verdict] = field(default_factory=list)
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def halt(self) -> bool:
+        return self.action is Action.HALT
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "action": self.action.value, "reason": self.reason,
+                "flagged": [v.detector for v in self.verdicts if v.flagged], "evidence": self.evidence}
+
+
+class TraitGuard:
+    """Calibrated detectors over fingerprint signals, and the policy that turns alarms into actions."""
+
+    def __init__(self, config: GuardConfig, reference: dict[str, np.ndarray], batch_size: int):
+        self.config = config
+        self.batch_size = batch_size
+        self.signals = self._select(reference)
+        if not self.signals:
+            raise ValueError(
+                f"none of the watched signals {config.signals} is in the reference signals {sorted(reference)}; "
+                "score the reference with the same FingerprintScorer (and persona vectors) as the training data"
+            )
+        rng = np.random.default_rng(config.seed)
+        self.mean, self.std, self.detectors = {}, {}, {}
+        per_signal_ert = split_ert(config.target_ert, len(self.signals))
+        for name in self.signals:
+            values = np.asarray(reference[name], dtype=float)
+            values = values[np.isfinite(values)]
+            if len(values) < 2 or values.std() == 0:
+                raise ValueError(f"reference signal '{name}' has fewer than 2 finite values or no spread")
+            self.mean[name], self.std[name] = float(values.mean()), float(values.std(ddof=1))
+            z = (values - self.mean[name]) / self.std[name]
+            if self.direction(name) == "down":
+                z = -z
+            batch_means = rng.choice(z, size=(config.bootstrap_batches, batch_size), replace=True).mean(1)
+            detector = CUSUMDetector(k=config.drift_allowance, two_sided=self.direction(name) == "both", name=name)
+            self.detectors[name] = detector.fit(batch_means).calibrate(target_ert=per_signal_ert, seed=config.seed)
+        self.step = 0
+        self.mode = Action.PASS  # the mitigation in force after an alarm
+        self.alarms: list[dict[str, Any]] = []
+
+    # -- configuration helpers -----------------------------------------------------------------
+    def _select(self, available: dict[str, Any]) -> list[str]:
+        return sorted({n for pattern in self.config.signals for n in available if fnmatch.fnmatchcase(n, pattern)})
+
+    def direction(self, name: str) -> Direction:
+        return suspicious_direction(name, self.config.directions)
+
+    def standardize(self, name: str, values: np.ndarray) -> np.ndarray:
+        z = (np.asarray(values, dtype=float) - self.mean[name]) / self.std[name]
+        return -z if self.direction(name) == "down" else z
+
+    # -- the policy --------------------------------------------------------------------------------
+    def observe(self, signals: dict[str, np.ndarray], token_masks: list[np.ndarray] | None = None,
+                step: int | None = None) -> Decision:
+        """Decide for one batch given its per-sample signals (all ranks' samples, gathered)."""
+        self.step = self.step + 1 if step is None else step
+        missing = [n for n in self.signals if n not in signals]
+        if missing:
+            raise ValueError(f"batch signals lack {missing}; the guard was calibrated on {self.signals}")
+        n = len(next(iter(signals.values())))
+        verdicts, z_rows = [], []
+        for name in self.signals:
+            z = self.standardize(name, signals[name])
+            if not np.isfinite(z).any():
+                continue
+            z_rows.append(np.where(np.isfinite(z), z, 0.0))
+            verdicts.append(self.detectors[name].update(float(np.nanmean(z))))
+        flagged = [v for v in verdicts if v.flagged]
+        if flagged and self.mode is Action.PASS:
+            self.mode = self.config.on_data_alarm
+            self.alarms.append({"step": self.step, "channel": "data", "signals": [v.detector for v in flagged]})
+        lean = np.mean(z_rows, axis=0) if z_rows else np.zeros(n)
+        evidence = {"batch_z": {v.detector: float(v.evidence.get("z", np.nan)) for v in verdicts},
+                    "cusum": {v.detector: v.score for v in verdicts},
+                    "thresholds": {v.detector: v.threshold for v in verdicts}}
+        return self._decide(n, lean, token_masks, verdicts, evidence,
+                            f"data alarm on {', '.join(v.detector for v in flagged)}" if flagged else None)
+
+    def observe_drift(self, shifts: dict[str, float], step: int | None = None) -> Decision:
+        """Decide after a probe: ``shifts`` are the student's finetuning shifts along persona vectors,
+        in base-model standard deviations (positive: toward the trait)."""
+        self.step = self.step if step is None else step
+        over = {k: v for k, v in shifts.items() if v > self.config.drift_threshold}
+        verdicts = [Verdict(detector=f"drift:{k}", flagged=k in over, score=float(v),
+                            threshold=self.config.drift_threshold, p_value=None, evidence={"shift": float(v)})
+                    for k, v in shifts.items()]
+        reason = None
+        if over:
+            self.mode = Action(self.config.on_drift_alarm)
+            self.alarms.append({"step": self.step, "channel": "drift", "signals": sorted(over)})
+            reason = "student drift " + ", ".join(f"{k}={v:.2f}" for k, v in over.items())
+        return self._decide(0, np.zeros(0), None, verdicts, {"drift": dict(shifts)}, reason)
+
+    def _decide(self, n: int, lean: np.ndarray, token_masks: list[np.ndarray] | None,
+                verdicts: list[Verdict], evidence: dict[str, Any], alarm_reason: str | None) -> Decision:
+        weights = torch.ones(n)
+        masks = None
+        mask_tokens = self.config.mask_divergence_tokens == "always" or (
+            self.config.mask_divergence_tokens == "on_alarm" and self.mode is Action.MASK)
+        if token_masks is not None and mask_tokens:
+            masks = [(~np.asarray(m, dtype=bool)).astype(np.float32) for m in token_masks]
+        action = self.mode
+        if action is Action.PASS and masks is not None:
+            action = Action.MASK
+        if action is Action.REWEIGHT and n:
+            raw = np.maximum(np.exp(-np.maximum(lean, 0.0) / self.config.reweight_temperature), self.config.min_weight)
+            weights = torch.as_tensor(raw / raw.mean() if raw.mean() > 0 else raw, dtype=torch.float32)
+        if action is Action.HALT:
+            weights = torch.zeros(n)
+        reason = alarm_reason or ("no alarm" if self.mode is Action.PASS else
+                                  f"mitigation {self.mode.value} in force since step {self.alarms[-1]['step']}")
+        return Decision(self.step, action, reason, weights, masks, verdicts, evidence)
+
+    # -- persistence -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "mode": self.mode.value, "alarms": list(self.alarms),
+                "signals": list(self.signals), "mean": dict(self.mean), "std": dict(self.std),
+                "detectors": {n: d.state_dict() for n, d in self.detectors.items()},
+                "config": self.config.model_dump(mode="json")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> TraitGuard:
+        if state["signals"] != self.signals:
+            raise ValueError(f"guard state watches {state['signals']}, this guard watches {self.signals}")
+        self.step, self.mode, self.alarms = int(state["step"]), Action(state["mode"]), list(state["alarms"])
+        self.mean, self.std = dict(state["mean"]), dict(state["std"])
+        for name, detector_state in state["detectors"].items():
+            self.detectors[name].load_state_dict(detector_state)
+        return self
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], reference: dict[str, np.ndarray], batch_size: int) -> TraitGuard:
+        guard = cls(GuardConfig.model_validate(state["config"]), reference, batch_size)
+        return guard.load_state_dict(state)

@@ -1,0 +1,189 @@
+"""Dataset-level screening: does this teacher data differ from the base model's own output?
+
+``screen`` scores a dataset and a reference set (the student's base model's own generations for the
+same prompt family: a control teacher) with one :class:`~trait_guard.fingerprint.FingerprintScorer`,
+runs a permutation test per signal in its suspicious direction, and combines the p-values with
+Holm's correction (family-wise level ``alpha``). It also reports:
+
+* kinship: whether the data's teachers share the student's base model (the precondition for
+  subliminal transfer: it fails across base models);
+* the token-histogram divergence (Jensen-Shannon, chi-square) and the most over-represented tokens;
+* baselines measured the same way but kept out of the verdict: format and value statistics (number
+  count, length, digit shares). A signal worth trusting must beat them; where they differ too, the
+  data differs in form, and the report says so.
+
+Exit codes of ``trait-guard screen``: 0 clean, 3 flagged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from trait_guard.detect import PermutationTest, combine_pvalues
+from trait_guard.fingerprint import (
+    FingerprintScorer,
+    TokenHistogram,
+    format_features,
+    suspicious_direction,
+)
+from trait_guard.models import model_identity
+
+FLAGGED_EXIT_CODE = 3
+
+
+@dataclass
+class SignalTest:
+    name: str
+    direction: str
+    data_mean: float
+    reference_mean: float
+    effect_size: float
+    p_value: float
+    adjusted_p: float | None = None
+    flagged: bool = False
+
+
+@dataclass
+class ScreenReport:
+    n_data: int
+    n_reference: int
+    alpha: float
+    correction: str
+    flagged: bool
+    signals: list[SignalTest]
+    baselines: list[SignalTest]
+    kinship: dict[str, Any]
+    tokens: dict[str, Any]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        def clean(value: Any) -> Any:
+            if isinstance(value, float) and not math.isfinite(value):
+                return None
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [clean(v) for v in value]
+            return value
+
+        return clean(asdict(self))
+
+    def table(self) -> str:
+        lines = [f"screened {self.n_data} samples against {self.n_reference} reference samples "
+                 f"(permutation tests, {self.correction} at alpha={self.alpha})",
+                 f"{'signal':<22} {'dir':<5} {'data':>9} {'ref':>9} {'d':>6} {'p':>9} {'p adj':>9}  verdict"]
+        for s in self.signals:
+            lines.append(f"{s.name:<22} {s.direction:<5} {s.data_mean:>9.4f} {s.reference_mean:>9.4f} "
+                         f"{s.effect_size:>6.2f} {s.p_value:>9.2g} {s.adjusted_p:>9.2g}  {'FLAG' if s.flagged else 'ok'}")
+        lines.append("baselines (not in the verdict):")
+        for s in self.baselines:
+            lines.append(f"  {s.name:<20} {s.direction:<5} {s.data_mean:>9.4f} {s.reference_mean:>9.4f} "
+                         f"{s.effect_size:>6.2f} {s.p_value:>9.2g}")
+        kin = self.kinship
+        lines.append(f"kinship: {kin['verdict']} ({kin['detail']})")
+        lines.append(f"tokens: JS divergence {self.tokens['js_divergence']:.4f} nats, chi-square p "
+                     f"{self.tokens['chi_square_p']:.2g}; most over-represented: "
+                     + ", ".join(f"{t['token']!r}(x{math.exp(t['log_ratio']):.1f})" for t in self.tokens["overrepresented"][:5]))
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        lines.append(f"VERDICT: {'FLAGGED' if self.flagged else 'clean'}")
+        return "\n".join(lines)
+
+    def json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _permutation(name: str, data: np.ndarray, reference: np.ndarray, direction: str,
+                 n_permutations: int, seed: int) -> SignalTest | None:
+    data, reference = data[np.isfinite(data)], reference[np.isfinite(reference)]
+    if len(data) < 2 or len(reference) < 2 or np.std(reference) == 0:
+        return None  # nothing to compare against: no spread in the reference
+    sign = -1.0 if direction == "down" else 1.0
+    test = PermutationTest(n_permutations=n_permutations, alternative="two-sided" if direction == "both" else "greater",
+                           seed=seed, name=name).fit(sign * reference).calibrate()
+    result = test.test(sign * data)
+    return SignalTest(name, direction, float(data.mean()), float(reference.mean()),
+                      sign * result["effect_size"], result["p_value"])
+
+
+def kinship(rows: list[dict[str, Any]], student_identity: Any) -> dict[str, Any]:
+    """Do the data's teachers share the student's base model? (precondition for transfer)"""
+    fingerprints = {r.get("base_fingerprint") for r in rows}
+    if None in fingerprints or "" in fingerprints:
+        return {"verdict": "unknown", "kin": None, "detail": "rows without base_fingerprint provenance"}
+    kin = fingerprints == {student_identity.fingerprint}
+    names = sorted({r.get("base_model", "?") for r in rows})
+    if kin:
+        detail = f"teacher base {names[0]} = student base {student_identity.name}: subliminal transfer is possible"
+    else:
+        detail = f"teacher bases {names} differ from the student's ({student_identity.name}): transfer unlikely"
+    return {"verdict": "kin" if kin else "not kin", "kin": kin, "detail": detail, "teacher_bases": names}
+
+
+def screen(
+    data_rows: list[dict[str, Any]],
+    reference_rows: list[dict[str, Any]],
+    scorer: FingerprintScorer,
+    *,
+    alpha: float = 0.01,
+    n_permutations: int = 2000,
+    seed: int = 0,
+    signals: list[str] | None = None,
+    progress: Any = None,
+    data_signals: dict[str, np.ndarray] | None = None,
+    reference_signals: dict[str, np.ndarray] | None = None,
+) -> ScreenReport:
+    """Screen ``data_rows`` against ``reference_rows`` (see the module docstring).
+
+    Already computed per-sample signals may be passed to skip scoring (e.g. when resampling).
+    """
+    started = time.perf_counter()
+    if not data_rows or not reference_rows:
+        raise ValueError(f"screening needs rows on both sides (data: {len(data_rows)}, reference: {len(reference_rows)})")
+    if data_signals is None:
+        data_signals = scorer.score_table(data_rows, progress)
+    if reference_signals is None:
+        reference_signals = scorer.score_table(reference_rows, progress)
+    names = [n for n in data_signals if n != "n_tokens" and n in reference_signals]
+    if signals:
+        names = [n for n in names if n in signals]
+    tests = [t for n in names if (t := _permutation(n, np.asarray(data_signals[n], float),
+                                                      np.asarray(reference_signals[n], float),
+                                                      suspicious_direction(n), n_permutations, seed))]
+    notes = []
+    flagged = False
+    if tests:
+        combined = combine_pvalues({t.name: t.p_value for t in tests}, method="holm")
+        for t in tests:
+            t.adjusted_p = combined.adjusted[t.name]
+            t.flagged = t.adjusted_p < alpha
+        flagged = any(t.flagged for t in tests)
+    else:
+        notes.append("no signal could be tested (constant or missing values)")
+
+    data_format = format_features([r["completion"] for r in data_rows])
+    ref_format = format_features([r["completion"] for r in reference_rows])
+    baselines = [t for n in ("n_numbers", "length", "mean_value")
+                 if (t := _permutation(n, data_format[n], ref_format[n], "both", n_permutations, seed))]
+    if any(b.p_value < alpha for b in baselines):
+        notes.append("format baselines differ too (" + ", ".join(b.name for b in baselines if b.p_value < alpha)
+                     + "): the data differs in form; compare signals conditioned on length before blaming a trait")
+
+    vocab = len(scorer.tokenizer)
+    data_hist = TokenHistogram(vocab).update(r["completion_ids"] for r in data_rows if "completion_ids" in r)
+    ref_hist = TokenHistogram(vocab).update(r["completion_ids"] for r in reference_rows if "completion_ids" in r)
+    tokens: dict[str, Any] = {"js_divergence": math.nan, "chi_square_p": math.nan, "overrepresented": []}
+    if data_hist.total and ref_hist.total:
+        tokens = {"js_divergence": data_hist.js_divergence(ref_hist),
+                  "chi_square_p": data_hist.chi_square(ref_hist)[1],
+                  "overrepresented": data_hist.overrepresented(ref_hist, scorer.tokenizer)}
+    return ScreenReport(len(data_rows), len(reference_rows), alpha, "holm", flagged, tests, baselines,
+                        kinship(data_rows, model_identity(scorer.model)), tokens,
+                        time.perf_counter() - started, notes)
