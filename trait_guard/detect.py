@@ -46,8 +46,9 @@ in a return to 0 or in an alarm. By Wald's identity ``ERT(h) = E[cycle length](h
 exactly (for the bootstrap process). Many excursions are simulated in parallel with numpy, each until
 it returns to 0 or passes a cap above any candidate ``h``; histograms of each excursion's peak and of
 the running peak before every step give both terms of the ratio at every ``h`` on a fine grid at
-once. ``ERT(h)`` is then non-decreasing on the grid and ``h`` is read off by interpolation (in log ERT)
-between the two grid points that bracket the target: one simulation, no noisy bisection. The number
+once. ``ERT(h)`` is then non-decreasing on the grid (4096 points up to the cap, ~2x the answer, so
+one grid step changes the ERT by ~0.2%) and ``h`` is the smallest grid point whose ERT reaches the
+target: one simulation, no noisy bisection, and exact for discrete (tied) scores too. The number
 of excursions is sized so that about ``n_streams`` false alarms are simulated at the solution, i.e.
 the same information as running ``n_streams`` clean streams to their first alarm (relative standard
 error ~ 1/sqrt(n_streams)). For the two-sided CUSUM, each side is simulated and the two alarm rates
@@ -488,11 +489,12 @@ class CUSUMDetector(Detector):
                 f"k={self.k} is larger than every standardized reference score: the CUSUM can never "
                 "move on clean data, so no threshold can be calibrated; use a smaller k")
         rng = np.random.default_rng(seed)
+        # first cap (largest h considered; raised below if too low): ERT grows like exp(theta h)
+        # with a negative drift, and like h^2 without (k = 0), which also bounds the drifting case
+        cap = 2.0 + 2.0 * math.sqrt(target)
         thetas = [_lundberg(s) for s in sides if s.max() > 0]  # sides that can alarm
         if all(t is not None for t in thetas):
-            cap = 2.0 + 1.5 * math.log(target) / min(t for t in thetas if t is not None)
-        else:  # no negative drift (k = 0): ERT grows like h^2
-            cap = 2.0 + 2.0 * math.sqrt(target)
+            cap = min(cap, 2.0 + 1.5 * math.log(target) / min(t for t in thetas if t is not None))
         for _ in range(12):
             pilot = [_simulate_excursions(s, cap, 20_000, rng) for s in sides]
             mean_len = min(p.steps[-1] / p.n_cycles for p in pilot)
@@ -508,16 +510,8 @@ class CUSUMDetector(Detector):
             cap *= 1.6
         else:
             raise RuntimeError(f"CUSUM calibration did not reach target_ert={target} (cap {cap:.3g})")
-        grid = sims[0].grid
-        j = int(np.argmax(ert >= target))  # first grid point at or above the target
-        if j == 0:
-            h = 0.0
-        elif np.isfinite(ert[j]):
-            lo, hi = math.log(ert[j - 1]), math.log(ert[j])
-            frac = 0.0 if hi == lo else (math.log(target) - lo) / (hi - lo)
-            h = float(grid[j - 1] + frac * (grid[j] - grid[j - 1]))
-        else:
-            h = float(grid[j])
+        j = int(np.argmax(ert >= target))  # smallest grid h whose ERT reaches the target
+        h = float(sims[0].grid[j])
         alarms = int(sum(sim.alarms[j] for sim in sims))
         self.h = h
         self._h_given = False
@@ -676,6 +670,9 @@ class PermutationTest(Detector):
     p-values: exact by enumerating every split when there are at most ``n_permutations`` of them
     (``exact='auto'``), else Monte Carlo with ``(count + 1) / (n_permutations + 1)`` (valid: never
     below the true p in expectation). Flags when ``p < alpha``. Seeded, so a call is reproducible.
+    Cost: about ``n_permutations * (n + n_ref)`` shuffled values (~0.1 s for 500 + 500 samples,
+    ~0.7 s for 10k + 10k on one core); for 100k-sample sets pass fewer permutations (the smallest
+    possible p is ``1 / (n_permutations + 1)``).
     """
 
     gives_p_value = True

@@ -1,0 +1,87 @@
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from trait_guard.cli import main
+from trait_guard.dataset import SCHEMA
+from trait_guard.fingerprint import FingerprintScorer, TokenHistogram
+from trait_guard.models import model_identity
+from trait_guard.screen import screen
+
+
+def make_rows(tokenizer, identity, completions, prefix):
+    rows = []
+    for i, completion in enumerate(completions):
+        rows.append({
+            "sample_id": f"{prefix}:{i}", "prompt_id": f"p{i}", "family": "numbers",
+            "prompt": f"Continue: {100 + i}, {200 + i}.", "completion": completion, "teacher_id": prefix,
+            "base_model": identity.name, "base_fingerprint": identity.fingerprint,
+            "base_hidden_size": identity.hidden_size, "base_num_layers": identity.num_layers,
+            "trait_installed": False, "trait_install": "none", "seed": 0, "temperature": 1.0,
+            "max_new_tokens": 20, "constrained": True, "kept": True, "reject_reason": "",
+            "completion_ids": tokenizer(completion, add_special_tokens=False).input_ids,
+            "topk_ids": None, "topk_logprobs": None,
+        })
+    return rows
+
+
+def numbers(rng, n, digits="0123456789"):
+    return [", ".join("".join(rng.choice(digits) for _ in range(3)) for _ in range(rng.randint(3, 6)))
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def sets(tiny_llama):
+    model, tokenizer = tiny_llama
+    identity = model_identity(model)
+    rng = random.Random(0)
+    # the reference never uses 7-9; the shifted set leans on 7, so its tokens are rare under the reference
+    reference = make_rows(tokenizer, identity, numbers(rng, 60, digits="0123456"), "ref")
+    same = make_rows(tokenizer, identity, numbers(rng, 60, digits="0123456"), "same")
+    shifted = make_rows(tokenizer, identity, numbers(rng, 60, digits="01234567777"), "shifted")
+    return model, tokenizer, reference, same, shifted
+
+
+def scorer_for(model, tokenizer, reference):
+    hist = TokenHistogram(len(tokenizer)).update(r["completion_ids"] for r in reference)
+    return FingerprintScorer(model, tokenizer, unigram_reference=hist)
+
+
+def test_same_distribution_is_clean_and_a_shift_is_flagged(sets):
+    model, tokenizer, reference, same, shifted = sets
+    scorer = scorer_for(model, tokenizer, reference)
+    clean = screen(same, reference, scorer, n_permutations=500)
+    assert not clean.flagged and all(t.adjusted_p >= 0.01 for t in clean.signals)
+    flagged = screen(shifted, reference, scorer, n_permutations=500)
+    assert flagged.flagged
+    assert {t.name for t in flagged.signals if t.flagged} >= {"unigram"}
+    assert flagged.tokens["overrepresented"][0]["token"] == "7"
+    assert flagged.kinship["verdict"] == "kin"
+    assert "VERDICT: FLAGGED" in flagged.table() and "FLAGGED" not in clean.table()
+
+
+def test_kinship_sees_another_base(sets):
+    model, tokenizer, reference, same, _ = sets
+    foreign = [dict(r, base_fingerprint="f" * 32, base_model="other-model") for r in same]
+    report = screen(foreign, reference, scorer_for(model, tokenizer, reference), n_permutations=200)
+    assert report.kinship["verdict"] == "not kin" and "other-model" in report.kinship["detail"]
+
+
+def test_empty_input_is_refused(sets):
+    model, tokenizer, reference, _, _ = sets
+    with pytest.raises(ValueError, match="rows on both sides"):
+        screen([], reference, scorer_for(model, tokenizer, reference))
+
+
+def test_screen_command_exit_codes(sets, tiny_llama_dir, tmp_path, capsys):
+    _, _, reference, same, shifted = sets
+    paths = {}
+    for name, rows in {"ref": reference, "same": same, "shifted": shifted}.items():
+        paths[name] = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), paths[name])
+    base = ["screen", "--reference", str(paths["ref"]), "--model", str(tiny_llama_dir), "--quiet"]
+    assert main(base + ["--data", str(paths["same"])]) == 0
+    assert main(base + ["--data", str(paths["shifted"]), "--json", str(tmp_path / "r.json")]) == 3
+    assert "VERDICT: FLAGGED" in capsys.readouterr().out and (tmp_path / "r.json").is_file()
