@@ -7,7 +7,6 @@ from trait_guard import adapters
 from trait_guard.adapters import (
     ADAPTER_META,
     ADAPTER_WEIGHTS,
-    completion_loss,
     default_target_modules,
     load_adapter,
     response_logprobs,
@@ -16,6 +15,7 @@ from trait_guard.adapters import (
     trait_examples,
 )
 from trait_guard.chat import encode_conversations
+from trait_guard.losses import completion_loss
 from trait_guard.models import model_identity
 from trait_guard.persona import InstructionPair, KeywordJudge, TraitSpec
 from trait_guard.testing import make_tiny_model

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from trait_guard.chat import EncodedBatch, encode_conversations, sample_completions
+from trait_guard.chat import encode_conversations, sample_completions
+from trait_guard.losses import completion_loss, response_token_logprobs
 from trait_guard.models import ModelIdentity, model_identity
 from trait_guard.persona import TraitSpec
 
@@ -99,32 +99,6 @@ def trait_examples(
 
 # --------------------------------------------------------------------------------------------------
 # Loss and log-probabilities
-
-
-def response_token_logprobs(logits: torch.Tensor, batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of each next token and the mask of those that are response tokens.
-
-    ``logits[:, t]`` predicts ``input_ids[:, t + 1]``, so both outputs are ``[batch, seq - 1]`` and
-    position ``t`` of the mask is ``response_mask[:, t + 1]``: prompt tokens and padding get 0.
-    """
-    shifted = logits[:, :-1].float()
-    targets = batch.input_ids[:, 1:].to(shifted.device)
-    logprobs = torch.log_softmax(shifted, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    mask = batch.response_mask[:, 1:].to(shifted.device)
-    return logprobs, mask
-
-
-def completion_loss(logits: torch.Tensor, batch: EncodedBatch) -> torch.Tensor:
-    """Mean cross-entropy over the response tokens of ``batch`` (prompt tokens and padding excluded).
-
-    Every response token in the batch weighs the same, whatever the length of its row.
-    """
-    shifted = logits[:, :-1].float()
-    labels = batch.input_ids[:, 1:].to(shifted.device).clone()
-    labels[batch.response_mask[:, 1:].to(shifted.device) == 0] = -100
-    if not (labels != -100).any():
-        raise ValueError("the batch has no response tokens to train on (empty answers?)")
-    return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
 
 @torch.no_grad()
