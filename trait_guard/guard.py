@@ -8,8 +8,8 @@ a union bound). Single samples are never judged alone: published per-sample scre
 subliminal transfer, while evidence accumulated over many samples succeeds (RESEARCH.md section 3).
 
 Until an alarm the decision is PASS (or MASK when divergence tokens are always masked). After a data
-alarm the guard stays in its configured mitigation: REWEIGHT (down-weight samples in proportion to
-how far they lean the suspicious way), MASK (drop divergence tokens from the loss), STEER (the
+alarm the guard stays in its configured mitigation: REWEIGHT (weight ``exp(-max(z, 0) / T)`` per sample,
+z being how far it leans the suspicious way), MASK (drop divergence tokens from the loss), STEER (the
 training loop enables preventative steering) or HALT. A drift alarm (the student itself moving along
 a persona vector, measured on probe prompts) escalates to ``on_drift_alarm``, HALT by default.
 
@@ -71,7 +71,7 @@ class Decision:
     step: int
     action: Action
     reason: str
-    sample_weights: torch.Tensor  # [batch], mean 1 unless HALT
+    sample_weights: torch.Tensor  # [batch] in [min_weight, 1]; all 1 on PASS, all 0 on HALT
     token_masks: list[np.ndarray] | None = None  # per sample, over completion tokens: 1 keep, 0 drop
     verdicts: list[Verdict] = field(default_factory=list)
     evidence: dict[str, Any] = field(default_factory=dict)
@@ -172,22 +172,32 @@ class TraitGuard:
     def _decide(self, n: int, lean: np.ndarray, token_masks: list[np.ndarray] | None,
                 verdicts: list[Verdict], evidence: dict[str, Any], alarm_reason: str | None) -> Decision:
         weights = torch.ones(n)
-        masks = None
-        mask_tokens = self.config.mask_divergence_tokens == "always" or (
-            self.config.mask_divergence_tokens == "on_alarm" and self.mode is Action.MASK)
-        if token_masks is not None and mask_tokens:
-            masks = [(~np.asarray(m, dtype=bool)).astype(np.float32) for m in token_masks]
+        masks = self.keep_masks(token_masks)
         action = self.mode
-        if action is Action.PASS and masks is not None:
+        if action is Action.PASS and self.masking:
             action = Action.MASK
         if action is Action.REWEIGHT and n:
+            # Not renormalized: a batch that leans toward the trait as a whole should teach less.
             raw = np.maximum(np.exp(-np.maximum(lean, 0.0) / self.config.reweight_temperature), self.config.min_weight)
-            weights = torch.as_tensor(raw / raw.mean() if raw.mean() > 0 else raw, dtype=torch.float32)
+            weights = torch.as_tensor(raw, dtype=torch.float32)
         if action is Action.HALT:
             weights = torch.zeros(n)
         reason = alarm_reason or ("no alarm" if self.mode is Action.PASS else
                                   f"mitigation {self.mode.value} in force since step {self.alarms[-1]['step']}")
         return Decision(self.step, action, reason, weights, masks, verdicts, evidence)
+
+    @property
+    def masking(self) -> bool:
+        """Whether divergence tokens are dropped from the loss now."""
+        return self.config.mask_divergence_tokens == "always" or (
+            self.config.mask_divergence_tokens == "on_alarm" and self.mode is Action.MASK)
+
+    def keep_masks(self, divergence_masks: list[np.ndarray] | None) -> list[np.ndarray] | None:
+        """Per-sample token masks (1 keep, 0 drop) from divergence-token masks, or None when not masking.
+        Rank-local: in multi-rank runs each rank applies it to its own rows."""
+        if divergence_masks is None or not self.masking:
+            return None
+        return [(~np.asarray(m, dtype=bool)).astype(np.float32) for m in divergence_masks]
 
     # -- persistence -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
