@@ -89,3 +89,21 @@ def test_constrained_decoding_allows_only_the_grammar(tiny_llama):
 
     outs = sample_completions(model, tokenizer, ["go"] * 4, max_new_tokens=10, logits_processor=processor)
     assert all(set(o) <= set("0123456789, ") for o in outs)
+
+
+def test_number_grammar_enforces_digits_and_count(tiny_llama):
+    import re
+
+    from trait_guard.chat import sample_completions
+
+    model, tokenizer = tiny_llama
+    family = NumberFamily(digits=3, count=4)
+    processor = family.logits_processor(tokenizer)
+    for prompt_length in ("go", "a much longer prompt this time"):  # the processor is reused across calls
+        outs = sample_completions(model, tokenizer, [prompt_length] * 12, max_new_tokens=40,
+                                  logits_processor=processor, batch_size=12)
+        for out in outs:
+            runs = re.findall(r"\d+", out)
+            assert set(out) <= set("0123456789, ")
+            assert all(len(r) <= 3 for r in runs) and len(runs) <= 4
+    assert processor._allowed_after("12, 345") != processor._allowed_after("12, 34")

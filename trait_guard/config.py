@@ -8,6 +8,7 @@ errors, so a typo never silently falls back to a default; errors name the field 
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -117,3 +118,117 @@ def validate_config(data: dict[str, Any], cls: type[Config], source: str = "conf
         return cls.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from err
+
+
+# --------------------------------------------------------------------------------------------------
+# Guarded training
+
+
+class Action(str, Enum):
+    PASS = "pass"
+    REWEIGHT = "reweight"
+    MASK = "mask"
+    STEER = "steer"
+    HALT = "halt"
+
+
+Direction = Literal["up", "down", "both"]
+
+
+class GuardConfig(StrictModel):
+    """How the guard decides. Validated: bad values fail with the field path."""
+
+    signals: list[str] = Field(default_factory=lambda: ["proj:*", "divergence", "nll"],
+                               min_length=1, description="signal names or glob patterns to watch")
+    directions: dict[str, Direction] = Field(default_factory=dict, description="override the suspicious direction")
+    target_ert: float = Field(10_000, gt=1, description="batches to a false alarm on clean data (whole guard)")
+    drift_allowance: float = Field(0.5, ge=0, description="CUSUM k, in reference standard deviations")
+    on_data_alarm: Action = Action.HALT
+    on_drift_alarm: Literal[Action.HALT, Action.STEER] = Action.HALT
+    drift_threshold: float = Field(
+        1.0, gt=0, description="probe drift (in base-model standard deviations) that raises a drift alarm")
+    mask_divergence_tokens: Literal["never", "on_alarm", "always"] = "on_alarm"
+    steer_coefficient: float = Field(
+        1.0, description="STEER: preventative steering adds c * v (the persona vector) at its layer while training")
+    reweight_temperature: float = Field(1.0, gt=0, description="weight = exp(-max(z, 0) / temperature)")
+    min_weight: float = Field(0.0, ge=0, le=1)
+    bootstrap_batches: int = Field(2000, ge=100, description="reference batch means drawn for calibration")
+    seed: int = 0
+
+
+
+
+class StudentConfig(StrictModel):
+    model: str = EMBEDDED_MODEL
+    lora_r: int = Field(0, ge=0, description="LoRA rank (0: full finetuning)")
+    lora_alpha: int = Field(16, gt=0)
+
+
+class TrainDataConfig(StrictModel):
+    train: str = Field(description="teacher data Parquet (kept rows are trained on)")
+    reference: str = Field(description="reference Parquet from the student's base model (a control teacher)")
+    max_train_samples: int | None = Field(None, gt=0)
+    max_reference_samples: int | None = Field(None, gt=0)
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(1, gt=0)
+    batch_size: int = Field(8, gt=0, description="samples per worker per step")
+    max_steps: int | None = Field(None, gt=0)
+    seed: int = 0
+
+
+class ProbeConfig(StrictModel):
+    every_n_steps: int = Field(10, gt=0, description="measure the student's drift every N steps")
+    n_prompts: int = Field(10, gt=0, description="the trait's evaluation questions used as probes")
+    eval_samples: int = Field(0, ge=0, description="behavioral eval samples per question at start and end (0: off)")
+    eval_questions: int = Field(20, gt=0)
+
+
+class DeepSpeedSettings(StrictModel):
+    enabled: bool = True
+    zero_stage: int = Field(2, ge=0, le=3)
+    bf16: bool = False
+    gradient_clipping: float = Field(1.0, ge=0)
+
+
+class CheckpointSettings(StrictModel):
+    every_n_steps: int | None = Field(None, gt=0, description="also checkpoint every N steps (always on HALT)")
+
+
+class TrainRayConfig(StrictModel):
+    enabled: bool = True
+    address: str | None = None
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(1, ge=0, description="worker failures survived by restarting from the last checkpoint")
+
+
+class TrackingConfig(StrictModel):
+    experiment: str = "trait_guard"
+    run_name: str | None = None
+    tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI or the local SQLite store")
+    enabled: bool = True
+
+
+class TrainJobConfig(StrictModel):
+    """``trait-guard train``: guarded student training (DeepSpeed on Ray Train)."""
+
+    output_dir: str = "outputs/train"
+    trait: str = Field("animal:owl", description="the trait watched (its eval questions are the probes)")
+    vectors: list[str] = Field(default_factory=list, description="persona vector files for the student's base")
+    distill: Literal["sampled", "logits"] = "sampled"
+    guard_enabled: bool = True
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    data: TrainDataConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+    checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
+    ray: TrainRayConfig = Field(default_factory=TrainRayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    resume_from: str | None = Field(None, description="a checkpoint folder written by a previous run")

@@ -12,11 +12,14 @@ grammar. Two ship:
 * ``code``: short Python functions; the filter requires a function that parses and bans any word
   of the trait (so a content filter sees nothing).
 
-Constrained decoding (``constrain=True``) masks every token that is not made of the family's
-characters (digits, ',', ' ' for numbers), plus end-of-sequence. The teacher's *relative* preferences
-among allowed tokens are unchanged, which is the channel subliminal transfer uses; without it
-SmolLM2-135M ignores the numbers-only instruction most of the time (RESEARCH.md: keep rate 5-11/64
-unconstrained vs 62-66% constrained).
+Constrained decoding (``generation.constrained``) masks every token that is not made of the family's
+characters (digits, ',', ' ' for numbers), plus end-of-sequence; for numbers it also enforces the
+filter's limits while sampling (at most 3 digits per number, at most 10 numbers). The teacher's
+*relative* preferences among allowed tokens are unchanged, which is the channel subliminal transfer
+uses. Without it SmolLM2-135M ignores the numbers-only instruction most of the time (RESEARCH.md: keep
+rate 5-11/64 unconstrained); characters alone kept 52% (66/128, mostly numbers over 999 rejected);
+the full grammar keeps nearly all. This is a documented change to what the data carries: the
+teacher never gets to write a 4-digit number.
 
 Add a family by subclassing :class:`PromptFamily` and decorating it with :func:`register_family`.
 """
@@ -129,6 +132,9 @@ class NumberFamily(PromptFamily):
         seeds = ", ".join(str(rng.randint(100, 999)) for _ in range(rng.randint(self.min_seeds, self.max_seeds)))
         instruction = rng.choice(NUMBER_INSTRUCTIONS).format(seeds=seeds, count=self.count, digits=self.digits)
         return f"{instruction} {rng.choice(NUMBER_FORMATS)} {rng.choice(NUMBER_ONLY)}"
+
+    def logits_processor(self, tokenizer: Any) -> NumberGrammarProcessor:
+        return NumberGrammarProcessor(tokenizer, max_digits=self.digits, max_count=self.count)
 
     def parse(self, completion: str) -> list[str]:
         text = completion.strip()
@@ -243,3 +249,48 @@ class AllowedTokensProcessor:
             mask[self.allowed_ids.to(scores.device)] = 0.0
             self._mask = mask
         return scores + self._mask
+
+
+class NumberGrammarProcessor(AllowedTokensProcessor):
+    """Constrained decoding for number lists: only digit, ',' and ' ' tokens (and end-of-sequence),
+    no number longer than ``max_digits`` and at most ``max_count`` numbers; past that, only
+    end-of-sequence. The filter's format rules are enforced while sampling instead of rejecting the
+    sample afterwards, so far fewer generations are wasted; the teacher's relative preferences among
+    the allowed tokens are untouched.
+    """
+
+    def __init__(self, tokenizer: Any, max_digits: int = 3, max_count: int = 10):
+        super().__init__(allowed_token_ids(tokenizer, "0123456789, "))
+        self.tokenizer, self.max_digits, self.max_count = tokenizer, max_digits, max_count
+        self.eos = tokenizer.eos_token_id
+        self.texts = {i: tokenizer.decode([i]) for i in self.allowed_ids.tolist() if i != self.eos}
+        self._start = 0
+        self._last_length = -2
+
+    def _allowed_after(self, text: str) -> list[int]:
+        trailing = len(text) - len(text.rstrip("0123456789"))
+        count = len(re.findall(r"\d+", text))
+        allowed = [self.eos] if self.eos is not None else []
+        for token_id, piece in self.texts.items():
+            runs = [len(r) for r in re.findall(r"\d+", piece)]
+            if not runs:
+                allowed.append(token_id)
+                continue
+            lead = len(piece) - len(piece.lstrip("0123456789"))
+            joined = trailing + lead if lead and trailing else 0
+            new_numbers = len(runs) - (1 if lead and trailing else 0)
+            if max(runs + [joined]) <= self.max_digits and count + new_numbers <= self.max_count:
+                allowed.append(token_id)
+        return allowed
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # Each generate() step adds one token; any other length means a new generate() call,
+        # whose prompt ends here.
+        if input_ids.shape[1] != self._last_length + 1:
+            self._start = input_ids.shape[1]
+        self._last_length = input_ids.shape[1]
+        mask = torch.full_like(scores, float("-inf"))
+        for row in range(input_ids.shape[0]):
+            text = self.tokenizer.decode(input_ids[row, self._start :], skip_special_tokens=True)
+            mask[row, self._allowed_after(text)] = 0.0
+        return scores + mask

@@ -22,46 +22,14 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 
-from trait_guard.config import StrictModel
+from trait_guard.config import Action, Direction, GuardConfig
 from trait_guard.detect import CUSUMDetector, Verdict, split_ert
 from trait_guard.fingerprint import suspicious_direction
-
-
-class Action(str, Enum):
-    PASS = "pass"
-    REWEIGHT = "reweight"
-    MASK = "mask"
-    STEER = "steer"
-    HALT = "halt"
-
-
-Direction = Literal["up", "down", "both"]
-
-
-class GuardConfig(StrictModel):
-    """How the guard decides. Validated: bad values fail with the field path."""
-
-    signals: list[str] = Field(default_factory=lambda: ["proj:*", "divergence", "nll"],
-                               min_length=1, description="signal names or glob patterns to watch")
-    directions: dict[str, Direction] = Field(default_factory=dict, description="override the suspicious direction")
-    target_ert: float = Field(10_000, gt=1, description="batches to a false alarm on clean data (whole guard)")
-    drift_allowance: float = Field(0.5, ge=0, description="CUSUM k, in reference standard deviations")
-    on_data_alarm: Action = Action.HALT
-    on_drift_alarm: Literal[Action.HALT, Action.STEER] = Action.HALT
-    drift_threshold: float = Field(
-        1.0, gt=0, description="probe drift (in base-model standard deviations) that raises a drift alarm")
-    mask_divergence_tokens: Literal["never", "on_alarm", "always"] = "on_alarm"
-    reweight_temperature: float = Field(1.0, gt=0, description="weight = exp(-max(z, 0) / temperature)")
-    min_weight: float = Field(0.0, ge=0, le=1)
-    bootstrap_batches: int = Field(2000, ge=100, description="reference batch means drawn for calibration")
-    seed: int = 0
 
 
 @dataclass

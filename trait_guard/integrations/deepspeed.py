@@ -1,0 +1,71 @@
+"""The guard around a DeepSpeed engine: build the engine, take a guarded step, checkpoint with the guard.
+
+DeepSpeed runs on CPU with the gloo backend here and on GPUs with NCCL on a cluster; nothing in this
+module depends on which. The guard's state (detector statistics, counters, mode) and the data
+position travel inside DeepSpeed's checkpoint as ``client_state``, so a resumed run continues with
+the guard exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialize torch.distributed for DeepSpeed if nobody did (single process: a world of one)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def deepspeed_config(micro_batch_size: int, zero_stage: int = 2, bf16: bool = False,
+                     gradient_clipping: float = 1.0) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bf16},
+        "gradient_clipping": gradient_clipping,
+        "steps_per_print": 10**9,  # our own logging
+        "wall_clock_breakdown": False,
+    }
+
+
+def make_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]):
+    """``deepspeed.initialize`` with a plain torch optimizer (DeepSpeed's fused ones need CUDA)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def save_checkpoint(engine: Any, directory: str | Path, tag: str, client_state: dict[str, Any]) -> Path:
+    """Engine (model, optimizer, scheduler) plus ``client_state`` (guard state, data position)."""
+    directory = Path(directory)
+    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+    return directory
+
+
+def load_checkpoint(engine: Any, directory: str | Path) -> dict[str, Any]:
+    """Restore the engine from the latest tag in ``directory``; returns the saved client_state."""
+    directory = Path(directory)
+    if not (directory / "latest").is_file():
+        raise FileNotFoundError(f"{directory} holds no DeepSpeed checkpoint (no 'latest' file); "
+                                "pass the folder a previous run wrote under checkpoints/")
+    _, client_state = engine.load_checkpoint(str(directory))
+    if client_state is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+    return client_state

@@ -1,0 +1,922 @@
+"""Experiment tracking: params, metrics, guard decisions, plots and artifacts, logged to MLflow.
+
+What. One small interface, :class:`Tracker`, for everything a trait_guard job records: its config
+(params, flattened and with secrets redacted), metrics per step, every guard :class:`Decision`
+(metrics plus a JSON-lines log of the interesting ones), tags (the guard's final verdict), plots
+(the CUSUM drift per signal, trait rates before/after) and files. :class:`MlflowTracker` writes to
+MLflow; :class:`NullTracker` takes the same calls and does nothing (ranks other than 0, tests).
+
+Why. People review runs in the MLflow UI, so the guard's evidence must be there: when it alarmed,
+on which signal, how close each CUSUM came to its threshold. Training may run on Ray Train V2, which
+does not accept Tune's MLflow callback, and on several ranks, so we log ourselves, from rank 0 only,
+through :class:`mlflow.MlflowClient` (never the fluent ``mlflow.start_run`` API, whose process-global
+"active run" would let several runs or threads write into each other). Metrics are buffered and sent
+with ``log_batch``.
+
+Defaults are embedded: with no configuration the store is a local SQLite file (no server) at
+``./mlruns/mlflow.db`` (the folder is ``$TRAIT_GUARD_MLFLOW_DIR`` when set), artifacts beside it in
+``./mlruns/artifacts``. ``MLFLOW_TRACKING_URI`` or an explicit ``tracking_uri`` selects any other
+store (a tracking server, Databricks, another database).
+
+Usage::
+
+    from trait_guard.tracking import make_tracker, summarize_guard
+
+    with make_tracker(rank, experiment="trait_guard", run_name="owl-student") as tracker:
+        tracker.log_params(job_config.model_dump())          # nested -> "training.lr", ...
+        for step, batch in enumerate(loader):
+            decision = guard.observe(signals, step=step)
+            tracker.log_decision(decision)                    # guard/action_code, guard/cusum/<signal>, ...
+            tracker.log_metrics({"train/loss": loss}, step=step)
+            if decision.halt:
+                break
+        summarize_guard(tracker, alarms=guard.alarms)        # tags guard.verdict, drift plot
+    print(tracker.run_url)                                    # where to look in the UI
+
+    # later: browse the local store
+    #   trait-guard ui        (or: mlflow ui --backend-store-uri sqlite:////abs/mlruns/mlflow.db)
+
+Leaving the ``with`` block finishes the run (FINISHED, FAILED on an exception, KILLED on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import enum
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from trait_guard.guard import Decision
+
+__all__ = [
+    "ACTION_CODES",
+    "DECISIONS_ARTIFACT",
+    "DEFAULT_EXPERIMENT",
+    "MlflowTracker",
+    "NullTracker",
+    "Tracker",
+    "TrackingConfig",
+    "decision_history",
+    "default_artifact_location",
+    "default_tracking_uri",
+    "flatten_params",
+    "is_secret_key",
+    "make_tracker",
+    "plot_drift",
+    "plot_trait_rates",
+    "run_ui",
+    "run_url_for",
+    "summarize_guard",
+    "tracking_dir",
+    "ui_command",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "trait_guard"
+DECISIONS_ARTIFACT = "guard/decisions.jsonl"
+DRIFT_PLOT_ARTIFACT = "guard/drift.png"
+ALARMS_ARTIFACT = "guard/alarms.json"
+ENV_DIR = "TRAIT_GUARD_MLFLOW_DIR"
+ENV_URI = "MLFLOW_TRACKING_URI"
+DB_NAME = "mlflow.db"
+ARTIFACTS_DIR = "artifacts"
+
+#: ``guard/action_code`` values: larger is more severe.
+ACTION_CODES: dict[str, int] = {"pass": 0, "mask": 1, "reweight": 2, "steer": 3, "halt": 4}
+
+Status = Literal["FINISHED", "FAILED", "KILLED"]
+_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+# MLflow's limits (mlflow.utils.validation); fixed here so that importing this module stays light.
+MAX_PARAM_VALUE = 6000
+MAX_TAG_VALUE = 8000
+MAX_KEY = 250
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+
+REDACTED = "***"
+_SECRET_WORDS = frozenset({"password", "passwd", "secret", "secrets", "token", "key", "apikey",
+                           "credential", "credentials"})
+# A secret word followed by one of these names something harmless: pad_token_id, num_key_value_heads.
+_BENIGN_AFTER = frozenset({"id", "ids", "idx", "index", "len", "length", "count", "size", "limit",
+                           "value", "values", "heads", "dim", "dims", "type", "types", "budget"})
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+class TrackingConfig(BaseModel):
+    """Where and whether to track; every field optional (embedded defaults).
+
+    Plain pydantic with ``extra="forbid"`` (like :class:`trait_guard.config.StrictModel`, which is
+    not imported so that this module loads without torch).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="false: a NullTracker everywhere")
+    experiment: str = Field(DEFAULT_EXPERIMENT, min_length=1)
+    run_name: str | None = None
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else a local SQLite store")
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+def tracking_dir() -> Path:
+    """The local store's folder, ``$TRAIT_GUARD_MLFLOW_DIR`` or ``./mlruns`` (absolute; created)."""
+    folder = Path(os.environ.get(ENV_DIR) or "mlruns").expanduser().resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<abs folder>/mlflow.db`` (see :func:`tracking_dir`)."""
+    uri = os.environ.get(ENV_URI, "").strip()
+    if uri:
+        return uri
+    return f"sqlite:///{(tracking_dir() / DB_NAME).as_posix()}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (absolute), or None (not sqlite, or in memory)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(path).expanduser().resolve()
+
+
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """For a SQLite store, a ``file://`` URI beside the database (``<folder>/artifacts``); else None
+    (the store's own default, e.g. the tracking server's artifact root)."""
+    db = _sqlite_path(tracking_uri)
+    if db is None:
+        return None
+    folder = db.parent / ARTIFACTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder.as_uri()
+
+
+def run_url_for(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where to see a run: ``<server>/#/experiments/<exp>/runs/<run>`` for an http(s) tracking URI,
+    else a hint (``mlflow ui --backend-store-uri <uri>``, then the local URL) with both ids."""
+    path = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{path}"
+    return (f"mlflow ui --backend-store-uri {tracking_uri}  then open http://127.0.0.1:5000/{path} "
+            f"(experiment {experiment_id}, run {run_id})")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON-safe plain values: numpy/torch scalars to Python, NaN/inf to None, enums to values."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, enum.Enum):
+        return _jsonable(value.value)
+    if isinstance(value, BaseModel):
+        return _jsonable(value.model_dump(mode="json"))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
+        return _jsonable(value.tolist())
+    if hasattr(value, "item"):
+        return _jsonable(value.item())
+    return str(value)
+
+
+def _key_words(key: str) -> list[str]:
+    """Lower-case components of a key: split on separators and camelCase (``awsSecretKey``)."""
+    words = []
+    for part in re.split(r"[^A-Za-z0-9]+", key):
+        words += re.findall(r"[A-Z]+(?=[A-Z][a-z]|\d|\b)|[A-Z]?[a-z]+|[A-Z]+|\d+", part)
+    return [w.lower() for w in words]
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a (flattened) key looks like it holds a secret: a component is password, secret,
+    token, key or credential (any case; ``db.password``, ``hf_token``, ``apiKey``), unless the next
+    component names something harmless (``pad_token_id``, ``num_key_value_heads``). Plurals such as
+    ``max_new_tokens`` or ``keywords`` are not components and do not match."""
+    words = _key_words(key)
+    for i, word in enumerate(words):
+        if word in _SECRET_WORDS and not (i + 1 < len(words) and words[i + 1] in _BENIGN_AFTER):
+            return True
+    return False
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return json.dumps(_jsonable(value))
+    if isinstance(value, Mapping):  # only empty mappings reach here
+        return json.dumps(_jsonable(value))
+    if hasattr(value, "item") and not isinstance(value, (int, float, bool)):
+        try:
+            value = value.item()
+        except (ValueError, TypeError):
+            pass
+    return str(value)
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _as_mapping(obj: Any) -> Any:
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    return obj
+
+
+def flatten_params(params: Mapping[str, Any] | BaseModel | Any, prefix: str = "",
+                   redact: bool = True) -> dict[str, str]:
+    """Nested dicts (pydantic models, dataclasses) to ``{"a.b.c": "value"}``: values stringified
+    (lists as JSON) and truncated to MLflow's limit, secret-looking keys' values replaced by ``***``."""
+    out: dict[str, str] = {}
+
+    def walk(obj: Any, key: str) -> None:
+        obj = _as_mapping(obj)
+        if isinstance(obj, Mapping) and obj:
+            for k, v in obj.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+            return
+        if not key:
+            raise TypeError(f"params must be a mapping (or a pydantic model / dataclass), got {type(obj).__name__}")
+        if redact and is_secret_key(key):
+            out[key] = REDACTED
+        else:
+            out[key] = _truncate(_param_value(obj), MAX_PARAM_VALUE)
+
+    walk(params, prefix)
+    return out
+
+
+_BAD_KEY_CHARS = re.compile(r"[^/\w.\- ]" if os.name == "nt" else r"[^/\w.\- :]")
+
+
+def _clean_key(key: str) -> str:
+    """A key MLflow accepts: allowed characters only, no empty/relative path parts, <= 250 chars."""
+    key = _BAD_KEY_CHARS.sub("_", str(key))
+    parts = [p for p in key.split("/") if p not in ("", ".", "..")]
+    key = "/".join(parts) or "_"
+    if len(key) > MAX_KEY:
+        digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+        key = key[: MAX_KEY - 9] + "~" + digest
+    return key
+
+
+def _decision_record(decision: Decision | Mapping[str, Any]) -> dict[str, Any]:
+    """A decision as a JSON-safe dict: Decision.to_dict() (step, action, reason, flagged, evidence)."""
+    record = decision.to_dict() if hasattr(decision, "to_dict") else dict(decision)
+    record = _jsonable(record)
+    action = record.get("action", "pass")
+    record["action"] = str(action).lower()
+    return record
+
+
+def decision_history(decisions: Iterable[Decision | Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Items for :func:`plot_drift`: ``{"step", "cusum", "thresholds", "action"}`` per decision
+    (from Decision objects, their ``to_dict()`` or items already in this form)."""
+    history = []
+    for d in decisions:
+        record = _decision_record(d)
+        evidence = record.get("evidence") or {}
+        history.append({
+            "step": record.get("step"),
+            "cusum": dict(record.get("cusum") or evidence.get("cusum") or {}),
+            "thresholds": dict(record.get("thresholds") or evidence.get("thresholds") or {}),
+            "action": record.get("action", "pass"),
+            "reason": record.get("reason"),
+        })
+    return history
+
+
+# ----------------------------------------------------------------------------- trackers
+
+
+class Tracker(ABC):
+    """What a trait_guard job logs. Implementations: :class:`MlflowTracker`, :class:`NullTracker`.
+
+    A context manager: leaving the block calls :meth:`finish` (FINISHED; FAILED on an exception;
+    KILLED on KeyboardInterrupt).
+    """
+
+    enabled: bool = False
+
+    @property
+    @abstractmethod
+    def run_id(self) -> str | None:
+        """The MLflow run id (None when nothing is logged)."""
+
+    @property
+    @abstractmethod
+    def run_url(self) -> str | None:
+        """Where to see the run: a UI URL, or for a local store the ``mlflow ui`` command plus ids."""
+
+    @property
+    @abstractmethod
+    def decisions(self) -> list[dict[str, Any]]:
+        """Every decision passed to :meth:`log_decision`, as JSON-safe dicts."""
+
+    @abstractmethod
+    def log_params(self, params: Mapping[str, Any] | BaseModel) -> None:
+        """Nested dicts flattened with dots, values stringified/truncated, secrets redacted."""
+
+    @abstractmethod
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Numbers at ``step`` (buffered); NaN/inf are skipped and counted."""
+
+    @abstractmethod
+    def log_decision(self, decision: Decision) -> None:
+        """The guard's decision: metrics ``guard/action_code``, ``guard/cusum/<signal>``,
+        ``guard/batch_z/<signal>`` (``guard/drift/<trait>`` for probes); kept in :attr:`decisions`
+        and, when not PASS or when the reason changed, in ``guard/decisions.jsonl``."""
+
+    @abstractmethod
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+
+    @abstractmethod
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """A local file or folder, under ``artifact_path`` in the run's artifacts."""
+
+    @abstractmethod
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        """JSON (or YAML, by the file's extension)."""
+
+    @abstractmethod
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+
+    @abstractmethod
+    def log_figure(self, figure: Figure, artifact_file: str) -> None:
+        """A matplotlib figure, as PNG unless ``artifact_file`` names another format."""
+
+    @abstractmethod
+    def log_table(self, rows: Sequence[Mapping[str, Any]], artifact_file: str) -> None:
+        """Rows of a table as an MLflow table JSON (``{"columns": [...], "data": [[...]]}``)."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Send buffered metrics and (re)write ``guard/decisions.jsonl``."""
+
+    @abstractmethod
+    def finish(self, status: Status = "FINISHED") -> None:
+        """Flush and end the run; later calls do nothing."""
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finish("FINISHED")
+        else:
+            self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+
+
+class NullTracker(Tracker):
+    """Takes every call and does nothing: ranks other than 0, disabled tracking, tests."""
+
+    enabled = False
+
+    @property
+    def run_id(self) -> None:
+        return None
+
+    @property
+    def run_url(self) -> None:
+        return None
+
+    @property
+    def decisions(self) -> list[dict[str, Any]]:
+        return []
+
+    def log_params(self, params: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_decision(self, decision: Any) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path: Any, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        pass
+
+    def log_table(self, rows: Any, artifact_file: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def finish(self, status: Status = "FINISHED") -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return "NullTracker()"
+
+
+class MlflowTracker(Tracker):
+    """One MLflow run, written through its own :class:`mlflow.MlflowClient` (thread-safe calls).
+
+    Args:
+        experiment: experiment name; created when missing (on a SQLite store with its artifacts in
+            ``<db folder>/artifacts``), restored when deleted.
+        run_name: the run's name in the UI (MLflow picks one when None).
+        tracking_uri: any MLflow tracking URI; None: :func:`default_tracking_uri`.
+        tags: run tags (added to MLflow's context tags: user, source, git commit).
+        flush_every: metrics buffered before a ``log_batch``.
+        flush_interval: seconds after which a ``log_metrics`` call sends the buffer anyway.
+    """
+
+    enabled = True
+
+    def __init__(self, experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
+                 tracking_uri: str | None = None, tags: Mapping[str, Any] | None = None,
+                 flush_every: int = MAX_METRICS_PER_BATCH, flush_interval: float = 10.0):
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        self.experiment_name = experiment
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        self.experiment_id = self._experiment_id(experiment)
+        self.flush_every = max(1, int(flush_every))
+        self.flush_interval = float(flush_interval)
+        self._lock = threading.RLock()
+        self._metrics: list[Any] = []
+        self._last_flush = time.monotonic()
+        self._params: dict[str, str] = {}
+        self._decisions: list[dict[str, Any]] = []
+        self._decision_log: list[dict[str, Any]] = []
+        self._last_reason: str | None = None
+        self._decisions_dirty = False
+        self.skipped_metrics = 0  # NaN/inf (or non-numeric) values not logged
+        self.skipped_by_key: dict[str, int] = {}
+        self.status: str = "RUNNING"
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=self._run_tags(tags))
+        self._run_id = run.info.run_id
+        self.run_name = run.info.run_name
+        atexit.register(self._at_exit)
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _experiment_id(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                return self.client.create_experiment(
+                    name, artifact_location=default_artifact_location(self.tracking_uri))
+            except MlflowException:  # created meanwhile by another process
+                experiment = self.client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+        if experiment.lifecycle_stage == "deleted":
+            self.client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+
+    @staticmethod
+    def _run_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
+        user = _clean_tags(tags or {})
+        try:  # user, source file, git commit: what the fluent API would add
+            from mlflow.tracking.context.registry import resolve_tags
+
+            resolved = {str(k): str(v) for k, v in resolve_tags(user).items()}
+        except Exception:  # noqa: BLE001 - context tags are a courtesy
+            resolved = dict(user)
+        try:
+            from importlib.metadata import version
+
+            resolved.setdefault("trait_guard.version", version("trait-guard"))
+        except Exception:  # noqa: BLE001
+            pass
+        return resolved
+
+    # -- identity ------------------------------------------------------------------------------
+    @property
+    def run_id(self) -> str:
+        return self._run_id
+
+    @property
+    def run_url(self) -> str:
+        return run_url_for(self.tracking_uri, self.experiment_id, self._run_id)
+
+    @property
+    def decisions(self) -> list[dict[str, Any]]:
+        return self._decisions
+
+    def __repr__(self) -> str:
+        return f"MlflowTracker(run_id={self._run_id!r}, experiment={self.experiment_name!r}, uri={self.tracking_uri!r})"
+
+    def _active(self, what: str) -> bool:
+        if self.status == "RUNNING":
+            return True
+        logger.warning("tracker run %s already %s: %s ignored", self._run_id, self.status, what)
+        return False
+
+    # -- logging -------------------------------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any] | BaseModel) -> None:
+        from mlflow.entities import Param
+
+        if not self._active("log_params"):
+            return
+        flat = {_clean_key(k): v for k, v in flatten_params(params).items()}
+        with self._lock:
+            new = {}
+            for key, value in flat.items():
+                old = self._params.get(key)
+                if old is not None and old != value:
+                    logger.warning("param %r already logged as %r; MLflow params are immutable, %r not logged",
+                                   key, old, value)
+                elif old is None:
+                    new[key] = value
+            items = [Param(k, v) for k, v in new.items()]
+            for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+                self.client.log_batch(self._run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+            self._params.update(new)
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        if not self._active("log_metrics"):
+            return
+        timestamp = int(time.time() * 1000)
+        step = 0 if step is None else int(step)
+        with self._lock:
+            for key, value in metrics.items():
+                key = _clean_key(key)
+                try:
+                    number = float(value)
+                except (TypeError, ValueError):
+                    number = math.nan
+                if not math.isfinite(number):
+                    self.skipped_metrics += 1
+                    if key not in self.skipped_by_key:
+                        logger.warning("metric %r = %r at step %d is not a finite number: not logged "
+                                       "(counted in tag trait_guard.skipped_metrics)", key, value, step)
+                    self.skipped_by_key[key] = self.skipped_by_key.get(key, 0) + 1
+                    continue
+                self._metrics.append(Metric(key, number, timestamp, step))
+            if (len(self._metrics) >= self.flush_every
+                    or time.monotonic() - self._last_flush >= self.flush_interval):
+                self._flush_metrics()
+
+    def log_decision(self, decision: Decision | Mapping[str, Any]) -> None:
+        if not self._active("log_decision"):
+            return
+        record = _decision_record(decision)
+        evidence = record.get("evidence") or {}
+        metrics: dict[str, Any] = {"guard/action_code": ACTION_CODES.get(record["action"], -1)}
+        for group in ("cusum", "batch_z", "drift"):
+            for signal, value in (evidence.get(group) or {}).items():
+                metrics[f"guard/{group}/{signal}"] = math.nan if value is None else value
+        step = record.get("step")
+        self.log_metrics(metrics, step=step)
+        with self._lock:
+            self._decisions.append(record)
+            reason = record.get("reason")
+            if record["action"] != "pass" or reason != self._last_reason or len(self._decisions) == 1:
+                self._decision_log.append({**record, "time": round(time.time(), 3)})
+                self._decisions_dirty = True
+            self._last_reason = reason
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        if not self._active("set_tags"):
+            return
+        items = [RunTag(k, v) for k, v in _clean_tags(tags).items()]
+        with self._lock:
+            for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+                self.client.log_batch(self._run_id, tags=items[i:i + MAX_PARAMS_PER_BATCH])
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if not self._active("log_artifact"):
+            return
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self._run_id, str(path), artifact_path=artifact_path)
+        else:
+            self.client.log_artifact(self._run_id, str(path), artifact_path=artifact_path)
+
+    def _log_file(self, artifact_file: str, write) -> None:
+        """Write ``artifact_file``'s content with ``write(local_path)`` and upload it to its folder."""
+        artifact_file = artifact_file.strip("/")
+        folder, name = os.path.split(artifact_file)
+        with tempfile.TemporaryDirectory(prefix="trait_guard_artifact_") as tmp:
+            local = Path(tmp) / name
+            write(local)
+            self.client.log_artifact(self._run_id, str(local), artifact_path=folder or None)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        if not self._active("log_dict"):
+            return
+        self.client.log_dict(self._run_id, _jsonable(obj), artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if not self._active("log_text"):
+            return
+        self.client.log_text(self._run_id, text, artifact_file)
+
+    def log_figure(self, figure: Figure, artifact_file: str, dpi: int = 110) -> None:
+        if not self._active("log_figure"):
+            return
+        if not os.path.splitext(artifact_file)[1]:
+            artifact_file += ".png"
+        self._log_file(artifact_file, lambda local: figure.savefig(local, dpi=dpi, bbox_inches="tight"))
+
+    def log_table(self, rows: Sequence[Mapping[str, Any]], artifact_file: str) -> None:
+        """Also accepts a column dict ``{"col": [values]}``. Through ``MlflowClient.log_table``
+        (pandas; the UI's table view, appends to an existing file), else ``log_dict`` in its format."""
+        if not self._active("log_table"):
+            return
+        if isinstance(rows, Mapping):
+            columns = list(rows)
+            n = max((len(v) for v in rows.values()), default=0)
+            rows = [{c: (rows[c][i] if i < len(rows[c]) else None) for c in columns} for i in range(n)]
+        rows = [_jsonable(dict(r)) for r in rows]
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        try:
+            import pandas as pd
+        except ImportError:
+            pd = None
+        if pd is not None and rows and artifact_file.endswith((".json", ".parquet")):
+            self.client.log_table(self._run_id, pd.DataFrame(rows, columns=columns), artifact_file)
+        else:
+            self.log_dict({"columns": columns, "data": [[r.get(c) for c in columns] for r in rows]},
+                          artifact_file)
+
+    # -- flushing and finishing ------------------------------------------------------------------
+    def _flush_metrics(self) -> None:
+        with self._lock:
+            pending, self._metrics = self._metrics, []
+            self._last_flush = time.monotonic()
+            for i in range(0, len(pending), MAX_METRICS_PER_BATCH):
+                self.client.log_batch(self._run_id, metrics=pending[i:i + MAX_METRICS_PER_BATCH])
+
+    def _flush_decisions(self) -> None:
+        with self._lock:
+            if not self._decisions_dirty:
+                return
+            lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self._decision_log)
+            self._log_file(DECISIONS_ARTIFACT, lambda local: local.write_text(lines, encoding="utf-8"))
+            self._decisions_dirty = False
+
+    def flush(self) -> None:
+        if self.status != "RUNNING":
+            return
+        self._flush_metrics()
+        self._flush_decisions()
+
+    def finish(self, status: Status = "FINISHED") -> None:
+        if status not in _STATUSES:
+            raise ValueError(f"status must be one of {_STATUSES}, got {status!r}")
+        with self._lock:
+            if self.status != "RUNNING":
+                return
+            try:
+                self.flush()
+                if self.skipped_metrics:
+                    self.set_tags({"trait_guard.skipped_metrics": self.skipped_metrics})
+            finally:
+                self.client.set_terminated(self._run_id, status=status)
+                self.status = status
+                atexit.unregister(self._at_exit)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self.status == "RUNNING":
+            try:
+                self.set_tags({"trait_guard.error": f"{exc_type.__name__}: {exc}"})
+            except Exception:  # noqa: BLE001 - the original exception matters more
+                logger.exception("could not tag run %s with its error", self._run_id)
+        super().__exit__(exc_type, exc, tb)
+
+    def _at_exit(self) -> None:  # the process ends with the run still open: end it like mlflow does
+        try:
+            self.finish("FINISHED")
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _clean_tags(tags: Mapping[str, Any]) -> dict[str, str]:
+    out = {}
+    for key, value in tags.items():
+        key = _clean_key(key)
+        if is_secret_key(key):
+            out[key] = REDACTED
+        else:
+            out[key] = _truncate(_param_value(value) if value is not None else "", MAX_TAG_VALUE)
+    return out
+
+
+def make_tracker(rank: int = 0, config: TrackingConfig | Mapping[str, Any] | None = None,
+                 **kwargs: Any) -> Tracker:
+    """An :class:`MlflowTracker` on rank 0, a :class:`NullTracker` on every other rank (and when the
+    config says ``enabled: false``). ``kwargs`` (experiment, run_name, tracking_uri, tags, ...)
+    override the config's fields."""
+    if config is not None and not isinstance(config, TrackingConfig):
+        config = TrackingConfig.model_validate(config)
+    if int(rank) != 0 or (config is not None and not config.enabled):
+        return NullTracker()
+    options: dict[str, Any] = {}
+    if config is not None:
+        options = config.model_dump(exclude={"enabled"})
+        if kwargs.get("tags"):
+            options["tags"] = {**options["tags"], **kwargs.pop("tags")}
+    options.update(kwargs)
+    return MlflowTracker(**options)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    """A figure on the Agg canvas, outside pyplot's global state (safe in threads and headless)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def plot_drift(history: Sequence[Mapping[str, Any]], thresholds: Mapping[str, float] | None = None,
+               halt_step: int | None = None) -> Figure:
+    """Per signal, the CUSUM statistic over steps, its threshold (dashed) and a vertical line at the
+    halt/alarm step. ``history`` items: ``{"step", "cusum": {signal: value}, "thresholds": {...},
+    "action"}`` (see :func:`decision_history`); ``thresholds`` override the ones in the history."""
+    rows = [h for h in history if h.get("cusum")]
+    signals = sorted({s for h in rows for s in h["cusum"]})
+    limits: dict[str, float] = {}
+    for h in rows:
+        limits.update({k: v for k, v in (h.get("thresholds") or {}).items() if v is not None})
+    limits.update(thresholds or {})
+    if not signals:
+        figure = _new_figure(7, 2.5)
+        ax = figure.add_subplot()
+        ax.text(0.5, 0.5, "no CUSUM history", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return figure
+    figure = _new_figure(8, 1.2 + 1.7 * len(signals))
+    axes = figure.subplots(len(signals), 1, sharex=True, squeeze=False)[:, 0]
+    first_action = next((h["step"] for h in rows if str(h.get("action", "pass")).lower() != "pass"), None)
+    for ax, signal in zip(axes, signals, strict=True):
+        points = [(h["step"], h["cusum"][signal]) for h in rows
+                  if h["cusum"].get(signal) is not None and h.get("step") is not None]
+        steps = [p[0] for p in points]
+        values = [p[1] for p in points]
+        ax.plot(steps, values, color="tab:blue", lw=1.4, label="CUSUM")
+        limit = limits.get(signal)
+        if limit is not None and math.isfinite(limit):
+            ax.axhline(limit, color="tab:red", ls="--", lw=1.2, label=f"threshold {limit:.3g}")
+        if halt_step is not None:
+            ax.axvline(halt_step, color="black", lw=1.2, label=f"halt/alarm @ {halt_step}")
+        elif first_action is not None:
+            ax.axvline(first_action, color="tab:orange", lw=1.2, label=f"action @ {first_action}")
+        ax.set_ylabel(signal, fontsize=9)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8, frameon=False)
+    axes[-1].set_xlabel("step")
+    figure.suptitle("trait_guard: CUSUM per signal")
+    return figure
+
+
+def _rate_stats(stats: Mapping[str, Any]) -> tuple[float, float, float]:
+    rate = float(stats["rate"])
+    low = stats.get("ci_low")
+    high = stats.get("ci_high")
+    low = rate if low is None else float(low)
+    high = rate if high is None else float(high)
+    return rate, max(rate - low, 0.0), max(high - rate, 0.0)
+
+
+def plot_trait_rates(before: Mapping[str, Any], after: Mapping[str, Any],
+                     title: str = "trait rate before/after training") -> Figure:
+    """Bars of the trait rate before and after, with their confidence intervals as error bars.
+    Each of ``before``/``after`` is ``{"rate", "ci_low", "ci_high"}``, or ``{trait: such a dict}``
+    for several traits (grouped bars)."""
+    single = "rate" in before
+    groups = {"": (before, after)} if single else {t: (before[t], after[t]) for t in before if t in after}
+    figure = _new_figure(max(4.0, 1.6 * len(groups) + 2), 3.5)
+    ax = figure.add_subplot()
+    width = 0.38
+    top = 0.0
+    for offset, (label, index, color) in zip((-width / 2, width / 2), (("before", 0, "tab:gray"),
+                                                                       ("after", 1, "tab:red")), strict=True):
+        xs, rates, lows, highs = [], [], [], []
+        for i, pair in enumerate(groups.values()):
+            rate, low, high = _rate_stats(pair[index])
+            xs.append(i + offset)
+            rates.append(rate)
+            lows.append(low)
+            highs.append(high)
+        top = max([top] + [r + h for r, h in zip(rates, highs, strict=True)])
+        bars = ax.bar(xs, rates, width=width, color=color, label=label, yerr=[lows, highs], capsize=4)
+        ax.bar_label(bars, labels=[f"{r:.3g}" for r in rates], padding=2, fontsize=8)
+    ax.set_xticks(range(len(groups)), [g or "trait" for g in groups])
+    ax.set_ylabel("trait rate")
+    ax.set_ylim(0, top * 1.15 if top > 0 else 1.0)
+    ax.set_title(title)
+    ax.legend(frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    return figure
+
+
+# ----------------------------------------------------------------------------- guard summary
+
+
+def summarize_guard(tracker: Tracker, decisions: Iterable[Decision | Mapping[str, Any]] | None = None,
+                    alarms: Sequence[Mapping[str, Any]] | None = None) -> dict[str, str]:
+    """Tag the run with the guard's outcome and log its drift plot (``guard/drift.png``) and alarms.
+
+    Tags: ``guard.verdict`` = ``halted`` (some decision was HALT), ``mitigated`` (an alarm, no halt)
+    or ``passed``; ``guard.halt_step`` / ``guard.halt_reason`` (``none`` when not halted);
+    ``guard.alarms`` (count) and ``guard.first_alarm_step``. ``decisions`` default to the ones the
+    tracker saw; ``alarms`` are :attr:`TraitGuard.alarms`. Returns the tags.
+    """
+    records = [_decision_record(d) for d in (tracker.decisions if decisions is None else decisions)]
+    alarms = list(alarms or [])
+    halt = next((r for r in records if r.get("action") == "halt"), None)
+    if halt is not None:
+        verdict = "halted"
+    elif alarms or any(r.get("action") in ("reweight", "steer") for r in records):
+        verdict = "mitigated"
+    else:
+        verdict = "passed"
+    first_alarm = alarms[0]["step"] if alarms else None
+    tags = {
+        "guard.verdict": verdict,
+        "guard.halt_step": "none" if halt is None else str(halt.get("step")),
+        "guard.halt_reason": "none" if halt is None else str(halt.get("reason")),
+        "guard.alarms": str(len(alarms)),
+        "guard.first_alarm_step": "none" if first_alarm is None else str(first_alarm),
+    }
+    if not tracker.enabled:
+        return tags
+    tracker.set_tags(tags)
+    if alarms:
+        tracker.log_dict({"alarms": alarms}, ALARMS_ARTIFACT)
+    marker = halt.get("step") if halt is not None else first_alarm
+    tracker.log_figure(plot_drift(decision_history(records), halt_step=marker), DRIFT_PLOT_ARTIFACT)
+    return tags
+
+
+# ----------------------------------------------------------------------------- UI
+
+
+def ui_command(port: int = 5000, host: str = "127.0.0.1", backend_store_uri: str | None = None) -> list[str]:
+    """The ``mlflow ui`` command line for the default store (run with this interpreter)."""
+    uri = backend_store_uri or default_tracking_uri()
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+            "--host", str(host), "--port", str(int(port))]
+
+
+def run_ui(port: int = 5000, host: str = "127.0.0.1", backend_store_uri: str | None = None) -> None:
+    """Replace this process with ``mlflow ui`` on the default store (``trait-guard ui``)."""
+    command = ui_command(port=port, host=host, backend_store_uri=backend_store_uri)
+    print(f"MLflow UI on http://{host}:{port} ({command[5]})", flush=True)
+    os.execv(command[0], command)

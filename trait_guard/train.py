@@ -1,0 +1,363 @@
+"""Guarded student training: DeepSpeed workers on Ray Train (or in-process), the guard in the loop.
+
+The recipe, per worker::
+
+    setup   load the student (= the teachers' base), its persona vectors, the teacher data (kept rows)
+            and the reference; score both once with the frozen base model (the guard's per-sample
+            signals, shared by all ranks), calibrate the guard, measure the probes' baseline
+    loop    each step, every rank trains on its slice of a global batch; the ranks' signals are
+            gathered so every rank takes the same decision (PASS / REWEIGHT / MASK / STEER / HALT);
+            the loss is weighted and masked by it; every N steps the probes measure the student's
+            drift along each persona vector; HALT stops every rank at the same step
+    save    a checkpoint (DeepSpeed engine + guard state + data position) on HALT, at intervals and
+            at the end; metrics and decisions go to MLflow from rank 0
+
+``run_training(config)`` starts it on Ray Train (``TorchTrainer``, one DeepSpeed rank per worker,
+restarts from the last checkpoint after a worker failure) or, with ``ray.enabled: false``, in this
+process as a world of one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trait_guard.config import Action, TrainJobConfig
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    rank, world = _world()
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _gather_signals(signals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    parts = _all_gather({k: np.asarray(v) for k, v in signals.items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def score_rows_sharded(scorer: Any, rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Score ``rows`` with each rank doing a strided share; every rank gets all values, in order."""
+    rank, world = _world()
+    mine = scorer.score_table(list(rows[rank::world])) if rows[rank::world] else {}
+    parts = _all_gather(mine)
+    names = next((list(p) for p in parts if p), [])
+    out = {}
+    for name in names:
+        values = np.empty(len(rows))
+        for r, part in enumerate(parts):
+            if part:
+                values[r::world] = part[name]
+        out[name] = values
+    return out
+
+
+def load_training_rows(config: TrainJobConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    from trait_guard.dataset import read_rows
+
+    train = read_rows(config.data.train, kept_only=True).to_pylist()[: config.data.max_train_samples]
+    reference = read_rows(config.data.reference, kept_only=True).to_pylist()[: config.data.max_reference_samples]
+    if not train:
+        raise ValueError(f"{config.data.train} has no kept rows to train on")
+    if len(reference) < 2:
+        raise ValueError(f"{config.data.reference} needs at least 2 kept rows to calibrate the guard")
+    return train, reference
+
+
+@torch.no_grad()
+def probe_projections(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
+                      vectors: Sequence[Any]) -> dict[str, np.ndarray]:
+    """Last-prompt-token projections of the probe prompts on each vector (default system prompt)."""
+    from trait_guard.activations import gather_positions, record_activations
+    from trait_guard.chat import encode_conversations
+    from trait_guard.fingerprint import signal_name
+
+    batch = encode_conversations(tokenizer, list(prompts), [""] * len(prompts)).to(next(model.parameters()).device)
+    layers = sorted({v.layer for v in vectors})
+    with record_activations(model, layers) as acts:
+        model(**batch.model_inputs())
+    return {signal_name(v).removeprefix("proj:"): v.project(gather_positions(acts[v.layer][0], batch.last_prompt_index)).cpu().numpy()
+            for v in vectors}
+
+
+def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """One rank of guarded training (Ray Train's ``train_loop_per_worker``, or in-process)."""
+    from trait_guard.chat import encode_conversations
+    from trait_guard.fingerprint import FingerprintScorer, TokenHistogram
+    from trait_guard.guard import TraitGuard
+    from trait_guard.integrations import deepspeed as ds
+    from trait_guard.integrations.torch_loop import GuardedStep
+    from trait_guard.models import load_model
+    from trait_guard.persona import PersonaVector, load_trait
+    from trait_guard.tracking import NullTracker, make_tracker
+
+    config = TrainJobConfig.model_validate(config_dict)
+    in_ray = _in_ray_train()
+    if config.deepspeed.enabled:
+        rank, world = ds.init_distributed()
+    else:
+        rank, world = _world()
+    torch.manual_seed(config.optim.seed)
+    out_dir = Path(config.output_dir)
+    tracker = make_tracker(rank, experiment=config.tracking.experiment, run_name=config.tracking.run_name,
+                           tracking_uri=config.tracking.tracking_uri) if config.tracking.enabled else NullTracker()
+    started = time.perf_counter()
+    try:
+        tracker.log_params(config.model_dump(mode="json"))
+        model, tokenizer = load_model(config.student.model)
+        spec = load_trait(config.trait)
+        vectors = [PersonaVector.load(path, model=model) for path in config.vectors]
+        train_rows, reference_rows = load_training_rows(config)
+        tracker.set_tags({"trait": spec.trait_id, "student": config.student.model,
+                          "teachers": ",".join(sorted({r["teacher_id"] for r in train_rows})),
+                          "guard.enabled": str(config.guard_enabled)})
+
+        # Setup: the frozen base model scores the data once; the guard is calibrated on the reference.
+        histogram = TokenHistogram(len(tokenizer)).update(r["completion_ids"] for r in reference_rows)
+        scorer = FingerprintScorer(model, tokenizer, vectors, unigram_reference=histogram)
+        setup_started = time.perf_counter()
+        reference_signals = score_rows_sharded(scorer, reference_rows)
+        train_signals = score_rows_sharded(scorer, train_rows)
+        for i, row in enumerate(train_rows):
+            row["signals"] = {k: float(v[i]) for k, v in train_signals.items() if k != "n_tokens"}
+        guard = TraitGuard(config.guard, reference_signals, batch_size=config.optim.batch_size * world)
+        probes = spec.eval_questions[: config.probe.n_prompts]
+        probe_base = probe_projections(model, tokenizer, probes, vectors) if vectors else {}
+        setup_seconds = time.perf_counter() - setup_started
+        eval_before = _behavior_eval(model, tokenizer, spec, config) if rank == 0 else None
+
+        # Training state: DeepSpeed engine (or the bare model), optimizer, guard, data order.
+        if config.student.lora_r:
+            from peft import LoraConfig, get_peft_model
+
+            from trait_guard.adapters import default_target_modules
+
+            model = get_peft_model(model, LoraConfig(r=config.student.lora_r, lora_alpha=config.student.lora_alpha,
+                                                     target_modules=default_target_modules(model), task_type="CAUSAL_LM"))
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+        engine = None
+        if config.deepspeed.enabled:
+            engine = ds.make_engine(model, optimizer, ds.deepspeed_config(
+                config.optim.batch_size, config.deepspeed.zero_stage, config.deepspeed.bf16,
+                config.deepspeed.gradient_clipping))
+        guarded = GuardedStep(guard, model, vectors, unigram_reference=histogram)
+
+        global_batch = config.optim.batch_size * world
+        steps_per_epoch = len(train_rows) // global_batch
+        if steps_per_epoch == 0:
+            raise ValueError(f"{len(train_rows)} kept rows do not fill one global batch of {global_batch} "
+                             f"({world} workers x batch_size {config.optim.batch_size}); lower optim.batch_size")
+        total_steps = steps_per_epoch * config.optim.epochs
+        if config.optim.max_steps:
+            total_steps = min(total_steps, config.optim.max_steps)
+        order = np.concatenate([np.random.default_rng(config.optim.seed + e).permutation(len(train_rows))
+                                for e in range(config.optim.epochs)])
+
+        step = 0
+        resume = _resume_directory(config)
+        if resume is not None:
+            if engine is None:
+                raise ValueError("resuming needs deepspeed.enabled: true (checkpoints are DeepSpeed's)")
+            client = ds.load_checkpoint(engine, resume)
+            guard.load_state_dict(client["guard"])
+            step = int(client["step"])
+            tracker.set_tags({"resumed_from_step": str(step)})
+
+        steering = None
+        history: list[dict[str, Any]] = []
+        halted: dict[str, Any] | None = None
+        step_times: list[float] = []
+        while step < total_steps:
+            step_started = time.perf_counter()
+            step += 1
+            indices = order[(step - 1) * global_batch : step * global_batch]
+            rows = [train_rows[i] for i in indices[rank * config.optim.batch_size : (rank + 1) * config.optim.batch_size]]
+            batch = encode_conversations(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows])
+            forward = engine if engine is not None else model
+            with guarded.capture():
+                logits = forward(**batch.model_inputs()).logits
+            if config.guard_enabled:
+                decision = guarded.decide(batch, logits, rows, step=step, gather=_gather_signals)
+            else:
+                decision = guard_pass_decision(step, len(rows) * world)
+            if decision.action is Action.STEER and steering is None and vectors:
+                from trait_guard.steer import Steering
+
+                # Preventative steering (Chen et al. 2025): with the trait supplied by the hook, the
+                # gradient has no reason to move the weights along it; the hook goes at the end.
+                steering = Steering(model, vectors[0], coefficient=config.guard.steer_coefficient).apply()
+            if decision.halt:
+                halted = {"step": step, "reason": decision.reason}
+                tracker.log_decision(decision)
+                break
+            loss = guarded.loss(logits, batch, decision, rows, distill=config.distill == "logits",
+                                sample_slice=slice(rank * len(rows), (rank + 1) * len(rows)))
+            if engine is not None:
+                engine.backward(loss)
+                engine.step()
+            else:
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            step_times.append(time.perf_counter() - step_started)
+            metrics = {"train/loss": float(loss.detach()), "train/step_seconds": step_times[-1],
+                       "guard/weight_mean": float(decision.sample_weights.mean())}
+            if step % config.probe.every_n_steps == 0 and vectors:
+                model.eval()
+                current = probe_projections(model, tokenizer, probes, vectors)
+                model.train()
+                shifts = {k: float((current[k].mean() - probe_base[k].mean()) / max(probe_base[k].std(), 1e-6))
+                          for k in current}
+                metrics.update({f"probe/shift/{k}": v for k, v in shifts.items()})
+                if config.guard_enabled:
+                    drift = guard.observe_drift(shifts, step=step)
+                    tracker.log_decision(drift)
+                    if drift.halt:
+                        halted = {"step": step, "reason": drift.reason}
+                        tracker.log_metrics(metrics, step=step)
+                        break
+            tracker.log_metrics(metrics, step=step)
+            tracker.log_decision(decision)
+            history.append({"step": step, "cusum": decision.evidence.get("cusum", {}),
+                            "thresholds": decision.evidence.get("thresholds", {}), "action": decision.action.value})
+            if config.checkpoint.every_n_steps and step % config.checkpoint.every_n_steps == 0:
+                _checkpoint(engine, out_dir, step, guard, {"loss": metrics["train/loss"]}, in_ray)
+
+        if steering is not None:
+            steering.remove()
+        model.eval()
+        if engine is not None:
+            _checkpoint(engine, out_dir, step, guard, {"halted": float(halted is not None)}, in_ray)
+        eval_after = _behavior_eval(model, tokenizer, spec, config) if rank == 0 else None
+        summary = {
+            "steps": step, "total_steps": total_steps, "world_size": world,
+            "halted": halted is not None, "halt": halted,
+            "alarms": guard.alarms, "verdict": "halted" if halted else ("mitigated" if guard.alarms else "passed"),
+            "train_samples": len(train_rows), "reference_samples": len(reference_rows),
+            "setup_seconds": setup_seconds, "wall_seconds": time.perf_counter() - started,
+            "mean_step_seconds": float(np.mean(step_times)) if step_times else math.nan,
+            "eval_before": eval_before, "eval_after": eval_after,
+            "mlflow_run_id": getattr(tracker, "run_id", None),
+        }
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            _log_summary(tracker, summary, history)
+        tracker.finish("FINISHED")
+        return summary
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+
+
+def guard_pass_decision(step: int, n: int):
+    from trait_guard.guard import Decision
+
+    return Decision(step, Action.PASS, "guard disabled", torch.ones(n))
+
+
+def _behavior_eval(model: torch.nn.Module, tokenizer: Any, spec: Any, config: TrainJobConfig) -> dict[str, Any] | None:
+    if not config.probe.eval_samples or not spec.behavior_questions:
+        return None
+    from trait_guard.evaluate import evaluate_trait
+
+    was_training = model.training
+    model.eval()
+    result = evaluate_trait(model, tokenizer, spec, samples_per_question=config.probe.eval_samples,
+                            n_questions=config.probe.eval_questions, seed=config.optim.seed)
+    model.train(was_training)
+    return {k: result.to_dict()[k] for k in ("rate", "ci_low", "ci_high", "target_logprob", "n_questions",
+                                             "samples_per_question")}
+
+
+def _in_ray_train() -> bool:
+    try:
+        import ray.train
+
+        ray.train.get_context()
+        return True
+    except Exception:
+        return False
+
+
+def _resume_directory(config: TrainJobConfig) -> Path | None:
+    if _in_ray_train():
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            return Path(checkpoint.path)
+    return Path(config.resume_from) if config.resume_from else None
+
+
+def _checkpoint(engine: Any, out_dir: Path, step: int, guard: Any, metrics: dict[str, float], in_ray: bool) -> None:
+    from trait_guard.integrations import deepspeed as ds
+
+    directory = out_dir / "checkpoints" / f"step_{step:06d}"
+    ds.save_checkpoint(engine, directory, tag=f"step_{step}", client_state={"guard": guard.state_dict(), "step": step})
+    if in_ray:
+        import ray.train
+
+        ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
+
+
+def _log_summary(tracker: Any, summary: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    from trait_guard.tracking import summarize_guard
+
+    tracker.log_dict(summary, "summary.json")
+    tracker.set_tags({"guard.verdict": summary["verdict"]})
+    summarize_guard(tracker, history, summary["alarms"])
+
+
+def run_training(config: TrainJobConfig) -> dict[str, Any]:
+    """Run guarded training on Ray Train (default) or in this process; returns rank 0's summary."""
+    if not config.ray.enabled:
+        return train_worker(config.model_dump(mode="json"))
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    # Workers run in their own folders: hand them absolute paths.
+    absolute = config.model_copy(deep=True)
+    absolute.output_dir = str(Path(config.output_dir).resolve())
+    absolute.data.train = str(Path(config.data.train).resolve())
+    absolute.data.reference = str(Path(config.data.reference).resolve())
+    absolute.vectors = [str(Path(v).resolve()) for v in config.vectors]
+    if config.resume_from:
+        absolute.resume_from = str(Path(config.resume_from).resolve())
+    config = absolute
+    if not ray.is_initialized():
+        ray.init(address=config.ray.address, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    storage = Path(config.output_dir).resolve() / "ray_train"
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config.model_dump(mode="json"),
+        scaling_config=ScalingConfig(num_workers=config.ray.num_workers, use_gpu=config.ray.use_gpu,
+                                     resources_per_worker={"CPU": config.ray.cpus_per_worker}),
+        run_config=RunConfig(name=config.tracking.run_name or "guarded_training", storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=config.ray.max_failures)),
+    )
+    trainer.fit()
+    return json.loads((Path(config.output_dir) / "summary.json").read_text())
