@@ -177,6 +177,7 @@ class OptimConfig(StrictModel):
     epochs: int = Field(1, gt=0)
     batch_size: int = Field(8, gt=0, description="samples per worker per step")
     max_steps: int | None = Field(None, gt=0)
+    shuffle: bool = Field(True, description="shuffle the rows each epoch (false: file order)")
     seed: int = 0
 
 
@@ -208,10 +209,13 @@ class TrainRayConfig(StrictModel):
 
 
 class TrackingConfig(StrictModel):
-    experiment: str = "trait_guard"
+    """Where and whether to track (trait_guard.tracking); every field has an embedded default."""
+
+    enabled: bool = Field(True, description="false: a NullTracker everywhere")
+    experiment: str = Field("trait_guard", min_length=1)
     run_name: str | None = None
     tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI or the local SQLite store")
-    enabled: bool = True
+    tags: dict[str, str] = Field(default_factory=dict)
 
 
 class TrainJobConfig(StrictModel):

@@ -65,14 +65,24 @@ class TraitGuard:
                 f"none of the watched signals {config.signals} is in the reference signals {sorted(reference)}; "
                 "score the reference with the same FingerprintScorer (and persona vectors) as the training data"
             )
+        # A signal without spread on the reference (e.g. divergence tokens when the reference teacher
+        # IS the base model: always 0) cannot be standardized; it is skipped here and reported, and
+        # screening tests it with a rank test instead.
+        self.skipped: dict[str, str] = {}
+        for name in list(self.signals):
+            values = np.asarray(reference[name], dtype=float)
+            values = values[np.isfinite(values)]
+            if len(values) < 2 or values.std() == 0:
+                self.skipped[name] = f"reference has {len(values)} finite values and spread {values.std() if len(values) else 0:g}"
+                self.signals.remove(name)
+        if not self.signals:
+            raise ValueError(f"no watched signal has spread on the reference: {self.skipped}")
         rng = np.random.default_rng(config.seed)
         self.mean, self.std, self.detectors = {}, {}, {}
         per_signal_ert = split_ert(config.target_ert, len(self.signals))
         for name in self.signals:
             values = np.asarray(reference[name], dtype=float)
             values = values[np.isfinite(values)]
-            if len(values) < 2 or values.std() == 0:
-                raise ValueError(f"reference signal '{name}' has fewer than 2 finite values or no spread")
             self.mean[name], self.std[name] = float(values.mean()), float(values.std(ddof=1))
             z = (values - self.mean[name]) / self.std[name]
             if self.direction(name) == "down":
@@ -100,7 +110,7 @@ class TraitGuard:
                 step: int | None = None) -> Decision:
         """Decide for one batch given its per-sample signals (all ranks' samples, gathered)."""
         self.step = self.step + 1 if step is None else step
-        missing = [n for n in self.signals if n not in signals]
+        missing = [n for n in self.signals if n not in signals]  # skipped signals may be absent
         if missing:
             raise ValueError(f"batch signals lack {missing}; the guard was calibrated on {self.signals}")
         n = len(next(iter(signals.values())))
@@ -170,7 +180,7 @@ class TraitGuard:
     # -- persistence -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "mode": self.mode.value, "alarms": list(self.alarms),
-                "signals": list(self.signals), "mean": dict(self.mean), "std": dict(self.std),
+                "signals": list(self.signals), "skipped": dict(self.skipped), "mean": dict(self.mean), "std": dict(self.std),
                 "detectors": {n: d.state_dict() for n, d in self.detectors.items()},
                 "config": self.config.model_dump(mode="json")}
 

@@ -103,9 +103,17 @@ class ScreenReport:
 def _permutation(name: str, data: np.ndarray, reference: np.ndarray, direction: str,
                  n_permutations: int, seed: int) -> SignalTest | None:
     data, reference = data[np.isfinite(data)], reference[np.isfinite(reference)]
-    if len(data) < 2 or len(reference) < 2 or np.std(reference) == 0:
-        return None  # nothing to compare against: no spread in the reference
+    if len(data) < 2 or len(reference) < 2 or np.std(np.concatenate([data, reference])) == 0:
+        return None  # both sides constant: nothing to test
     sign = -1.0 if direction == "down" else 1.0
+    if np.std(reference) == 0:
+        # A constant reference (e.g. divergence tokens of the base model's own output: always 0) has no
+        # spread to standardize by; a rank test still compares the two samples exactly.
+        from scipy.stats import mannwhitneyu
+
+        alternative = "two-sided" if direction == "both" else "greater"
+        p = float(mannwhitneyu(sign * data, sign * reference, alternative=alternative).pvalue)
+        return SignalTest(name, direction, float(data.mean()), float(reference.mean()), math.inf, p)
     test = PermutationTest(n_permutations=n_permutations, alternative="two-sided" if direction == "both" else "greater",
                            seed=seed, name=name).fit(sign * reference).calibrate()
     result = test.test(sign * data)

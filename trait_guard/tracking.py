@@ -59,7 +59,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
+
+from trait_guard.config import TrackingConfig
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -122,22 +124,6 @@ _BENIGN_AFTER = frozenset({"id", "ids", "idx", "index", "len", "length", "count"
 
 
 # ----------------------------------------------------------------------------- configuration
-
-
-class TrackingConfig(BaseModel):
-    """Where and whether to track; every field optional (embedded defaults).
-
-    Plain pydantic with ``extra="forbid"`` (like :class:`trait_guard.config.StrictModel`, which is
-    not imported so that this module loads without torch).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = Field(True, description="false: a NullTracker everywhere")
-    experiment: str = Field(DEFAULT_EXPERIMENT, min_length=1)
-    run_name: str | None = None
-    tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else a local SQLite store")
-    tags: dict[str, str] = Field(default_factory=dict)
 
 
 def tracking_dir() -> Path:

@@ -109,7 +109,7 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
     from trait_guard.integrations.torch_loop import GuardedStep
     from trait_guard.models import load_model
     from trait_guard.persona import PersonaVector, load_trait
-    from trait_guard.tracking import NullTracker, make_tracker
+    from trait_guard.tracking import make_tracker
 
     config = TrainJobConfig.model_validate(config_dict)
     in_ray = _in_ray_train()
@@ -119,8 +119,7 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
         rank, world = _world()
     torch.manual_seed(config.optim.seed)
     out_dir = Path(config.output_dir)
-    tracker = make_tracker(rank, experiment=config.tracking.experiment, run_name=config.tracking.run_name,
-                           tracking_uri=config.tracking.tracking_uri) if config.tracking.enabled else NullTracker()
+    tracker = make_tracker(rank, config.tracking)
     started = time.perf_counter()
     try:
         tracker.log_params(config.model_dump(mode="json"))
@@ -172,8 +171,9 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
         total_steps = steps_per_epoch * config.optim.epochs
         if config.optim.max_steps:
             total_steps = min(total_steps, config.optim.max_steps)
-        order = np.concatenate([np.random.default_rng(config.optim.seed + e).permutation(len(train_rows))
-                                for e in range(config.optim.epochs)])
+        order = np.concatenate([
+            np.random.default_rng(config.optim.seed + e).permutation(len(train_rows)) if config.optim.shuffle
+            else np.arange(len(train_rows)) for e in range(config.optim.epochs)])
 
         step = 0
         resume = _resume_directory(config)
@@ -240,7 +240,7 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
                         break
             tracker.log_metrics(metrics, step=step)
             tracker.log_decision(decision)
-            history.append({"step": step, "cusum": decision.evidence.get("cusum", {}),
+            history.append({"step": step, "cusum": decision.evidence.get("cusum", {}), "loss": metrics["train/loss"],
                             "thresholds": decision.evidence.get("thresholds", {}), "action": decision.action.value})
             if config.checkpoint.every_n_steps and step % config.checkpoint.every_n_steps == 0:
                 _checkpoint(engine, out_dir, step, guard, {"loss": metrics["train/loss"]}, in_ray)
@@ -248,8 +248,13 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
         if steering is not None:
             steering.remove()
         model.eval()
-        if engine is not None:
+        periodic = config.checkpoint.every_n_steps
+        if engine is not None and not (halted is None and periodic and step % periodic == 0):
             _checkpoint(engine, out_dir, step, guard, {"halted": float(halted is not None)}, in_ray)
+        # every rank records where it stopped: all ranks must agree (same decisions from gathered signals)
+        (out_dir / "ranks").mkdir(parents=True, exist_ok=True)
+        (out_dir / "ranks" / f"rank_{rank}.json").write_text(json.dumps(
+            {"rank": rank, "steps": step, "halt": halted, "guard_step": guard.step, "mode": guard.mode.value}) + "\n")
         eval_after = _behavior_eval(model, tokenizer, spec, config) if rank == 0 else None
         summary = {
             "steps": step, "total_steps": total_steps, "world_size": world,
@@ -260,11 +265,14 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
             "mean_step_seconds": float(np.mean(step_times)) if step_times else math.nan,
             "eval_before": eval_before, "eval_after": eval_after,
             "mlflow_run_id": getattr(tracker, "run_id", None),
+            "mlflow_run_url": getattr(tracker, "run_url", None),
+            "skipped_signals": guard.skipped,
+            "history": history,
         }
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-            _log_summary(tracker, summary, history)
+            _log_summary(tracker, summary)
         tracker.finish("FINISHED")
         return summary
     except BaseException:
@@ -323,12 +331,13 @@ def _checkpoint(engine: Any, out_dir: Path, step: int, guard: Any, metrics: dict
         ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
 
 
-def _log_summary(tracker: Any, summary: dict[str, Any], history: list[dict[str, Any]]) -> None:
+def _log_summary(tracker: Any, summary: dict[str, Any]) -> None:
     from trait_guard.tracking import summarize_guard
 
     tracker.log_dict(summary, "summary.json")
-    tracker.set_tags({"guard.verdict": summary["verdict"]})
-    summarize_guard(tracker, history, summary["alarms"])
+    summarize_guard(tracker, alarms=summary["alarms"])  # verdict tags and the drift plot, from the logged decisions
+    if summary["skipped_signals"]:
+        tracker.set_tags({"guard.skipped_signals": json.dumps(summary["skipped_signals"])})
 
 
 def run_training(config: TrainJobConfig) -> dict[str, Any]:

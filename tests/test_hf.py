@@ -1,0 +1,206 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+from transformers import TrainerCallback, TrainingArguments
+
+from trait_guard.chat import EncodedBatch
+from trait_guard.guard import Action, GuardConfig, TraitGuard
+from trait_guard.integrations.hf import (
+    GUARD_STATE_FILE,
+    GuardCollator,
+    GuardedTrainer,
+    GuardedTrainerLoss,
+    TraitGuardCallback,
+)
+from trait_guard.integrations.torch_loop import GuardedStep
+from trait_guard.losses import completion_loss, token_weights, weighted_completion_loss
+from trait_guard.testing import make_tiny_model
+
+BATCH = 8
+
+
+def rows_with_signals(rng, n, shift, mean=0.0):
+    return [{"prompt": f"numbers {i}", "completion": f"{i}, {i + 1}",
+             "signals": {"proj:t": float(rng.normal(mean + shift, 1.0)), "nll": float(rng.normal(2.0, 0.5))}}
+            for i in range(n)]
+
+
+def reference(n=4000):
+    rng = np.random.default_rng(0)
+    return {"proj:t": rng.normal(0, 1, n), "nll": rng.normal(2.0, 0.5, n)}
+
+
+def training_args(tmp_path, **overrides):
+    settings = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=30,
+                    per_device_train_batch_size=BATCH, save_strategy="no", logging_steps=1, disable_tqdm=True,
+                    remove_unused_columns=False, train_sampling_strategy="sequential", seed=0)
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+class RowsDataset(Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+class Snapshots(TrainerCallback):
+    """The model's parameters right after each optimizer step (step 0: before training)."""
+
+    def __init__(self):
+        self.params = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.params[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.params[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_halt_stops_the_trainer_at_the_alarm_step_without_touching_the_weights(tmp_path):
+    model, tokenizer = make_tiny_model("llama", seed=3)
+    guard = TraitGuard(GuardConfig(target_ert=500, signals=["proj:*", "nll"]), reference(), batch_size=BATCH)
+    rng = np.random.default_rng(1)
+    rows = [r for step in range(1, 31) for r in rows_with_signals(rng, BATCH, shift=0.0 if step <= 10 else 1.0)]
+    snapshots = Snapshots()
+    trainer = GuardedTrainer(model=model, args=training_args(tmp_path), train_dataset=RowsDataset(rows),
+                             data_collator=GuardCollator(tokenizer), callbacks=[snapshots],
+                             guarded=GuardedStep(guard, model))
+    trainer.train()
+
+    callback = trainer.guard_callback
+    halted = callback.halted_step
+    assert halted is not None and 10 < halted <= 20, halted
+    assert guard.alarms[0]["step"] == halted
+    assert trainer.state.global_step == halted  # no off-by-one: the halting step is counted, and is the last
+    assert [d.step for d in callback.decisions] == list(range(1, halted + 1))
+    assert [d.halt for d in callback.decisions] == [False] * (halted - 1) + [True]
+    # training moved the weights until the alarm; the halting step (Adam, with momentum) moved nothing
+    assert not same(snapshots.params[0], snapshots.params[halted - 1])
+    assert same(snapshots.params[halted], snapshots.params[halted - 1])
+    assert same({k: v.detach() for k, v in model.state_dict().items()}, snapshots.params[halted - 1])
+    # the halting step is logged with the reason, and checkpointed with the guard's state
+    entry = next(e for e in trainer.state.log_history if e.get("step") == halted and "loss" in e)
+    assert entry["guard/action"] == "halt" and entry["guard/halt"] == 1.0
+    assert entry["guard/reason"].startswith("data alarm on") and entry["loss"] == 0.0
+    assert not any("guard/action" in e for e in trainer.state.log_history if e.get("step", 0) < halted)
+    saved = json.loads((tmp_path / f"checkpoint-{halted}" / GUARD_STATE_FILE).read_text())
+    assert saved["halted_step"] == halted and saved["guard"]["mode"] == "halt"
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == [f"checkpoint-{halted}"]
+
+
+class RecordingTrainer(GuardedTrainer):
+    """Keeps what compute_loss returned during training, with the inputs and logits it saw."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        self.records.append((loss.detach().clone(), outputs.logits.detach().clone(), inputs,
+                             self.guard_loss.decision))
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_reweight_the_trainer_optimizes_the_decisions_weighted_loss(tmp_path):
+    model, tokenizer = make_tiny_model("llama", seed=4)
+    rng = np.random.default_rng(0)
+    # the rows lean far up the trait direction against the reference: the first batch raises the alarm
+    guard = TraitGuard(GuardConfig(target_ert=200, signals=["proj:*"], on_data_alarm="reweight", min_weight=0.1),
+                       {"proj:t": rng.normal(0.0, 1.0, 500)}, batch_size=BATCH)
+    rows = rows_with_signals(np.random.default_rng(2), 3 * BATCH, shift=0.0, mean=2.0)
+    trainer = RecordingTrainer(model=model, args=training_args(tmp_path, max_steps=3), train_dataset=rows,
+                               data_collator=GuardCollator(tokenizer), guarded=GuardedStep(guard, model))
+    trainer.train()
+
+    assert trainer.state.global_step == 3 and trainer.guard_callback.halted_step is None
+    assert guard.alarms[0]["step"] == 1 and len(trainer.records) == 3
+    for loss, logits, inputs, decision in trainer.records:
+        assert decision.action is Action.REWEIGHT
+        weights = decision.sample_weights
+        assert weights.min() >= 0.1 and weights.max() <= 1 and len(set(weights.tolist())) > 2
+        batch = EncodedBatch(inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"],
+                             inputs["last_prompt_index"])
+        assert inputs["guard_rows"] == rows[(decision.step - 1) * BATCH: decision.step * BATCH]
+        assert torch.equal(loss, weighted_completion_loss(logits, batch, token_weights(batch, weights)))
+        assert loss < completion_loss(logits, batch)  # the weights did apply
+    logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert logged == pytest.approx([float(r[0]) for r in trainer.records], rel=1e-4, abs=1e-4)
+    first = next(e for e in trainer.state.log_history if "loss" in e)
+    assert first["guard/action"] == "reweight" and first["guard/mitigating"] == 1.0
+    assert first["guard/weight_mean"] == pytest.approx(float(trainer.records[0][3].sample_weights.mean()))
+
+
+def test_clean_data_trains_to_max_steps(tmp_path):
+    model, tokenizer = make_tiny_model("llama", seed=5)
+    guard = TraitGuard(GuardConfig(target_ert=10_000, signals=["proj:*", "nll"]), reference(), batch_size=BATCH)
+    rows = rows_with_signals(np.random.default_rng(3), 30 * BATCH, shift=0.0)
+    # processing_class alone: GuardCollator is the default collator
+    trainer = GuardedTrainer(model=model, args=training_args(tmp_path), train_dataset=rows, eval_dataset=rows[:16],
+                             processing_class=tokenizer, guarded=GuardedStep(guard, model))
+    assert isinstance(trainer.data_collator, GuardCollator)
+    assert isinstance(trainer.guard_callback, TraitGuardCallback)
+    trainer.train()
+
+    assert trainer.state.global_step == 30 and trainer.guard_callback.halted_step is None
+    assert not guard.alarms and len(trainer.guard_callback.decisions) == 30
+    assert all(d.action is Action.PASS for d in trainer.guard_callback.decisions)
+    steps = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(steps) == 30 and all("guard/cusum/proj:t" in e and "guard/action" not in e for e in steps)
+    assert not list(tmp_path.glob("checkpoint-*"))
+    # evaluation computes the plain completion loss and does not feed the guard
+    metrics = trainer.evaluate()
+    assert np.isfinite(metrics["eval_loss"]) and len(trainer.guard_callback.decisions) == 30 and guard.step == 30
+
+
+def test_collator_and_arguments_errors(tmp_path):
+    model, tokenizer = make_tiny_model("llama", seed=6)
+    guard = TraitGuard(GuardConfig(target_ert=500, signals=["proj:*", "nll"]), reference(), batch_size=BATCH)
+    rows = rows_with_signals(np.random.default_rng(4), 2, shift=0.0)
+    collated = GuardCollator(tokenizer)(rows)
+    assert set(collated) == {"input_ids", "attention_mask", "response_mask", "last_prompt_index", "guard_rows"}
+    assert collated["guard_rows"] == rows and collated["input_ids"].shape == collated["response_mask"].shape
+    with pytest.raises(KeyError, match="prompt"):
+        GuardCollator(tokenizer)([{"completion": "1"}])
+    with pytest.raises(ValueError, match="remove_unused_columns=False"):
+        GuardedTrainer(model=model, args=training_args(tmp_path, remove_unused_columns=True), train_dataset=rows,
+                       data_collator=GuardCollator(tokenizer), guarded=GuardedStep(guard, model))
+    loss_fn = GuardedTrainerLoss(GuardedStep(guard, model))
+    with pytest.raises(KeyError, match="remove_unused_columns=False"):
+        loss_fn(model, {"input_ids": collated["input_ids"], "attention_mask": collated["attention_mask"]}, step=1)
+
+
+def test_multi_rank_gather_decides_on_all_rows_and_weights_this_ranks_slice():
+    model, tokenizer = make_tiny_model("llama", seed=7)
+    rng = np.random.default_rng(0)
+    guard = TraitGuard(GuardConfig(target_ert=200, signals=["proj:*"], on_data_alarm="reweight", min_weight=0.1),
+                       {"proj:t": rng.normal(0.0, 1.0, 500)}, batch_size=2 * BATCH)
+    other = rows_with_signals(np.random.default_rng(5), BATCH, shift=0.0, mean=2.0)  # rank 0's rows
+    mine = rows_with_signals(np.random.default_rng(6), BATCH, shift=0.0, mean=2.0)  # rank 1 (this one)
+
+    def gather(signals):
+        merged = {k: np.concatenate([[r["signals"][k] for r in other], v]) for k, v in signals.items()}
+        return merged, slice(BATCH, 2 * BATCH)
+
+    inputs = GuardCollator(tokenizer)(mine)
+    loss, outputs = GuardedTrainerLoss(GuardedStep(guard, model), gather=gather)(model, inputs, step=1)
+    decision = guard.step, guard.mode
+    assert decision == (1, Action.REWEIGHT)
+    batch = EncodedBatch(*(inputs[k] for k in ("input_ids", "attention_mask", "response_mask", "last_prompt_index")))
+    full = torch.as_tensor(np.maximum(np.exp(-np.maximum(guard.standardize("proj:t", np.array(
+        [r["signals"]["proj:t"] for r in other + mine])), 0.0)), 0.1), dtype=torch.float32)
+    expected = weighted_completion_loss(outputs.logits, batch, token_weights(batch, full[BATCH:]))
+    assert torch.equal(loss, expected)

@@ -1,0 +1,98 @@
+"""Guarded training end to end on a tiny model: DeepSpeed in-process and on 2 Ray Train workers."""
+
+import json
+
+import mlflow
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from trait_guard.config import GenerateJobConfig, TrainJobConfig, validate_config
+from trait_guard.dataset import SCHEMA
+from trait_guard.generation import generate_local
+from trait_guard.train import run_training
+
+pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def data(tiny_llama_dir, tmp_path_factory):
+    """A reference (the base model's own numbers) and two training sets: the same kind of data
+    (clean) and data made of tokens the reference never uses (shifted: the guard must halt)."""
+    folder = tmp_path_factory.mktemp("train-data")
+    config = validate_config({
+        "output_dir": str(folder),
+        "teachers": [{"id": "control", "model": str(tiny_llama_dir)},
+                     {"id": "control-b", "model": str(tiny_llama_dir), "sampling_seed": 5}],
+        "generation": {"n_prompts": 96, "chunk_size": 16, "max_new_tokens": 12},
+    }, GenerateJobConfig)
+    generate_local(config, progress=False)
+    from trait_guard.models import load_model
+
+    _, tokenizer = load_model(str(tiny_llama_dir))
+    rows = [r for r in pq.read_table(folder / "control-b.parquet").to_pylist() if r["kept"]]
+    for row in rows[20:]:  # in file order: 5 clean batches of 4, then the shift
+        row.update(completion="x y x y x y", teacher_id="shifted")
+        row["completion_ids"] = tokenizer(row["completion"], add_special_tokens=False).input_ids
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), folder / "shifted.parquet")
+    return folder
+
+
+def job(model_dir, data_dir, out_dir, train="shifted", **overrides):
+    config = {
+        "output_dir": str(out_dir), "student": {"model": str(model_dir)},
+        "data": {"train": str(data_dir / f"{train}.parquet"), "reference": str(data_dir / "control.parquet")},
+        "optim": {"batch_size": 4, "max_steps": 12, "lr": 1e-3, "shuffle": False},
+        "guard": {"target_ert": 200, "signals": ["nll", "unigram"]},
+        "ray": {"enabled": False},
+        "tracking": {"tracking_uri": f"sqlite:///{out_dir}/mlflow.db", "experiment": "test-train"},
+    }
+    for key, value in overrides.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    return validate_config(config, TrainJobConfig)
+
+
+def test_halt_stops_deepspeed_training_and_mlflow_holds_the_run(tiny_llama_dir, data, tmp_path):
+    summary = run_training(job(tiny_llama_dir, data, tmp_path))
+    assert summary["halted"] and summary["verdict"] == "halted"
+    halt_step = summary["halt"]["step"]
+    assert 6 <= halt_step <= 8 and summary["steps"] == halt_step  # the shift starts at step 6
+    assert (tmp_path / "checkpoints" / f"step_{halt_step:06d}" / "latest").is_file()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["guard.verdict"] == "halted" and run.data.tags["guard.halt_step"] == str(halt_step)
+    assert run.data.params["optim.batch_size"] == "4" and run.data.params["guard.target_ert"] == "200.0"
+    assert "train/loss" in run.data.metrics and "guard/cusum/nll" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
+        a.path for a in client.list_artifacts(run.info.run_id, "guard")}
+    assert {"summary.json", "guard/decisions.jsonl", "guard/drift.png"} <= artifacts
+
+
+def test_clean_data_trains_to_the_end_and_resume_continues_exactly(tiny_llama_dir, data, tmp_path):
+    full = run_training(job(tiny_llama_dir, data, tmp_path / "full", train="control-b",
+                            optim={"max_steps": 8}, checkpoint={"every_n_steps": 4}))
+    assert not full["halted"] and full["steps"] == 8
+    resumed = run_training(job(tiny_llama_dir, data, tmp_path / "resumed", train="control-b",
+                               optim={"max_steps": 8},
+                               resume_from=str(tmp_path / "full" / "checkpoints" / "step_000004")))
+    assert resumed["steps"] == 8 and [h["step"] for h in resumed["history"]] == [5, 6, 7, 8]
+    # the guard's detector state came back: the CUSUM statistics and losses match the uninterrupted run
+    for a, b in zip(full["history"][4:], resumed["history"], strict=True):
+        assert a["step"] == b["step"] and a["cusum"] == pytest.approx(b["cusum"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+@pytest.mark.ray
+def test_two_ray_train_workers_halt_at_the_same_step(tiny_llama_dir, data, tmp_path):
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        summary = run_training(job(tiny_llama_dir, data, tmp_path, ray={"enabled": True, "num_workers": 2}))
+    finally:
+        ray.shutdown()
+    assert summary["world_size"] == 2 and summary["halted"]
+    ranks = [json.loads((tmp_path / "ranks" / f"rank_{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["halt"]["step"] == ranks[1]["halt"]["step"] == summary["halt"]["step"]
+    assert ranks[0]["guard_step"] == ranks[1]["guard_step"]
