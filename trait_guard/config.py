@@ -147,6 +147,10 @@ class GuardConfig(StrictModel):
     on_drift_alarm: Literal[Action.HALT, Action.STEER] = Action.HALT
     drift_threshold: float = Field(
         1.0, gt=0, description="probe drift (in base-model standard deviations) that raises a drift alarm")
+    constant_reference_tolerance: dict[str, float] = Field(
+        default_factory=lambda: {"divergence": 0.02},
+        description="for a signal that is constant on the reference (divergence tokens when the reference teacher "
+                    "is the base model itself: exactly 0), alarm when a batch's mean moves more than this from it")
     mask_divergence_tokens: Literal["never", "on_alarm", "always"] = "on_alarm"
     steer_coefficient: float = Field(
         1.0, description="STEER: preventative steering adds c * v (the persona vector) at its layer while training")
@@ -236,3 +240,51 @@ class TrainJobConfig(StrictModel):
     ray: TrainRayConfig = Field(default_factory=TrainRayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     resume_from: str | None = Field(None, description="a checkpoint folder written by a previous run")
+    extra_artifacts: list[str] = Field(default_factory=list, description="files logged to the MLflow run (reports)")
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole run
+
+
+class ExtractSettings(StrictModel):
+    n_instructions: int | None = Field(None, gt=0)
+    n_questions: int | None = Field(None, gt=1)
+    max_new_tokens: int = Field(48, gt=0)
+    batch_size: int = Field(16, gt=0)
+    method: Literal["last_prompt", "response_mean"] = "last_prompt"
+    seed: int = 0
+
+
+class RunJobConfig(StrictModel):
+    """``trait-guard run`` / ``make demo``: extract -> generate -> screen -> guarded training -> evaluate."""
+
+    output_dir: str = "outputs/run"
+    trait: str = "animal:owl"
+    extract: ExtractSettings = Field(default_factory=ExtractSettings)
+    teachers: list[TeacherConfig] = Field(min_length=2)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    generation_ray: RayConfig = Field(default_factory=RayConfig)
+    train_on: str = Field("owl", description="the teacher whose data the student trains on")
+    reference: str = Field("control", description="the teacher whose data is the reference (the base model's own)")
+    screen_alpha: float = Field(0.01, gt=0, lt=1)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    distill: Literal["sampled", "logits"] = "sampled"
+    guard_enabled: bool = True
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+    checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
+    ray: TrainRayConfig = Field(default_factory=TrainRayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _teachers_named(self) -> RunJobConfig:
+        ids = [t.id for t in self.teachers]
+        for field_name in ("train_on", "reference"):
+            if getattr(self, field_name) not in ids:
+                raise ValueError(f"{field_name}: '{getattr(self, field_name)}' is not one of the teachers {ids}")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"teacher ids must be unique, got {ids}")
+        return self

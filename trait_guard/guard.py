@@ -68,18 +68,27 @@ class TraitGuard:
         # A signal without spread on the reference (e.g. divergence tokens when the reference teacher
         # IS the base model: always 0) cannot be standardized; it is skipped here and reported, and
         # screening tests it with a rank test instead.
+        # A signal constant on the reference (divergence tokens when the reference teacher IS the base
+        # model: exactly 0) cannot be standardized. With a tolerance configured it becomes an exact
+        # check (alarm when a batch's mean leaves the constant by more than the tolerance: on data from
+        # the base model itself that never happens); otherwise it is skipped and reported.
         self.skipped: dict[str, str] = {}
+        self.constant: dict[str, float] = {}
         for name in list(self.signals):
             values = np.asarray(reference[name], dtype=float)
             values = values[np.isfinite(values)]
-            if len(values) < 2 or values.std() == 0:
-                self.skipped[name] = f"reference has {len(values)} finite values and spread {values.std() if len(values) else 0:g}"
-                self.signals.remove(name)
-        if not self.signals:
-            raise ValueError(f"no watched signal has spread on the reference: {self.skipped}")
+            if len(values) >= 2 and values.std() > 0:
+                continue
+            self.signals.remove(name)
+            if len(values) and name in config.constant_reference_tolerance:
+                self.constant[name] = float(values[0])
+            else:
+                self.skipped[name] = f"reference has {len(values)} finite values and no spread"
+        if not self.signals and not self.constant:
+            raise ValueError(f"no watched signal can be calibrated on the reference: {self.skipped}")
         rng = np.random.default_rng(config.seed)
         self.mean, self.std, self.detectors = {}, {}, {}
-        per_signal_ert = split_ert(config.target_ert, len(self.signals))
+        per_signal_ert = split_ert(config.target_ert, max(1, len(self.signals)))
         for name in self.signals:
             values = np.asarray(reference[name], dtype=float)
             values = values[np.isfinite(values)]
@@ -121,12 +130,19 @@ class TraitGuard:
                 continue
             z_rows.append(np.where(np.isfinite(z), z, 0.0))
             verdicts.append(self.detectors[name].update(float(np.nanmean(z))))
+        for name, constant in self.constant.items():
+            if name not in signals or not np.isfinite(signals[name]).any():
+                continue
+            tolerance = self.config.constant_reference_tolerance[name]
+            deviation = float(abs(np.nanmean(signals[name]) - constant))
+            verdicts.append(Verdict(name, deviation > tolerance, deviation, tolerance, None,
+                                    {"reference_constant": constant, "rule": "|batch mean - constant| > tolerance"}))
         flagged = [v for v in verdicts if v.flagged]
         if flagged and self.mode is Action.PASS:
             self.mode = self.config.on_data_alarm
             self.alarms.append({"step": self.step, "channel": "data", "signals": [v.detector for v in flagged]})
         lean = np.mean(z_rows, axis=0) if z_rows else np.zeros(n)
-        evidence = {"batch_z": {v.detector: float(v.evidence.get("z", np.nan)) for v in verdicts},
+        evidence = {"batch_z": {v.detector: float(v.evidence.get("z", np.nan)) for v in verdicts if v.detector in self.detectors},
                     "cusum": {v.detector: v.score for v in verdicts},
                     "thresholds": {v.detector: v.threshold for v in verdicts}}
         return self._decide(n, lean, token_masks, verdicts, evidence,
@@ -180,7 +196,7 @@ class TraitGuard:
     # -- persistence -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "mode": self.mode.value, "alarms": list(self.alarms),
-                "signals": list(self.signals), "skipped": dict(self.skipped), "mean": dict(self.mean), "std": dict(self.std),
+                "signals": list(self.signals), "skipped": dict(self.skipped), "constant": dict(self.constant), "mean": dict(self.mean), "std": dict(self.std),
                 "detectors": {n: d.state_dict() for n, d in self.detectors.items()},
                 "config": self.config.model_dump(mode="json")}
 

@@ -267,6 +267,7 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
             "mlflow_run_id": getattr(tracker, "run_id", None),
             "mlflow_run_url": getattr(tracker, "run_url", None),
             "skipped_signals": guard.skipped,
+            "extra_artifacts": config.extra_artifacts,
             "history": history,
         }
         if rank == 0:
@@ -335,6 +336,9 @@ def _log_summary(tracker: Any, summary: dict[str, Any]) -> None:
     from trait_guard.tracking import summarize_guard
 
     tracker.log_dict(summary, "summary.json")
+    for path in summary.get("extra_artifacts", []):
+        if Path(path).is_file():
+            tracker.log_artifact(path, "reports")
     summarize_guard(tracker, alarms=summary["alarms"])  # verdict tags and the drift plot, from the logged decisions
     if summary["skipped_signals"]:
         tracker.set_tags({"guard.skipped_signals": json.dumps(summary["skipped_signals"])})
@@ -354,6 +358,7 @@ def run_training(config: TrainJobConfig) -> dict[str, Any]:
     absolute.data.train = str(Path(config.data.train).resolve())
     absolute.data.reference = str(Path(config.data.reference).resolve())
     absolute.vectors = [str(Path(v).resolve()) for v in config.vectors]
+    absolute.extra_artifacts = [str(Path(v).resolve()) for v in config.extra_artifacts]
     if config.resume_from:
         absolute.resume_from = str(Path(config.resume_from).resolve())
     config = absolute
