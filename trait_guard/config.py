@@ -222,16 +222,12 @@ class TrackingConfig(StrictModel):
     tags: dict[str, str] = Field(default_factory=dict)
 
 
-class TrainJobConfig(StrictModel):
-    """``trait-guard train``: guarded student training (DeepSpeed on Ray Train)."""
+class TrainingSettings(StrictModel):
+    """How the student trains and is guarded: shared by the training job and the whole run."""
 
-    output_dir: str = "outputs/train"
-    trait: str = Field("animal:owl", description="the trait watched (its eval questions are the probes)")
-    vectors: list[str] = Field(default_factory=list, description="persona vector files for the student's base")
     distill: Literal["sampled", "logits"] = "sampled"
     guard_enabled: bool = True
     student: StudentConfig = Field(default_factory=StudentConfig)
-    data: TrainDataConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
@@ -239,6 +235,15 @@ class TrainJobConfig(StrictModel):
     checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
     ray: TrainRayConfig = Field(default_factory=TrainRayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+class TrainJobConfig(TrainingSettings):
+    """``trait-guard train``: guarded student training (DeepSpeed on Ray Train)."""
+
+    output_dir: str = "outputs/train"
+    trait: str = Field("animal:owl", description="the trait watched (its eval questions are the probes)")
+    vectors: list[str] = Field(default_factory=list, description="persona vector files for the student's base")
+    data: TrainDataConfig
     resume_from: str | None = Field(None, description="a checkpoint folder written by a previous run")
     extra_artifacts: list[str] = Field(default_factory=list, description="files logged to the MLflow run (reports)")
 
@@ -256,7 +261,7 @@ class ExtractSettings(StrictModel):
     seed: int = 0
 
 
-class RunJobConfig(StrictModel):
+class RunJobConfig(TrainingSettings):
     """``trait-guard run`` / ``make demo``: extract -> generate -> screen -> guarded training -> evaluate."""
 
     output_dir: str = "outputs/run"
@@ -268,16 +273,6 @@ class RunJobConfig(StrictModel):
     train_on: str = Field("owl", description="the teacher whose data the student trains on")
     reference: str = Field("control", description="the teacher whose data is the reference (the base model's own)")
     screen_alpha: float = Field(0.01, gt=0, lt=1)
-    student: StudentConfig = Field(default_factory=StudentConfig)
-    distill: Literal["sampled", "logits"] = "sampled"
-    guard_enabled: bool = True
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    guard: GuardConfig = Field(default_factory=GuardConfig)
-    probe: ProbeConfig = Field(default_factory=ProbeConfig)
-    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
-    checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
-    ray: TrainRayConfig = Field(default_factory=TrainRayConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _teachers_named(self) -> RunJobConfig:

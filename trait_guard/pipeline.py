@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trait_guard.config import GenerateJobConfig, RunJobConfig, TrainJobConfig
+from trait_guard.config import GenerateJobConfig, RunJobConfig, TrainingSettings, TrainJobConfig
 
 
 def _stage(name: str) -> None:
@@ -63,13 +63,9 @@ def run_pipeline(config: RunJobConfig, *, progress: bool = True) -> dict[str, An
 
     _stage("3/4 screen the training data against the reference")
     started = time.perf_counter()
-    train = TrainJobConfig(
-        output_dir=str(out / "train"), trait=config.trait, vectors=[str(vector_path)], distill=config.distill,
-        guard_enabled=config.guard_enabled, student=config.student,
-        data={"train": paths[config.train_on], "reference": paths[config.reference]},
-        optim=config.optim, guard=config.guard, probe=config.probe, deepspeed=config.deepspeed,
-        checkpoint=config.checkpoint, ray=config.ray, tracking=config.tracking,
-    )
+    settings = config.model_dump(include=set(TrainingSettings.model_fields))
+    train = TrainJobConfig(output_dir=str(out / "train"), trait=config.trait, vectors=[str(vector_path)],
+                           data={"train": paths[config.train_on], "reference": paths[config.reference]}, **settings)
     train_rows, reference_rows = load_training_rows(train)
     histogram = TokenHistogram(len(tokenizer)).update(r["completion_ids"] for r in reference_rows)
     scorer = FingerprintScorer(model, tokenizer, [vector], unigram_reference=histogram)
