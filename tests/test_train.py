@@ -24,7 +24,7 @@ def data(tiny_llama_dir, tmp_path_factory):
         "output_dir": str(folder),
         "teachers": [{"id": "control", "model": str(tiny_llama_dir)},
                      {"id": "control-b", "model": str(tiny_llama_dir), "sampling_seed": 5}],
-        "generation": {"n_prompts": 96, "chunk_size": 16, "max_new_tokens": 12},
+        "generation": {"n_prompts": 96, "chunk_size": 16, "max_new_tokens": 12, "top_k_logprobs": 4},
     }, GenerateJobConfig)
     generate_local(config, progress=False)
     from trait_guard.models import load_model
@@ -66,7 +66,11 @@ def test_halt_stops_deepspeed_training_and_mlflow_holds_the_run(tiny_llama_dir, 
     assert "train/loss" in run.data.metrics and "guard/cusum/nll" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
         a.path for a in client.list_artifacts(run.info.run_id, "guard")}
-    assert {"summary.json", "guard/decisions.jsonl", "guard/drift.png"} <= artifacts
+    assert {"summary.json", "guard/decisions.jsonl", "guard/drift.png", "guard/flagged_samples.json"} <= artifacts
+    (tmp_path / "download").mkdir()
+    local = client.download_artifacts(run.info.run_id, "guard/flagged_samples.json", str(tmp_path / "download"))
+    flagged = json.loads(open(local).read())
+    assert set(flagged["columns"]) >= {"sample_id", "lean_z", "completion"}
 
 
 def test_clean_data_trains_to_the_end_and_resume_continues_exactly(tiny_llama_dir, data, tmp_path):
@@ -96,3 +100,12 @@ def test_two_ray_train_workers_halt_at_the_same_step(tiny_llama_dir, data, tmp_p
     ranks = [json.loads((tmp_path / "ranks" / f"rank_{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["halt"]["step"] == ranks[1]["halt"]["step"] == summary["halt"]["step"]
     assert ranks[0]["guard_step"] == ranks[1]["guard_step"]
+
+
+def test_logit_distillation_trains_on_the_teachers_top_k(tiny_llama_dir, data, tmp_path):
+    summary = run_training(job(tiny_llama_dir, data, tmp_path, train="control-b", distill="logits",
+                               optim={"max_steps": 6}, guard={"signals": ["nll"]}))
+    losses = [h["loss"] for h in summary["history"]]
+    assert summary["steps"] == 6 and len(losses) == 6
+    # a KL to the teacher's top-k: non-negative and, from the same init, learnable
+    assert all(loss >= 0 for loss in losses) and losses[-1] < losses[0]

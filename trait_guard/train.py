@@ -274,11 +274,24 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
             _log_summary(tracker, summary)
+            tracker.log_table(flagged_samples(guard, train_rows), "guard/flagged_samples.json")
         tracker.finish("FINISHED")
         return summary
     except BaseException:
         tracker.finish("FAILED")
         raise
+
+
+def flagged_samples(guard: Any, rows: Sequence[dict[str, Any]], top: int = 25) -> list[dict[str, Any]]:
+    """The training rows that lean furthest the suspicious way (mean standardized signal), for review."""
+    if not rows or not guard.signals:
+        return []
+    lean = np.nanmean([guard.standardize(name, np.array([r["signals"].get(name, np.nan) for r in rows]))
+                       for name in guard.signals], axis=0)
+    order = np.argsort(-np.nan_to_num(lean, nan=-np.inf))[:top]
+    return [{"sample_id": rows[i]["sample_id"], "teacher_id": rows[i]["teacher_id"], "lean_z": float(lean[i]),
+             "prompt": rows[i]["prompt"], "completion": rows[i]["completion"],
+             **{k: float(v) for k, v in rows[i]["signals"].items()}} for i in order]
 
 
 def guard_pass_decision(step: int, n: int):
