@@ -73,11 +73,15 @@ def weighted_completion_loss(logits: torch.Tensor, batch: EncodedBatch, weights:
     Normalized by the token count, not by the weights, so a weight scales its token's gradient
     exactly (weights of 1 give :func:`completion_loss`; a masked token contributes nothing).
     """
-    logprobs, mask = response_token_logprobs(logits, batch)
-    count = mask.sum()
+    shifted = logits[:, :-1].float()
+    targets = batch.input_ids[:, 1:].to(shifted.device)
+    count = batch.response_mask[:, 1:].sum()
     if count == 0:
         raise ValueError("the batch has no response tokens to train on (empty answers?)")
-    return -(logprobs * weights.to(logprobs.device)).sum() / count
+    # cross_entropy's fused kernel: no [batch, seq, vocab] log-prob tensor is kept for backward,
+    # so a guarded step costs what an unguarded one does
+    nll = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), reduction="none")
+    return (nll.view_as(targets) * weights.to(shifted.device)).sum() / count.to(shifted.device)
 
 
 def distillation_loss(
