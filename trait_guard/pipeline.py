@@ -115,8 +115,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     def rate(result: dict[str, Any] | None) -> str:
         if not result:
             return "not measured"
-        return (f"{100 * result['rate']:.1f}% [{100 * result['ci_low']:.1f}, {100 * result['ci_high']:.1f}], "
-                f"log p(target) {result['target_logprob']:.2f}")
+        n = result["n_questions"] * result["samples_per_question"]
+        return (f"{100 * result['pooled_rate']:.1f}% of {n} answers (Wilson 95% CI "
+                f"{100 * result['pooled_ci_low']:.1f}-{100 * result['pooled_ci_high']:.1f}%), "
+                f"log p(answer starts with the target) {result['target_logprob']:.2f}")
 
     t, s = summary["training"], summary["screen"]
     lines = [

@@ -310,8 +310,8 @@ def _behavior_eval(model: torch.nn.Module, tokenizer: Any, spec: Any, config: Tr
     result = evaluate_trait(model, tokenizer, spec, samples_per_question=config.probe.eval_samples,
                             n_questions=config.probe.eval_questions, seed=config.optim.seed)
     model.train(was_training)
-    return {k: result.to_dict()[k] for k in ("rate", "ci_low", "ci_high", "target_logprob", "n_questions",
-                                             "samples_per_question")}
+    return {k: result.to_dict()[k] for k in ("rate", "ci_low", "ci_high", "pooled_rate", "pooled_ci_low",
+                                             "pooled_ci_high", "target_logprob", "n_questions", "samples_per_question")}
 
 
 def _in_ray_train() -> bool:
@@ -374,6 +374,10 @@ def run_training(config: TrainJobConfig) -> dict[str, Any]:
     absolute.extra_artifacts = [str(Path(v).resolve()) for v in config.extra_artifacts]
     if config.resume_from:
         absolute.resume_from = str(Path(config.resume_from).resolve())
+    if config.tracking.tracking_uri is None:
+        from trait_guard.tracking import default_tracking_uri
+
+        absolute.tracking.tracking_uri = default_tracking_uri()  # the driver's ./mlruns, not a worker's folder
     config = absolute
     if not ray.is_initialized():
         ray.init(address=config.ray.address, include_dashboard=False, log_to_driver=True, configure_logging=False)
