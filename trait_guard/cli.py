@@ -109,6 +109,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = load_adapter(model, args.adapter)
     system = None
     if args.system == "trait":
+        if not 0 <= args.instruction < len(spec.instructions):
+            raise ValueError(f"--instruction {args.instruction}: trait '{spec.trait_id}' has instructions "
+                             f"0..{len(spec.instructions) - 1}")
         system = spec.instructions[args.instruction].pos
     elif args.system != "default":
         system = args.system
