@@ -108,3 +108,13 @@ def test_format_features_known_values():
     assert f["n_numbers"].tolist() == [2, 0, 1]
     assert f["mean_value"][0] == 21 and math.isnan(f["mean_value"][1])
     assert f["digit_1"][0] == pytest.approx(0.25) and f["digit_7"][2] == 1.0
+
+
+def test_leave_one_out_surprisal_scores_reference_rows_out_of_sample():
+    rows = [[1, 2], [1, 3], [4, 4]]
+    hist = TokenHistogram(6, alpha=1.0).update(rows)
+    # leaving [4, 4] out: token 4 has count 0 of 4 remaining tokens -> p = 1 / (4 + 6)
+    assert hist.surprisal([4, 4], exclude_self=True) == pytest.approx(-math.log(1 / 10))
+    assert hist.surprisal([4, 4]) == pytest.approx(-math.log(3 / 12))
+    other = TokenHistogram(6, alpha=1.0).update(rows[:2])
+    assert hist.surprisal([4, 4], exclude_self=True) == pytest.approx(other.surprisal([4, 4]))

@@ -89,11 +89,24 @@ class TokenHistogram:
         smoothed = self.counts + self.alpha
         return smoothed / smoothed.sum()
 
-    def surprisal(self, token_ids: Sequence[int]) -> float:
-        """Mean ``-log p(token)`` of one sample under this histogram (nats)."""
+    def surprisal(self, token_ids: Sequence[int], exclude_self: bool = False) -> float:
+        """Mean ``-log p(token)`` of one sample under this histogram (nats).
+
+        ``exclude_self``: the sample is one of those the histogram counted; leave its own tokens out
+        (leave-one-out), so reference samples are not scored in-sample, which would make every other
+        dataset look rarer than the reference by construction.
+        """
         if len(token_ids) == 0:
             return math.nan
-        return float(-np.log(self.probabilities()[np.asarray(token_ids)]).mean())
+        ids = np.asarray(token_ids, dtype=np.int64)
+        counts = self.counts[ids]
+        total = self.total
+        if exclude_self:
+            own = np.bincount(ids, minlength=len(self.counts))
+            counts = counts - own[ids]
+            total -= len(ids)
+        p = (counts + self.alpha) / (total + self.alpha * len(self.counts))
+        return float(-np.log(p).mean())
 
     def js_divergence(self, other: TokenHistogram) -> float:
         """Jensen-Shannon divergence (nats) between the two smoothed distributions, restricted to
@@ -234,8 +247,11 @@ class FingerprintScorer:
         self.device = next(self.model.parameters()).device
 
     @torch.no_grad()
-    def score_rows(self, rows: Sequence[dict[str, Any]]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    def score_rows(self, rows: Sequence[dict[str, Any]],
+                   in_reference: bool = False) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
         """Signals for a list of rows (dicts with prompt, completion, optional topk_ids).
+
+        ``in_reference``: the rows are among those ``unigram_reference`` counted (scored leave-one-out).
 
         Returns per-sample signals and, per row, a boolean array over completion tokens marking the
         divergence tokens (empty where the row has no teacher log-probs).
@@ -249,7 +265,7 @@ class FingerprintScorer:
         signals, mask = signals_from_forward(logits, {i: a[0] for i, a in acts.items()}, batch, self.vectors,
                                              teacher if has_teacher else None)
         if self.unigram_reference is not None:
-            signals["unigram"] = np.array([self.unigram_reference.surprisal(ids)
+            signals["unigram"] = np.array([self.unigram_reference.surprisal(ids, exclude_self=in_reference)
                                            for ids in completion_token_ids(batch)])
         token_masks = [
             (mask[i][batch.response_mask[i].bool().cpu()].numpy() if mask is not None else np.zeros(0, bool))
@@ -257,12 +273,13 @@ class FingerprintScorer:
         ]
         return signals, token_masks
 
-    def score_table(self, rows: Sequence[dict[str, Any]], progress: Any = None) -> dict[str, np.ndarray]:
+    def score_table(self, rows: Sequence[dict[str, Any]], progress: Any = None,
+                    in_reference: bool = False) -> dict[str, np.ndarray]:
         """Signals for many rows, in batches; ``progress`` is an optional tqdm-like bar."""
         parts: list[dict[str, np.ndarray]] = []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
-            parts.append(self.score_rows(chunk)[0])
+            parts.append(self.score_rows(chunk, in_reference=in_reference)[0])
             if progress is not None:
                 progress.update(len(chunk))
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}

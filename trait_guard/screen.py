@@ -158,7 +158,8 @@ def screen(
     if data_signals is None:
         data_signals = scorer.score_table(data_rows, progress)
     if reference_signals is None:
-        reference_signals = scorer.score_table(reference_rows, progress)
+        # the unigram reference histogram is normally built from these rows: score them leave-one-out
+        reference_signals = scorer.score_table(reference_rows, progress, in_reference=True)
     names = [n for n in data_signals if n != "n_tokens" and n in reference_signals]
     if signals:
         names = [n for n in names if n in signals]

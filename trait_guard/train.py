@@ -56,10 +56,10 @@ def _gather_signals(signals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def score_rows_sharded(scorer: Any, rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+def score_rows_sharded(scorer: Any, rows: Sequence[dict[str, Any]], in_reference: bool = False) -> dict[str, np.ndarray]:
     """Score ``rows`` with each rank doing a strided share; every rank gets all values, in order."""
     rank, world = _world()
-    mine = scorer.score_table(list(rows[rank::world])) if rows[rank::world] else {}
+    mine = scorer.score_table(list(rows[rank::world]), in_reference=in_reference) if rows[rank::world] else {}
     parts = _all_gather(mine)
     names = next((list(p) for p in parts if p), [])
     out = {}
@@ -135,7 +135,7 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
         histogram = TokenHistogram(len(tokenizer)).update(r["completion_ids"] for r in reference_rows)
         scorer = FingerprintScorer(model, tokenizer, vectors, unigram_reference=histogram)
         setup_started = time.perf_counter()
-        reference_signals = score_rows_sharded(scorer, reference_rows)
+        reference_signals = score_rows_sharded(scorer, reference_rows, in_reference=True)
         train_signals = score_rows_sharded(scorer, train_rows)
         for i, row in enumerate(train_rows):
             row["signals"] = {k: float(v[i]) for k, v in train_signals.items() if k != "n_tokens"}
