@@ -103,7 +103,7 @@ class TokenHistogram:
         total = self.total
         if exclude_self:
             own = np.bincount(ids, minlength=len(self.counts))
-            counts = counts - own[ids]
+            counts = np.maximum(counts - own[ids], 0)  # never below zero, even for ids it did not count
             total -= len(ids)
         p = (counts + self.alpha) / (total + self.alpha * len(self.counts))
         return float(-np.log(p).mean())
@@ -265,8 +265,12 @@ class FingerprintScorer:
         signals, mask = signals_from_forward(logits, {i: a[0] for i, a in acts.items()}, batch, self.vectors,
                                              teacher if has_teacher else None)
         if self.unigram_reference is not None:
-            signals["unigram"] = np.array([self.unigram_reference.surprisal(ids, exclude_self=in_reference)
-                                           for ids in completion_token_ids(batch)])
+            # the generated ids when the rows carry them: the histogram counts those, and re-tokenizing
+            # the decoded text can split differently
+            retokenized = completion_token_ids(batch)
+            signals["unigram"] = np.array([
+                self.unigram_reference.surprisal(row.get("completion_ids") or ids, exclude_self=in_reference)
+                for row, ids in zip(rows, retokenized, strict=True)])
         token_masks = [
             (mask[i][batch.response_mask[i].bool().cpu()].numpy() if mask is not None else np.zeros(0, bool))
             for i in range(len(rows))
