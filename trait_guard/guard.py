@@ -110,6 +110,15 @@ class TraitGuard:
     def direction(self, name: str) -> Direction:
         return suspicious_direction(name, self.config.directions)
 
+    def lean(self, signals: dict[str, np.ndarray]) -> np.ndarray:
+        """Per sample, how far it leans the suspicious way: the mean of its standardized calibrated
+        signals (a missing value counts as 0, the reference mean; a signal missing for the whole batch
+        is left out). Drives REWEIGHT and the flagged-samples report."""
+        n = len(next(iter(signals.values())))
+        standardized = [self.standardize(name, signals[name]) for name in self.signals if name in signals]
+        rows = [np.where(np.isfinite(z), z, 0.0) for z in standardized if np.isfinite(z).any()]
+        return np.mean(rows, axis=0) if rows else np.zeros(n)
+
     def standardize(self, name: str, values: np.ndarray) -> np.ndarray:
         z = (np.asarray(values, dtype=float) - self.mean[name]) / self.std[name]
         return -z if self.direction(name) == "down" else z
@@ -123,13 +132,11 @@ class TraitGuard:
         if missing:
             raise ValueError(f"batch signals lack {missing}; the guard was calibrated on {self.signals}")
         n = len(next(iter(signals.values())))
-        verdicts, z_rows = [], []
+        verdicts = []
         for name in self.signals:
             z = self.standardize(name, signals[name])
-            if not np.isfinite(z).any():
-                continue
-            z_rows.append(np.where(np.isfinite(z), z, 0.0))
-            verdicts.append(self.detectors[name].update(float(np.nanmean(z))))
+            if np.isfinite(z).any():
+                verdicts.append(self.detectors[name].update(float(np.nanmean(z))))
         for name, constant in self.constant.items():
             if name not in signals or not np.isfinite(signals[name]).any():
                 continue
@@ -141,7 +148,7 @@ class TraitGuard:
         if flagged and self.mode is Action.PASS:
             self.mode = self.config.on_data_alarm
             self.alarms.append({"step": self.step, "channel": "data", "signals": [v.detector for v in flagged]})
-        lean = np.mean(z_rows, axis=0) if z_rows else np.zeros(n)
+        lean = self.lean(signals)
         evidence = {"batch_z": {v.detector: float(v.evidence.get("z", np.nan)) for v in verdicts if v.detector in self.detectors},
                     "cusum": {v.detector: v.score for v in verdicts},
                     "thresholds": {v.detector: v.threshold for v in verdicts}}

@@ -286,9 +286,8 @@ def flagged_samples(guard: Any, rows: Sequence[dict[str, Any]], top: int = 25) -
     """The training rows that lean furthest the suspicious way (mean standardized signal), for review."""
     if not rows or not guard.signals:
         return []
-    lean = np.nanmean([guard.standardize(name, np.array([r["signals"].get(name, np.nan) for r in rows]))
-                       for name in guard.signals], axis=0)
-    order = np.argsort(-np.nan_to_num(lean, nan=-np.inf))[:top]
+    lean = guard.lean({name: np.array([r["signals"].get(name, np.nan) for r in rows]) for name in guard.signals})
+    order = np.argsort(-lean)[:top]
     return [{"sample_id": rows[i]["sample_id"], "teacher_id": rows[i]["teacher_id"], "lean_z": float(lean[i]),
              "prompt": rows[i]["prompt"], "completion": rows[i]["completion"],
              **{k: float(v) for k, v in rows[i]["signals"].items()}} for i in order]
