@@ -160,6 +160,22 @@ def completion_token_ids(batch: EncodedBatch) -> list[list[int]]:
     return [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids, batch.response_mask, strict=True)]
 
 
+def per_completion_token(mask: torch.Tensor, batch: EncodedBatch) -> list[np.ndarray]:
+    """A ``[batch, seq]`` mask cut into one array per row over that row's response tokens, in order."""
+    return [mask[i][batch.response_mask[i].bool().to(mask.device)].cpu().numpy() for i in range(mask.shape[0])]
+
+
+def unigram_surprisal(histogram: TokenHistogram, batch: EncodedBatch,
+                      rows: Sequence[dict[str, Any]] | None = None, in_reference: bool = False) -> np.ndarray:
+    """Per-sample ``unigram`` signal. Uses the rows' generated ``completion_ids`` when they carry them
+    (the histogram counts those; re-tokenizing the decoded text can split differently), else the
+    batch's response tokens. ``in_reference``: the rows are among those the histogram counted."""
+    retokenized = completion_token_ids(batch)
+    ids = [(row.get("completion_ids") if rows is not None else None) or tokens
+           for row, tokens in zip(rows if rows is not None else [None] * len(retokenized), retokenized, strict=True)]
+    return np.array([histogram.surprisal(i, exclude_self=in_reference) for i in ids])
+
+
 def divergence_mask(logits: torch.Tensor, batch: EncodedBatch,
                     teacher_top1: Sequence[Sequence[int] | None]) -> torch.Tensor:
     """``[batch, seq]`` mask of completion positions whose token the teacher predicted differently
@@ -265,16 +281,8 @@ class FingerprintScorer:
         signals, mask = signals_from_forward(logits, {i: a[0] for i, a in acts.items()}, batch, self.vectors,
                                              teacher if has_teacher else None)
         if self.unigram_reference is not None:
-            # the generated ids when the rows carry them: the histogram counts those, and re-tokenizing
-            # the decoded text can split differently
-            retokenized = completion_token_ids(batch)
-            signals["unigram"] = np.array([
-                self.unigram_reference.surprisal(row.get("completion_ids") or ids, exclude_self=in_reference)
-                for row, ids in zip(rows, retokenized, strict=True)])
-        token_masks = [
-            (mask[i][batch.response_mask[i].bool().cpu()].numpy() if mask is not None else np.zeros(0, bool))
-            for i in range(len(rows))
-        ]
+            signals["unigram"] = unigram_surprisal(self.unigram_reference, batch, rows, in_reference)
+        token_masks = per_completion_token(mask, batch) if mask is not None else [np.zeros(0, bool)] * len(rows)
         return signals, token_masks
 
     def score_table(self, rows: Sequence[dict[str, Any]], progress: Any = None,

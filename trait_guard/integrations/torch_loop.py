@@ -34,7 +34,13 @@ import torch
 
 from trait_guard.activations import record_activations
 from trait_guard.chat import EncodedBatch
-from trait_guard.fingerprint import TokenHistogram, completion_token_ids, signals_from_forward
+from trait_guard.fingerprint import (
+    TokenHistogram,
+    divergence_mask,
+    per_completion_token,
+    signals_from_forward,
+    unigram_surprisal,
+)
 from trait_guard.guard import Decision, TraitGuard
 from trait_guard.losses import distillation_loss, token_weights, weighted_completion_loss
 from trait_guard.persona import PersonaVector
@@ -71,10 +77,7 @@ class GuardedStep:
             signals = {name: np.array([r["signals"][name] for r in rows], dtype=float) for name in rows[0]["signals"]}
             masks = None
             if teacher is not None:
-                from trait_guard.fingerprint import divergence_mask
-
-                full = divergence_mask(logits.detach(), batch, teacher)
-                masks = [full[i][batch.response_mask[i].bool().cpu()].numpy() for i in range(len(rows))]
+                masks = per_completion_token(divergence_mask(logits.detach(), batch, teacher), batch)
             return signals, masks
         hidden = {}
         if self.layers:
@@ -83,11 +86,8 @@ class GuardedStep:
             hidden = {i: self._acts[i][-1] for i in self.layers}
         signals, mask = signals_from_forward(logits, hidden, batch, self.vectors, teacher)
         if self.unigram_reference is not None:
-            signals["unigram"] = np.array([self.unigram_reference.surprisal(ids) for ids in completion_token_ids(batch)])
-        masks = None
-        if mask is not None:
-            masks = [mask[i][batch.response_mask[i].bool().cpu()].numpy() for i in range(mask.shape[0])]
-        return signals, masks
+            signals["unigram"] = unigram_surprisal(self.unigram_reference, batch, rows)
+        return signals, (per_completion_token(mask, batch) if mask is not None else None)
 
     def decide(self, batch: EncodedBatch, logits: torch.Tensor, rows: Sequence[dict[str, Any]] | None = None,
                step: int | None = None, gather: Any = None) -> Decision:
