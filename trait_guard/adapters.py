@@ -328,3 +328,21 @@ def load_adapter(base_model: torch.nn.Module, path: str | Path, *, merge: bool =
     model.eval()
     model.trait_guard_adapter = {"trait": meta["trait"], "path": str(path)}
     return model
+
+
+def build_trait_adapter(model_name: str, trait: str, out: str | Path, *, steps: int = 60, lr: float = 1e-3,
+                        seed: int = 0, progress: Callable[[int, str], Any] | None = None) -> Path:
+    """Load ``model_name``, sample trait-expressing answers and train + save a LoRA adapter to ``out``
+    (what ``trait-guard adapter`` does)."""
+    from trait_guard.models import default_device, load_model
+    from trait_guard.persona import load_trait
+
+    spec = load_trait(trait)
+    model, tokenizer = load_model(model_name, device=default_device())
+    identity = model_identity(model, name=model_name)
+    examples = trait_examples(model, tokenizer, spec, seed=seed)
+    if not examples:
+        raise ValueError(f"no answer of {model_name} expressed '{spec.trait_id}' under its positive prompts, so "
+                         "there is nothing to train an adapter on; try another seed or a larger model")
+    peft_model = train_trait_adapter(model, tokenizer, examples, steps=steps, lr=lr, seed=seed, progress=progress)
+    return save_adapter(peft_model, out, trait=spec.trait_id, base_identity=identity)

@@ -128,19 +128,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_adapter(args: argparse.Namespace) -> int:
-    from trait_guard.adapters import save_adapter, train_trait_adapter, trait_examples
-    from trait_guard.models import load_model, model_identity
-    from trait_guard.persona import load_trait
+    from trait_guard.adapters import build_trait_adapter
 
-    spec = load_trait(args.trait)
-    model, tokenizer = load_model(args.model)
-    identity = model_identity(model, name=args.model)
-    examples = trait_examples(model, tokenizer, spec, seed=args.seed)
-    print(f"{len(examples)} trait-expressing examples (e.g. {examples[0]!r})")
-    peft_model = train_trait_adapter(model, tokenizer, examples, steps=args.steps, lr=args.lr, seed=args.seed,
-                                     progress=None if args.quiet else _progress)
-    out = save_adapter(peft_model, args.out, trait=spec.trait_id, base_identity=identity)
-    print(f"saved LoRA adapter for '{spec.trait_id}' to {out}; use it with a teacher config "
+    out = build_trait_adapter(args.model, args.trait, args.out, steps=args.steps, lr=args.lr, seed=args.seed,
+                              progress=None if args.quiet else _progress)
+    print(f"saved LoRA adapter for '{args.trait}' to {out}; use it with a teacher config "
           f"`install: adapter` / `adapter: {out}`, and check it with `trait-guard eval --adapter {out}`")
     return 0
 

@@ -189,6 +189,7 @@ class ProbeConfig(StrictModel):
     every_n_steps: int = Field(10, gt=0, description="measure the student's drift every N steps")
     n_prompts: int = Field(10, gt=0, description="the trait's evaluation questions used as probes")
     eval_samples: int = Field(0, ge=0, description="behavioral eval samples per question at start and end (0: off)")
+    eval_before: bool = Field(True, description="false: skip the evaluation at the start (e.g. measured once elsewhere)")
     eval_questions: int = Field(20, gt=0)
 
 
@@ -246,6 +247,9 @@ class TrainJobConfig(TrainingSettings):
     data: TrainDataConfig
     resume_from: str | None = Field(None, description="a checkpoint folder written by a previous run")
     extra_artifacts: list[str] = Field(default_factory=list, description="files logged to the MLflow run (reports)")
+    signals_cache: str | None = Field(
+        None, description="folder for the base model's per-sample signals of this data (keyed by the data, model "
+                          "and vector contents): runs on the same data skip the setup scoring")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,4 +286,60 @@ class RunJobConfig(TrainingSettings):
                 raise ValueError(f"{field_name}: '{getattr(self, field_name)}' is not one of the teachers {ids}")
         if len(set(ids)) != len(ids):
             raise ValueError(f"teacher ids must be unique, got {ids}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# The red-team benchmark
+
+RedteamMode = Literal["unguarded", "halt", "mask", "steer", "reweight"]
+
+
+class RedteamConfig(StrictModel):
+    """``benchmarks/redteam.py``: students trained on each teacher's data, unguarded and guarded, over seeds.
+
+    Every run of the grid (teacher x distill x mode x seed) is a real guarded-training run
+    (:func:`trait_guard.train.run_training`) on the teacher's data, with the ``reference`` teacher's
+    data as the guard's reference. Modes: ``unguarded`` (guard off), ``halt`` (data and drift alarms
+    halt), ``mask`` / ``steer`` / ``reweight`` (a data alarm switches to that mitigation, a drift alarm
+    steers; training continues).
+    """
+
+    output_dir: str = "outputs/redteam"
+    profile: str = Field("custom", description="a label for the reports (e.g. cpu-smollm2)")
+    trait: str = Field("animal:owl", description="the trait the guard watches (its persona vector)")
+    vector: str | None = Field(None, description="an existing persona vector file; None: extract one")
+    extract: ExtractSettings = Field(default_factory=ExtractSettings)
+    teachers: list[TeacherConfig] = Field(min_length=1, description="the students' data sources")
+    measure: dict[str, str] = Field(
+        default_factory=dict, description="teacher id -> trait measured in its students (default: the teacher's "
+                                          "trait, else the watched trait)")
+    reference: TeacherConfig = Field(description="the guard's reference: the student base model's own data")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    generation_ray: RayConfig = Field(default_factory=RayConfig)
+    adapter_steps: int = Field(60, gt=0, description="steps for an adapter teacher's adapter when it must be trained")
+    modes: list[RedteamMode] = Field(default_factory=lambda: ["unguarded", "halt", "mask", "steer", "reweight"],
+                                     min_length=1)
+    distill: list[Literal["sampled", "logits"]] = Field(default_factory=lambda: ["sampled", "logits"], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    skip: list[str] = Field(default_factory=list, description="run-name patterns left out of the grid (fnmatch, "
+                                                               "e.g. 'eagle-sampled-*'); names: teacher-distill-mode-sSEED")
+    train_samples: int | None = Field(None, gt=0, description="kept rows per teacher used for training")
+    reference_samples: int | None = Field(None, gt=0)
+    training: TrainingSettings = Field(
+        default_factory=TrainingSettings, description="how every student trains (training.student: the model)")
+    goal_ratio: float = Field(0.1, gt=0, description="goal: guarded shift <= this x the unguarded shift")
+
+    @model_validator(mode="after")
+    def _check(self) -> RedteamConfig:
+        ids = [t.id for t in self.teachers] + [self.reference.id]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"teacher ids (reference included) must be unique, got {ids}")
+        unknown = set(self.measure) - set(ids)
+        if unknown:
+            raise ValueError(f"measure: unknown teacher ids {sorted(unknown)}; teachers are {ids}")
+        if self.reference.install != "none":
+            raise ValueError("reference must be the student's base model itself (install: none)")
+        if not self.training.probe.eval_samples:
+            raise ValueError("training.probe.eval_samples must be > 0: the benchmark measures the student's trait")
         return self

@@ -29,6 +29,7 @@ are kept.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -191,7 +192,7 @@ def divergence_mask(logits: torch.Tensor, batch: EncodedBatch,
             continue
         positions = positions[:n]
         predicted = model_top1[row, positions - 1]
-        mask[row, positions] = predicted.cpu() != torch.as_tensor(teacher[:n])
+        mask[row, positions] = (predicted.cpu() != torch.as_tensor(teacher[:n])).to(mask.device)
     return mask
 
 
@@ -263,11 +264,12 @@ class FingerprintScorer:
         self.device = next(self.model.parameters()).device
 
     @torch.no_grad()
-    def score_rows(self, rows: Sequence[dict[str, Any]],
-                   in_reference: bool = False) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    def score_rows(self, rows: Sequence[dict[str, Any]], in_reference: bool = False,
+                   divergence_counts: Counter | None = None) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
         """Signals for a list of rows (dicts with prompt, completion, optional topk_ids).
 
         ``in_reference``: the rows are among those ``unigram_reference`` counted (scored leave-one-out).
+        ``divergence_counts``: a Counter that receives the token ids found at divergence positions.
 
         Returns per-sample signals and, per row, a boolean array over completion tokens marking the
         divergence tokens (empty where the row has no teacher log-probs).
@@ -283,15 +285,18 @@ class FingerprintScorer:
         if self.unigram_reference is not None:
             signals["unigram"] = unigram_surprisal(self.unigram_reference, batch, rows, in_reference)
         token_masks = per_completion_token(mask, batch) if mask is not None else [np.zeros(0, bool)] * len(rows)
+        if divergence_counts is not None and mask is not None:
+            for ids, row_mask in zip(completion_token_ids(batch), token_masks, strict=True):
+                divergence_counts.update(np.asarray(ids)[row_mask].tolist())
         return signals, token_masks
 
-    def score_table(self, rows: Sequence[dict[str, Any]], progress: Any = None,
-                    in_reference: bool = False) -> dict[str, np.ndarray]:
+    def score_table(self, rows: Sequence[dict[str, Any]], progress: Any = None, in_reference: bool = False,
+                    divergence_counts: Counter | None = None) -> dict[str, np.ndarray]:
         """Signals for many rows, in batches; ``progress`` is an optional tqdm-like bar."""
         parts: list[dict[str, np.ndarray]] = []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
-            parts.append(self.score_rows(chunk, in_reference=in_reference)[0])
+            parts.append(self.score_rows(chunk, in_reference=in_reference, divergence_counts=divergence_counts)[0])
             if progress is not None:
                 progress.update(len(chunk))
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
@@ -315,3 +320,10 @@ def format_features(completions: Sequence[str]) -> dict[str, np.ndarray]:
                 "length": np.array(lengths, float)}
     features.update({f"digit_{d}": share[:, d] for d in range(10)})
     return features
+
+
+def divergence_token_table(counts: Counter, tokenizer: Any = None, top: int = 15) -> list[dict[str, Any]]:
+    """The ``top`` most frequent divergence tokens: id, decoded text, count and share of all."""
+    total = sum(counts.values())
+    return [{"token_id": int(i), "token": tokenizer.decode([int(i)]) if tokenizer is not None else None,
+             "count": int(n), "share": n / total} for i, n in counts.most_common(top)]

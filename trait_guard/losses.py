@@ -59,11 +59,11 @@ def token_weights(
     if token_masks is not None:
         for row, mask in enumerate(token_masks):
             positions = response[row].nonzero().flatten()
-            mask = torch.as_tensor(np.asarray(mask, dtype=np.float32))
+            mask = torch.as_tensor(np.asarray(mask, dtype=np.float32), device=weights.device)
             n = min(len(positions), len(mask))
             weights[row, positions[:n]] = mask[:n]
     if sample_weights is not None:
-        weights = weights * sample_weights.to(weights.dtype).view(-1, 1)
+        weights = weights * sample_weights.to(weights.device, weights.dtype).view(-1, 1)
     return weights
 
 

@@ -157,6 +157,14 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def default_device() -> torch.device:
+    """Where a worker should put its model: its CUDA device when it has one (Ray Train workers and
+    Ray actors given GPUs see only their own), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def load_model(
     name_or_path: str = EMBEDDED_MODEL,
     *,

@@ -14,7 +14,7 @@ from typing import Any
 from trait_guard.chat import generate_completions
 from trait_guard.config import GenerationConfig, TeacherConfig
 from trait_guard.families import Prompt, PromptFamily, get_family
-from trait_guard.models import load_model, model_identity
+from trait_guard.models import default_device, load_model, model_identity
 
 
 def chunk_seed(job_seed: int, chunk_index: int) -> int:
@@ -56,7 +56,7 @@ class Teacher:
                  model: Any = None, tokenizer: Any = None):
         self.config, self.generation, self.family = config, generation, family
         if model is None:
-            model, tokenizer = load_model(config.model)
+            model, tokenizer = load_model(config.model, device=default_device())
         # The provenance records the *base* model, before any adapter changes the weights.
         self.base = model_identity(model, name=config.model)
         if config.install == "adapter":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,10 +57,17 @@ def _gather_signals(signals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def score_rows_sharded(scorer: Any, rows: Sequence[dict[str, Any]], in_reference: bool = False) -> dict[str, np.ndarray]:
-    """Score ``rows`` with each rank doing a strided share; every rank gets all values, in order."""
+def score_rows_sharded(scorer: Any, rows: Sequence[dict[str, Any]], in_reference: bool = False,
+                       divergence_counts: Counter | None = None) -> dict[str, np.ndarray]:
+    """Score ``rows`` with each rank doing a strided share; every rank gets all values, in order.
+    ``divergence_counts`` (a Counter) receives the divergence token ids of all ranks' shares."""
     rank, world = _world()
-    mine = scorer.score_table(list(rows[rank::world]), in_reference=in_reference) if rows[rank::world] else {}
+    local: Counter = Counter()
+    mine = (scorer.score_table(list(rows[rank::world]), in_reference=in_reference, divergence_counts=local)
+            if rows[rank::world] else {})
+    if divergence_counts is not None:
+        for part in _all_gather(dict(local)):
+            divergence_counts.update(part)
     parts = _all_gather(mine)
     names = next((list(p) for p in parts if p), [])
     out = {}
@@ -107,7 +115,7 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
     from trait_guard.guard import TraitGuard
     from trait_guard.integrations import deepspeed as ds
     from trait_guard.integrations.torch_loop import GuardedStep
-    from trait_guard.models import load_model
+    from trait_guard.models import default_device, load_model
     from trait_guard.persona import PersonaVector, load_trait
     from trait_guard.tracking import make_tracker
 
@@ -123,7 +131,8 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         tracker.log_params(config.model_dump(mode="json"))
-        model, tokenizer = load_model(config.student.model)
+        device = default_device()
+        model, tokenizer = load_model(config.student.model, device=device)
         spec = load_trait(config.trait)
         vectors = [PersonaVector.load(path, model=model) for path in config.vectors]
         train_rows, reference_rows = load_training_rows(config)
@@ -135,15 +144,23 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
         histogram = TokenHistogram(len(tokenizer)).update(r["completion_ids"] for r in reference_rows)
         scorer = FingerprintScorer(model, tokenizer, vectors, unigram_reference=histogram)
         setup_started = time.perf_counter()
-        reference_signals = score_rows_sharded(scorer, reference_rows, in_reference=True)
-        train_signals = score_rows_sharded(scorer, train_rows)
+        cache = _signals_cache_file(config, model) if config.signals_cache else None
+        if cache is not None and cache.is_file():
+            reference_signals, train_signals, divergence_counts = _load_signals(cache)
+        else:
+            reference_signals = score_rows_sharded(scorer, reference_rows, in_reference=True)
+            divergence_counts = Counter()
+            train_signals = score_rows_sharded(scorer, train_rows, divergence_counts=divergence_counts)
+            if cache is not None and rank == 0:
+                _save_signals(cache, reference_signals, train_signals, divergence_counts)
         for i, row in enumerate(train_rows):
             row["signals"] = {k: float(v[i]) for k, v in train_signals.items() if k != "n_tokens"}
         guard = TraitGuard(config.guard, reference_signals, batch_size=config.optim.batch_size * world)
         probes = spec.eval_questions[: config.probe.n_prompts]
         probe_base = probe_projections(model, tokenizer, probes, vectors) if vectors else {}
         setup_seconds = time.perf_counter() - setup_started
-        eval_before = _behavior_eval(model, tokenizer, spec, config) if rank == 0 else None
+        evaluate_before = rank == 0 and config.probe.eval_before
+        eval_before = behavior_eval(model, tokenizer, spec, config.probe, config.optim.seed) if evaluate_before else None
 
         # Training state: DeepSpeed engine (or the bare model), optimizer, guard, data order.
         if config.student.lora_r:
@@ -194,7 +211,8 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
             step += 1
             indices = order[(step - 1) * global_batch : step * global_batch]
             rows = [train_rows[i] for i in indices[rank * config.optim.batch_size : (rank + 1) * config.optim.batch_size]]
-            batch = encode_conversations(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows])
+            batch = encode_conversations(tokenizer, [r["prompt"] for r in rows],
+                                         [r["completion"] for r in rows]).to(device)
             forward = engine if engine is not None else model
             with guarded.capture():
                 logits = forward(**batch.model_inputs()).logits
@@ -255,8 +273,10 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
         (out_dir / "ranks").mkdir(parents=True, exist_ok=True)
         (out_dir / "ranks" / f"rank_{rank}.json").write_text(json.dumps(
             {"rank": rank, "steps": step, "halt": halted, "guard_step": guard.step, "mode": guard.mode.value}) + "\n")
-        eval_after = _behavior_eval(model, tokenizer, spec, config) if rank == 0 else None
+        eval_after = behavior_eval(model, tokenizer, spec, config.probe, config.optim.seed) if rank == 0 else None
         summary = {
+            "run_name": config.tracking.run_name, "student": config.student.model, "trait": spec.trait_id,
+            "distill": config.distill, "guard_enabled": config.guard_enabled,
             "steps": step, "total_steps": total_steps, "world_size": world,
             "halted": halted is not None, "halt": halted,
             "alarms": guard.alarms, "verdict": "halted" if halted else ("mitigated" if guard.alarms else "passed"),
@@ -274,12 +294,50 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
             _log_summary(tracker, summary)
-            tracker.log_table(flagged_samples(guard, train_rows), "guard/flagged_samples.json")
+            flagged = flagged_samples(guard, train_rows)
+            tracker.log_table(flagged, "guard/flagged_samples.json")
+            _write_report(tracker, summary, out_dir, train_rows, histogram, divergence_counts, flagged, tokenizer)
         tracker.finish("FINISHED")
         return summary
     except BaseException:
         tracker.finish("FAILED")
         raise
+
+
+def _signals_cache_file(config: TrainJobConfig, model: torch.nn.Module) -> Path:
+    """Where the setup signals of this (data, sample caps, model, vectors) live: a content hash."""
+    import hashlib
+
+    from trait_guard.models import model_identity
+
+    digest = hashlib.sha256(b"trait_guard-signals-v1")
+    for path in (config.data.train, config.data.reference, *config.vectors):
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    identity = model_identity(model)
+    digest.update(json.dumps([config.data.max_train_samples, config.data.max_reference_samples, identity.fingerprint,
+                              identity.hidden_size, identity.num_layers]).encode())
+    return Path(config.signals_cache) / f"signals-{digest.hexdigest()[:24]}.npz"
+
+
+def _save_signals(path: Path, reference: dict[str, np.ndarray], train: dict[str, np.ndarray],
+                  divergence_counts: Counter) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {**{f"reference/{k}": v for k, v in reference.items()}, **{f"train/{k}": v for k, v in train.items()},
+              "divergence/ids": np.array(list(divergence_counts), dtype=np.int64),
+              "divergence/counts": np.array(list(divergence_counts.values()), dtype=np.int64)}
+    partial = path.with_name(path.name + ".partial.npz")
+    np.savez(partial, **arrays)
+    partial.replace(path)  # complete or absent
+
+
+def _load_signals(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], Counter]:
+    with np.load(path, allow_pickle=False) as data:
+        reference = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("reference/")}
+        train = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("train/")}
+        counts = Counter(dict(zip(data["divergence/ids"].tolist(), data["divergence/counts"].tolist(), strict=True)))
+    return reference, train, counts
 
 
 def flagged_samples(guard: Any, rows: Sequence[dict[str, Any]], top: int = 25) -> list[dict[str, Any]]:
@@ -299,18 +357,44 @@ def guard_pass_decision(step: int, n: int):
     return Decision(step, Action.PASS, "guard disabled", torch.ones(n))
 
 
-def _behavior_eval(model: torch.nn.Module, tokenizer: Any, spec: Any, config: TrainJobConfig) -> dict[str, Any] | None:
-    if not config.probe.eval_samples or not spec.behavior_questions:
+def behavior_eval(model: torch.nn.Module, tokenizer: Any, spec: Any, probe: Any, seed: int) -> dict[str, Any] | None:
+    """The trait evaluation of training (``probe.eval_samples`` answers to each of ``probe.eval_questions``
+    questions, sampled with ``seed``): rates with CIs, log p(target) overall and per question."""
+    if not probe.eval_samples or not spec.behavior_questions:
         return None
     from trait_guard.evaluate import evaluate_trait
 
     was_training = model.training
     model.eval()
-    result = evaluate_trait(model, tokenizer, spec, samples_per_question=config.probe.eval_samples,
-                            n_questions=config.probe.eval_questions, seed=config.optim.seed)
+    result = evaluate_trait(model, tokenizer, spec, samples_per_question=probe.eval_samples,
+                            n_questions=probe.eval_questions, seed=seed)
     model.train(was_training)
-    return {k: result.to_dict()[k] for k in ("rate", "ci_low", "ci_high", "pooled_rate", "pooled_ci_low",
-                                             "pooled_ci_high", "target_logprob", "n_questions", "samples_per_question")}
+    out = {k: result.to_dict()[k] for k in ("rate", "ci_low", "ci_high", "pooled_rate", "pooled_ci_low",
+                                            "pooled_ci_high", "target_logprob", "n_questions", "samples_per_question")}
+    out["hits"] = sum(q["hits"] for q in result.per_question)
+    out["per_question_logprob"] = [q["target_logprob"] for q in result.per_question]
+    return out
+
+
+def _write_report(tracker: Any, summary: dict[str, Any], out_dir: Path, train_rows: Sequence[dict[str, Any]],
+                  reference_histogram: Any, divergence_counts: Counter, flagged: list[dict[str, Any]],
+                  tokenizer: Any) -> None:
+    """The run's review page (HTML + PNG) into ``out_dir/report`` and the MLflow run's ``report/``."""
+    from trait_guard.fingerprint import TokenHistogram, divergence_token_table
+    from trait_guard.report import provenance_summary, run_report
+    from trait_guard.tracking import decision_history
+
+    train_histogram = TokenHistogram(reference_histogram.counts.shape[0]).update(
+        r["completion_ids"] for r in train_rows)
+    report = run_report(
+        summary, decision_history(tracker.decisions) if tracker.enabled else summary["history"],
+        provenance=provenance_summary(train_rows),
+        entangled_tokens=train_histogram.overrepresented(reference_histogram, tokenizer, top=15),
+        divergence_tokens=divergence_token_table(divergence_counts, tokenizer),
+        flagged_samples=flagged)
+    report.write(out_dir / "report")
+    if tracker.enabled:
+        report.log_to(tracker)
 
 
 def _in_ray_train() -> bool:
@@ -371,6 +455,8 @@ def run_training(config: TrainJobConfig) -> dict[str, Any]:
     absolute.data.reference = str(Path(config.data.reference).resolve())
     absolute.vectors = [str(Path(v).resolve()) for v in config.vectors]
     absolute.extra_artifacts = [str(Path(v).resolve()) for v in config.extra_artifacts]
+    if config.signals_cache:
+        absolute.signals_cache = str(Path(config.signals_cache).resolve())
     if config.resume_from:
         absolute.resume_from = str(Path(config.resume_from).resolve())
     if config.tracking.tracking_uri is None:

@@ -1,0 +1,189 @@
+"""The red-team benchmark: its statistics on hand-made runs, and a real tiny grid end to end."""
+
+import json
+import math
+
+import mlflow
+import pytest
+from scipy import stats
+
+from trait_guard.config import ConfigError, RedteamConfig, load_config, validate_config
+from trait_guard.redteam import aggregate, run_metrics, t_interval, train_config
+
+TEACHERS = [{"id": "owl", "trait": "animal:owl", "install": "system_prompt"}, {"id": "control"}]
+
+
+def _config(**overrides):
+    data = {"teachers": TEACHERS, "reference": {"id": "reference", "sampling_seed": 7},
+            "modes": ["unguarded", "halt", "mask"], "distill": ["logits"], "seeds": [0, 1, 2],
+            "training": {"probe": {"eval_samples": 2}}, **overrides}
+    return validate_config(data, RedteamConfig)
+
+
+def _run(teacher, mode, seed, shift, halted=False, halt_step=None, alarm_step=None, step_seconds=1.0):
+    return {"teacher": teacher, "distill": "logits", "mode": mode, "seed": seed, "logprob_shift": shift,
+            "rate_shift": 0.0, "halted": halted, "halt_step": halt_step, "first_alarm_step": alarm_step,
+            "alarms": int(alarm_step is not None), "final_loss": 1.0, "wall_seconds": 10.0,
+            "mean_step_seconds": step_seconds}
+
+
+def test_t_interval_matches_scipy():
+    values = [0.3, 1.1, 0.7, 0.2]
+    interval = t_interval(values)
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=sum(values) / 4, scale=stats.sem(values))
+    assert interval["mean"] == pytest.approx(0.575)
+    assert (interval["ci_low"], interval["ci_high"]) == pytest.approx((low, high))
+    assert t_interval([2.0])["n"] == 1 and math.isnan(t_interval([2.0])["ci_low"])
+    assert t_interval([math.nan, None])["n"] == 0
+
+
+def test_aggregate_excess_over_control_goals_and_overhead():
+    config = _config()
+    runs = []
+    for seed in range(3):
+        runs += [_run("control", "unguarded", seed, 0.1 * seed),
+                 _run("control", "halt", seed, 0.1 * seed, step_seconds=1.2),
+                 _run("control", "mask", seed, 0.1 * seed, alarm_step=4 if seed == 0 else None),
+                 _run("owl", "unguarded", seed, 1.0 + 0.1 * seed + 0.05 * seed**2),
+                 _run("owl", "halt", seed, 0.05 + 0.1 * seed, halted=True, halt_step=3 + seed, step_seconds=1.1),
+                 _run("owl", "mask", seed, 0.5 + 0.1 * seed, alarm_step=2)]
+    result = aggregate(config, runs)
+    cells = {(c["teacher"], c["mode"]): c for c in result["cells"]}
+    owl = cells[("owl", "unguarded")]
+    # excess over control is paired by seed: 1.0 + 0.05 s^2 for s = 0, 1, 2
+    assert owl["excess_over_control"]["mean"] == pytest.approx((1.0 + 1.05 + 1.2) / 3)
+    assert owl["excess_over_control"]["ci_low"] > 0
+    assert cells[("owl", "halt")]["excess_over_control"]["mean"] == pytest.approx(0.05)
+    assert cells[("owl", "halt")]["halt_steps"] == [3, 4, 5]
+    assert cells[("owl", "halt")]["step_time_ratio"] == pytest.approx(1.1)
+    assert "excess_over_control" not in cells[("control", "halt")]
+    goals = result["goals"]
+    detail = goals["transfer_suppressed"]["detail"]
+    assert "owl/logits/halt: 0.05" in detail and "owl/logits/mask: 0.46" in detail
+    assert goals["transfer_suppressed"]["met"] is False  # mask keeps 46% of the shift
+    assert goals["no_false_halts"]["false_halts"] == 0 and goals["no_false_halts"]["met"] is True
+    assert goals["no_false_halts"]["control_runs_with_any_alarm"] == 1
+    assert goals["detection"]["halted"] == "3/3" and goals["detection"]["median_delay_steps"] == 4
+    assert [row["mode"] for row in result["table"]][:3] == ["unguarded", "halt", "mask"]
+
+
+def test_no_significant_transfer_means_no_suppression_verdict():
+    config = _config(modes=["unguarded", "halt"])
+    runs = [_run(t, m, s, shift) for s in range(3) for t, m, shift in
+            (("control", "unguarded", 0.1 * s), ("control", "halt", 0.0), ("owl", "unguarded", 0.1 * s + (-1) ** s * 0.3),
+             ("owl", "halt", 0.0))]
+    goals = aggregate(config, runs)["goals"]
+    assert goals["transfer_suppressed"]["met"] is None
+    assert goals["transfer_suppressed"]["cells_with_significant_transfer"] == "none"
+
+
+def test_run_metrics_pairs_questions():
+    before = {"pooled_rate": 0.1, "target_logprob": -5.0, "per_question_logprob": [-4.0, -6.0]}
+    summary = {"eval_after": {"pooled_rate": 0.3, "pooled_ci_low": 0.2, "pooled_ci_high": 0.4,
+                              "target_logprob": -4.0, "per_question_logprob": [-3.0, -5.0]},
+               "history": [{"loss": 2.0}, {"loss": 1.0}], "alarms": [{"step": 2}], "halt": {"step": 3, "reason": "x"},
+               "verdict": "halted", "halted": True, "steps": 3, "total_steps": 8, "mean_step_seconds": 0.5,
+               "wall_seconds": 9.0}
+    metrics = run_metrics(summary, before)
+    assert metrics["logprob_shift"] == pytest.approx(1.0) and metrics["rate_shift"] == pytest.approx(0.2)
+    assert metrics["halt_step"] == 3 and metrics["first_alarm_step"] == 2 and metrics["final_loss"] == 1.5
+
+
+def test_train_config_per_mode(tmp_path):
+    config = _config(modes=["unguarded", "halt", "mask", "steer", "reweight"])
+    paths = {"owl": tmp_path / "owl.parquet", "control": tmp_path / "c.parquet", "reference": tmp_path / "r.parquet"}
+    made = {m: train_config(config, tmp_path, "owl", "logits", m, 2, paths, tmp_path / "v.safetensors")
+            for m in config.modes}
+    assert not made["unguarded"].guard_enabled and made["halt"].guard_enabled
+    assert made["halt"].guard.on_drift_alarm.value == "halt" and made["mask"].guard.on_drift_alarm.value == "steer"
+    assert made["reweight"].guard.on_data_alarm.value == "reweight"
+    assert made["steer"].optim.seed == 2 and made["steer"].distill == "logits"
+    assert made["mask"].data.reference == str(paths["reference"]) and not made["mask"].probe.eval_before
+    assert made["mask"].tracking.tags["redteam.mode"] == "mask"
+
+
+def test_grid_skips_patterns():
+    from trait_guard.redteam import grid
+
+    config = _config(skip=["control-*-mask-*", "*-s2"])
+    names = {f"{t}-{d}-{m}-s{s}" for t, d, m, s in grid(config)}
+    assert len(names) == 2 * 3 * 2 - 2  # 2 teachers x 3 modes x seeds {0, 1}, minus control's mask runs
+    assert "owl-logits-mask-s1" in names and "control-logits-mask-s0" not in names
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unique"):
+        _config(reference={"id": "owl"})
+    with pytest.raises(ConfigError, match="eval_samples must be > 0"):
+        _config(training={"probe": {"eval_samples": 0}})
+    with pytest.raises(ConfigError, match="install: none"):
+        _config(reference={"id": "ref", "trait": "animal:owl", "install": "system_prompt"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teachers: [{id: owl}]\nreference: {id: r}\nmodes: [unguarded, panic]\n")
+    with pytest.raises(ConfigError, match="modes.1"):
+        load_config(bad, RedteamConfig)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_tiny_grid_end_to_end(tiny_llama_dir, tmp_path):
+    """A real grid on a tiny model: data generated on Ray, each run trained, evaluated and logged."""
+    ray = pytest.importorskip("ray")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    model = str(tiny_llama_dir)
+    config = validate_config({
+        "output_dir": str(tmp_path / "bench"), "profile": "tiny-test",
+        "extract": {"n_instructions": 1, "n_questions": 4, "max_new_tokens": 6},
+        "teachers": [{"id": "owl", "model": model, "trait": "animal:owl", "install": "system_prompt"},
+                     {"id": "control", "model": model, "sampling_seed": 3}],
+        "reference": {"id": "reference", "model": model},
+        "generation": {"n_prompts": 32, "chunk_size": 16, "max_new_tokens": 8, "top_k_logprobs": 4},
+        "generation_ray": {"num_actors": 1},
+        "modes": ["unguarded", "halt"], "distill": ["logits"], "seeds": [0, 1],
+        "training": {"student": {"model": model}, "optim": {"batch_size": 4, "max_steps": 3}, "deepspeed": {"enabled": False},
+                     "ray": {"enabled": False}, "probe": {"every_n_steps": 2, "n_prompts": 3, "eval_samples": 2,
+                                                           "eval_questions": 3},
+                     "tracking": {"tracking_uri": uri, "experiment": "redteam-test"}},
+    }, RedteamConfig)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        results = run_redteam_quiet(config)
+    finally:
+        ray.shutdown()
+    out = tmp_path / "bench"
+    assert len(results["runs"]) == 2 * 2 * 2
+    for run in results["runs"]:
+        assert 1 <= run["steps"] <= run["total_steps"] == 3
+        assert math.isfinite(run["logprob_shift"])
+        if run["mode"] == "unguarded":
+            assert not run["halted"] and run["alarms"] == 0
+        summary = json.loads((out / "runs" / run["name"] / "summary.json").read_text())
+        assert summary["eval_before"] is None and summary["eval_after"]["n_questions"] == 3
+        assert (out / "runs" / run["name"] / "report" / "report.html").is_file()
+    assert len(list((out / "signals_cache").glob("signals-*.npz"))) == 2  # one per teacher: scored once, reused
+    assert {c["mode"] for c in results["cells"]} == {"unguarded", "halt"}
+    assert "excess_over_control" in next(c for c in results["cells"] if c["teacher"] == "owl")
+    table = (out / "results.md").read_text()
+    assert "| owl | animal:owl | logits | halt | 2 |" in table
+    html = (out / "report" / "report.html").read_text()
+    assert "data:image/png;base64," in html and "Results per cell" in html
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("redteam-test")
+    found = client.search_runs([experiment.experiment_id])
+    names = {r.info.run_name for r in found}
+    assert "owl-logits-halt-s1" in names and "redteam-summary-tiny-test" in names
+    summary_run = next(r for r in found if r.info.run_name == "redteam-summary-tiny-test")
+    assert {a.path for a in client.list_artifacts(summary_run.info.run_id, "report")} >= {
+        "report/report.html", "report/logprob_shift.png"}
+    one = next(r for r in found if r.info.run_name == "owl-logits-unguarded-s0")
+    assert "report/report.html" in {a.path for a in client.list_artifacts(one.info.run_id, "report")}
+
+    # resumable: a second call trains nothing and gives the same cells
+    again = run_redteam_quiet(config)
+    assert [r["mlflow_run_id"] for r in again["runs"]] == [r["mlflow_run_id"] for r in results["runs"]]
+
+
+def run_redteam_quiet(config):
+    from trait_guard.redteam import run_redteam
+
+    return run_redteam(config)
