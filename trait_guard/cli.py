@@ -203,11 +203,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.local:
         config.ray.enabled = False
     summary = run_training(config)
+    if summary.get("interrupted"):
+        signum = summary["interrupted"]["signal"]
+        checkpoint = Path(config.output_dir) / "checkpoints" / f"step_{summary['steps']:06d}"
+        print(f"guarded training INTERRUPTED (signal {signum}) after step {summary['steps']}: checkpoint "
+              f"{checkpoint}, partial report in {Path(config.output_dir) / 'report'}; continue with --resume {checkpoint}")
+        return 128 + int(signum)
     verdict = summary["verdict"]
     print(f"guarded training {verdict.upper()} after {summary['steps']} of {summary['total_steps']} steps"
           + (f": {summary['halt']['reason']}" if summary["halted"] else ""))
     print(f"MLflow run {summary['mlflow_run_id']} ({summary['mlflow_run_url']}); summary in "
           f"{Path(config.output_dir) / 'summary.json'}")
+    return 0
+
+
+def cmd_sync_mlflow(args: argparse.Namespace) -> int:
+    from trait_guard.spool import replay
+
+    for folder in args.spool:
+        print(f"{folder}: {replay(folder)} queued write(s) delivered")
     return 0
 
 
@@ -398,6 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", help="default: outputs/demo")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=cmd_demo)
+
+    sync = sub.add_parser(
+        "sync-mlflow", help="deliver MLflow writes queued while the tracking server was down",
+        description="A run whose tracking server was still unreachable when it finished leaves its queued writes "
+                    "(metrics, tags, artifacts, final status) in a spool folder, named in its log. Start the "
+                    "server, then: trait-guard sync-mlflow outputs/train/mlflow_spool/<run id>")
+    sync.add_argument("spool", nargs="+", help="spool folder(s) (each holds run.json and operations.jsonl)")
+    sync.set_defaults(func=cmd_sync_mlflow)
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the local store (review runs)")
     ui.add_argument("--port", type=int, default=5000)

@@ -173,6 +173,9 @@ class TrainDataConfig(StrictModel):
     reference: str = Field(description="reference Parquet from the student's base model (a control teacher)")
     max_train_samples: int | None = Field(None, gt=0)
     max_reference_samples: int | None = Field(None, gt=0)
+    allow_unverified: bool = Field(
+        False, description="train on data whose provenance manifest is missing or does not match (the run is "
+                           "tagged provenance.verified=false); default: refuse it")
 
 
 class OptimConfig(StrictModel):
@@ -221,6 +224,9 @@ class TrackingConfig(StrictModel):
     run_name: str | None = None
     tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI or the local SQLite store")
     tags: dict[str, str] = Field(default_factory=dict)
+    spool_dir: str | None = Field(
+        None, description="where writes wait while the tracking server is unreachable (training: <output_dir>/"
+                          "mlflow_spool); delivered when it is back, or with `trait-guard sync-mlflow`")
 
 
 class TrainingSettings(StrictModel):

@@ -104,8 +104,15 @@ def _write_teacher(
                          time.perf_counter() - started)
 
 
-def _finish(report: GenerationReport) -> GenerationReport:
+def _finish(report: GenerationReport, config: GenerateJobConfig) -> GenerationReport:
+    """summary.json, and each file's provenance (hash, teacher, base, generation config) in manifest.json."""
+    from trait_guard.provenance import record_files
+
     Path(report.output_dir, "summary.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    teachers = {t.id: t for t in config.teachers}
+    record_files(report.output_dir, [{"file": Path(t.path).name, "teacher": teachers[t.teacher_id].model_dump(),
+                                      "rows": t.rows, "kept": t.kept} for t in report.teachers],
+                 config.generation.model_dump())
     return report
 
 
@@ -119,7 +126,7 @@ def generate_local(config: GenerateJobConfig, *, progress: bool = True) -> Gener
         teacher = Teacher(teacher_cfg, config.generation, family)
         results = (teacher.generate(chunk, index) for index, chunk in enumerate(chunks))
         report.teachers.append(_write_teacher(teacher_cfg, chunks, results, out_dir, progress))
-    return _finish(report)
+    return _finish(report, config)
 
 
 class TeacherActor:
@@ -215,4 +222,4 @@ def generate_datasets(
                 ray.kill(actor)
         teacher_report.actor_restarts_seen = replaced
         report.teachers.append(teacher_report)
-    return _finish(report)
+    return _finish(report, config)

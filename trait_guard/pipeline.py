@@ -33,7 +33,7 @@ def run_pipeline(config: RunJobConfig, *, progress: bool = True) -> dict[str, An
     from trait_guard.models import load_model
     from trait_guard.persona import extract, load_trait
     from trait_guard.screen import screen
-    from trait_guard.train import load_training_rows, run_training
+    from trait_guard.train import load_training_rows, run_training, verify_training_data
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,6 +66,7 @@ def run_pipeline(config: RunJobConfig, *, progress: bool = True) -> dict[str, An
     settings = config.model_dump(include=set(TrainingSettings.model_fields))
     train = TrainJobConfig(output_dir=str(out / "train"), trait=config.trait, vectors=[str(vector_path)],
                            data={"train": paths[config.train_on], "reference": paths[config.reference]}, **settings)
+    verify_training_data(train)  # refuses data that differs from its manifest before anything runs on it
     train_rows, reference_rows = load_training_rows(train)
     histogram = TokenHistogram(len(tokenizer)).update(r["completion_ids"] for r in reference_rows)
     scorer = FingerprintScorer(model, tokenizer, [vector], unigram_reference=histogram)

@@ -146,6 +146,19 @@ def provenance_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
 # ----------------------------------------------------------------------------- one run
 
 
+def _verification(provenance: Mapping[str, Any] | None) -> str:
+    if not provenance:
+        return ""
+    kinship = html.escape(str(provenance.get("kinship", "unknown")))
+    if provenance.get("verified"):
+        return (f'<p class="note">Files verified against their generation manifests (SHA-256). '
+                f"Teachers vs student base model: <b>{kinship}</b>.</p>")
+    problems = "".join(f"<li>{html.escape(p)}</li>" for p in provenance.get("problems", []))
+    return (f'<p><span class="verdict halted">UNVERIFIED DATA</span> trained with data.allow_unverified. '
+            f"Teachers vs student base model: <b>{kinship}</b>.</p><ul>{problems}</ul>")
+
+
+
 def run_report(summary: Mapping[str, Any], history: Sequence[Mapping[str, Any]], *,
                provenance: Sequence[Mapping[str, Any]] = (),
                entangled_tokens: Sequence[Mapping[str, Any]] = (),
@@ -207,7 +220,7 @@ def run_report(summary: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
                             empty="no teacher log-probs in the data, or no divergence")),
         _section("Samples that lean furthest the suspicious way",
                  html_table(list(flagged_samples)[:15], ["sample_id", "teacher_id", "lean_z", "completion"])),
-        _section("Provenance of the training data", html_table(provenance)),
+        _section("Provenance of the training data", _verification(summary.get("provenance")), html_table(provenance)),
     ]
     name = title or f"trait_guard run report: {summary.get('run_name') or summary.get('mlflow_run_id') or ''}"
     return Report(name, _page(name, sections), figures)

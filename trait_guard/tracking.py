@@ -456,16 +456,33 @@ class MlflowTracker(Tracker):
         tags: run tags (added to MLflow's context tags: user, source, git commit).
         flush_every: metrics buffered before a ``log_batch``.
         flush_interval: seconds after which a ``log_metrics`` call sends the buffer anyway.
+        spool_dir: where writes wait while an HTTP tracking server is unreachable (default
+            ``$TRAIT_GUARD_SPOOL_DIR`` or ``./.trait_guard_spool``, one folder per run).
+        spool_wait: seconds :meth:`finish` keeps retrying a spool before leaving it on disk.
+        run_id: continue this existing run (a resumed training job) instead of creating one.
+
+    When the tracking server goes away mid-run, writes queue in the spool (training goes on) and are
+    sent in order once it answers again; the run is then tagged ``tracking.delivered_late``. Writes
+    still queued when the run finishes stay on disk: ``trait-guard sync-mlflow <spool folder>``.
     """
 
     enabled = True
 
     def __init__(self, experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
                  tracking_uri: str | None = None, tags: Mapping[str, Any] | None = None,
-                 flush_every: int = MAX_METRICS_PER_BATCH, flush_interval: float = 10.0):
+                 flush_every: int = MAX_METRICS_PER_BATCH, flush_interval: float = 10.0,
+                 spool_dir: str | os.PathLike | None = None, spool_wait: float = 60.0,
+                 run_id: str | None = None):
         from mlflow import MlflowClient
 
+        from trait_guard.spool import Spool
+
         self.tracking_uri = tracking_uri or default_tracking_uri()
+        if self.tracking_uri.startswith(("http://", "https://")):
+            # MLflow retries a dead server for minutes per call by default; the spool takes over instead
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.experiment_name = experiment
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.experiment_id = self._experiment_id(experiment)
@@ -482,9 +499,20 @@ class MlflowTracker(Tracker):
         self.skipped_metrics = 0  # NaN/inf (or non-numeric) values not logged
         self.skipped_by_key: dict[str, int] = {}
         self.status: str = "RUNNING"
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=self._run_tags(tags))
+        run = self._existing_run(run_id) if run_id else None
+        if run is not None:
+            self.client.update_run(run_id, status="RUNNING")
+            self.experiment_id = run.info.experiment_id
+        else:
+            if run_id:
+                tags = {**(tags or {}), "trait_guard.continues_run": run_id}
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=self._run_tags(tags))
         self._run_id = run.info.run_id
         self.run_name = run.info.run_name
+        root = Path(spool_dir or os.environ.get("TRAIT_GUARD_SPOOL_DIR", ".trait_guard_spool"))
+        self.spool = Spool(root / self._run_id)
+        self.spool_wait = float(spool_wait)
+        self._last_replay = 0.0
         atexit.register(self._at_exit)
 
     # -- setup ---------------------------------------------------------------------------------
@@ -503,6 +531,17 @@ class MlflowTracker(Tracker):
         if experiment.lifecycle_stage == "deleted":
             self.client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
+
+    def _existing_run(self, run_id: str) -> Any:
+        """The run to continue, or None when this store does not have it (e.g. a checkpoint copied
+        from another store): then a new run is created and tagged with the old id."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException as err:
+            logger.warning("run %s not found in %s (%s); starting a new run", run_id, self.tracking_uri, err.error_code)
+            return None
 
     @staticmethod
     def _run_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
@@ -545,8 +584,6 @@ class MlflowTracker(Tracker):
 
     # -- logging -------------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any] | BaseModel) -> None:
-        from mlflow.entities import Param
-
         if not self._active("log_params"):
             return
         flat = {_clean_key(k): v for k, v in flatten_params(params).items()}
@@ -559,14 +596,12 @@ class MlflowTracker(Tracker):
                                    key, old, value)
                 elif old is None:
                     new[key] = value
-            items = [Param(k, v) for k, v in new.items()]
+            items = [[k, v] for k, v in new.items()]
             for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-                self.client.log_batch(self._run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+                self._write({"op": "log_batch", "params": items[i:i + MAX_PARAMS_PER_BATCH]})
             self._params.update(new)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
         if not self._active("log_metrics"):
             return
         timestamp = int(time.time() * 1000)
@@ -585,7 +620,7 @@ class MlflowTracker(Tracker):
                                        "(counted in tag trait_guard.skipped_metrics)", key, value, step)
                     self.skipped_by_key[key] = self.skipped_by_key.get(key, 0) + 1
                     continue
-                self._metrics.append(Metric(key, number, timestamp, step))
+                self._metrics.append([key, number, timestamp, step])
             if (len(self._metrics) >= self.flush_every
                     or time.monotonic() - self._last_flush >= self.flush_interval):
                 self._flush_metrics()
@@ -610,23 +645,17 @@ class MlflowTracker(Tracker):
             self._last_reason = reason
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
         if not self._active("set_tags"):
             return
-        items = [RunTag(k, v) for k, v in _clean_tags(tags).items()]
+        items = [[k, v] for k, v in _clean_tags(tags).items()]
         with self._lock:
             for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-                self.client.log_batch(self._run_id, tags=items[i:i + MAX_PARAMS_PER_BATCH])
+                self._write({"op": "log_batch", "tags": items[i:i + MAX_PARAMS_PER_BATCH]})
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if not self._active("log_artifact"):
             return
-        path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self._run_id, str(path), artifact_path=artifact_path)
-        else:
-            self.client.log_artifact(self._run_id, str(path), artifact_path=artifact_path)
+        self._write({"op": "log_artifact", "local_path": str(Path(path)), "artifact_path": artifact_path})
 
     def _log_file(self, artifact_file: str, write) -> None:
         """Write ``artifact_file``'s content with ``write(local_path)`` and upload it to its folder."""
@@ -635,17 +664,18 @@ class MlflowTracker(Tracker):
         with tempfile.TemporaryDirectory(prefix="trait_guard_artifact_") as tmp:
             local = Path(tmp) / name
             write(local)
-            self.client.log_artifact(self._run_id, str(local), artifact_path=folder or None)
+            self._write({"op": "log_artifact", "local_path": str(local), "artifact_path": folder or None})
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         if not self._active("log_dict"):
             return
-        self.client.log_dict(self._run_id, _jsonable(obj), artifact_file)
+        text = json.dumps(_jsonable(obj), indent=2)
+        self._log_file(artifact_file, lambda local: local.write_text(text, encoding="utf-8"))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if not self._active("log_text"):
             return
-        self.client.log_text(self._run_id, text, artifact_file)
+        self._log_file(artifact_file, lambda local: local.write_text(text, encoding="utf-8"))
 
     def log_figure(self, figure: Figure, artifact_file: str, dpi: int = 110) -> None:
         if not self._active("log_figure"):
@@ -669,11 +699,14 @@ class MlflowTracker(Tracker):
             import pandas as pd
         except ImportError:
             pd = None
-        if pd is not None and rows and artifact_file.endswith((".json", ".parquet")):
-            self.client.log_table(self._run_id, pd.DataFrame(rows, columns=columns), artifact_file)
-        else:
-            self.log_dict({"columns": columns, "data": [[r.get(c) for c in columns] for r in rows]},
-                          artifact_file)
+        if pd is not None and rows and artifact_file.endswith((".json", ".parquet")) and not len(self.spool):
+            try:
+                self.client.log_table(self._run_id, pd.DataFrame(rows, columns=columns), artifact_file)
+                return
+            except Exception as err:  # noqa: BLE001 - an outage falls back to a spooled file below
+                if not self._outage(err):
+                    raise
+        self.log_dict({"columns": columns, "data": [[r.get(c) for c in columns] for r in rows]}, artifact_file)
 
     # -- flushing and finishing ------------------------------------------------------------------
     def _flush_metrics(self) -> None:
@@ -681,7 +714,7 @@ class MlflowTracker(Tracker):
             pending, self._metrics = self._metrics, []
             self._last_flush = time.monotonic()
             for i in range(0, len(pending), MAX_METRICS_PER_BATCH):
-                self.client.log_batch(self._run_id, metrics=pending[i:i + MAX_METRICS_PER_BATCH])
+                self._write({"op": "log_batch", "metrics": pending[i:i + MAX_METRICS_PER_BATCH]})
 
     def _flush_decisions(self) -> None:
         with self._lock:
@@ -707,10 +740,68 @@ class MlflowTracker(Tracker):
                 self.flush()
                 if self.skipped_metrics:
                     self.set_tags({"trait_guard.skipped_metrics": self.skipped_metrics})
+                deadline = time.monotonic() + self.spool_wait
+                while len(self.spool) and time.monotonic() < deadline:
+                    time.sleep(1.0)
+                    self._replay(force=True)
+                if self.spool.spooled:
+                    self.set_tags({
+                        "tracking.delivered_late": f"{self.spool.spooled} write(s) queued while the tracking server "
+                                                   "was unreachable, delivered in order when it came back",
+                        "tracking.offline_seconds": round(self.spool.offline_seconds, 1)})
             finally:
-                self.client.set_terminated(self._run_id, status=status)
+                self._write({"op": "set_terminated", "status": status})
                 self.status = status
                 atexit.unregister(self._at_exit)
+                if len(self.spool):
+                    logger.error("the tracking server %s is still unreachable: %d write(s) of run %s wait in %s; "
+                                 "deliver them with `trait-guard sync-mlflow %s`", self.tracking_uri,
+                                 len(self.spool), self._run_id, self.spool.directory, self.spool.directory)
+
+    # -- the spool -------------------------------------------------------------------------------
+    def _outage(self, err: BaseException) -> bool:
+        """Whether ``err`` came from an unreachable HTTP tracking server (rather than a bad request)."""
+        from trait_guard.spool import server_reachable
+
+        return self.tracking_uri.startswith(("http://", "https://")) and not server_reachable(self.tracking_uri)
+
+    def _write(self, operation: dict[str, Any]) -> None:
+        """Send one write, or queue it while the server is unreachable (order is kept)."""
+        from trait_guard.spool import execute
+
+        with self._lock:
+            if len(self.spool):
+                self.spool.add(operation)
+                self._replay()
+                return
+            try:
+                execute(self.client, self._run_id, operation)
+            except Exception as err:
+                if not self._outage(err):
+                    raise
+                logger.warning("tracking server %s unreachable (%s); queueing writes in %s, training goes on",
+                               self.tracking_uri, type(err).__name__, self.spool.directory)
+                self.spool.directory.mkdir(parents=True, exist_ok=True)
+                (self.spool.directory / "run.json").write_text(json.dumps(
+                    {"tracking_uri": self.tracking_uri, "run_id": self._run_id}) + "\n", encoding="utf-8")
+                self.spool.add(operation)
+
+    def _replay(self, force: bool = False) -> None:
+        """Try to deliver the spool (at most every 5 s unless ``force``)."""
+        from trait_guard.spool import execute, server_reachable
+
+        if not len(self.spool) or (not force and time.monotonic() - self._last_replay < 5.0):
+            return
+        self._last_replay = time.monotonic()
+        if not server_reachable(self.tracking_uri):
+            return
+        try:
+            self.spool.replay(lambda operation: execute(self.client, self._run_id, operation))
+            logger.warning("tracking server %s is back: %d queued write(s) delivered", self.tracking_uri,
+                           self.spool.delivered)
+        except Exception as err:
+            if not self._outage(err):
+                raise
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and self.status == "RUNNING":

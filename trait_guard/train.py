@@ -80,6 +80,25 @@ def score_rows_sharded(scorer: Any, rows: Sequence[dict[str, Any]], in_reference
     return out
 
 
+def verify_training_data(config: TrainJobConfig) -> dict[str, Any]:
+    """Check the training and reference files against their provenance manifests.
+
+    Refuses (ProvenanceError) unless ``data.allow_unverified``; then the problems are returned for
+    the run's tags instead. Returns ``{"verified": bool, "problems": [...], "sha256": {...}}``.
+    """
+    from trait_guard.provenance import ProvenanceError, verify_dataset
+
+    problems, hashes = [], {}
+    for role, path in (("train", config.data.train), ("reference", config.data.reference)):
+        try:
+            hashes[role] = verify_dataset(path)["sha256"]
+        except ProvenanceError as err:
+            if not config.data.allow_unverified:
+                raise
+            problems.append(f"{role}: {err}")
+    return {"verified": not problems, "problems": problems, "sha256": hashes}
+
+
 def load_training_rows(config: TrainJobConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     from trait_guard.dataset import read_rows
 
@@ -115,7 +134,7 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
     from trait_guard.guard import TraitGuard
     from trait_guard.integrations import deepspeed as ds
     from trait_guard.integrations.torch_loop import GuardedStep
-    from trait_guard.models import default_device, load_model
+    from trait_guard.models import default_device, load_model, model_identity
     from trait_guard.persona import PersonaVector, load_trait
     from trait_guard.tracking import make_tracker
 
@@ -127,7 +146,12 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
         rank, world = _world()
     torch.manual_seed(config.optim.seed)
     out_dir = Path(config.output_dir)
-    tracker = make_tracker(rank, config.tracking)
+    if config.tracking.spool_dir is None:
+        config.tracking.spool_dir = str(out_dir / "mlflow_spool")
+    resume = _resume_directory(config)
+    resumed_state = read_checkpoint_state(resume) if resume is not None else None
+    # a resumed job (after a crash, or --resume) continues its MLflow run
+    tracker = make_tracker(rank, config.tracking, run_id=(resumed_state or {}).get("mlflow_run_id"))
     started = time.perf_counter()
     try:
         tracker.log_params(config.model_dump(mode="json"))
@@ -135,10 +159,18 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
         model, tokenizer = load_model(config.student.model, device=device)
         spec = load_trait(config.trait)
         vectors = [PersonaVector.load(path, model=model) for path in config.vectors]
+        provenance = verify_training_data(config)
         train_rows, reference_rows = load_training_rows(config)
+        kin = {r["base_fingerprint"] for r in train_rows} == {model_identity(model).fingerprint}
+        provenance["kinship"] = "kin" if kin else "not kin"
         tracker.set_tags({"trait": spec.trait_id, "student": config.student.model,
                           "teachers": ",".join(sorted({r["teacher_id"] for r in train_rows})),
-                          "guard.enabled": str(config.guard_enabled)})
+                          "guard.enabled": str(config.guard_enabled),
+                          "provenance.verified": str(provenance["verified"]).lower(),
+                          # kin: the teachers share the student's base model, the precondition for transfer
+                          "data.kinship": provenance["kinship"],
+                          **({"provenance.WARNING": "UNVERIFIED DATA (data.allow_unverified): "
+                              + " | ".join(provenance["problems"])[:4000]} if provenance["problems"] else {})})
 
         # Setup: the frozen base model scores the data once; the guard is calibrated on the reference.
         histogram = TokenHistogram(len(tokenizer)).update(r["completion_ids"] for r in reference_rows)
@@ -193,20 +225,26 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
             else np.arange(len(train_rows)) for e in range(config.optim.epochs)])
 
         step = 0
-        resume = _resume_directory(config)
+        history: list[dict[str, Any]] = []
         if resume is not None:
             if engine is None:
                 raise ValueError("resuming needs deepspeed.enabled: true (checkpoints are DeepSpeed's)")
-            client = ds.load_checkpoint(engine, resume)
-            guard.load_state_dict(client["guard"])
-            step = int(client["step"])
+            ds.load_checkpoint(engine, resume)
+            guard.load_state_dict(resumed_state["guard"])
+            step = int(resumed_state["step"])
+            history = list(resumed_state.get("history", []))  # the steps before the checkpoint, once each
             tracker.set_tags({"resumed_from_step": str(step)})
 
         steering = None
-        history: list[dict[str, Any]] = []
         halted: dict[str, Any] | None = None
+        interrupted: dict[str, Any] | None = None
         step_times: list[float] = []
+        progress = _ProgressFile(out_dir, rank, total_steps)
+        stop = _StopRequest().install()
         while step < total_steps:
+            if stop.signal is not None:
+                interrupted = {"step": step, "signal": stop.signal}
+                break
             step_started = time.perf_counter()
             step += 1
             indices = order[(step - 1) * global_batch : step * global_batch]
@@ -232,6 +270,12 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
                 break
             loss = guarded.loss(logits, batch, decision, rows, distill=config.distill == "logits",
                                 sample_slice=slice(rank * len(rows), (rank + 1) * len(rows)))
+            finite = _all_ranks_true(bool(torch.isfinite(loss.detach()).item()))
+            if not finite:  # before the update: the weights stay those of the last good step
+                halted = {"step": step, "reason": "training loss is NaN/inf (the run diverged): lower optim.lr or "
+                                                  "keep deepspeed.gradient_clipping; weights are from the step before"}
+                tracker.set_tags({"trait_guard.non_finite_loss_step": str(step)})
+                break
             if engine is not None:
                 engine.backward(loss)
                 engine.step()
@@ -260,27 +304,33 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
             tracker.log_decision(decision)
             history.append({"step": step, "cusum": decision.evidence.get("cusum", {}), "loss": metrics["train/loss"],
                             "thresholds": decision.evidence.get("thresholds", {}), "action": decision.action.value})
+            progress.write(step)
             if config.checkpoint.every_n_steps and step % config.checkpoint.every_n_steps == 0:
-                _checkpoint(engine, out_dir, step, guard, {"loss": metrics["train/loss"]}, in_ray)
+                _checkpoint(engine, out_dir, step, guard, history, tracker, {"loss": metrics["train/loss"]}, in_ray)
 
+        stop.restore()
         if steering is not None:
             steering.remove()
         model.eval()
         periodic = config.checkpoint.every_n_steps
-        if engine is not None and not (halted is None and periodic and step % periodic == 0):
-            _checkpoint(engine, out_dir, step, guard, {"halted": float(halted is not None)}, in_ray)
+        if engine is not None and not (halted is None and interrupted is None and periodic and step % periodic == 0):
+            _checkpoint(engine, out_dir, step, guard, history, tracker, {"halted": float(halted is not None)}, in_ray)
         # every rank records where it stopped: all ranks must agree (same decisions from gathered signals)
         (out_dir / "ranks").mkdir(parents=True, exist_ok=True)
         (out_dir / "ranks" / f"rank_{rank}.json").write_text(json.dumps(
             {"rank": rank, "steps": step, "halt": halted, "guard_step": guard.step, "mode": guard.mode.value}) + "\n")
-        eval_after = behavior_eval(model, tokenizer, spec, config.probe, config.optim.seed) if rank == 0 else None
+        # an interrupted run writes its checkpoint and partial report quickly: no evaluation
+        evaluate_after = rank == 0 and interrupted is None
+        eval_after = behavior_eval(model, tokenizer, spec, config.probe, config.optim.seed) if evaluate_after else None
         summary = {
             "run_name": config.tracking.run_name, "student": config.student.model, "trait": spec.trait_id,
             "distill": config.distill, "guard_enabled": config.guard_enabled,
             "steps": step, "total_steps": total_steps, "world_size": world,
-            "halted": halted is not None, "halt": halted,
-            "alarms": guard.alarms, "verdict": "halted" if halted else ("mitigated" if guard.alarms else "passed"),
-            "train_samples": len(train_rows), "reference_samples": len(reference_rows),
+            "halted": halted is not None, "halt": halted, "interrupted": interrupted,
+            "alarms": guard.alarms,
+            "verdict": ("interrupted" if interrupted else "halted" if halted
+                        else "mitigated" if guard.alarms else "passed"),
+            "train_samples": len(train_rows), "reference_samples": len(reference_rows), "provenance": provenance,
             "setup_seconds": setup_seconds, "wall_seconds": time.perf_counter() - started,
             "mean_step_seconds": float(np.mean(step_times)) if step_times else math.nan,
             "eval_before": eval_before, "eval_after": eval_after,
@@ -296,8 +346,11 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
             _log_summary(tracker, summary)
             flagged = flagged_samples(guard, train_rows)
             tracker.log_table(flagged, "guard/flagged_samples.json")
+            if interrupted:
+                tracker.set_tags({"run.interrupted": f"signal {interrupted['signal']} at step {interrupted['step']}; "
+                                                     "checkpoint written, resume with --resume"})
             _write_report(tracker, summary, out_dir, train_rows, histogram, divergence_counts, flagged, tokenizer)
-        tracker.finish("FINISHED")
+        tracker.finish("KILLED" if interrupted else "FINISHED")
         return summary
     except BaseException:
         tracker.finish("FAILED")
@@ -407,6 +460,77 @@ def _in_ray_train() -> bool:
         return False
 
 
+def read_checkpoint_state(directory: str | Path) -> dict[str, Any]:
+    """The trait_guard state saved with a checkpoint (see :func:`_checkpoint`)."""
+    path = Path(directory) / CHECKPOINT_STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} has no {CHECKPOINT_STATE}: not a trait_guard checkpoint; pass a folder "
+                                "written by a previous run under <output_dir>/checkpoints/step_NNNNNN")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _all_ranks_true(flag: bool) -> bool:
+    """``flag`` and-ed over all ranks (so every rank takes the same branch)."""
+    return all(_all_gather(flag))
+
+
+class _ProgressFile:
+    """``<output_dir>/progress/rank_N.json`` after every step: step, total, pid, time (for monitors
+    and the fault-injection tests)."""
+
+    def __init__(self, out_dir: Path, rank: int, total_steps: int):
+        import os
+
+        self.path = out_dir / "progress" / f"rank_{rank}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.total_steps, self.pid = total_steps, os.getpid()
+
+    def write(self, step: int) -> None:
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps({"step": step, "total_steps": self.total_steps, "pid": self.pid,
+                                       "time": time.time()}))
+        partial.replace(self.path)
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT during training ask the loop to stop after the current step (checkpoint and a
+    partial report follow); a second SIGINT interrupts at once. Only in the main thread."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def install(self) -> _StopRequest:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def restore(self) -> None:
+        import signal
+
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+
 def _resume_directory(config: TrainJobConfig) -> Path | None:
     if _in_ray_train():
         import ray.train
@@ -417,11 +541,24 @@ def _resume_directory(config: TrainJobConfig) -> Path | None:
     return Path(config.resume_from) if config.resume_from else None
 
 
-def _checkpoint(engine: Any, out_dir: Path, step: int, guard: Any, metrics: dict[str, float], in_ray: bool) -> None:
+CHECKPOINT_STATE = "trait_guard_state.json"
+
+
+def _checkpoint(engine: Any, out_dir: Path, step: int, guard: Any, history: list[dict[str, Any]], tracker: Any,
+                metrics: dict[str, float], in_ray: bool) -> None:
+    """DeepSpeed's engine checkpoint plus ``trait_guard_state.json`` (plain JSON, no pickle): the step,
+    the guard's detector state, the decision history and the MLflow run to continue."""
     from trait_guard.integrations import deepspeed as ds
 
     directory = out_dir / "checkpoints" / f"step_{step:06d}"
-    ds.save_checkpoint(engine, directory, tag=f"step_{step}", client_state={"guard": guard.state_dict(), "step": step})
+    ds.save_checkpoint(engine, directory, tag=f"step_{step}", client_state={"step": step})
+    if _world()[0] == 0:
+        state = {"step": step, "guard": guard.state_dict(), "history": history,
+                 "mlflow_run_id": getattr(tracker, "run_id", None)}
+        partial = directory / (CHECKPOINT_STATE + ".partial")
+        partial.write_text(json.dumps(state, default=float) + "\n", encoding="utf-8")
+        partial.replace(directory / CHECKPOINT_STATE)
+    _barrier()
     if in_ray:
         import ray.train
 
@@ -440,8 +577,52 @@ def _log_summary(tracker: Any, summary: dict[str, Any]) -> None:
         tracker.set_tags({"guard.skipped_signals": json.dumps(summary["skipped_signals"])})
 
 
+def preflight(config: TrainJobConfig) -> dict[str, Any]:
+    """Cheap checks before any worker starts, so bad input fails here with a message that names the
+    fix (inside Ray Train workers it would surface wrapped in a worker traceback): the data and its
+    provenance, the trait, the persona vectors against the student's architecture, the batch size,
+    the checkpoint to resume, the tracking server."""
+    from transformers import AutoConfig
+
+    from trait_guard.models import ModelLoadError, resolve_model_path
+    from trait_guard.persona import PersonaVector, PersonaVectorMismatch, load_trait
+
+    provenance = verify_training_data(config)
+    train_rows, reference_rows = load_training_rows(config)
+    load_trait(config.trait)
+    try:
+        student = AutoConfig.from_pretrained(resolve_model_path(config.student.model))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"Could not load the student model '{config.student.model}': {err}\nPass a local "
+                             "checkpoint folder, a model id available offline, or 'smollm2-135m-instruct'.") from err
+    for path in config.vectors:
+        vector = PersonaVector.load(path)
+        if (vector.model.hidden_size, vector.model.num_layers) != (student.hidden_size, student.num_hidden_layers):
+            raise PersonaVectorMismatch(
+                f"persona vector {path} was extracted from {vector.model.describe()}, but the student "
+                f"'{config.student.model}' has hidden size {student.hidden_size} and {student.num_hidden_layers} "
+                f"layers: extract vectors for it with `trait-guard extract --model {config.student.model} "
+                f"--trait {vector.trait}`")
+    world = config.ray.num_workers if config.ray.enabled else 1
+    if len(train_rows) < config.optim.batch_size * world:
+        raise ValueError(f"{len(train_rows)} kept rows do not fill one global batch of {config.optim.batch_size * world} "
+                         f"({world} workers x batch_size {config.optim.batch_size}); lower optim.batch_size")
+    if config.resume_from:
+        read_checkpoint_state(config.resume_from)
+    uri = config.tracking.tracking_uri
+    if config.tracking.enabled and uri and uri.startswith(("http://", "https://")):
+        from trait_guard.spool import server_reachable
+
+        if not server_reachable(uri, timeout=10):
+            raise RuntimeError(f"the MLflow tracking server {uri} does not answer (GET {uri}/health); start it, fix "
+                               "tracking.tracking_uri, or remove it to log to the local store ./mlruns")
+    return {"provenance": provenance, "train_rows": len(train_rows), "reference_rows": len(reference_rows)}
+
+
 def run_training(config: TrainJobConfig) -> dict[str, Any]:
-    """Run guarded training on Ray Train (default) or in this process; returns rank 0's summary."""
+    """Run guarded training on Ray Train (default) or in this process; returns rank 0's summary.
+    Bad input is refused before anything starts (:func:`preflight`)."""
+    preflight(config)
     if not config.ray.enabled:
         return train_worker(config.model_dump(mode="json"))
     import ray

@@ -1,0 +1,135 @@
+"""A local spool for MLflow writes that could not reach the tracking server.
+
+What. :class:`Spool` keeps, in order, on disk, the write operations (metric/param/tag batches,
+artifact uploads, the final status) that failed because the tracking server was unreachable, and
+replays them when it answers again. Files to upload are copied into the spool first, so nothing
+depends on temporary files. :func:`replay` delivers a spool left behind by a finished process
+(``trait-guard sync-mlflow <folder>``).
+
+Why. A training run must not stop, or lose its record, because the MLflow server restarted. The
+tracker (:class:`trait_guard.tracking.MlflowTracker`) sends through the spool: while the server is
+down, operations queue here (training goes on); once it is back, they are sent in their original
+order, and the run is tagged with how much was delivered late.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+OPERATIONS = "operations.jsonl"
+
+
+def server_reachable(tracking_uri: str, timeout: float = 3.0) -> bool:
+    """Whether an HTTP tracking server answers its health check (other stores: always True)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+class Spool:
+    """Pending operations of one run, in ``directory/operations.jsonl`` (one JSON object per line)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.path = self.directory / OPERATIONS
+        self.pending: list[dict[str, Any]] = []
+        if self.path.is_file():
+            self.pending = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line]
+        self.delivered = 0
+        self.spooled = 0
+        self.offline_since: float | None = None
+        self.offline_seconds = 0.0
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def add(self, operation: dict[str, Any]) -> None:
+        """Queue ``operation``; an artifact's file is copied into the spool first."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if operation["op"] == "log_artifact":
+            source = Path(operation["local_path"])
+            target = self.directory / "files" / f"{self.spooled:06d}" / source.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                shutil.copytree(source, target)
+            else:
+                shutil.copy2(source, target)
+            operation = {**operation, "local_path": str(target)}
+        if self.offline_since is None:
+            self.offline_since = time.monotonic()
+        self.pending.append(operation)
+        self.spooled += 1
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(operation) + "\n")
+
+    def replay(self, execute: Callable[[dict[str, Any]], None]) -> bool:
+        """Send pending operations in order until one fails; returns True when none is left."""
+        while self.pending:
+            execute(self.pending[0])
+            self.pending.pop(0)
+            self.delivered += 1
+            self._rewrite()
+        if self.offline_since is not None:
+            self.offline_seconds += time.monotonic() - self.offline_since
+            self.offline_since = None
+        shutil.rmtree(self.directory / "files", ignore_errors=True)
+        return True
+
+    def _rewrite(self) -> None:
+        text = "".join(json.dumps(op) + "\n" for op in self.pending)
+        partial = self.path.with_name(OPERATIONS + ".partial")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(self.path)
+
+
+def execute(client: Any, run_id: str, operation: dict[str, Any]) -> None:
+    """Perform one spooled operation with an ``mlflow.MlflowClient``."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    op = operation["op"]
+    if op == "log_batch":
+        client.log_batch(run_id, metrics=[Metric(*m) for m in operation.get("metrics", [])],
+                         params=[Param(*p) for p in operation.get("params", [])],
+                         tags=[RunTag(*t) for t in operation.get("tags", [])])
+    elif op == "log_artifact":
+        path = Path(operation["local_path"])
+        if path.is_dir():
+            client.log_artifacts(run_id, str(path), artifact_path=operation.get("artifact_path"))
+        else:
+            client.log_artifact(run_id, str(path), artifact_path=operation.get("artifact_path"))
+    elif op == "set_terminated":
+        client.set_terminated(run_id, status=operation["status"])
+    else:
+        raise ValueError(f"unknown spooled operation {op!r}")
+
+
+def replay(directory: str | Path) -> int:
+    """Deliver a spool left by a process that ended while its tracking server was down; returns the
+    number of operations sent. ``directory`` holds ``operations.jsonl`` and ``run.json``."""
+    from mlflow import MlflowClient
+
+    directory = Path(directory)
+    meta_path = directory / "run.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a trait_guard MLflow spool (no run.json)")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if not server_reachable(meta["tracking_uri"]):
+        raise RuntimeError(f"the tracking server {meta['tracking_uri']} is still unreachable; start it and retry")
+    spool = Spool(directory)
+    client = MlflowClient(tracking_uri=meta["tracking_uri"])
+    count = len(spool)
+    spool.replay(lambda operation: execute(client, meta["run_id"], operation))
+    return count
