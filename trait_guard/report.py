@@ -33,7 +33,7 @@ table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .verdict{display:inline-block;padding:2px 10px;border-radius:4px;font-weight:600;color:#fff}
-.halted{background:#c0392b}.mitigated{background:#d68910}.passed{background:#1e8449}
+.halted{background:#c0392b}.interrupted{background:#7f8c8d}.mitigated{background:#d68910}.passed{background:#1e8449}
 .note{color:#555;font-size:.9em}img{max-width:100%}code{background:#f6f6f6;padding:0 3px}
 """
 

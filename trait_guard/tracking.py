@@ -491,7 +491,7 @@ class MlflowTracker(Tracker):
         self._lock = threading.RLock()
         self._metrics: list[Any] = []
         self._last_flush = time.monotonic()
-        self._params: dict[str, str] = {}
+        self._params: dict[str, str] = {}  # as logged (a continued run starts with its existing params)
         self._decisions: list[dict[str, Any]] = []
         self._decision_log: list[dict[str, Any]] = []
         self._last_reason: str | None = None
@@ -509,6 +509,8 @@ class MlflowTracker(Tracker):
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=self._run_tags(tags))
         self._run_id = run.info.run_id
         self.run_name = run.info.run_name
+        if run_id and run.info.run_id == run_id:
+            self._params.update(run.data.params)
         root = Path(spool_dir or os.environ.get("TRAIT_GUARD_SPOOL_DIR", ".trait_guard_spool"))
         self.spool = Spool(root / self._run_id)
         self.spool_wait = float(spool_wait)
