@@ -264,10 +264,25 @@ def flatten_params(params: Mapping[str, Any] | BaseModel | Any, prefix: str = ""
         if redact and is_secret_key(key):
             out[key] = REDACTED
         else:
-            out[key] = _truncate(_param_value(obj), MAX_PARAM_VALUE)
+            text = _param_value(obj)
+            out[key] = _truncate(redact_secrets(text) if redact else text, MAX_PARAM_VALUE)
 
     walk(params, prefix)
     return out
+
+
+_URI_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@/\s]+@")
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with the password of a ``scheme://user:password@host`` URI and the value of every
+    secret-named environment variable (``AWS_SECRET_ACCESS_KEY``, ``MLFLOW_TRACKING_TOKEN``, ...;
+    values of 8+ characters) replaced by ``***``: a config value may carry a secret under a plain key."""
+    text = _URI_PASSWORD.sub(lambda m: m.group(1) + REDACTED + "@", text)
+    for name, value in os.environ.items():
+        if len(value) >= 8 and is_secret_key(name) and value in text:
+            text = text.replace(value, REDACTED)
+    return text
 
 
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- ]" if os.name == "nt" else r"[^/\w.\- :]")
@@ -827,7 +842,7 @@ def _clean_tags(tags: Mapping[str, Any]) -> dict[str, str]:
         if is_secret_key(key):
             out[key] = REDACTED
         else:
-            out[key] = _truncate(_param_value(value) if value is not None else "", MAX_TAG_VALUE)
+            out[key] = _truncate(redact_secrets(_param_value(value)) if value is not None else "", MAX_TAG_VALUE)
     return out
 
 

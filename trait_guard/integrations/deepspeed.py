@@ -59,13 +59,40 @@ def save_checkpoint(engine: Any, directory: str | Path, tag: str, client_state: 
     return directory
 
 
+def _checkpoint_globals() -> list[Any]:
+    """The DeepSpeed classes a ZeRO checkpoint holds besides tensors and plain containers: plain data
+    objects (no code runs when they are restored), allowed by name for ``weights_only`` loading."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _weights_only_load(path: str, map_location: Any = None) -> Any:
+    # DeepSpeed's own engine calls torch.load(weights_only=False): a checkpoint could then run code.
+    # Here any object outside tensors, plain containers and the classes above is refused.
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_checkpoint(engine: Any, directory: str | Path) -> dict[str, Any]:
-    """Restore the engine from the latest tag in ``directory``; returns the saved client_state."""
+    """Restore the engine from the latest tag in ``directory``; returns the saved client_state.
+
+    Every file is read with ``torch.load(weights_only=True)`` (no arbitrary unpickling): a tampered
+    checkpoint fails with ``pickle.UnpicklingError`` instead of executing what it carries.
+    """
     directory = Path(directory)
     if not (directory / "latest").is_file():
         raise FileNotFoundError(f"{directory} holds no DeepSpeed checkpoint (no 'latest' file); "
                                 "pass the folder a previous run wrote under checkpoints/")
-    _, client_state = engine.load_checkpoint(str(directory))
+    checkpoint_engine = engine.checkpoint_engine
+    original = checkpoint_engine.load
+    checkpoint_engine.load = _weights_only_load
+    try:
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            _, client_state = engine.load_checkpoint(str(directory))
+    finally:
+        checkpoint_engine.load = original
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
     return client_state
