@@ -173,6 +173,8 @@ class TrainDataConfig(StrictModel):
     reference: str = Field(description="reference Parquet from the student's base model (a control teacher)")
     max_train_samples: int | None = Field(None, gt=0)
     max_reference_samples: int | None = Field(None, gt=0)
+    max_completion_tokens: int = Field(
+        1024, gt=0, description="refuse rows whose completion is longer (tokens): over-long sequences")
     allow_unverified: bool = Field(
         False, description="train on data whose provenance manifest is missing or does not match (the run is "
                            "tagged provenance.verified=false); default: refuse it")

@@ -65,9 +65,6 @@ class TraitGuard:
                 f"none of the watched signals {config.signals} is in the reference signals {sorted(reference)}; "
                 "score the reference with the same FingerprintScorer (and persona vectors) as the training data"
             )
-        # A signal without spread on the reference (e.g. divergence tokens when the reference teacher
-        # IS the base model: always 0) cannot be standardized; it is skipped here and reported, and
-        # screening tests it with a rank test instead.
         # A signal constant on the reference (divergence tokens when the reference teacher IS the base
         # model: exactly 0) cannot be standardized. With a tolerance configured it becomes an exact
         # check (alarm when a batch's mean leaves the constant by more than the tolerance: on data from
@@ -85,7 +82,10 @@ class TraitGuard:
             else:
                 self.skipped[name] = f"reference has {len(values)} finite values and no spread"
         if not self.signals and not self.constant:
-            raise ValueError(f"no watched signal can be calibrated on the reference: {self.skipped}")
+            raise ValueError(
+                f"no watched signal can be calibrated on the reference: {self.skipped}. No finite values means "
+                "the base model produced NaN/inf (a broken checkpoint?) or the reference completions are empty; "
+                "no spread means the reference is too small or all alike: use more reference rows")
         rng = np.random.default_rng(config.seed)
         self.mean, self.std, self.detectors = {}, {}, {}
         per_signal_ert = split_ert(config.target_ert, max(1, len(self.signals)))
@@ -132,6 +132,14 @@ class TraitGuard:
         if missing:
             raise ValueError(f"batch signals lack {missing}; the guard was calibrated on {self.signals}")
         n = len(next(iter(signals.values())))
+        watched = [np.asarray(signals[name], dtype=float) for name in [*self.signals, *self.constant] if name in signals]
+        if any(np.isinf(v).any() for v in watched) or (watched and not any(np.isfinite(v).any() for v in watched)):
+            # the model or the data is numerically broken, or the guard sees nothing: never let it pass
+            self.mode = Action.HALT
+            reason = ("non-finite guard signals (inf, or NaN for every watched signal): the model produced "
+                      "NaN/inf or the batch has no usable completions")
+            self.alarms.append({"step": self.step, "channel": "data", "signals": ["non-finite"]})
+            return self._decide(n, np.zeros(n), token_masks, [], {}, reason)
         verdicts = []
         for name in self.signals:
             z = self.standardize(name, signals[name])

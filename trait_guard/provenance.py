@@ -98,6 +98,8 @@ def verify_dataset(path: str | Path) -> dict[str, Any]:
     from trait_guard.dataset import read_rows
 
     path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"teacher data {path} does not exist; generate it with `trait-guard generate --config ...`")
     manifest = read_manifest(path.parent)
     if not manifest:
         raise ProvenanceError(

@@ -106,6 +106,13 @@ def load_training_rows(config: TrainJobConfig) -> tuple[list[dict[str, Any]], li
     reference = read_rows(config.data.reference, kept_only=True).to_pylist()[: config.data.max_reference_samples]
     if not train:
         raise ValueError(f"{config.data.train} has no kept rows to train on")
+    limit = config.data.max_completion_tokens
+    for path, rows in ((config.data.train, train), (config.data.reference, reference)):
+        long = [r["sample_id"] for r in rows if len(r["completion_ids"]) > limit]
+        if long:
+            raise ValueError(f"{path}: {len(long)} row(s) have completions longer than {limit} tokens (e.g. "
+                             f"{long[0]}); regenerate with a lower generation.max_new_tokens, or raise "
+                             "data.max_completion_tokens if the student's context allows it")
     if len(reference) < 2:
         raise ValueError(f"{config.data.reference} needs at least 2 kept rows to calibrate the guard")
     return train, reference
