@@ -167,13 +167,13 @@ def load_kept_rows(path: str, limit: int | None = None) -> list[dict]:
 
 def cmd_screen(args: argparse.Namespace) -> int:
     from trait_guard.fingerprint import FingerprintScorer, TokenHistogram
-    from trait_guard.models import load_model
+    from trait_guard.models import default_device, load_model
     from trait_guard.persona import PersonaVector
     from trait_guard.screen import FLAGGED_EXIT_CODE, screen
 
     data = load_kept_rows(args.data, args.max_rows)
     reference = load_kept_rows(args.reference, args.max_rows)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, device=default_device())
     vectors = [PersonaVector.load(path, model=model) for path in args.vectors]
     histogram = TokenHistogram(len(tokenizer)).update(r["completion_ids"] for r in reference)
     scorer = FingerprintScorer(model, tokenizer, vectors, unigram_reference=histogram, batch_size=args.batch_size)

@@ -110,6 +110,12 @@ def _section(heading: str, *parts: str) -> str:
     return f"<h2>{html.escape(heading)}</h2>" + "".join(parts)
 
 
+def _visible_tokens(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Token text quoted (repr), so that spaces and newlines can be seen."""
+    return [{**row, "token": repr(row["token"]) if isinstance(row.get("token"), str) else row.get("token")}
+            for row in rows]
+
+
 def _rate_text(result: Mapping[str, Any] | None) -> dict[str, Any]:
     if not result:
         return {"rate": None, "95% CI": None, "answers": None, "log p(target)": None}
@@ -200,7 +206,9 @@ def run_report(summary: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
                      "mean step seconds": summary.get("mean_step_seconds")}]),
         _section("Drift over steps",
                  '<p class="note">CUSUM statistic per watched signal; dashed: the threshold calibrated on the '
-                 "reference data for the target false-alarm rate; vertical line: the halt or first alarm.</p>",
+                 "reference data for the target false-alarm rate; vertical line: the halt or first alarm.</p>"
+                 if summary.get("guard_enabled", True) else
+                 '<p class="note">The guard was disabled in this run (an unguarded baseline): no decisions.</p>',
                  _image(figures["drift.png"], "CUSUM drift per signal")),
         _section("Decision points", html_table(decision_points, ["step", "action", "reason"],
                                                empty="every batch passed")),
@@ -208,15 +216,18 @@ def run_report(summary: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
         _section("Student trait before/after",
                  html_table([{"when": "before", **_rate_text(before)}, {"when": "after", **_rate_text(after)}]),
                  _image(figures["trait_rates.png"], "trait rate before/after") if "trait_rates.png" in figures
-                 else '<p class="note">behavioral evaluation off (probe.eval_samples: 0)</p>'),
+                 else '<p class="note">behavioral evaluation off (probe.eval_samples: 0)</p>' if not after
+                 else '<p class="note">"before" was not measured in this run (probe.eval_before: false; the '
+                      "red-team benchmark measures the base model once per trait and seed).</p>"),
         _section("Entangled tokens",
                  '<p class="note">Completion tokens most over-represented in the training data relative to the '
                  "reference (log ratio of smoothed frequencies).</p>",
-                 html_table(entangled_tokens, ["token", "token_id", "count", "reference_count", "log_ratio"])),
+                 html_table(_visible_tokens(entangled_tokens), ["token", "token_id", "count", "reference_count",
+                                                                "log_ratio"])),
         _section("Divergence tokens",
                  '<p class="note">Tokens at the positions where the teacher\'s top-1 prediction differs from the '
                  "student base model's (the tokens that carry subliminal transfer; masked by MASK).</p>",
-                 html_table(divergence_tokens, ["token", "token_id", "count", "share"],
+                 html_table(_visible_tokens(divergence_tokens), ["token", "token_id", "count", "share"],
                             empty="no teacher log-probs in the data, or no divergence")),
         _section("Samples that lean furthest the suspicious way",
                  html_table(list(flagged_samples)[:15], ["sample_id", "teacher_id", "lean_z", "completion"])),
