@@ -289,7 +289,7 @@ def test_ray_manifests_use_this_ray_with_token_auth_and_real_entry_points():
 
     kinds = {"teacher_data": GenerateJobConfig, "train": TrainJobConfig, "run": RunJobConfig, "redteam": RedteamConfig}
     jobs = 0
-    for path, resource, spec in _validated():
+    for path, _resource, spec in _validated():
         cluster = spec.rayClusterSpec if isinstance(spec, RayJobSpec) else spec
         if not isinstance(cluster, RayClusterSpec):
             continue
@@ -312,7 +312,7 @@ def test_ray_manifests_use_this_ray_with_token_auth_and_real_entry_points():
 
 
 def test_mlflow_server_allows_its_service_hosts():
-    for path, resource, spec in _validated():
+    for _path, resource, spec in _validated():
         if resource.metadata.name == "mlflow" and isinstance(spec, DeploymentSpec):
             args = " ".join(spec.template.spec.containers[0].args)
             assert "--allowed-hosts" in args and "mlflow.mlflow.svc.cluster.local:5000" in args
