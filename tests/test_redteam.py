@@ -187,3 +187,13 @@ def run_redteam_quiet(config):
     from trait_guard.redteam import run_redteam
 
     return run_redteam(config)
+
+
+def test_excess_falls_back_to_the_control_unguarded_run():
+    config = _config(modes=["unguarded", "mask"])
+    runs = [_run("control", "unguarded", s, 0.2) for s in range(3)] + \
+           [_run("owl", m, s, 1.0 if m == "unguarded" else 0.5) for m in ("unguarded", "mask") for s in range(3)]
+    cells = {(c["teacher"], c["mode"]): c for c in aggregate(config, runs)["cells"]}
+    mask = cells[("owl", "mask")]["excess_over_control"]
+    assert mask["mean"] == pytest.approx(0.3) and mask["control_mode"] == "unguarded"
+    assert cells[("owl", "unguarded")]["excess_over_control"]["control_mode"] == "unguarded"

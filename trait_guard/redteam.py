@@ -130,11 +130,20 @@ def aggregate(config: RedteamConfig, runs: Sequence[dict[str, Any]]) -> dict[str
                     "wall_seconds": float(np.mean([m["wall_seconds"] for m in members])),
                 }
                 # transfer = what this teacher adds over a control teacher, paired by seed
+                # (the control's run in the same mode, else its unguarded run: a control run without an
+                # alarm trains identically in every mode)
                 reference = next((c for c in controls if c != teacher), None) if not cell["control"] else None
                 if reference is not None:
-                    excess = [m["logprob_shift"] - by_key[(reference, distill, mode, m["seed"])]["logprob_shift"]
-                              for m in members if (reference, distill, mode, m["seed"]) in by_key]
-                    cell["excess_over_control"] = {"control": reference, **t_interval(excess)}
+                    excess, used = [], set()
+                    for m in members:
+                        for control_mode in (mode, "unguarded"):
+                            baseline = by_key.get((reference, distill, control_mode, m["seed"]))
+                            if baseline is not None:
+                                excess.append(m["logprob_shift"] - baseline["logprob_shift"])
+                                used.add(control_mode)
+                                break
+                    cell["excess_over_control"] = {"control": reference, "control_mode": ",".join(sorted(used)),
+                                                   **t_interval(excess)}
                 if mode != "unguarded":
                     ratios = [m["mean_step_seconds"] / by_key[(teacher, distill, "unguarded", m["seed"])]["mean_step_seconds"]
                               for m in members if (teacher, distill, "unguarded", m["seed"]) in by_key
