@@ -128,7 +128,10 @@ def test_ray_job_submit_on_a_two_node_cluster(tiny_llama_dir, tmp_path):
         # work was placed on more than one node: both teacher actors' nodes and both training ranks' nodes
         assert len(teacher_nodes) == 2 and teacher_nodes <= cluster_nodes, (teacher_nodes, cluster_nodes)
         assert len(train_nodes) == 2 and train_nodes <= cluster_nodes
-        (tmp_path / "topology.json").write_text(json.dumps({"nodes": sorted(cluster_nodes), "job_seconds": seconds}))
+        topology = {"nodes": len(cluster_nodes), "teacher_actor_nodes": len(teacher_nodes),
+                    "train_rank_nodes": len(train_nodes), "job_seconds": round(seconds, 1)}
+        (tmp_path / "topology.json").write_text(json.dumps(topology))
+        print(f"two-node cluster: {topology}")
     finally:
         if worker is not None:
             _stop(worker)
