@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -197,3 +198,16 @@ def test_excess_falls_back_to_the_control_unguarded_run():
     mask = cells[("owl", "mask")]["excess_over_control"]
     assert mask["mean"] == pytest.approx(0.3) and mask["control_mode"] == "unguarded"
     assert cells[("owl", "unguarded")]["excess_over_control"]["control_mode"] == "unguarded"
+
+
+def test_excess_compares_the_same_trait():
+    teachers = [*TEACHERS, {"id": "eagle", "trait": "animal:eagle", "install": "system_prompt"}]
+    config = _config(teachers=teachers, modes=["unguarded"])
+    runs = [_run("control", "unguarded", s, 0.2) | {"logprob_shift_by_trait": {"animal:eagle": -0.5}} for s in range(3)]
+    runs += [_run("eagle", "unguarded", s, 0.5) for s in range(3)] + [_run("owl", "unguarded", s, 0.5) for s in range(3)]
+    cells = {c["teacher"]: c for c in aggregate(config, runs)["cells"]}
+    assert cells["eagle"]["excess_over_control"]["mean"] == pytest.approx(1.0)  # 0.5 - (-0.5), on eagle
+    assert cells["owl"]["excess_over_control"]["mean"] == pytest.approx(0.3)  # 0.5 - 0.2, on owl
+    paths = {t: f"{t}.parquet" for t in ("owl", "eagle", "control", "reference")}
+    made = train_config(config, Path("out"), "control", "logits", "unguarded", 0, paths, Path("v.safetensors"))
+    assert made.probe.extra_eval_traits == ["animal:eagle"] and made.trait == "animal:owl"

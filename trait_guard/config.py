@@ -196,6 +196,9 @@ class ProbeConfig(StrictModel):
     eval_samples: int = Field(0, ge=0, description="behavioral eval samples per question at start and end (0: off)")
     eval_before: bool = Field(True, description="false: skip the evaluation at the start (e.g. measured once elsewhere)")
     eval_questions: int = Field(20, gt=0)
+    extra_eval_traits: list[str] = Field(
+        default_factory=list, description="also evaluate these traits after training (e.g. a control student "
+                                          "measured on every trait the trait teachers carry)")
 
 
 class DeepSpeedSettings(StrictModel):

@@ -330,6 +330,8 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
         # an interrupted run writes its checkpoint and partial report quickly: no evaluation
         evaluate_after = rank == 0 and interrupted is None
         eval_after = behavior_eval(model, tokenizer, spec, config.probe, config.optim.seed) if evaluate_after else None
+        eval_after_extra = {trait: behavior_eval(model, tokenizer, load_trait(trait), config.probe, config.optim.seed)
+                            for trait in config.probe.extra_eval_traits} if evaluate_after else {}
         summary = {
             "run_name": config.tracking.run_name, "student": config.student.model, "trait": spec.trait_id,
             "distill": config.distill, "guard_enabled": config.guard_enabled,
@@ -341,7 +343,7 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
             "train_samples": len(train_rows), "reference_samples": len(reference_rows), "provenance": provenance,
             "setup_seconds": setup_seconds, "wall_seconds": time.perf_counter() - started,
             "mean_step_seconds": float(np.mean(step_times)) if step_times else math.nan,
-            "eval_before": eval_before, "eval_after": eval_after,
+            "eval_before": eval_before, "eval_after": eval_after, "eval_after_extra": eval_after_extra,
             "mlflow_run_id": getattr(tracker, "run_id", None),
             "mlflow_run_url": getattr(tracker, "run_url", None),
             "skipped_signals": guard.skipped,
