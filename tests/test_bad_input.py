@@ -45,7 +45,7 @@ def _good(tiny_llama_dir, root, out):
     return {"output_dir": str(out), "student": {"model": str(tiny_llama_dir)}, "vectors": [str(root / "owl.safetensors")],
             "data": {"train": str(root / "data" / "control-b.parquet"),
                      "reference": str(root / "data" / "control.parquet")},
-            "optim": {"batch_size": 4, "max_steps": 2}, "deepspeed": {"enabled": False},
+            "optim": {"batch_size": 4, "max_steps": 2}, "deepspeed": {"enabled": False}, "ray": {"enabled": False},
             "tracking": {"tracking_uri": f"sqlite:///{out}/mlflow.db"}}
 
 

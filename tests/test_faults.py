@@ -50,9 +50,12 @@ def _config(model_dir, data_dir, out_dir, **overrides):
     return config
 
 
-def _wait_for_step(path: Path, step: int, timeout: float = 600.0) -> dict:
+def _wait_for_step(path: Path, step: int, timeout: float = 600.0, process=None) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the training process exited ({process.returncode}) before step {step}:\n"
+                                 + process.stdout.read()[-4000:])
         try:
             progress = json.loads(path.read_text())
             if progress["step"] >= step:
@@ -102,11 +105,14 @@ def test_sigterm_writes_a_checkpoint_and_partial_report_then_resume_finishes(tin
     out = tmp_path / "run"
     config_path = tmp_path / "train.yaml"
     config_path.write_text(yaml.safe_dump(_config(tiny_llama_dir, data, out, optim={"max_steps": 300})))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # a clean environment: earlier tests in this process may have set Ray / torch.distributed variables
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_", "MASTER_", "MLFLOW_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
     process = subprocess.Popen([sys.executable, "-m", "trait_guard.cli", "train", "--config", str(config_path),
                                 "--local"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        _wait_for_step(out / "progress" / "rank_0.json", 3)
+        _wait_for_step(out / "progress" / "rank_0.json", 3, process=process)
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=120)
     finally:
