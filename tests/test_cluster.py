@@ -59,7 +59,8 @@ def test_ray_job_submit_on_a_two_node_cluster(tiny_llama_dir, tmp_path):
     # Ray 2.60 token authentication, as on a real cluster: every node and client uses the same token
     # (generated once into ~/.ray/auth_token when missing)
     # The nodes' `python` is this environment's, as a cluster image's would be.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # not a Ray this process may use
+    env.update(RAY_AUTH_MODE="token", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     if not (Path.home() / ".ray" / "auth_token").is_file():
         subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], capture_output=True, env=env)
     ray_temp = tempfile.mkdtemp(prefix="tgray", dir="/tmp")  # Unix socket paths must stay under 108 bytes
