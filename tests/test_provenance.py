@@ -31,6 +31,20 @@ def _copy(data, tmp_path):
     return target
 
 
+def _without_manifest(data, tmp_path):
+    """owl.parquet alone in a folder: no manifest vouches for it."""
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    shutil.copy(data / "owl.parquet", lonely / "owl.parquet")
+    return lonely / "owl.parquet"
+
+
+def _rewrite_and_record(folder, rows):
+    """Write owl.parquet with ``rows`` and record it in the manifest (so only the rows are wrong)."""
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), folder / "owl.parquet")
+    record_files(folder, [{"file": "owl.parquet", "teacher": {"id": "owl"}, "rows": len(rows), "kept": len(rows)}], {})
+
+
 def test_generator_writes_a_manifest_that_verifies(data):
     manifest = json.loads((data / MANIFEST_NAME).read_text())
     assert set(manifest["files"]) == {"owl.parquet", "control.parquet"}
@@ -51,11 +65,8 @@ def test_changed_file_is_refused(data, tmp_path):
 
 
 def test_missing_or_unlisted_manifest_entries_are_refused(data, tmp_path):
-    lonely = tmp_path / "lonely"
-    lonely.mkdir()
-    shutil.copy(data / "owl.parquet", lonely / "owl.parquet")
     with pytest.raises(ProvenanceError, match="has no provenance manifest"):
-        verify_dataset(lonely / "owl.parquet")
+        verify_dataset(_without_manifest(data, tmp_path))
     folder = _copy(data, tmp_path)
     shutil.copy(folder / "owl.parquet", folder / "extra.parquet")
     with pytest.raises(ProvenanceError, match="extra.parquet is not listed"):
@@ -69,22 +80,17 @@ def test_rows_without_provenance_are_refused_even_with_a_manifest(data, tmp_path
     folder = _copy(data, tmp_path)
     rows = pq.read_table(folder / "owl.parquet").to_pylist()
     rows[3]["base_fingerprint"] = ""
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), folder / "owl.parquet")
-    record_files(folder, [{"file": "owl.parquet", "teacher": {"id": "owl"}, "rows": len(rows), "kept": len(rows)}], {})
+    _rewrite_and_record(folder, rows)
     with pytest.raises(ProvenanceError, match="1 row\\(s\\) have no base_fingerprint"):
         verify_dataset(folder / "owl.parquet")
     rows[3]["base_fingerprint"], rows[5]["teacher_id"] = rows[0]["base_fingerprint"], "intruder"
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), folder / "owl.parquet")
-    record_files(folder, [{"file": "owl.parquet", "teacher": {"id": "owl"}, "rows": len(rows), "kept": len(rows)}], {})
+    _rewrite_and_record(folder, rows)
     with pytest.raises(ProvenanceError, match="rows from teacher\\(s\\) \\['intruder'\\]"):
         verify_dataset(folder / "owl.parquet")
 
 
 def test_training_refuses_unless_overridden(data, tmp_path):
-    lonely = tmp_path / "lonely"
-    lonely.mkdir()
-    shutil.copy(data / "owl.parquet", lonely / "owl.parquet")
-    config = {"data": {"train": str(lonely / "owl.parquet"), "reference": str(data / "control.parquet")}}
+    config = {"data": {"train": str(_without_manifest(data, tmp_path)), "reference": str(data / "control.parquet")}}
     with pytest.raises(ProvenanceError, match="no provenance manifest"):
         verify_training_data(validate_config(config, TrainJobConfig))
     config["data"]["allow_unverified"] = True
