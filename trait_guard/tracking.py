@@ -777,10 +777,11 @@ class MlflowTracker(Tracker):
 
     # -- the spool -------------------------------------------------------------------------------
     def _outage(self, err: BaseException) -> bool:
-        """Whether ``err`` came from an unreachable HTTP tracking server (rather than a bad request)."""
+        """Whether ``err`` came from an unreachable HTTP tracking server (rather than a bad request;
+        a non-HTTP store never counts as unreachable)."""
         from trait_guard.spool import server_reachable
 
-        return self.tracking_uri.startswith(("http://", "https://")) and not server_reachable(self.tracking_uri)
+        return not server_reachable(self.tracking_uri)
 
     def _write(self, operation: dict[str, Any]) -> None:
         """Send one write, or queue it while the server is unreachable (order is kept)."""

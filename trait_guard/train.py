@@ -168,7 +168,8 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
         vectors = [PersonaVector.load(path, model=model) for path in config.vectors]
         provenance = verify_training_data(config)
         train_rows, reference_rows = load_training_rows(config)
-        kin = {r["base_fingerprint"] for r in train_rows} == {model_identity(model).fingerprint}
+        identity = model_identity(model)
+        kin = {r["base_fingerprint"] for r in train_rows} == {identity.fingerprint}
         provenance["kinship"] = "kin" if kin else "not kin"
         tracker.set_tags({"trait": spec.trait_id, "student": config.student.model,
                           "teachers": ",".join(sorted({r["teacher_id"] for r in train_rows})),
@@ -183,7 +184,7 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
         histogram = TokenHistogram(len(tokenizer)).update(r["completion_ids"] for r in reference_rows)
         scorer = FingerprintScorer(model, tokenizer, vectors, unigram_reference=histogram)
         setup_started = time.perf_counter()
-        cache = _signals_cache_file(config, model) if config.signals_cache else None
+        cache = _signals_cache_file(config, identity) if config.signals_cache else None
         if cache is not None and cache.is_file():
             reference_signals, train_signals, divergence_counts = _load_signals(cache)
         else:
@@ -367,18 +368,15 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
         raise
 
 
-def _signals_cache_file(config: TrainJobConfig, model: torch.nn.Module) -> Path:
-    """Where the setup signals of this (data, sample caps, model, vectors) live: a content hash."""
+def _signals_cache_file(config: TrainJobConfig, identity: Any) -> Path:
+    """Where the setup signals of this (data, sample caps, model ``identity``, vectors) live: a content hash."""
     import hashlib
 
-    from trait_guard.models import model_identity
+    from trait_guard.provenance import file_sha256
 
     digest = hashlib.sha256(b"trait_guard-signals-v1")
     for path in (config.data.train, config.data.reference, *config.vectors):
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    identity = model_identity(model)
+        digest.update(file_sha256(path).encode())
     digest.update(json.dumps([config.data.max_train_samples, config.data.max_reference_samples, identity.fingerprint,
                               identity.hidden_size, identity.num_layers]).encode())
     return Path(config.signals_cache) / f"signals-{digest.hexdigest()[:24]}.npz"
@@ -630,8 +628,8 @@ def preflight(config: TrainJobConfig) -> dict[str, Any]:
     if config.resume_from:
         read_checkpoint_state(config.resume_from)
     uri = config.tracking.tracking_uri
-    if config.tracking.enabled and uri and uri.startswith(("http://", "https://")):
-        from trait_guard.spool import server_reachable
+    if config.tracking.enabled and uri:
+        from trait_guard.spool import server_reachable  # non-HTTP stores are always "reachable"
 
         if not server_reachable(uri, timeout=10):
             raise RuntimeError(f"the MLflow tracking server {uri} does not answer (GET {uri}/health); start it, fix "
