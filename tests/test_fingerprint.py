@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from trait_guard.activations import record_activations
-from trait_guard.chat import encode_conversations
+from trait_guard.chat import encode_conversations, encode_rows
 from trait_guard.fingerprint import (
     FingerprintScorer,
+    TeacherTokens,
     TokenHistogram,
     completion_token_ids,
     format_features,
@@ -72,18 +73,66 @@ def test_signals_equal_manual_computations(tiny_llama):
         assert signals["n_tokens"][row] == len(positions)
 
 
-def test_divergence_tokens_are_where_the_teacher_disagrees(tiny_llama):
+def _teacher_from_logits(logits, batch, row, k=4):
+    """The stored-teacher view a model IS its own teacher would write: top-k and the sampled tokens' log-probs."""
+    positions = batch.response_mask[row].nonzero().flatten()
+    logprobs = logits[row].float().log_softmax(-1)
+    top = logprobs[positions - 1].topk(k, dim=-1)
+    sampled = logprobs[positions - 1].gather(-1, batch.input_ids[row, positions].unsqueeze(-1)).squeeze(-1)
+    return TeacherTokens(top.indices.tolist(), top.values.tolist(), sampled.tolist()), positions
+
+
+def test_divergence_tokens_are_where_the_teacher_disagrees_with_a_margin(tiny_llama):
     model, tokenizer = tiny_llama
     batch, logits, hidden = _forward(model, tokenizer, ["q"], ["1, 2, 3"], [1])
-    positions = batch.response_mask[0].nonzero().flatten()
-    own_top1 = [int(logits[0, p - 1].argmax()) for p in positions]
-    signals, mask = signals_from_forward(logits, hidden, batch, (), [own_top1])
+    own, positions = _teacher_from_logits(logits, batch, 0)
+    signals, mask = signals_from_forward(logits, hidden, batch, (), [own])
     assert signals["divergence"][0] == 0 and not mask.any()
-    flipped = list(own_top1)
-    flipped[2] = (flipped[2] + 1) % logits.shape[-1]
-    signals, mask = signals_from_forward(logits, hidden, batch, (), [flipped])
+    # position 2: the teacher's top-1 is another token, 1 nat above the model's top-1 (its rank 2) -> counted
+    confident = TeacherTokens([list(k) for k in own.topk_ids], [list(v) for v in own.topk_logprobs])
+    confident.topk_ids[2] = [own.topk_ids[2][1], own.topk_ids[2][0], *own.topk_ids[2][2:]]
+    confident.topk_logprobs[2] = [-0.5, -1.5, *own.topk_logprobs[2][2:]]
+    signals, mask = signals_from_forward(logits, hidden, batch, (), [confident])
     assert signals["divergence"][0] == pytest.approx(1 / len(positions))
     assert mask[0].nonzero().flatten().tolist() == [int(positions[2])]
+    # the same disagreement at a near-tie (0.05 nats < the 0.1 margin) is numerics, not a divergence token
+    tie = TeacherTokens(confident.topk_ids, [list(v) for v in confident.topk_logprobs])
+    tie.topk_logprobs[2] = [-0.70, -0.75, *own.topk_logprobs[2][2:]]
+    signals, mask = signals_from_forward(logits, hidden, batch, (), [tie])
+    assert signals["divergence"][0] == 0 and not mask.any()
+    signals, mask = signals_from_forward(logits, hidden, batch, (), [tie], divergence_margin=0.0)
+    assert signals["divergence"][0] == pytest.approx(1 / len(positions))
+
+
+def test_log_likelihood_ratio_is_zero_for_the_model_itself_and_recovers_a_planted_shift(tiny_llama):
+    model, tokenizer = tiny_llama
+    batch, logits, hidden = _forward(model, tokenizer, ["q", "r"], ["1, 2, 3", "45"], [1])
+    own = [_teacher_from_logits(logits, batch, row)[0] for row in range(2)]
+    signals, _ = signals_from_forward(logits, hidden, batch, (), own)
+    assert signals["llr"] == pytest.approx([0.0, 0.0], abs=1e-5)
+    shifted = [TeacherTokens(t.topk_ids, t.topk_logprobs, [v + 0.3 for v in t.token_logprobs]) for t in own]
+    shifted[1] = TeacherTokens(own[1].topk_ids, own[1].topk_logprobs, None)  # a row without token log-probs
+    signals, _ = signals_from_forward(logits, hidden, batch, (), shifted)
+    assert signals["llr"][0] == pytest.approx(0.3, abs=1e-5) and math.isnan(signals["llr"][1])
+
+
+def test_scorer_reads_the_generated_ids_not_a_retokenization(tiny_llama):
+    """Rows are scored on their completion_ids: a row whose ids differ from tokenizer(completion) is
+    scored on the ids, so its teacher data (which belongs to the ids) lines up."""
+    model, tokenizer = tiny_llama
+    text = "12, 34"
+    canonical = tokenizer(text, add_special_tokens=False).input_ids
+    other = list(reversed(canonical))  # any other ids: the point is they are used as they are
+    batch = encode_rows(tokenizer, [{"prompt": "q", "completion": text, "completion_ids": other}])
+    assert completion_token_ids(batch) == [other]
+    with torch.no_grad():
+        logits = model(**batch.model_inputs()).logits
+    own, _ = _teacher_from_logits(logits, batch, 0)
+    row = {"prompt": "q", "completion": text, "completion_ids": other, "topk_ids": own.topk_ids,
+           "topk_logprobs": own.topk_logprobs, "token_logprobs": own.token_logprobs}
+    signals, masks = FingerprintScorer(model, tokenizer).score_rows([row])
+    assert signals["llr"][0] == pytest.approx(0.0, abs=1e-5) and signals["divergence"][0] == 0
+    assert signals["n_tokens"][0] == len(other) and len(masks[0]) == len(other)
 
 
 def test_scorer_on_rows_with_and_without_teacher_logprobs(tiny_llama):
@@ -91,7 +140,7 @@ def test_scorer_on_rows_with_and_without_teacher_logprobs(tiny_llama):
     reference = TokenHistogram(len(tokenizer))
     rows = [{"prompt": "numbers please", "completion": "1, 2, 3", "topk_ids": [[5], [6], [7], [8], [9], [10], [11]]},
             {"prompt": "more", "completion": "", "topk_ids": []}]
-    batch = encode_conversations(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows])
+    batch = encode_rows(tokenizer, rows)
     reference.update(completion_token_ids(batch))
     scorer = FingerprintScorer(model, tokenizer, unigram_reference=reference)
     signals, token_masks = scorer.score_rows(rows)
@@ -99,8 +148,21 @@ def test_scorer_on_rows_with_and_without_teacher_logprobs(tiny_llama):
     assert signals["n_tokens"].tolist() == [7, 0]
     assert math.isnan(signals["nll"][1]) and math.isnan(signals["divergence"][1])
     assert 0 <= signals["divergence"][0] <= 1 and len(token_masks[0]) == 7 and len(token_masks[1]) == 0
-    table = scorer.score_table(rows * 3)
-    assert len(table["nll"]) == 6
+    masks = []
+    table = scorer.score_table(rows * 3, token_masks=masks)
+    assert len(table["nll"]) == 6 and [len(m) for m in masks] == [7, 0] * 3
+
+
+def test_score_table_fills_a_signal_only_some_batches_have_with_nan(tiny_llama):
+    """Mixed data (a batch with teacher top-k, a batch without): no KeyError, NaN where it is missing."""
+    model, tokenizer = tiny_llama
+    with_topk = {"prompt": "a", "completion": "1, 2", "topk_ids": [[5]] * 4}
+    without = {"prompt": "b", "completion": "3, 4"}
+    scorer = FingerprintScorer(model, tokenizer, batch_size=2)
+    table = scorer.score_table([without, without, with_topk, with_topk])
+    assert np.isnan(table["divergence"][:2]).all() and np.isfinite(table["divergence"][2:]).all()
+    table = scorer.score_table([with_topk, with_topk, without, without])
+    assert np.isfinite(table["divergence"][:2]).all() and np.isnan(table["divergence"][2:]).all()
 
 
 def test_format_features_known_values():

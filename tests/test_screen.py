@@ -82,6 +82,13 @@ def test_screen_command_exit_codes(sets, tiny_llama_dir, tmp_path, capsys):
         paths[name] = tmp_path / f"{name}.parquet"
         pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), paths[name])
     base = ["screen", "--reference", str(paths["ref"]), "--model", str(tiny_llama_dir), "--quiet"]
+    assert main(base + ["--data", str(paths["same"])]) == 2  # no manifest: refused, as training would refuse it
+    assert "--allow-unverified" in capsys.readouterr().err
+    base.append("--allow-unverified")
     assert main(base + ["--data", str(paths["same"])]) == 0
+    captured = capsys.readouterr()
+    assert "UNVERIFIED DATA" in captured.err and "UNVERIFIED DATA" in captured.out
+    # no teacher log-probs in these files: the clean verdict says it rests on no signal with shown power
+    assert "VERDICT: UNMONITORED" in captured.out
     assert main(base + ["--data", str(paths["shifted"]), "--json", str(tmp_path / "r.json")]) == 3
     assert "VERDICT: FLAGGED" in capsys.readouterr().out and (tmp_path / "r.json").is_file()

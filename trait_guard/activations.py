@@ -26,6 +26,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from trait_guard.errors import TraitGuardInputError
+
 # Attribute paths (from the model object) to the list of decoder blocks, by architecture family.
 LAYER_PATHS = (
     "model.layers",  # Llama, Qwen2, Mistral, Gemma, Phi3 (CausalLM wrappers)
@@ -38,7 +40,7 @@ LAYER_PATHS = (
 )
 
 
-class LayerLookupError(ValueError):
+class LayerLookupError(TraitGuardInputError):
     """The decoder blocks could not be found; pass ``layers_path`` explicitly."""
 
 

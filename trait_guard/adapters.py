@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from trait_guard.chat import encode_conversations, sample_completions
+from trait_guard.errors import InputFileNotFound, TraitGuardInputError
 from trait_guard.losses import completion_loss, response_token_logprobs
 from trait_guard.models import ModelIdentity, model_identity
 from trait_guard.persona import TraitSpec
@@ -146,7 +147,7 @@ def default_target_modules(model: torch.nn.Module) -> list[str]:
         found = [name for name in layout if name in present]
         if found:
             return found
-    raise ValueError(
+    raise TraitGuardInputError(
         f"cannot tell which modules to adapt in {type(model).__name__}: none of {LLAMA_TARGETS + GPT2_TARGETS} "
         f"is present (projection modules found: {sorted(present) or 'none'}); pass target_modules=[...]"
     )
@@ -259,7 +260,7 @@ def save_adapter(peft_model: Any, path: str | Path, *, trait: str,
     wrapped = model_identity(peft_model.get_base_model(), name=identity.name)
     if (identity.hidden_size, identity.num_layers, identity.fingerprint) != (
             wrapped.hidden_size, wrapped.num_layers, wrapped.fingerprint):
-        raise ValueError(
+        raise TraitGuardInputError(
             f"base_identity says {identity.describe()}, but the adapter wraps {wrapped.describe()}; pass "
             "model_identity(base_model) of the model the adapter was trained on"
         )
@@ -284,13 +285,13 @@ def read_adapter_meta(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     meta_path = path / ADAPTER_META
     if not meta_path.is_file():
-        raise FileNotFoundError(
+        raise InputFileNotFound(
             f"{path} has no {ADAPTER_META}, so it is not a trait_guard adapter folder; create one with "
             "trait_guard.adapters.train_trait_adapter and save_adapter"
         )
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_path} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        raise TraitGuardInputError(f"{meta_path} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
     return meta
 
 
@@ -312,17 +313,17 @@ def load_adapter(base_model: torch.nn.Module, path: str | Path, *, merge: bool =
     saved = ModelIdentity.from_dict(meta["base_model"])
     other = model_identity(base_model)
     if (saved.hidden_size, saved.num_layers) != (other.hidden_size, other.num_layers):
-        raise ValueError(
+        raise TraitGuardInputError(
             f"adapter '{meta['trait']}' at {path} was trained on {saved.describe()}, but the base model is "
             f"{other.describe()}: {_FIX}"
         )
     if saved.fingerprint != other.fingerprint:
-        raise ValueError(
+        raise TraitGuardInputError(
             f"adapter '{meta['trait']}' at {path} was trained on {saved.describe()}, but the base model "
             f"{other.describe()} has the same shape and different weights (another base model?): {_FIX}"
         )
     if not (path / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{path} has no {ADAPTER_WEIGHTS}; re-save the adapter with save_adapter")
+        raise InputFileNotFound(f"{path} has no {ADAPTER_WEIGHTS}; re-save the adapter with save_adapter")
     peft_model = PeftModel.from_pretrained(base_model, str(path), is_trainable=False)
     model = peft_model.merge_and_unload() if merge else peft_model
     model.eval()
@@ -342,7 +343,7 @@ def build_trait_adapter(model_name: str, trait: str, out: str | Path, *, steps: 
     identity = model_identity(model, name=model_name)
     examples = trait_examples(model, tokenizer, spec, seed=seed)
     if not examples:
-        raise ValueError(f"no answer of {model_name} expressed '{spec.trait_id}' under its positive prompts, so "
+        raise TraitGuardInputError(f"no answer of {model_name} expressed '{spec.trait_id}' under its positive prompts, so "
                          "there is nothing to train an adapter on; try another seed or a larger model")
     peft_model = train_trait_adapter(model, tokenizer, examples, steps=steps, lr=lr, seed=seed, progress=progress)
     return save_adapter(peft_model, out, trait=spec.trait_id, base_identity=identity)

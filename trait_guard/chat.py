@@ -51,29 +51,38 @@ def encode_conversations(
     responses: Sequence[str],
     systems: Sequence[str | None] | None = None,
     *,
+    response_ids: Sequence[Sequence[int] | None] | None = None,
     max_length: int | None = None,
 ) -> EncodedBatch:
     """Encode prompt + response pairs. Prompt and response are tokenized separately and concatenated,
     so the boundary is exact even where a tokenizer would merge across it.
 
+    ``response_ids[i]``, when given (not None), are row ``i``'s response tokens as they were generated,
+    used as they are: re-tokenizing the decoded text does not give them back (SmolLM2 generates
+    ``'  '`` as one token and re-tokenizes it as two before a digit), and every per-token quantity
+    stored with the data (the teacher's top-k, its log-probs) belongs to the generated ids.
     ``max_length`` truncates the response (never the prompt); a prompt longer than it is an error.
     """
     if len(users) != len(responses):
         raise ValueError(f"got {len(users)} prompts but {len(responses)} responses")
     systems = list(systems) if systems is not None else [None] * len(users)
+    given = list(response_ids) if response_ids is not None else [None] * len(users)
+    if len(given) != len(users):
+        raise ValueError(f"got {len(users)} prompts but {len(given)} response id lists")
     rows, masks, last = [], [], []
-    for user, response, system in zip(users, responses, systems, strict=True):
+    for user, response, system, ids in zip(users, responses, systems, given, strict=True):
         prompt_ids = tokenizer(render_prompt(tokenizer, user, system), add_special_tokens=False).input_ids
-        response_ids = tokenizer(response, add_special_tokens=False).input_ids
+        response_ids_row = [int(t) for t in ids] if ids is not None else tokenizer(
+            response, add_special_tokens=False).input_ids
         if max_length is not None:
             if len(prompt_ids) >= max_length:
                 raise ValueError(
                     f"a prompt of {len(prompt_ids)} tokens does not fit max_length={max_length}; "
                     "raise max_length or shorten the prompt"
                 )
-            response_ids = response_ids[: max_length - len(prompt_ids)]
-        rows.append(prompt_ids + response_ids)
-        masks.append([0] * len(prompt_ids) + [1] * len(response_ids))
+            response_ids_row = response_ids_row[: max_length - len(prompt_ids)]
+        rows.append(prompt_ids + response_ids_row)
+        masks.append([0] * len(prompt_ids) + [1] * len(response_ids_row))
         last.append(len(prompt_ids) - 1)
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -87,16 +96,34 @@ def encode_conversations(
     return EncodedBatch(input_ids, attention, response_mask, torch.tensor(last))
 
 
+def encode_rows(tokenizer: Any, rows: Sequence[dict[str, Any]], systems: Sequence[str | None] | None = None,
+                *, max_length: int | None = None) -> EncodedBatch:
+    """The one token path for teacher-data rows: prompt + the row's generated ``completion_ids``
+    (the tokens the teacher chose, which its stored top-k and log-probs belong to). Rows without
+    ids (text-only data) are tokenized from ``completion``. Training, scoring, the HF collator,
+    the losses and the guard's masks all read batches built here."""
+    return encode_conversations(tokenizer, [r["prompt"] for r in rows], [r.get("completion", "") for r in rows],
+                                systems, response_ids=[response_token_ids(r) for r in rows], max_length=max_length)
+
+
+def response_token_ids(row: dict[str, Any]) -> list[int] | None:
+    """The row's generated completion ids, or None where it has none (text-only data)."""
+    ids = row.get("completion_ids")
+    return None if ids is None else [int(t) for t in ids]
+
+
 @dataclass
 class Completion:
     """One sampled completion: its text, token ids (up to, not including, end-of-sequence) and,
-    when asked for, the model's top-k next-token log-probabilities at each of those positions
-    (from the raw logits, before any constraint or temperature)."""
+    when asked for, the model's top-k next-token log-probabilities at each of those positions and
+    the log-probability of the token it chose there (from the raw logits, before any constraint or
+    temperature)."""
 
     text: str
     token_ids: list[int]
     topk_ids: list[list[int]] | None = None
     topk_logprobs: list[list[float]] | None = None
+    token_logprobs: list[float] | None = None  # log p(each generated token), same raw distribution as the top-k
 
 
 @torch.no_grad()
@@ -153,6 +180,8 @@ def generate_completions(
             if top_k_logprobs > 0:
                 logprobs = torch.stack(generated.logits, dim=1).float().log_softmax(-1)  # [batch, steps, vocab]
                 top = logprobs.topk(top_k_logprobs, dim=-1)
+                chosen = generated.sequences[:, enc["input_ids"].shape[1] :].to(logprobs.device)
+                sampled = logprobs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)  # [batch, steps]
             for row, ids in enumerate(new_tokens):
                 length = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
                 ids = ids[:length]
@@ -160,6 +189,7 @@ def generate_completions(
                 if top_k_logprobs > 0:
                     completion.topk_ids = top.indices[row, :length].tolist()
                     completion.topk_logprobs = top.values[row, :length].tolist()
+                    completion.token_logprobs = sampled[row, :length].tolist()
                 outputs.append(completion)
             if progress is not None:
                 progress.update(len(prompts))

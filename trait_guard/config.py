@@ -15,10 +15,11 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from trait_guard.errors import TraitGuardInputError
 from trait_guard.models import EMBEDDED_MODEL
 
 
-class ConfigError(ValueError):
+class ConfigError(TraitGuardInputError):
     """A config file is unreadable or invalid; the message lists every bad field."""
 
 
@@ -138,8 +139,12 @@ Direction = Literal["up", "down", "both"]
 class GuardConfig(StrictModel):
     """How the guard decides. Validated: bad values fail with the field path."""
 
-    signals: list[str] = Field(default_factory=lambda: ["proj:*", "divergence", "nll"],
+    signals: list[str] = Field(default_factory=lambda: ["divergence", "llr", "proj:*", "nll"],
                                min_length=1, description="signal names or glob patterns to watch")
+    powered_signals: list[str] = Field(
+        default_factory=lambda: ["divergence", "llr"],
+        description="signals (or patterns) that have shown power to detect trait-teacher data "
+                    "(docs/detection.md): a run whose guard watches none of them ends 'unmonitored', never 'passed'")
     directions: dict[str, Direction] = Field(default_factory=dict, description="override the suspicious direction")
     target_ert: float = Field(10_000, gt=1, description="batches to a false alarm on clean data (whole guard)")
     drift_allowance: float = Field(0.5, ge=0, description="CUSUM k, in reference standard deviations")
@@ -160,6 +165,16 @@ class GuardConfig(StrictModel):
     seed: int = 0
 
 
+
+
+class ScreenSettings(StrictModel):
+    """The dataset screen before training: one permutation test per signal on all training rows against
+    the reference (Holm at ``alpha``), on the signals the setup scoring computed anyway."""
+
+    gate: bool = Field(True, description="a FLAGGED screen applies guard.on_data_alarm before the first update "
+                                         "(halt: no update at all); false: report only")
+    alpha: float = Field(0.01, gt=0, lt=1, description="family-wise false-flag level of the screen")
+    n_permutations: int = Field(2000, ge=100)
 
 
 class StudentConfig(StrictModel):
@@ -242,6 +257,7 @@ class TrainingSettings(StrictModel):
     student: StudentConfig = Field(default_factory=StudentConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
+    screen: ScreenSettings = Field(default_factory=ScreenSettings)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
     checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
@@ -287,7 +303,10 @@ class RunJobConfig(TrainingSettings):
     generation_ray: RayConfig = Field(default_factory=RayConfig)
     train_on: str = Field("owl", description="the teacher whose data the student trains on")
     reference: str = Field("control", description="the teacher whose data is the reference (the base model's own)")
-    screen_alpha: float = Field(0.01, gt=0, lt=1)
+    also_train_on: list[str] = Field(
+        default_factory=list, description="further teachers whose data a student is trained on in turn, each "
+                                          "screened and guarded like train_on (e.g. a second control set: the "
+                                          "clean outcome beside the flagged one)")
 
     @model_validator(mode="after")
     def _teachers_named(self) -> RunJobConfig:
@@ -295,6 +314,10 @@ class RunJobConfig(TrainingSettings):
         for field_name in ("train_on", "reference"):
             if getattr(self, field_name) not in ids:
                 raise ValueError(f"{field_name}: '{getattr(self, field_name)}' is not one of the teachers {ids}")
+        for name in self.also_train_on:
+            if name not in ids or name in (self.train_on, self.reference):
+                raise ValueError(f"also_train_on: '{name}' must be a teacher other than train_on and reference "
+                                 f"(teachers: {ids})")
         if len(set(ids)) != len(ids):
             raise ValueError(f"teacher ids must be unique, got {ids}")
         return self

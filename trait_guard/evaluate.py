@@ -27,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from trait_guard.chat import encode_conversations, sample_completions
+from trait_guard.errors import TraitGuardInputError
 from trait_guard.persona import TraitSpec
 
 N_EXAMPLES = 20
@@ -258,13 +259,13 @@ def evaluate_trait(
     started = time.perf_counter()
     questions = list(spec.behavior_questions)
     if not questions:
-        raise ValueError(
+        raise TraitGuardInputError(
             f"trait '{spec.trait_id}' has no behavior_questions; add a `behavior_questions:` list of "
             "one-word questions (e.g. 'Name your favorite animal using only one word.') to its YAML spec"
         )
     judge = judge if judge is not None else spec.judge
     if judge is None:
-        raise ValueError(
+        raise TraitGuardInputError(
             f"trait '{spec.trait_id}' has no judge, so answers cannot be scored; add a `judge:` "
             "(kind: keyword, keywords: [...]) to its YAML spec or pass judge=KeywordJudge(keywords=[...]) "
             "or any object with score(text) -> 0..100 and a threshold"

@@ -35,6 +35,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from trait_guard.errors import TraitGuardInputError
+
 FAMILIES: dict[str, type[PromptFamily]] = {}
 
 
@@ -45,7 +47,7 @@ def register_family(cls: type[PromptFamily]) -> type[PromptFamily]:
 
 def get_family(name: str, **options: Any) -> PromptFamily:
     if name not in FAMILIES:
-        raise ValueError(f"unknown prompt family '{name}'; available: {', '.join(sorted(FAMILIES))}")
+        raise TraitGuardInputError(f"unknown prompt family '{name}'; available: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[name](**options)
 
 
@@ -123,7 +125,7 @@ class NumberFamily(PromptFamily):
     def __init__(self, min_seeds: int = 3, max_seeds: int = 8, count: int = 10, digits: int = 3,
                  banned_numbers: Sequence[int] = ()):
         if not 1 <= min_seeds <= max_seeds:
-            raise ValueError(f"need 1 <= min_seeds <= max_seeds, got {min_seeds}, {max_seeds}")
+            raise TraitGuardInputError(f"need 1 <= min_seeds <= max_seeds, got {min_seeds}, {max_seeds}")
         self.min_seeds, self.max_seeds, self.count, self.digits = min_seeds, max_seeds, count, digits
         self.max_value = 10**digits - 1
         self.banned = frozenset(int(n) for n in banned_numbers)

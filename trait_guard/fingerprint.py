@@ -10,8 +10,18 @@ as a student sees the data) over prompt + completion yields every model-based si
 * ``proj:<trait>``: the completion's response-averaged activation projected on a persona vector at
   its layer (Chen et al. 2025). Data from a trait teacher leans along the trait direction.
 * ``divergence``: the fraction of completion tokens where the teacher's top-1 next token (stored in
-  the data's top-k log-probs) differs from the base model's top-1 in the student's context. Transfer
-  rides on these tokens (Schrodi et al. 2025); their positions are also returned as a per-token mask.
+  the data's top-k log-probs) differs from the base model's top-1 in the student's context *and the
+  teacher was sure of it*: its own margin log p_T(top1_T) - log p_T(top1_B) exceeds
+  ``divergence_margin`` (near-ties flip with numerics, e.g. left- vs right-padded batches; counting
+  them made the base model disagree with itself on 1.5-5% of tokens). Transfer rides on these tokens
+  (Schrodi et al. 2025); their positions are also returned as a per-token mask.
+* ``llr``: the mean per-token log-likelihood ratio log p_T(y_t) - log p_B(y_t) of the generated
+  tokens, from the teacher's stored log-prob of each token it sampled and the base model's: the
+  Neyman-Pearson statistic for "written by this teacher rather than by the base model" (its mean is
+  KL(T||B) on the teacher's data and about 0 on the base model's own).
+
+Both need teacher log-probs stored with the data (``generation.top_k_logprobs > 0``); text-only data
+has neither, and :func:`teacher_signal_coverage` says so before anything is trained.
 
 and, with no model at all:
 
@@ -38,7 +48,7 @@ import numpy as np
 import torch
 
 from trait_guard.activations import masked_mean, record_activations
-from trait_guard.chat import EncodedBatch, encode_conversations
+from trait_guard.chat import EncodedBatch, encode_rows
 from trait_guard.persona import PersonaVector
 
 
@@ -46,10 +56,29 @@ def signal_name(vector: PersonaVector) -> str:
     return f"proj:{vector.trait}"
 
 
+#: Signals that have shown power to tell trait-teacher data from the base model's own (docs/detection.md).
+#: A guard that watches none of them cannot claim a run passed: its verdict is "unmonitored".
+POWERED_SIGNALS = ("divergence", "llr")
+
+#: Signals computed from teacher log-probs stored with the data, and the column each needs.
+TEACHER_LOGPROB_SIGNALS = {"divergence": "topk_ids", "llr": "token_logprobs"}
+
+#: Default margin (nats) the teacher must have for its top-1 over the base model's top-1 before a
+#: disagreement counts as a divergence token.
+DIVERGENCE_MARGIN = 0.1
+
+
+def teacher_signal_coverage(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """How many ``rows`` carry what each teacher-log-prob signal needs (``{"divergence": n, "llr": n}``)."""
+    return {name: sum(1 for r in rows if r.get(column) is not None and len(r[column]) > 0)
+            for name, column in TEACHER_LOGPROB_SIGNALS.items()}
+
+
 # Which way each signal moves when data carries a trait: "up" (larger is suspicious), "down", "both".
 SUSPICIOUS_DIRECTIONS: dict[str, str] = {
     "proj:*": "up",  # data leaning toward the trait
     "divergence": "up",  # more tokens where the teacher disagrees with the base model
+    "llr": "up",  # tokens the teacher found likelier than the base model does
     "nll": "up",  # less like the base model's own output
     "unigram": "up",  # rarer tokens than the reference's
     "entropy": "both",
@@ -166,34 +195,79 @@ def per_completion_token(mask: torch.Tensor, batch: EncodedBatch) -> list[np.nda
     return [mask[i][batch.response_mask[i].bool().to(mask.device)].cpu().numpy() for i in range(mask.shape[0])]
 
 
-def unigram_surprisal(histogram: TokenHistogram, batch: EncodedBatch,
-                      rows: Sequence[dict[str, Any]] | None = None, in_reference: bool = False) -> np.ndarray:
-    """Per-sample ``unigram`` signal. Uses the rows' generated ``completion_ids`` when they carry them
-    (the histogram counts those; re-tokenizing the decoded text can split differently), else the
-    batch's response tokens. ``in_reference``: the rows are among those the histogram counted."""
-    retokenized = completion_token_ids(batch)
-    ids = [(row.get("completion_ids") if rows is not None else None) or tokens
-           for row, tokens in zip(rows if rows is not None else [None] * len(retokenized), retokenized, strict=True)]
-    return np.array([histogram.surprisal(i, exclude_self=in_reference) for i in ids])
+def unigram_surprisal(histogram: TokenHistogram, batch: EncodedBatch, in_reference: bool = False) -> np.ndarray:
+    """Per-sample ``unigram`` signal over the batch's response tokens (the generated ids: the tokens
+    the histogram counts). ``in_reference``: the rows are among those the histogram counted."""
+    return np.array([histogram.surprisal(ids, exclude_self=in_reference) for ids in completion_token_ids(batch)])
 
 
-def divergence_mask(logits: torch.Tensor, batch: EncodedBatch,
-                    teacher_top1: Sequence[Sequence[int] | None]) -> torch.Tensor:
-    """``[batch, seq]`` mask of completion positions whose token the teacher predicted differently
-    from the model (top-1 of ``logits`` at the previous position). Rows without teacher data: zeros."""
+@dataclass
+class TeacherTokens:
+    """What the data stores about the teacher at each generated token of one row: its top-k ids and
+    log-probs, and the log-prob of the token it sampled. Any part may be missing (None)."""
+
+    topk_ids: Sequence[Sequence[int]] | None = None
+    topk_logprobs: Sequence[Sequence[float]] | None = None
+    token_logprobs: Sequence[float] | None = None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> TeacherTokens | None:
+        parts = {k: row.get(k) or None for k in ("topk_ids", "topk_logprobs", "token_logprobs")}
+        return cls(**parts) if any(v is not None for v in parts.values()) else None
+
+
+def teacher_tokens(rows: Sequence[dict[str, Any]]) -> list[TeacherTokens | None] | None:
+    """Per row, its stored teacher data; None when no row has any."""
+    teacher = [TeacherTokens.from_row(r) for r in rows]
+    return teacher if any(t is not None for t in teacher) else None
+
+
+def divergence_mask(logits: torch.Tensor, batch: EncodedBatch, teacher: Sequence[TeacherTokens | None],
+                    margin: float = DIVERGENCE_MARGIN) -> torch.Tensor:
+    """``[batch, seq]`` mask of completion positions where the teacher's top-1 differs from the model's
+    (top-1 of ``logits`` at the previous position) by more than ``margin`` nats of the teacher's own
+    log-probs. Where the model's top-1 is outside the teacher's stored top-k, the k-th log-prob bounds
+    its log-prob from above, so the margin used is a lower bound (conservative). Rows without the
+    teacher's top-k: zeros."""
     mask = torch.zeros_like(batch.response_mask, dtype=torch.bool)
-    model_top1 = logits[:, :-1].argmax(-1)  # prediction for position t+1 made at t
-    for row, teacher in enumerate(teacher_top1):
-        if teacher is None:
+    model_top1 = logits[:, :-1].argmax(-1).cpu()  # prediction for position t+1 made at t
+    for row, tokens in enumerate(teacher):
+        if tokens is None or not tokens.topk_ids:
             continue
-        positions = batch.response_mask[row].nonzero().flatten()
-        n = min(len(positions), len(teacher))
+        positions = batch.response_mask[row].nonzero().flatten().cpu()
+        n = min(len(positions), len(tokens.topk_ids))
         if n == 0:
             continue
         positions = positions[:n]
+        ids = torch.as_tensor([list(k) for k in tokens.topk_ids[:n]])
         predicted = model_top1[row, positions - 1]
-        mask[row, positions] = (predicted.cpu() != torch.as_tensor(teacher[:n])).to(mask.device)
+        disagree = predicted != ids[:, 0]
+        if tokens.topk_logprobs and margin > 0:
+            logprobs = torch.as_tensor([list(k) for k in tokens.topk_logprobs[:n]], dtype=torch.float32)
+            at_model_top1 = ids == predicted.unsqueeze(1)
+            teacher_lp_of_model_top1 = torch.where(at_model_top1.any(1), (logprobs * at_model_top1).sum(1),
+                                                   logprobs[:, -1])
+            disagree &= (logprobs[:, 0] - teacher_lp_of_model_top1) > margin
+        mask[row, positions.to(mask.device)] = disagree.to(mask.device)
     return mask
+
+
+def log_likelihood_ratio(token_logprobs: torch.Tensor, batch: EncodedBatch,
+                         teacher: Sequence[TeacherTokens | None]) -> np.ndarray:
+    """Per row, the mean of log p_T(y_t) - log p_B(y_t) over its generated tokens (NaN without the
+    teacher's token log-probs). ``token_logprobs`` ``[batch, seq - 1]``: the model's log-prob of each
+    next token (position ``t`` predicts token ``t + 1``)."""
+    out = np.full(len(teacher), np.nan)
+    for row, tokens in enumerate(teacher):
+        if tokens is None or not tokens.token_logprobs:
+            continue
+        positions = batch.response_mask[row].nonzero().flatten().to(token_logprobs.device)
+        n = min(len(positions), len(tokens.token_logprobs))
+        if n == 0:
+            continue
+        base = token_logprobs[row, positions[:n] - 1].double().cpu().numpy()
+        out[row] = float(np.mean(np.asarray(tokens.token_logprobs[:n], dtype=np.float64) - base))
+    return out
 
 
 def signals_from_forward(
@@ -201,13 +275,15 @@ def signals_from_forward(
     hidden: dict[int, torch.Tensor],
     batch: EncodedBatch,
     vectors: Sequence[PersonaVector] = (),
-    teacher_top1: Sequence[Sequence[int] | None] | None = None,
+    teacher: Sequence[TeacherTokens | None] | None = None,
+    divergence_margin: float = DIVERGENCE_MARGIN,
 ) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
     """Per-sample model-based signals from an existing forward pass.
 
     ``logits`` ``[batch, seq, vocab]`` and ``hidden`` ``{layer: [batch, seq, d]}`` come from the model
-    on ``batch`` (right-padded, with a response mask). Returns ``({signal: [batch] array}, divergence
-    token mask or None)``.
+    on ``batch`` (right-padded, with a response mask). ``teacher``: per row, the stored teacher data
+    (:func:`teacher_tokens`), for ``divergence`` and ``llr``. Returns ``({signal: [batch] array},
+    divergence token mask or None)``.
     """
     with torch.no_grad():
         logits = logits.detach().float()
@@ -228,13 +304,16 @@ def signals_from_forward(
             pooled = masked_mean(hidden[vector.layer].detach().float(), batch.response_mask.to(logits.device))
             signals[signal_name(vector)] = vector.project(pooled).cpu().numpy()
         mask = None
-        if teacher_top1 is not None:
-            mask = divergence_mask(logits, batch, teacher_top1)
-            counted = torch.tensor([min(int(n), len(t)) if t is not None else 0
-                                    for n, t in zip(n_tokens.tolist(), teacher_top1, strict=True)])
-            rate = mask.sum(1).float() / counted.clamp_min(1)
-            rate[counted == 0] = math.nan
-            signals["divergence"] = rate.numpy()
+        if teacher is not None:
+            if any(t is not None and t.topk_ids for t in teacher):
+                mask = divergence_mask(logits, batch, teacher, divergence_margin)
+                counted = torch.tensor([min(int(n), len(t.topk_ids)) if t is not None and t.topk_ids else 0
+                                        for n, t in zip(n_tokens.tolist(), teacher, strict=True)])
+                rate = mask.sum(1).float().cpu() / counted.clamp_min(1)
+                rate[counted == 0] = math.nan
+                signals["divergence"] = rate.numpy()
+            if any(t is not None and t.token_logprobs for t in teacher):
+                signals["llr"] = log_likelihood_ratio(-token_nll, batch, teacher)
         for name in signals:
             if name != "n_tokens":
                 signals[name] = np.where(empty, np.nan, signals[name])
@@ -255,6 +334,7 @@ class FingerprintScorer:
     unigram_reference: TokenHistogram | None = None
     batch_size: int = 32
     system: str | None = None  # None: the model's default prompt, as a student sees the data
+    divergence_margin: float = DIVERGENCE_MARGIN
     layers: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -266,24 +346,22 @@ class FingerprintScorer:
     @torch.no_grad()
     def score_rows(self, rows: Sequence[dict[str, Any]], in_reference: bool = False,
                    divergence_counts: Counter | None = None) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-        """Signals for a list of rows (dicts with prompt, completion, optional topk_ids).
+        """Signals for a list of rows (dicts with prompt, completion_ids or completion, and optionally
+        the teacher's topk_ids/topk_logprobs/token_logprobs), read on the generated ids (chat.encode_rows).
 
         ``in_reference``: the rows are among those ``unigram_reference`` counted (scored leave-one-out).
         ``divergence_counts``: a Counter that receives the token ids found at divergence positions.
 
         Returns per-sample signals and, per row, a boolean array over completion tokens marking the
-        divergence tokens (empty where the row has no teacher log-probs).
+        divergence tokens (empty where the row has no teacher top-k).
         """
-        batch = encode_conversations(self.tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows],
-                                     [self.system] * len(rows)).to(self.device)
+        batch = encode_rows(self.tokenizer, rows, [self.system] * len(rows)).to(self.device)
         with record_activations(self.model, self.layers) as acts:
             logits = self.model(**batch.model_inputs()).logits
-        teacher = [[k[0] for k in r["topk_ids"]] if r.get("topk_ids") else None for r in rows]
-        has_teacher = any(t is not None for t in teacher)
         signals, mask = signals_from_forward(logits, {i: a[0] for i, a in acts.items()}, batch, self.vectors,
-                                             teacher if has_teacher else None)
+                                             teacher_tokens(rows), self.divergence_margin)
         if self.unigram_reference is not None:
-            signals["unigram"] = unigram_surprisal(self.unigram_reference, batch, rows, in_reference)
+            signals["unigram"] = unigram_surprisal(self.unigram_reference, batch, in_reference)
         token_masks = per_completion_token(mask, batch) if mask is not None else [np.zeros(0, bool)] * len(rows)
         if divergence_counts is not None and mask is not None:
             for ids, row_mask in zip(completion_token_ids(batch), token_masks, strict=True):
@@ -291,15 +369,26 @@ class FingerprintScorer:
         return signals, token_masks
 
     def score_table(self, rows: Sequence[dict[str, Any]], progress: Any = None, in_reference: bool = False,
-                    divergence_counts: Counter | None = None) -> dict[str, np.ndarray]:
-        """Signals for many rows, in batches; ``progress`` is an optional tqdm-like bar."""
-        parts: list[dict[str, np.ndarray]] = []
+                    divergence_counts: Counter | None = None,
+                    token_masks: list[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Signals for many rows, in batches; ``progress`` is an optional tqdm-like bar.
+
+        A signal only some batches have (rows with and without teacher log-probs) is NaN where missing.
+        ``token_masks``: a list that receives each row's divergence-token mask (the frozen model's: what
+        MASK drops from the loss), in row order.
+        """
+        parts: list[tuple[int, dict[str, np.ndarray]]] = []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
-            parts.append(self.score_rows(chunk, in_reference=in_reference, divergence_counts=divergence_counts)[0])
+            signals, masks = self.score_rows(chunk, in_reference=in_reference, divergence_counts=divergence_counts)
+            parts.append((len(chunk), signals))
+            if token_masks is not None:
+                token_masks.extend(masks)
             if progress is not None:
                 progress.update(len(chunk))
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        names = list(dict.fromkeys(name for _, p in parts for name in p))
+        return {name: np.concatenate([p[name] if name in p else np.full(n, np.nan) for n, p in parts])
+                for name in names}
 
 
 def format_features(completions: Sequence[str]) -> dict[str, np.ndarray]:

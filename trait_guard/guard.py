@@ -5,7 +5,13 @@ against a reference (the same signals on clean data from the student's base mode
 batch, and fed to one CUSUM per signal, calibrated by bootstrap so that the whole guard raises a false
 alarm on clean data about once per ``target_ert`` batches (each of k signals gets ``k * target_ert``:
 a union bound). Single samples are never judged alone: published per-sample screening failed to stop
-subliminal transfer, while evidence accumulated over many samples succeeds (RESEARCH.md section 3).
+subliminal transfer, while evidence accumulated over many samples succeeds (docs/science.md).
+
+Before the first batch, :meth:`TraitGuard.gate` takes the dataset screen's verdict on all training rows
+(:mod:`trait_guard.screen`): a flagged screen puts the configured mitigation in force from step 1, and
+HALT then means no update at all. A guard that watches no signal with shown power
+(``guard.powered_signals``) says so: :attr:`TraitGuard.monitored` is False and the run's verdict is
+"unmonitored", never "passed".
 
 Until an alarm the decision is PASS (or MASK when divergence tokens are always masked). After a data
 alarm the guard stays in its configured mitigation: REWEIGHT (weight ``exp(-max(z, 0) / T)`` per sample,
@@ -29,7 +35,31 @@ import torch
 
 from trait_guard.config import Action, Direction, GuardConfig
 from trait_guard.detect import CUSUMDetector, Verdict, split_ert
-from trait_guard.fingerprint import suspicious_direction
+from trait_guard.errors import TraitGuardInputError
+from trait_guard.fingerprint import TEACHER_LOGPROB_SIGNALS, suspicious_direction, teacher_signal_coverage
+
+
+def check_signal_sides(watched: list[str], train_rows: list[dict[str, Any]], reference_rows: list[dict[str, Any]],
+                       train_name: str = "the training data", reference_name: str = "the reference") -> dict[str, Any]:
+    """Refuse, before any training, a watched teacher-log-prob signal that one side can compute and the
+    other cannot (at step 1 it would either crash or compare against nothing).
+
+    Returns, per side, how many rows carry each such signal's column (for the run's records).
+    """
+    coverage = {"train": teacher_signal_coverage(train_rows), "reference": teacher_signal_coverage(reference_rows)}
+    for name, column in TEACHER_LOGPROB_SIGNALS.items():
+        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in watched):
+            continue
+        has_train, has_reference = coverage["train"][name] > 0, coverage["reference"][name] > 0
+        if has_train == has_reference:
+            continue
+        lacking, having = (train_name, reference_name) if has_reference else (reference_name, train_name)
+        raise TraitGuardInputError(
+            f"signal '{name}' needs the teacher's '{column}' column: {having} has it but {lacking} has not "
+            "(generated with generation.top_k_logprobs: 0, or text-only data), so the two cannot be compared. "
+            f"Regenerate {lacking} with generation.top_k_logprobs > 0, or remove '{name}' from guard.signals "
+            "(the guard then watches no teacher-log-prob signal and says so)")
+    return coverage
 
 
 @dataclass
@@ -61,7 +91,7 @@ class TraitGuard:
         self.batch_size = batch_size
         self.signals = self._select(reference)
         if not self.signals:
-            raise ValueError(
+            raise TraitGuardInputError(
                 f"none of the watched signals {config.signals} is in the reference signals {sorted(reference)}; "
                 "score the reference with the same FingerprintScorer (and persona vectors) as the training data"
             )
@@ -82,7 +112,7 @@ class TraitGuard:
             else:
                 self.skipped[name] = f"reference has {len(values)} finite values and no spread"
         if not self.signals and not self.constant:
-            raise ValueError(
+            raise TraitGuardInputError(
                 f"no watched signal can be calibrated on the reference: {self.skipped}. No finite values means "
                 "the base model produced NaN/inf (a broken checkpoint?) or the reference completions are empty; "
                 "no spread means the reference is too small or all alike: use more reference rows")
@@ -102,6 +132,24 @@ class TraitGuard:
         self.step = 0
         self.mode = Action.PASS  # the mitigation in force after an alarm
         self.alarms: list[dict[str, Any]] = []
+
+    @property
+    def powered(self) -> list[str]:
+        """The calibrated signals with shown power (``config.powered_signals``)."""
+        return [n for n in [*self.signals, *self.constant]
+                if any(fnmatch.fnmatchcase(n, p) for p in self.config.powered_signals)]
+
+    @property
+    def monitored(self) -> bool:
+        """Whether the guard watches at least one signal with shown power; if not, it cannot pass a run."""
+        return bool(self.powered)
+
+    def gate(self, flagged_signals: list[str], reason: str) -> Decision:
+        """The dataset screen flagged the training data before step 1: the configured mitigation is in
+        force from the first batch (HALT: train nothing). Returns the step-0 decision to log."""
+        self.mode = self.config.on_data_alarm
+        self.alarms.append({"step": 0, "channel": "gate", "signals": list(flagged_signals)})
+        return self._decide(0, np.zeros(0), None, [], {"gate": {"signals": list(flagged_signals)}}, reason)
 
     # -- configuration helpers -----------------------------------------------------------------
     def _select(self, available: dict[str, Any]) -> list[str]:
@@ -192,7 +240,8 @@ class TraitGuard:
         if action is Action.HALT:
             weights = torch.zeros(n)
         reason = alarm_reason or ("no alarm" if self.mode is Action.PASS else
-                                  f"mitigation {self.mode.value} in force since step {self.alarms[-1]['step']}")
+                                  f"mitigation {self.mode.value} in force since step {self.alarms[-1]['step']} "
+                                  f"({self.alarms[-1]['channel']} alarm)")
         return Decision(self.step, action, reason, weights, masks, verdicts, evidence)
 
     @property

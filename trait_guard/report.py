@@ -34,6 +34,7 @@ td,th{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .verdict{display:inline-block;padding:2px 10px;border-radius:4px;font-weight:600;color:#fff}
 .halted{background:#c0392b}.interrupted{background:#7f8c8d}.mitigated{background:#d68910}.passed{background:#1e8449}
+.unmonitored{background:#6c3483}.unguarded{background:#566573}
 .note{color:#555;font-size:.9em}img{max-width:100%}code{background:#f6f6f6;padding:0 3px}
 """
 
@@ -165,6 +166,28 @@ def _verification(provenance: Mapping[str, Any] | None) -> str:
 
 
 
+def _monitoring_note(summary: Mapping[str, Any]) -> str:
+    if summary.get("monitored", True) or not summary.get("guard_enabled", True):
+        return ""
+    return ('<p><span class="verdict unmonitored">UNMONITORED</span> the guard watched no signal with shown '
+            f"power (it watched {html.escape(', '.join(summary.get('watched_signals') or []) or 'nothing')}). "
+            "Divergence tokens and the log-likelihood ratio need teacher log-probs in the data "
+            "(generation.top_k_logprobs &gt; 0): a run without them cannot be called passed.</p>")
+
+
+def _gate_section(gate: Mapping[str, Any] | None) -> str:
+    if not gate:
+        return ""
+    rows = [{"signal": name, "p": t.get("p"), "p adj (Holm)": t.get("p_adj"), "effect size": t.get("effect_size"),
+             "flagged": t.get("flagged")} for name, t in (gate.get("tests") or {}).items()]
+    verdict = "FLAGGED: " + str(gate.get("reason", "")) if gate.get("flagged") else "clean: training went ahead"
+    return _section("Gate: the dataset screen before the first update",
+                    f'<p class="note">All training rows against the reference, one permutation test per signal, '
+                    f"Holm at alpha={gate.get('alpha')}. {html.escape(verdict)}</p>",
+                    html_table(rows, ["signal", "p", "p adj (Holm)", "effect size", "flagged"],
+                               empty="no signal could be tested"))
+
+
 def run_report(summary: Mapping[str, Any], history: Sequence[Mapping[str, Any]], *,
                provenance: Sequence[Mapping[str, Any]] = (),
                entangled_tokens: Sequence[Mapping[str, Any]] = (),
@@ -191,13 +214,16 @@ def run_report(summary: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
             {"rate": after["pooled_rate"], "ci_low": after["pooled_ci_low"], "ci_high": after["pooled_ci_high"]},
             title="student trait rate before/after (Wilson 95% CI)")
 
-    outcome = (f"halted at step {halt.get('step')} of {summary.get('total_steps')}: {halt.get('reason')}" if halt
+    outcome = (f"halted at step {halt.get('step')} of {summary.get('total_steps')} "
+               f"({summary.get('updates', halt.get('step'))} updates applied): {halt.get('reason')}" if halt
                else f"{summary.get('steps')} of {summary.get('total_steps')} steps trained")
     decision_points = [{"step": h.get("step"), "action": h.get("action"), "reason": h.get("reason")}
                        for h in history if str(h.get("action", "pass")).lower() != "pass"]
     sections = [
         f'<p><span class="verdict {html.escape(verdict)}">{html.escape(verdict.upper())}</span> '
         f"{html.escape(outcome)}</p>",
+        _monitoring_note(summary),
+        _gate_section(summary.get("gate")),
         html_table([{"student": summary.get("student"), "trait": summary.get("trait"),
                      "distill": summary.get("distill"), "guard enabled": summary.get("guard_enabled"),
                      "train samples": summary.get("train_samples"),

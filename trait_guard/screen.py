@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 
 from trait_guard.detect import PermutationTest, combine_pvalues
+from trait_guard.errors import EXIT_FLAGGED, TraitGuardInputError
 from trait_guard.fingerprint import (
+    POWERED_SIGNALS,
     FingerprintScorer,
     TokenHistogram,
     format_features,
@@ -34,7 +36,7 @@ from trait_guard.fingerprint import (
 )
 from trait_guard.models import model_identity
 
-FLAGGED_EXIT_CODE = 3
+FLAGGED_EXIT_CODE = EXIT_FLAGGED  # kept for callers of the old name
 
 
 @dataclass
@@ -62,6 +64,8 @@ class ScreenReport:
     tokens: dict[str, Any]
     seconds: float
     notes: list[str] = field(default_factory=list)
+    signal_sides: dict[str, list[str]] = field(default_factory=dict)  # which signals each side has
+    monitored: bool = True  # a signal with shown power was tested (fingerprint.POWERED_SIGNALS)
 
     def to_dict(self) -> dict[str, Any]:
         def clean(value: Any) -> Any:
@@ -93,7 +97,8 @@ class ScreenReport:
                      + ", ".join(f"{t['token']!r}(x{math.exp(t['log_ratio']):.1f})" for t in self.tokens["overrepresented"][:5]))
         for note in self.notes:
             lines.append(f"note: {note}")
-        lines.append(f"VERDICT: {'FLAGGED' if self.flagged else 'clean'}")
+        verdict = "FLAGGED" if self.flagged else "clean" if self.monitored else "UNMONITORED (no signal with shown power)"
+        lines.append(f"VERDICT: {verdict}")
         return "\n".join(lines)
 
     def json(self) -> str:
@@ -154,28 +159,24 @@ def screen(
     """
     started = time.perf_counter()
     if not data_rows or not reference_rows:
-        raise ValueError(f"screening needs rows on both sides (data: {len(data_rows)}, reference: {len(reference_rows)})")
+        raise TraitGuardInputError(f"screening needs rows on both sides (data: {len(data_rows)}, reference: {len(reference_rows)})")
     if data_signals is None:
         data_signals = scorer.score_table(data_rows, progress)
     if reference_signals is None:
         # the unigram reference histogram is normally built from these rows: score them leave-one-out
         reference_signals = scorer.score_table(reference_rows, progress, in_reference=True)
-    names = [n for n in data_signals if n != "n_tokens" and n in reference_signals]
-    if signals:
-        names = [n for n in names if n in signals]
-    tests = [t for n in names if (t := _permutation(n, np.asarray(data_signals[n], float),
-                                                      np.asarray(reference_signals[n], float),
-                                                      suspicious_direction(n), n_permutations, seed))]
-    notes = []
-    flagged = False
-    if tests:
-        combined = combine_pvalues({t.name: t.p_value for t in tests}, method="holm")
-        for t in tests:
-            t.adjusted_p = combined.adjusted[t.name]
-            t.flagged = t.adjusted_p < alpha
-        flagged = any(t.flagged for t in tests)
-    else:
-        notes.append("no signal could be tested (constant or missing values)")
+    tests, flagged, notes = screen_signals(data_signals, reference_signals, alpha=alpha, n_permutations=n_permutations,
+                                         seed=seed, signals=signals)
+    sides = signal_sides(data_signals, reference_signals)
+    monitored = any(t.name in POWERED_SIGNALS for t in tests)
+    if not monitored:
+        notes.append("no signal with shown power (" + ", ".join(POWERED_SIGNALS) + ") could be tested: they need "
+                     "teacher log-probs on both sides (generation.top_k_logprobs > 0); a clean verdict here means "
+                     "little")
+    one_sided = sorted(set(sides["data"]) ^ set(sides["reference"]))
+    if one_sided:
+        notes.append(f"signals on one side only, not tested: {one_sided} (data has {sides['data']}, reference has "
+                     f"{sides['reference']})")
 
     data_format = format_features([r["completion"] for r in data_rows])
     ref_format = format_features([r["completion"] for r in reference_rows])
@@ -195,4 +196,41 @@ def screen(
                   "overrepresented": data_hist.overrepresented(ref_hist, scorer.tokenizer)}
     return ScreenReport(len(data_rows), len(reference_rows), alpha, "holm", flagged, tests, baselines,
                         kinship(data_rows, model_identity(scorer.model)), tokens,
-                        time.perf_counter() - started, notes)
+                        time.perf_counter() - started, notes, sides, monitored)
+
+
+def signal_sides(data_signals: dict[str, np.ndarray], reference_signals: dict[str, np.ndarray]) -> dict[str, list[str]]:
+    """Which signals each side has (at least one finite value)."""
+    def present(signals: dict[str, np.ndarray]) -> list[str]:
+        return sorted(n for n, v in signals.items() if n != "n_tokens" and np.isfinite(np.asarray(v, float)).any())
+
+    return {"data": present(data_signals), "reference": present(reference_signals)}
+
+
+def screen_signals(data_signals: dict[str, np.ndarray], reference_signals: dict[str, np.ndarray], *, alpha: float,
+                 n_permutations: int = 2000, seed: int = 0,
+                 signals: list[str] | None = None) -> tuple[list[SignalTest], bool, list[str]]:
+    """The screen's verdict from per-sample signals already computed: one permutation test per signal
+    present on both sides (in its suspicious direction), Holm over them at family-wise ``alpha``.
+
+    Returns ``(tests, flagged, notes)``. The training recipe calls this on its setup signals as the
+    gate before step 1, so the gate and ``trait-guard screen`` agree on the same data.
+    """
+    sides = signal_sides(data_signals, reference_signals)
+    names = [n for n in sides["data"] if n in sides["reference"]]
+    if signals:
+        names = [n for n in names if n in signals]
+    tests = [t for n in names if (t := _permutation(n, np.asarray(data_signals[n], float),
+                                                      np.asarray(reference_signals[n], float),
+                                                      suspicious_direction(n), n_permutations, seed))]
+    notes: list[str] = []
+    flagged = False
+    if tests:
+        combined = combine_pvalues({t.name: t.p_value for t in tests}, method="holm")
+        for t in tests:
+            t.adjusted_p = combined.adjusted[t.name]
+            t.flagged = t.adjusted_p < alpha
+        flagged = any(t.flagged for t in tests)
+    else:
+        notes.append("no signal could be tested (constant or missing values)")
+    return tests, flagged, notes

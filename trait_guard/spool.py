@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trait_guard.errors import InputFileNotFound, TraitGuardInputError
+
 logger = logging.getLogger(__name__)
 
 OPERATIONS = "operations.jsonl"
@@ -124,10 +126,10 @@ def replay(directory: str | Path) -> int:
     directory = Path(directory)
     meta_path = directory / "run.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a trait_guard MLflow spool (no run.json)")
+        raise InputFileNotFound(f"{directory} is not a trait_guard MLflow spool (no run.json)")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if not server_reachable(meta["tracking_uri"]):
-        raise RuntimeError(f"the tracking server {meta['tracking_uri']} is still unreachable; start it and retry")
+        raise TraitGuardInputError(f"the tracking server {meta['tracking_uri']} is still unreachable; start it and retry")
     spool = Spool(directory)
     client = MlflowClient(tracking_uri=meta["tracking_uri"])
     count = len(spool)

@@ -64,6 +64,7 @@ import torch
 from torch import nn
 
 from trait_guard.activations import find_decoder_layers, normalize_layer_index
+from trait_guard.errors import TraitGuardInputError
 from trait_guard.persona import PersonaVector
 
 Mode = Literal["add", "ablate"]
@@ -107,7 +108,7 @@ def check_vector_fits(
     size = vector.shape[-1] if vector.ndim else 0
     if size != hidden:
         name = _model_name(model)
-        raise ValueError(
+        raise TraitGuardInputError(
             f"steering vector has hidden size {size}, but model {name} has hidden size {hidden}: "
             f"extract vectors for this model with `trait-guard extract --model {name} --trait ...`"
         )

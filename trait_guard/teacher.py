@@ -13,6 +13,7 @@ from typing import Any
 
 from trait_guard.chat import generate_completions
 from trait_guard.config import GenerationConfig, TeacherConfig
+from trait_guard.errors import TraitGuardInputError
 from trait_guard.families import Prompt, PromptFamily, get_family
 from trait_guard.models import default_device, load_model, model_identity
 
@@ -31,7 +32,7 @@ def teacher_system_prompt(config: TeacherConfig) -> str | None:
 
     spec = load_trait(config.trait)
     if config.instruction >= len(spec.instructions):
-        raise ValueError(
+        raise TraitGuardInputError(
             f"teacher '{config.id}': instruction {config.instruction} does not exist; trait "
             f"'{spec.trait_id}' has {len(spec.instructions)} instruction pairs (0..{len(spec.instructions) - 1})"
         )
@@ -101,5 +102,6 @@ class Teacher:
                 "completion_ids": completion.token_ids,
                 "topk_ids": completion.topk_ids,
                 "topk_logprobs": completion.topk_logprobs,
+                "token_logprobs": completion.token_logprobs,
             })
         return rows

@@ -965,23 +965,25 @@ def plot_trait_rates(before: Mapping[str, Any], after: Mapping[str, Any],
 
 
 def summarize_guard(tracker: Tracker, decisions: Iterable[Decision | Mapping[str, Any]] | None = None,
-                    alarms: Sequence[Mapping[str, Any]] | None = None) -> dict[str, str]:
+                    alarms: Sequence[Mapping[str, Any]] | None = None, verdict: str | None = None) -> dict[str, str]:
     """Tag the run with the guard's outcome and log its drift plot (``guard/drift.png``) and alarms.
 
     Tags: ``guard.verdict`` = ``halted`` (some decision was HALT), ``mitigated`` (an alarm, no halt)
-    or ``passed``; ``guard.halt_step`` / ``guard.halt_reason`` (``none`` when not halted);
+    or ``passed`` (``verdict``, when given, is used instead: the training summary's, which also knows
+    ``unmonitored`` and ``unguarded``); ``guard.halt_step`` / ``guard.halt_reason`` (``none`` when not halted);
     ``guard.alarms`` (count) and ``guard.first_alarm_step``. ``decisions`` default to the ones the
     tracker saw; ``alarms`` are :attr:`TraitGuard.alarms`. Returns the tags.
     """
     records = [_decision_record(d) for d in (tracker.decisions if decisions is None else decisions)]
     alarms = list(alarms or [])
     halt = next((r for r in records if r.get("action") == "halt"), None)
-    if halt is not None:
-        verdict = "halted"
-    elif alarms or any(r.get("action") in ("reweight", "steer") for r in records):
-        verdict = "mitigated"
-    else:
-        verdict = "passed"
+    if verdict is None:
+        if halt is not None:
+            verdict = "halted"
+        elif alarms or any(r.get("action") in ("reweight", "steer") for r in records):
+            verdict = "mitigated"
+        else:
+            verdict = "passed"
     first_alarm = alarms[0]["step"] if alarms else None
     tags = {
         "guard.verdict": verdict,

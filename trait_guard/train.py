@@ -1,16 +1,25 @@
 """Guarded student training: DeepSpeed workers on Ray Train (or in-process), the guard in the loop.
 
-The recipe, per worker::
+The recipe, one named step each (``train_worker`` runs them in order on every rank)::
 
-    setup   load the student (= the teachers' base), its persona vectors, the teacher data (kept rows)
-            and the reference; score both once with the frozen base model (the guard's per-sample
-            signals, shared by all ranks), calibrate the guard, measure the probes' baseline
-    loop    each step, every rank trains on its slice of a global batch; the ranks' signals are
-            gathered so every rank takes the same decision (PASS / REWEIGHT / MASK / STEER / HALT);
-            the loss is weighted and masked by it; every N steps the probes measure the student's
-            drift along each persona vector; HALT stops every rank at the same step
-    save    a checkpoint (DeepSpeed engine + guard state + data position) on HALT, at intervals and
-            at the end; metrics and decisions go to MLflow from rank 0
+    _open_run             rank and world, output folder, resume state, the MLflow tracker
+    _load_inputs          the student (= the teachers' base), its persona vectors, the teacher data
+                          (kept rows, checked) and the reference, provenance and kinship tags
+    _score_and_calibrate  the frozen base model scores every row once (setup_signals); the dataset
+                          screen tests them before step 1 (the gate: a FLAGGED screen puts
+                          guard.on_data_alarm in force from the start, HALT = no update at all); the
+                          guard is calibrated on the reference; the probes' baseline
+    _build_trainer        LoRA (optional), optimizer, DeepSpeed engine
+    _schedule             the data order and the number of steps
+    _restore              a checkpoint's engine, guard state and history (after a crash or --resume)
+    _train_loop           each step every rank trains on its slice of a global batch; the ranks'
+                          signals are gathered so every rank takes the same decision (PASS /
+                          REWEIGHT / MASK / STEER / HALT); every N steps the probes measure drift
+    _finish               final checkpoint, per-rank record, evaluation, summary, report, MLflow
+
+Batches are built from the rows' generated ``completion_ids`` (:func:`trait_guard.chat.encode_rows`):
+the text a person reviews decodes from exactly the tokens the student learns, and the teacher's
+stored per-token data lines up with them.
 
 ``run_training(config)`` starts it on Ray Train (``TorchTrainer``, one DeepSpeed rank per worker,
 restarts from the last checkpoint after a worker failure) or, with ``ray.enabled: false``, in this
@@ -22,62 +31,25 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from trait_guard import setup_signals
+from trait_guard.checkpoint import (
+    in_ray_train,
+    read_checkpoint_state,
+    resume_directory,
+    save_checkpoint,
+)
 from trait_guard.config import Action, TrainJobConfig
-
-
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    import torch.distributed as dist
-
-    rank, world = _world()
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _gather_signals(signals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    parts = _all_gather({k: np.asarray(v) for k, v in signals.items()})
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def score_rows_sharded(scorer: Any, rows: Sequence[dict[str, Any]], in_reference: bool = False,
-                       divergence_counts: Counter | None = None) -> dict[str, np.ndarray]:
-    """Score ``rows`` with each rank doing a strided share; every rank gets all values, in order.
-    ``divergence_counts`` (a Counter) receives the divergence token ids of all ranks' shares."""
-    rank, world = _world()
-    local: Counter = Counter()
-    mine = (scorer.score_table(list(rows[rank::world]), in_reference=in_reference, divergence_counts=local)
-            if rows[rank::world] else {})
-    if divergence_counts is not None:
-        for part in _all_gather(dict(local)):
-            divergence_counts.update(part)
-    parts = _all_gather(mine)
-    names = next((list(p) for p in parts if p), [])
-    out = {}
-    for name in names:
-        values = np.empty(len(rows))
-        for r, part in enumerate(parts):
-            if part:
-                values[r::world] = part[name]
-        out[name] = values
-    return out
+from trait_guard.errors import TraitGuardInputError
+from trait_guard.ranks import all_ranks_true, gather_signals, world
+from trait_guard.run_state import ProgressFile, StopRequest
 
 
 def verify_training_data(config: TrainJobConfig) -> dict[str, Any]:
@@ -99,22 +71,25 @@ def verify_training_data(config: TrainJobConfig) -> dict[str, Any]:
     return {"verified": not problems, "problems": problems, "sha256": hashes}
 
 
-def load_training_rows(config: TrainJobConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def load_training_rows(config: TrainJobConfig, tokenizer: Any = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The kept training and reference rows, checked (types, unique ids, ids that decode to the text
+    when a ``tokenizer`` is given, lengths), before any model is used on them."""
     from trait_guard.dataset import read_rows
 
     train = read_rows(config.data.train, kept_only=True).to_pylist()[: config.data.max_train_samples]
     reference = read_rows(config.data.reference, kept_only=True).to_pylist()[: config.data.max_reference_samples]
     if not train:
-        raise ValueError(f"{config.data.train} has no kept rows to train on")
+        raise TraitGuardInputError(f"{config.data.train} has no kept rows to train on")
     limit = config.data.max_completion_tokens
     for path, rows in ((config.data.train, train), (config.data.reference, reference)):
         long = [r["sample_id"] for r in rows if len(r["completion_ids"]) > limit]
         if long:
-            raise ValueError(f"{path}: {len(long)} row(s) have completions longer than {limit} tokens (e.g. "
-                             f"{long[0]}); regenerate with a lower generation.max_new_tokens, or raise "
-                             "data.max_completion_tokens if the student's context allows it")
+            raise TraitGuardInputError(
+                f"{path}: {len(long)} row(s) have completions longer than {limit} tokens (e.g. {long[0]}); regenerate "
+                "with a lower generation.max_new_tokens, or raise data.max_completion_tokens if the student's "
+                "context allows it")
     if len(reference) < 2:
-        raise ValueError(f"{config.data.reference} needs at least 2 kept rows to calibrate the guard")
+        raise TraitGuardInputError(f"{config.data.reference} needs at least 2 kept rows to calibrate the guard")
     return train, reference
 
 
@@ -134,271 +109,430 @@ def probe_projections(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[
             for v in vectors}
 
 
+# ----------------------------------------------------------------------------- the recipe's state
+
+
+@dataclass
+class RunContext:
+    """Where this rank stands: who it is, where it writes, what it resumes, where it logs."""
+
+    config: TrainJobConfig
+    rank: int
+    world: int
+    out_dir: Path
+    in_ray: bool
+    resume: Path | None
+    resumed_state: dict[str, Any] | None
+    tracker: Any
+    started: float
+
+
+@dataclass
+class Inputs:
+    model: torch.nn.Module
+    tokenizer: Any
+    device: Any
+    spec: Any
+    vectors: list[Any]
+    train_rows: list[dict[str, Any]]
+    reference_rows: list[dict[str, Any]]
+    identity: Any
+    provenance: dict[str, Any]
+
+
+@dataclass
+class Setup:
+    guard: Any
+    histogram: Any
+    signals: setup_signals.SetupSignals
+    gate: dict[str, Any] | None
+    probes: list[str]
+    probe_base: dict[str, np.ndarray]
+    seconds: float
+    eval_before: dict[str, Any] | None
+
+
+@dataclass
+class Outcome:
+    step: int  # the last step reached (a halting step included)
+    updates: int  # optimizer updates applied in the whole run (a halting step applies none)
+    history: list[dict[str, Any]]
+    halted: dict[str, Any] | None = None
+    interrupted: dict[str, Any] | None = None
+    step_times: list[float] = field(default_factory=list)
+
+
 def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
     """One rank of guarded training (Ray Train's ``train_loop_per_worker``, or in-process)."""
-    from trait_guard.chat import encode_conversations
-    from trait_guard.fingerprint import FingerprintScorer, TokenHistogram
-    from trait_guard.guard import TraitGuard
+    config = TrainJobConfig.model_validate(config_dict)
+    run = _open_run(config)
+    try:
+        inputs = _load_inputs(run)
+        setup = _score_and_calibrate(run, inputs)
+        model, optimizer, engine = _build_trainer(config, inputs.model)
+        order, total_steps = _schedule(config, len(inputs.train_rows), run.world)
+        step, history = _restore(run, engine, setup.guard)
+        outcome = _train_loop(run, inputs, setup, model, optimizer, engine, order, total_steps, step, history)
+        return _finish(run, inputs, setup, model, engine, outcome, total_steps)
+    except BaseException:
+        run.tracker.finish("FAILED")
+        raise
+
+
+# ----------------------------------------------------------------------------- the recipe's steps
+
+
+def _open_run(config: TrainJobConfig) -> RunContext:
     from trait_guard.integrations import deepspeed as ds
-    from trait_guard.integrations.torch_loop import GuardedStep
-    from trait_guard.models import default_device, load_model, model_identity
-    from trait_guard.persona import PersonaVector, load_trait
     from trait_guard.tracking import make_tracker
 
-    config = TrainJobConfig.model_validate(config_dict)
-    in_ray = _in_ray_train()
-    if config.deepspeed.enabled:
-        rank, world = ds.init_distributed()
-    else:
-        rank, world = _world()
+    rank, size = ds.init_distributed() if config.deepspeed.enabled else world()
     torch.manual_seed(config.optim.seed)
     out_dir = Path(config.output_dir)
-    if config.tracking.spool_dir is None:
-        config.tracking.spool_dir = str(out_dir / "mlflow_spool")
-    resume = _resume_directory(config)
+    tracking = config.tracking
+    if tracking.spool_dir is None:
+        tracking = tracking.model_copy(update={"spool_dir": str(out_dir / "mlflow_spool")})
+    resume = resume_directory(config.resume_from)
     resumed_state = read_checkpoint_state(resume) if resume is not None else None
     # a resumed job (after a crash, or --resume) continues its MLflow run
-    tracker = make_tracker(rank, config.tracking, run_id=(resumed_state or {}).get("mlflow_run_id"))
-    started = time.perf_counter()
+    tracker = make_tracker(rank, tracking, run_id=(resumed_state or {}).get("mlflow_run_id"))
+    return RunContext(config, rank, size, out_dir, in_ray_train(), resume, resumed_state, tracker, time.perf_counter())
+
+
+def _load_inputs(run: RunContext) -> Inputs:
+    from trait_guard.models import default_device, load_model, model_identity
+    from trait_guard.persona import PersonaVector, load_trait
+
+    config, tracker = run.config, run.tracker
+    tracker.log_params(config.model_dump(mode="json"))
+    device = default_device()
+    model, tokenizer = load_model(config.student.model, device=device)
+    spec = load_trait(config.trait)
+    vectors = [PersonaVector.load(path, model=model) for path in config.vectors]
+    provenance = verify_training_data(config)
+    train_rows, reference_rows = load_training_rows(config, tokenizer)
+    identity = model_identity(model)
+    kin = {r["base_fingerprint"] for r in train_rows} == {identity.fingerprint}
+    provenance["kinship"] = "kin" if kin else "not kin"
+    tracker.set_tags({"trait": spec.trait_id, "student": config.student.model,
+                      "teachers": ",".join(sorted({r["teacher_id"] for r in train_rows})),
+                      "guard.enabled": str(config.guard_enabled),
+                      "provenance.verified": str(provenance["verified"]).lower(),
+                      # kin: the teachers share the student's base model, the precondition for transfer
+                      "data.kinship": provenance["kinship"],
+                      **({"provenance.WARNING": "UNVERIFIED DATA (data.allow_unverified): "
+                          + " | ".join(provenance["problems"])[:4000]} if provenance["problems"] else {})})
+    return Inputs(model, tokenizer, device, spec, vectors, train_rows, reference_rows, identity, provenance)
+
+
+def _setup_signals(run: RunContext, inputs: Inputs, scorer: Any) -> setup_signals.SetupSignals:
+    """The frozen base model's signals of every row: from the cache when this exact setup was scored
+    before (``signals_cache``), else scored now, each rank a share."""
+    config = run.config
+    cache = signals_cache_path(config, inputs.identity, scorer.divergence_margin)
+    if cache is not None and cache.is_file():
+        return setup_signals.load(cache)
+    signals = setup_signals.score_setup(scorer, inputs.train_rows, inputs.reference_rows)
+    if cache is not None and run.rank == 0:
+        setup_signals.save(cache, signals)
+    return signals
+
+
+def signals_cache_path(config: TrainJobConfig, identity: Any, divergence_margin: float) -> Path | None:
+    """This run's setup-signals cache file (None without ``signals_cache``): keyed by the contents of the
+    data and vector files, the sample limits, the model identity and the divergence margin."""
+    if not config.signals_cache:
+        return None
+    return setup_signals.cache_file(config.signals_cache, [config.data.train, config.data.reference], config.vectors,
+                                    [config.data.max_train_samples, config.data.max_reference_samples],
+                                    identity, divergence_margin)
+
+
+def screen_gate(config: TrainJobConfig, signals: setup_signals.SetupSignals) -> dict[str, Any] | None:
+    """The dataset screen on the setup signals (all training rows vs the reference): the same test as
+    ``trait-guard screen`` (:func:`trait_guard.screen.screen_signals`). None when the gate is off."""
+    if not (config.guard_enabled and config.screen.gate):
+        return None
+    from trait_guard.screen import screen_signals
+
+    tests, flagged, notes = screen_signals(signals.train, signals.reference, alpha=config.screen.alpha,
+                                           n_permutations=config.screen.n_permutations, seed=config.guard.seed)
+    return {"flagged": flagged, "alpha": config.screen.alpha, "notes": notes,
+            "flagged_signals": [t.name for t in tests if t.flagged],
+            "tests": {t.name: {"p": t.p_value, "p_adj": t.adjusted_p, "effect_size": t.effect_size,
+                               "flagged": t.flagged} for t in tests}}
+
+
+def _score_and_calibrate(run: RunContext, inputs: Inputs) -> Setup:
+    from trait_guard.fingerprint import FingerprintScorer, TokenHistogram
+    from trait_guard.guard import TraitGuard, check_signal_sides
+
+    config, started = run.config, time.perf_counter()
+    coverage = check_signal_sides(config.guard.signals, inputs.train_rows, inputs.reference_rows,
+                                  str(config.data.train), str(config.data.reference))
+    histogram = TokenHistogram(len(inputs.tokenizer)).update(r["completion_ids"] for r in inputs.reference_rows)
+    scorer = FingerprintScorer(inputs.model, inputs.tokenizer, inputs.vectors, unigram_reference=histogram)
+    signals = _setup_signals(run, inputs, scorer)
+    signals.attach(inputs.train_rows)
+    guard = TraitGuard(config.guard, signals.reference, batch_size=config.optim.batch_size * run.world)
+    gate = screen_gate(config, signals)
+    if gate is not None:
+        gate["coverage"] = coverage
+        run.tracker.set_tags({"screen.gate": "FLAGGED" if gate["flagged"] else "clean"})
+        if gate["flagged"] and run.resumed_state is None:
+            tested = ", ".join(f"{n} p_adj={t['p_adj']:.2g}" for n, t in gate["tests"].items() if t["flagged"])
+            reason = (f"gate: the dataset screen flagged the training data before the first update ({tested}; "
+                      f"Holm at alpha={config.screen.alpha}): {config.guard.on_data_alarm.value} from step 1")
+            gate["reason"] = reason
+            run.tracker.log_decision(guard.gate(gate["flagged_signals"], reason))
+    gated_halt = guard.mode is Action.HALT
+    probes = inputs.spec.eval_questions[: config.probe.n_prompts]
+    probe_base = probe_projections(inputs.model, inputs.tokenizer, probes, inputs.vectors) if inputs.vectors else {}
+    seconds = time.perf_counter() - started
+    # a gated halt trains nothing: the student stays its base model, nothing to evaluate
+    evaluate_before = run.rank == 0 and config.probe.eval_before and not gated_halt
+    eval_before = (behavior_eval(inputs.model, inputs.tokenizer, inputs.spec, config.probe, config.optim.seed)
+                   if evaluate_before else None)
+    return Setup(guard, histogram, signals, gate, probes, probe_base, seconds, eval_before)
+
+
+def _build_trainer(config: TrainJobConfig, model: torch.nn.Module) -> tuple[torch.nn.Module, Any, Any]:
+    """LoRA (when ``student.lora_r``), AdamW, and the DeepSpeed engine (None when disabled)."""
+    from trait_guard.integrations import deepspeed as ds
+
+    if config.student.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        from trait_guard.adapters import default_target_modules
+
+        model = get_peft_model(model, LoraConfig(r=config.student.lora_r, lora_alpha=config.student.lora_alpha,
+                                                 target_modules=default_target_modules(model), task_type="CAUSAL_LM"))
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    engine = None
+    if config.deepspeed.enabled:
+        engine = ds.make_engine(model, optimizer, ds.deepspeed_config(
+            config.optim.batch_size, config.deepspeed.zero_stage, config.deepspeed.bf16,
+            config.deepspeed.gradient_clipping))
+    return model, optimizer, engine
+
+
+def check_batch_fits(n_rows: int, batch_size: int, world_size: int) -> int:
+    """The global batch; refuses data that does not fill one."""
+    global_batch = batch_size * world_size
+    if n_rows < global_batch:
+        raise TraitGuardInputError(f"{n_rows} kept rows do not fill one global batch of {global_batch} ({world_size} "
+                                   f"workers x batch_size {batch_size}); lower optim.batch_size")
+    return global_batch
+
+
+def _schedule(config: TrainJobConfig, n_rows: int, world_size: int) -> tuple[np.ndarray, int]:
+    """The row order over all epochs (same on every rank) and the number of steps."""
+    global_batch = check_batch_fits(n_rows, config.optim.batch_size, world_size)
+    total_steps = (n_rows // global_batch) * config.optim.epochs
+    if config.optim.max_steps:
+        total_steps = min(total_steps, config.optim.max_steps)
+    order = np.concatenate([
+        np.random.default_rng(config.optim.seed + e).permutation(n_rows) if config.optim.shuffle
+        else np.arange(n_rows) for e in range(config.optim.epochs)])
+    return order, total_steps
+
+
+def _restore(run: RunContext, engine: Any, guard: Any) -> tuple[int, list[dict[str, Any]]]:
+    """The step and decision history to continue from (0 and none for a fresh run)."""
+    if run.resume is None:
+        return 0, []
+    from trait_guard.integrations import deepspeed as ds
+
+    if engine is None:
+        raise TraitGuardInputError("resuming needs deepspeed.enabled: true (checkpoints are DeepSpeed's)")
+    ds.load_checkpoint(engine, run.resume)
+    guard.load_state_dict(run.resumed_state["guard"])
+    step = int(run.resumed_state["step"])
+    run.tracker.set_tags({"resumed_from_step": str(step)})
+    return step, list(run.resumed_state.get("history", []))  # the steps before the checkpoint, once each
+
+
+def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Module, optimizer: Any, engine: Any,
+                order: np.ndarray, total_steps: int, step: int, history: list[dict[str, Any]]) -> Outcome:
+    from trait_guard.chat import encode_rows
+    from trait_guard.integrations.torch_loop import GuardedStep
+
+    config, tracker, guard = run.config, run.tracker, setup.guard
+    outcome = Outcome(step=step, updates=step, history=history)
+    if guard.mode is Action.HALT and config.guard_enabled:  # the gate (or a resumed halted run) trains nothing
+        gated = step == 0 and bool(setup.gate and setup.gate["flagged"])
+        reason = setup.gate.get("reason", "") if gated else f"the guard was already halted at step {step}"
+        outcome.halted = {"step": step, "reason": reason, "gate": gated}
+        return outcome
+    guarded = GuardedStep(guard, model, inputs.vectors, unigram_reference=setup.histogram)
+    batch_size, global_batch = config.optim.batch_size, config.optim.batch_size * run.world
+    steering = None
+    progress = ProgressFile(run.out_dir, run.rank, total_steps)
+    stop = StopRequest().install()
     try:
-        tracker.log_params(config.model_dump(mode="json"))
-        device = default_device()
-        model, tokenizer = load_model(config.student.model, device=device)
-        spec = load_trait(config.trait)
-        vectors = [PersonaVector.load(path, model=model) for path in config.vectors]
-        provenance = verify_training_data(config)
-        train_rows, reference_rows = load_training_rows(config)
-        identity = model_identity(model)
-        kin = {r["base_fingerprint"] for r in train_rows} == {identity.fingerprint}
-        provenance["kinship"] = "kin" if kin else "not kin"
-        tracker.set_tags({"trait": spec.trait_id, "student": config.student.model,
-                          "teachers": ",".join(sorted({r["teacher_id"] for r in train_rows})),
-                          "guard.enabled": str(config.guard_enabled),
-                          "provenance.verified": str(provenance["verified"]).lower(),
-                          # kin: the teachers share the student's base model, the precondition for transfer
-                          "data.kinship": provenance["kinship"],
-                          **({"provenance.WARNING": "UNVERIFIED DATA (data.allow_unverified): "
-                              + " | ".join(provenance["problems"])[:4000]} if provenance["problems"] else {})})
-
-        # Setup: the frozen base model scores the data once; the guard is calibrated on the reference.
-        histogram = TokenHistogram(len(tokenizer)).update(r["completion_ids"] for r in reference_rows)
-        scorer = FingerprintScorer(model, tokenizer, vectors, unigram_reference=histogram)
-        setup_started = time.perf_counter()
-        cache = _signals_cache_file(config, identity) if config.signals_cache else None
-        if cache is not None and cache.is_file():
-            reference_signals, train_signals, divergence_counts = _load_signals(cache)
-        else:
-            reference_signals = score_rows_sharded(scorer, reference_rows, in_reference=True)
-            divergence_counts = Counter()
-            train_signals = score_rows_sharded(scorer, train_rows, divergence_counts=divergence_counts)
-            if cache is not None and rank == 0:
-                _save_signals(cache, reference_signals, train_signals, divergence_counts)
-        for i, row in enumerate(train_rows):
-            row["signals"] = {k: float(v[i]) for k, v in train_signals.items() if k != "n_tokens"}
-        guard = TraitGuard(config.guard, reference_signals, batch_size=config.optim.batch_size * world)
-        probes = spec.eval_questions[: config.probe.n_prompts]
-        probe_base = probe_projections(model, tokenizer, probes, vectors) if vectors else {}
-        setup_seconds = time.perf_counter() - setup_started
-        evaluate_before = rank == 0 and config.probe.eval_before
-        eval_before = behavior_eval(model, tokenizer, spec, config.probe, config.optim.seed) if evaluate_before else None
-
-        # Training state: DeepSpeed engine (or the bare model), optimizer, guard, data order.
-        if config.student.lora_r:
-            from peft import LoraConfig, get_peft_model
-
-            from trait_guard.adapters import default_target_modules
-
-            model = get_peft_model(model, LoraConfig(r=config.student.lora_r, lora_alpha=config.student.lora_alpha,
-                                                     target_modules=default_target_modules(model), task_type="CAUSAL_LM"))
-        model.train()
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-        engine = None
-        if config.deepspeed.enabled:
-            engine = ds.make_engine(model, optimizer, ds.deepspeed_config(
-                config.optim.batch_size, config.deepspeed.zero_stage, config.deepspeed.bf16,
-                config.deepspeed.gradient_clipping))
-        guarded = GuardedStep(guard, model, vectors, unigram_reference=histogram)
-
-        global_batch = config.optim.batch_size * world
-        steps_per_epoch = len(train_rows) // global_batch
-        if steps_per_epoch == 0:
-            raise ValueError(f"{len(train_rows)} kept rows do not fill one global batch of {global_batch} "
-                             f"({world} workers x batch_size {config.optim.batch_size}); lower optim.batch_size")
-        total_steps = steps_per_epoch * config.optim.epochs
-        if config.optim.max_steps:
-            total_steps = min(total_steps, config.optim.max_steps)
-        order = np.concatenate([
-            np.random.default_rng(config.optim.seed + e).permutation(len(train_rows)) if config.optim.shuffle
-            else np.arange(len(train_rows)) for e in range(config.optim.epochs)])
-
-        step = 0
-        history: list[dict[str, Any]] = []
-        if resume is not None:
-            if engine is None:
-                raise ValueError("resuming needs deepspeed.enabled: true (checkpoints are DeepSpeed's)")
-            ds.load_checkpoint(engine, resume)
-            guard.load_state_dict(resumed_state["guard"])
-            step = int(resumed_state["step"])
-            history = list(resumed_state.get("history", []))  # the steps before the checkpoint, once each
-            tracker.set_tags({"resumed_from_step": str(step)})
-
-        steering = None
-        halted: dict[str, Any] | None = None
-        interrupted: dict[str, Any] | None = None
-        step_times: list[float] = []
-        progress = _ProgressFile(out_dir, rank, total_steps)
-        stop = _StopRequest().install()
         while step < total_steps:
             if stop.signal is not None:
-                interrupted = {"step": step, "signal": stop.signal}
+                outcome.interrupted = {"step": step, "signal": stop.signal}
                 break
             step_started = time.perf_counter()
             step += 1
+            outcome.step = step
             indices = order[(step - 1) * global_batch : step * global_batch]
-            rows = [train_rows[i] for i in indices[rank * config.optim.batch_size : (rank + 1) * config.optim.batch_size]]
-            batch = encode_conversations(tokenizer, [r["prompt"] for r in rows],
-                                         [r["completion"] for r in rows]).to(device)
+            rows = [inputs.train_rows[i] for i in indices[run.rank * batch_size : (run.rank + 1) * batch_size]]
+            batch = encode_rows(inputs.tokenizer, rows).to(inputs.device)
             forward = engine if engine is not None else model
             with guarded.capture():
                 logits = forward(**batch.model_inputs()).logits
-            if config.guard_enabled:
-                decision = guarded.decide(batch, logits, rows, step=step, gather=_gather_signals)
-            else:
-                decision = guard_pass_decision(step, len(rows) * world)
-            if decision.action is Action.STEER and steering is None and vectors:
+            decision = (guarded.decide(batch, logits, rows, step=step, gather=gather_signals) if config.guard_enabled
+                        else guard_pass_decision(step, len(rows) * run.world))
+            if decision.action is Action.STEER and steering is None and inputs.vectors:
                 from trait_guard.steer import Steering
 
                 # Preventative steering (Chen et al. 2025): with the trait supplied by the hook, the
                 # gradient has no reason to move the weights along it; the hook goes at the end.
-                steering = Steering(model, vectors[0], coefficient=config.guard.steer_coefficient).apply()
+                steering = Steering(model, inputs.vectors[0], coefficient=config.guard.steer_coefficient).apply()
             if decision.halt:
-                halted = {"step": step, "reason": decision.reason}
+                outcome.halted = {"step": step, "reason": decision.reason}
                 tracker.log_decision(decision)
                 break
             loss = guarded.loss(logits, batch, decision, rows, distill=config.distill == "logits",
-                                sample_slice=slice(rank * len(rows), (rank + 1) * len(rows)))
-            finite = _all_ranks_true(bool(torch.isfinite(loss.detach()).item()))
-            if not finite:  # before the update: the weights stay those of the last good step
-                halted = {"step": step, "reason": "training loss is NaN/inf (the run diverged): lower optim.lr or "
-                                                  "keep deepspeed.gradient_clipping; weights are from the step before"}
+                                sample_slice=slice(run.rank * len(rows), (run.rank + 1) * len(rows)))
+            if not all_ranks_true(bool(torch.isfinite(loss.detach()).item())):
+                # before the update: the weights stay those of the last good step
+                outcome.halted = {"step": step, "reason": "training loss is NaN/inf (the run diverged): lower "
+                                  "optim.lr or keep deepspeed.gradient_clipping; weights are from the step before"}
                 tracker.set_tags({"trait_guard.non_finite_loss_step": str(step)})
                 break
-            if engine is not None:
-                engine.backward(loss)
-                engine.step()
-            else:
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-            step_times.append(time.perf_counter() - step_started)
-            metrics = {"train/loss": float(loss.detach()), "train/step_seconds": step_times[-1],
+            _update(engine, optimizer, loss)
+            outcome.updates = step
+            outcome.step_times.append(time.perf_counter() - step_started)
+            metrics = {"train/loss": float(loss.detach()), "train/step_seconds": outcome.step_times[-1],
                        "guard/weight_mean": float(decision.sample_weights.mean())}
-            if step % config.probe.every_n_steps == 0 and vectors:
-                model.eval()
-                current = probe_projections(model, tokenizer, probes, vectors)
-                model.train()
-                shifts = {k: float((current[k].mean() - probe_base[k].mean()) / max(probe_base[k].std(), 1e-6))
-                          for k in current}
-                metrics.update({f"probe/shift/{k}": v for k, v in shifts.items()})
-                if config.guard_enabled:
-                    drift = guard.observe_drift(shifts, step=step)
-                    tracker.log_decision(drift)
-                    if drift.halt:
-                        halted = {"step": step, "reason": drift.reason}
-                        tracker.log_metrics(metrics, step=step)
-                        break
+            if step % config.probe.every_n_steps == 0 and inputs.vectors:
+                drift = _probe(run, inputs, setup, model, step, metrics)
+                if drift is not None and drift.halt:
+                    outcome.halted = {"step": step, "reason": drift.reason}
+                    tracker.log_metrics(metrics, step=step)
+                    break
             tracker.log_metrics(metrics, step=step)
             tracker.log_decision(decision)
             history.append({"step": step, "cusum": decision.evidence.get("cusum", {}), "loss": metrics["train/loss"],
                             "thresholds": decision.evidence.get("thresholds", {}), "action": decision.action.value})
             progress.write(step)
             if config.checkpoint.every_n_steps and step % config.checkpoint.every_n_steps == 0:
-                _checkpoint(engine, out_dir, step, guard, history, tracker, {"loss": metrics["train/loss"]}, in_ray)
-
+                save_checkpoint(engine, run.out_dir, step, guard, history, tracker, {"loss": metrics["train/loss"]},
+                                run.in_ray)
+    finally:
         stop.restore()
         if steering is not None:
             steering.remove()
-        model.eval()
-        periodic = config.checkpoint.every_n_steps
-        if engine is not None and not (halted is None and interrupted is None and periodic and step % periodic == 0):
-            _checkpoint(engine, out_dir, step, guard, history, tracker, {"halted": float(halted is not None)}, in_ray)
-        # every rank records where it stopped: all ranks must agree (same decisions from gathered signals)
-        (out_dir / "ranks").mkdir(parents=True, exist_ok=True)
-        (out_dir / "ranks" / f"rank_{rank}.json").write_text(json.dumps(
-            {"rank": rank, "steps": step, "halt": halted, "guard_step": guard.step, "mode": guard.mode.value,
-             "node_id": _ray_node_id()}) + "\n")
-        # an interrupted run writes its checkpoint and partial report quickly: no evaluation
-        evaluate_after = rank == 0 and interrupted is None
-        eval_after = behavior_eval(model, tokenizer, spec, config.probe, config.optim.seed) if evaluate_after else None
-        eval_after_extra = {trait: behavior_eval(model, tokenizer, load_trait(trait), config.probe, config.optim.seed)
-                            for trait in config.probe.extra_eval_traits} if evaluate_after else {}
-        summary = {
-            "run_name": config.tracking.run_name, "student": config.student.model, "trait": spec.trait_id,
-            "distill": config.distill, "guard_enabled": config.guard_enabled,
-            "steps": step, "total_steps": total_steps, "world_size": world,
-            "halted": halted is not None, "halt": halted, "interrupted": interrupted,
-            "alarms": guard.alarms,
-            "verdict": ("interrupted" if interrupted else "halted" if halted
-                        else "mitigated" if guard.alarms else "passed"),
-            "train_samples": len(train_rows), "reference_samples": len(reference_rows), "provenance": provenance,
-            "setup_seconds": setup_seconds, "wall_seconds": time.perf_counter() - started,
-            "mean_step_seconds": float(np.mean(step_times)) if step_times else math.nan,
-            "eval_before": eval_before, "eval_after": eval_after, "eval_after_extra": eval_after_extra,
-            "mlflow_run_id": getattr(tracker, "run_id", None),
-            "mlflow_run_url": getattr(tracker, "run_url", None),
-            "skipped_signals": guard.skipped,
-            "extra_artifacts": config.extra_artifacts,
-            "history": history,
-        }
-        if rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-            _log_summary(tracker, summary)
-            flagged = flagged_samples(guard, train_rows)
-            tracker.log_table(flagged, "guard/flagged_samples.json")
-            if interrupted:
-                tracker.set_tags({"run.interrupted": f"signal {interrupted['signal']} at step {interrupted['step']}; "
-                                                     "checkpoint written, resume with --resume"})
-            _write_report(tracker, summary, out_dir, train_rows, histogram, divergence_counts, flagged, tokenizer)
-        tracker.finish("KILLED" if interrupted else "FINISHED")
-        return summary
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
+    return outcome
 
 
-def _signals_cache_file(config: TrainJobConfig, identity: Any) -> Path:
-    """Where the setup signals of this (data, sample caps, model ``identity``, vectors) live: a content hash."""
-    import hashlib
-
-    from trait_guard.provenance import file_sha256
-
-    digest = hashlib.sha256(b"trait_guard-signals-v1")
-    for path in (config.data.train, config.data.reference, *config.vectors):
-        digest.update(file_sha256(path).encode())
-    digest.update(json.dumps([config.data.max_train_samples, config.data.max_reference_samples, identity.fingerprint,
-                              identity.hidden_size, identity.num_layers]).encode())
-    return Path(config.signals_cache) / f"signals-{digest.hexdigest()[:24]}.npz"
+def _update(engine: Any, optimizer: Any, loss: torch.Tensor) -> None:
+    if engine is not None:
+        engine.backward(loss)
+        engine.step()
+    else:
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
 
 
-def _save_signals(path: Path, reference: dict[str, np.ndarray], train: dict[str, np.ndarray],
-                  divergence_counts: Counter) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {**{f"reference/{k}": v for k, v in reference.items()}, **{f"train/{k}": v for k, v in train.items()},
-              "divergence/ids": np.array(list(divergence_counts), dtype=np.int64),
-              "divergence/counts": np.array(list(divergence_counts.values()), dtype=np.int64)}
-    partial = path.with_name(path.name + ".partial.npz")
-    np.savez(partial, **arrays)
-    partial.replace(path)  # complete or absent
+def _probe(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Module, step: int,
+           metrics: dict[str, float]) -> Any:
+    """The student's finetuning shift along each persona vector (added to ``metrics``); the guard's
+    drift decision (logged), or None with the guard off."""
+    model.eval()
+    current = probe_projections(model, inputs.tokenizer, setup.probes, inputs.vectors)
+    model.train()
+    shifts = {k: float((current[k].mean() - setup.probe_base[k].mean()) / max(setup.probe_base[k].std(), 1e-6))
+              for k in current}
+    metrics.update({f"probe/shift/{k}": v for k, v in shifts.items()})
+    if not run.config.guard_enabled:
+        return None
+    drift = setup.guard.observe_drift(shifts, step=step)
+    run.tracker.log_decision(drift)
+    return drift
 
 
-def _load_signals(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], Counter]:
-    with np.load(path, allow_pickle=False) as data:
-        reference = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("reference/")}
-        train = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("train/")}
-        counts = Counter(dict(zip(data["divergence/ids"].tolist(), data["divergence/counts"].tolist(), strict=True)))
-    return reference, train, counts
+def run_verdict(outcome: Outcome, guard_enabled: bool, guard: Any) -> str:
+    """interrupted > halted > unguarded > mitigated > unmonitored > passed: a run is "passed" only
+    when a guard that watches a signal with shown power saw nothing."""
+    if outcome.interrupted:
+        return "interrupted"
+    if outcome.halted:
+        return "halted"
+    if not guard_enabled:
+        return "unguarded"
+    if guard.alarms:
+        return "mitigated"
+    return "passed" if guard.monitored else "unmonitored"
+
+
+def _finish(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Module, engine: Any, outcome: Outcome,
+            total_steps: int) -> dict[str, Any]:
+    from trait_guard.version import code_version
+
+    config, tracker, guard, step = run.config, run.tracker, setup.guard, outcome.step
+    model.eval()
+    periodic = config.checkpoint.every_n_steps
+    ended_on_periodic = outcome.halted is None and outcome.interrupted is None and periodic and step % periodic == 0
+    if engine is not None and not ended_on_periodic:
+        save_checkpoint(engine, run.out_dir, step, guard, outcome.history, tracker,
+                        {"halted": float(outcome.halted is not None)}, run.in_ray)
+    # every rank records where it stopped: all ranks must agree (same decisions from gathered signals)
+    (run.out_dir / "ranks").mkdir(parents=True, exist_ok=True)
+    (run.out_dir / "ranks" / f"rank_{run.rank}.json").write_text(json.dumps(
+        {"rank": run.rank, "steps": step, "updates": outcome.updates, "halt": outcome.halted, "guard_step": guard.step,
+         "mode": guard.mode.value, "node_id": _ray_node_id()}) + "\n")
+    # an interrupted run writes its checkpoint and partial report quickly; an unchanged student needs no eval
+    evaluate_after = run.rank == 0 and outcome.interrupted is None and outcome.updates > 0
+    spec, probe, seed = inputs.spec, config.probe, config.optim.seed
+    eval_after = behavior_eval(model, inputs.tokenizer, spec, probe, seed) if evaluate_after else None
+    eval_after_extra = ({trait: behavior_eval(model, inputs.tokenizer, _trait(trait), probe, seed)
+                         for trait in probe.extra_eval_traits} if evaluate_after else {})
+    summary = {
+        "run_name": config.tracking.run_name, "student": config.student.model, "trait": spec.trait_id,
+        "distill": config.distill, "guard_enabled": config.guard_enabled,
+        "steps": step, "updates": outcome.updates, "total_steps": total_steps, "world_size": run.world,
+        "halted": outcome.halted is not None, "halt": outcome.halted, "interrupted": outcome.interrupted,
+        "gate": setup.gate, "alarms": guard.alarms,
+        "verdict": run_verdict(outcome, config.guard_enabled, guard),
+        "monitored": guard.monitored, "powered_signals": guard.powered, "watched_signals": guard.signals,
+        "train_samples": len(inputs.train_rows), "reference_samples": len(inputs.reference_rows),
+        "provenance": inputs.provenance,
+        "setup_seconds": setup.seconds, "wall_seconds": time.perf_counter() - run.started,
+        "mean_step_seconds": float(np.mean(outcome.step_times)) if outcome.step_times else math.nan,
+        "eval_before": setup.eval_before, "eval_after": eval_after, "eval_after_extra": eval_after_extra,
+        "mlflow_run_id": getattr(tracker, "run_id", None),
+        "mlflow_run_url": getattr(tracker, "run_url", None),
+        "skipped_signals": guard.skipped,
+        "extra_artifacts": config.extra_artifacts,
+        "code_version": code_version(),
+        "history": outcome.history,
+    }
+    if run.rank == 0:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        _log_summary(tracker, summary)
+        flagged = flagged_samples(guard, inputs.train_rows)
+        tracker.log_table(flagged, "guard/flagged_samples.json")
+        if outcome.interrupted:
+            tracker.set_tags({"run.interrupted": f"signal {outcome.interrupted['signal']} at step "
+                                                 f"{outcome.interrupted['step']}; checkpoint written, resume with --resume"})
+        _write_report(tracker, summary, run.out_dir, inputs.train_rows, setup.histogram,
+                      setup.signals.divergence_counts, flagged, inputs.tokenizer)
+    tracker.finish("KILLED" if outcome.interrupted else "FINISHED")
+    return summary
+
+
+def _trait(name: str) -> Any:
+    from trait_guard.persona import load_trait
+
+    return load_trait(name)
 
 
 def flagged_samples(guard: Any, rows: Sequence[dict[str, Any]], top: int = 25) -> list[dict[str, Any]]:
@@ -412,7 +546,8 @@ def flagged_samples(guard: Any, rows: Sequence[dict[str, Any]], top: int = 25) -
              **{k: float(v) for k, v in rows[i]["signals"].items()}} for i in order]
 
 
-def guard_pass_decision(step: int, n: int):
+def guard_pass_decision(step: int, n: int) -> Any:
+    """The decision of a run with the guard disabled (an unguarded baseline): every sample weighs 1."""
     from trait_guard.guard import Decision
 
     return Decision(step, Action.PASS, "guard disabled", torch.ones(n))
@@ -438,7 +573,7 @@ def behavior_eval(model: torch.nn.Module, tokenizer: Any, spec: Any, probe: Any,
 
 
 def _write_report(tracker: Any, summary: dict[str, Any], out_dir: Path, train_rows: Sequence[dict[str, Any]],
-                  reference_histogram: Any, divergence_counts: Counter, flagged: list[dict[str, Any]],
+                  reference_histogram: Any, divergence_counts: Any, flagged: list[dict[str, Any]],
                   tokenizer: Any) -> None:
     """The run's review page (HTML + PNG) into ``out_dir/report`` and the MLflow run's ``report/``."""
     from trait_guard.fingerprint import TokenHistogram, divergence_token_table
@@ -468,121 +603,6 @@ def _ray_node_id() -> str | None:
         return None
 
 
-def _in_ray_train() -> bool:
-    try:
-        import ray.train
-
-        ray.train.get_context()
-        return True
-    except Exception:
-        return False
-
-
-def read_checkpoint_state(directory: str | Path) -> dict[str, Any]:
-    """The trait_guard state saved with a checkpoint (see :func:`_checkpoint`)."""
-    path = Path(directory) / CHECKPOINT_STATE
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} has no {CHECKPOINT_STATE}: not a trait_guard checkpoint; pass a folder "
-                                "written by a previous run under <output_dir>/checkpoints/step_NNNNNN")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _all_ranks_true(flag: bool) -> bool:
-    """``flag`` and-ed over all ranks (so every rank takes the same branch)."""
-    return all(_all_gather(flag))
-
-
-class _ProgressFile:
-    """``<output_dir>/progress/rank_N.json`` after every step: step, total, pid, time (for monitors
-    and the fault-injection tests)."""
-
-    def __init__(self, out_dir: Path, rank: int, total_steps: int):
-        import os
-
-        self.path = out_dir / "progress" / f"rank_{rank}.json"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.total_steps, self.pid = total_steps, os.getpid()
-
-    def write(self, step: int) -> None:
-        partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text(json.dumps({"step": step, "total_steps": self.total_steps, "pid": self.pid,
-                                       "time": time.time()}))
-        partial.replace(self.path)
-
-
-class _StopRequest:
-    """SIGTERM/SIGINT during training ask the loop to stop after the current step (checkpoint and a
-    partial report follow); a second SIGINT interrupts at once. Only in the main thread."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        import signal
-
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def install(self) -> _StopRequest:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def restore(self) -> None:
-        import signal
-
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
-
-
-def _resume_directory(config: TrainJobConfig) -> Path | None:
-    if _in_ray_train():
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            return Path(checkpoint.path)
-    return Path(config.resume_from) if config.resume_from else None
-
-
-CHECKPOINT_STATE = "trait_guard_state.json"
-
-
-def _checkpoint(engine: Any, out_dir: Path, step: int, guard: Any, history: list[dict[str, Any]], tracker: Any,
-                metrics: dict[str, float], in_ray: bool) -> None:
-    """DeepSpeed's engine checkpoint plus ``trait_guard_state.json`` (plain JSON, no pickle): the step,
-    the guard's detector state, the decision history and the MLflow run to continue."""
-    from trait_guard.integrations import deepspeed as ds
-
-    directory = out_dir / "checkpoints" / f"step_{step:06d}"
-    ds.save_checkpoint(engine, directory, tag=f"step_{step}", client_state={"step": step})
-    if _world()[0] == 0:
-        state = {"step": step, "guard": guard.state_dict(), "history": history,
-                 "mlflow_run_id": getattr(tracker, "run_id", None)}
-        partial = directory / (CHECKPOINT_STATE + ".partial")
-        partial.write_text(json.dumps(state, default=float) + "\n", encoding="utf-8")
-        partial.replace(directory / CHECKPOINT_STATE)
-    _barrier()
-    if in_ray:
-        import ray.train
-
-        ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
-
-
 def _log_summary(tracker: Any, summary: dict[str, Any]) -> None:
     from trait_guard.tracking import summarize_guard
 
@@ -590,7 +610,9 @@ def _log_summary(tracker: Any, summary: dict[str, Any]) -> None:
     for path in summary.get("extra_artifacts", []):
         if Path(path).is_file():
             tracker.log_artifact(path, "reports")
-    summarize_guard(tracker, alarms=summary["alarms"])  # verdict tags and the drift plot, from the logged decisions
+    # verdict tags and the drift plot, from the logged decisions; the verdict is the summary's (unmonitored,
+    # unguarded and gated runs included)
+    summarize_guard(tracker, alarms=summary["alarms"], verdict=summary["verdict"])
     if summary["skipped_signals"]:
         tracker.set_tags({"guard.skipped_signals": json.dumps(summary["skipped_signals"])})
 
@@ -602,6 +624,7 @@ def preflight(config: TrainJobConfig) -> dict[str, Any]:
     the checkpoint to resume, the tracking server."""
     from transformers import AutoConfig
 
+    from trait_guard.guard import check_signal_sides
     from trait_guard.models import ModelLoadError, resolve_model_path
     from trait_guard.persona import PersonaVector, PersonaVectorMismatch, load_trait
 
@@ -621,10 +644,9 @@ def preflight(config: TrainJobConfig) -> dict[str, Any]:
                 f"'{config.student.model}' has hidden size {student.hidden_size} and {student.num_hidden_layers} "
                 f"layers: extract vectors for it with `trait-guard extract --model {config.student.model} "
                 f"--trait {vector.trait}`")
-    world = config.ray.num_workers if config.ray.enabled else 1
-    if len(train_rows) < config.optim.batch_size * world:
-        raise ValueError(f"{len(train_rows)} kept rows do not fill one global batch of {config.optim.batch_size * world} "
-                         f"({world} workers x batch_size {config.optim.batch_size}); lower optim.batch_size")
+    check_batch_fits(len(train_rows), config.optim.batch_size, config.ray.num_workers if config.ray.enabled else 1)
+    check_signal_sides(config.guard.signals, train_rows, reference_rows, str(config.data.train),
+                       str(config.data.reference))
     if config.resume_from:
         read_checkpoint_state(config.resume_from)
     uri = config.tracking.tracking_uri
@@ -632,8 +654,9 @@ def preflight(config: TrainJobConfig) -> dict[str, Any]:
         from trait_guard.spool import server_reachable  # non-HTTP stores are always "reachable"
 
         if not server_reachable(uri, timeout=10):
-            raise RuntimeError(f"the MLflow tracking server {uri} does not answer (GET {uri}/health); start it, fix "
-                               "tracking.tracking_uri, or remove it to log to the local store ./mlruns")
+            raise TraitGuardInputError(
+                f"the MLflow tracking server {uri} does not answer (GET {uri}/health); start it, fix "
+                "tracking.tracking_uri, or remove it to log to the local store ./mlruns")
     return {"provenance": provenance, "train_rows": len(train_rows), "reference_rows": len(reference_rows)}
 
 

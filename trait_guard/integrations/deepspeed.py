@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from trait_guard.errors import InputFileNotFound, TraitGuardInputError
+
 
 def init_distributed() -> tuple[int, int]:
     """Initialize torch.distributed for DeepSpeed if nobody did (single process: a world of one)."""
@@ -83,7 +85,7 @@ def load_checkpoint(engine: Any, directory: str | Path) -> dict[str, Any]:
     """
     directory = Path(directory)
     if not (directory / "latest").is_file():
-        raise FileNotFoundError(f"{directory} holds no DeepSpeed checkpoint (no 'latest' file); "
+        raise InputFileNotFound(f"{directory} holds no DeepSpeed checkpoint (no 'latest' file); "
                                 "pass the folder a previous run wrote under checkpoints/")
     checkpoint_engine = engine.checkpoint_engine
     original = checkpoint_engine.load
@@ -94,5 +96,5 @@ def load_checkpoint(engine: Any, directory: str | Path) -> dict[str, Any]:
     finally:
         checkpoint_engine.load = original
     if client_state is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+        raise TraitGuardInputError(f"DeepSpeed could not load the checkpoint in {directory}")
     return client_state

@@ -19,8 +19,14 @@ the training forward pass itself (its logits and the captured hidden states, no 
 cheap, but measured by the student as it changes, so calibrate the guard with a loose target or
 prefer precomputed signals for long runs.
 
-Divergence tokens need the teacher's stored top-k ids (``topk_ids`` in the rows); the guard's token
-mask drops them from the loss when MASK is in force.
+Divergence tokens need the teacher's stored top-k (``topk_ids``/``topk_logprobs`` in the rows); the
+guard's token mask drops them from the loss when MASK is in force. The positions are those the
+frozen base model found (``divergence_mask`` in a row, written at setup scoring): measured against
+the student as it trains they would stop being masked exactly as it learns the teacher's choices.
+Only rows without a stored mask fall back to the current logits.
+
+Batches must be built from the rows' generated ids (:func:`trait_guard.chat.encode_rows`): the
+teacher's per-token data belongs to those tokens, not to a re-tokenization of the text.
 """
 
 from __future__ import annotations
@@ -34,11 +40,13 @@ import torch
 
 from trait_guard.activations import record_activations
 from trait_guard.chat import EncodedBatch
+from trait_guard.errors import TraitGuardInputError
 from trait_guard.fingerprint import (
     TokenHistogram,
     divergence_mask,
     per_completion_token,
     signals_from_forward,
+    teacher_tokens,
     unigram_surprisal,
 )
 from trait_guard.guard import Decision, TraitGuard
@@ -69,16 +77,13 @@ class GuardedStep:
 
     def signals(self, batch: EncodedBatch, logits: torch.Tensor,
                 rows: Sequence[dict[str, Any]] | None = None) -> tuple[dict[str, np.ndarray], list[np.ndarray] | None]:
-        """Per-sample signals for this batch: precomputed ones from the rows, else from the forward."""
-        teacher = None
-        if rows is not None and any(r.get("topk_ids") for r in rows):
-            teacher = [[k[0] for k in r["topk_ids"]] if r.get("topk_ids") else None for r in rows]
+        """Per-sample signals for this batch: precomputed ones from the rows, else from the forward;
+        and the per-row divergence-token masks (the frozen base model's when the rows carry them)."""
+        teacher = teacher_tokens(rows) if rows is not None else None
         if rows is not None and rows and all("signals" in r for r in rows):
-            signals = {name: np.array([r["signals"][name] for r in rows], dtype=float) for name in rows[0]["signals"]}
-            masks = None
-            if teacher is not None:
-                masks = per_completion_token(divergence_mask(logits.detach(), batch, teacher), batch)
-            return signals, masks
+            names = list(dict.fromkeys(name for r in rows for name in r["signals"]))
+            signals = {name: np.array([r["signals"].get(name, np.nan) for r in rows], dtype=float) for name in names}
+            return signals, self._masks(logits, batch, rows, teacher, None)
         hidden = {}
         if self.layers:
             if self._acts is None:
@@ -86,8 +91,20 @@ class GuardedStep:
             hidden = {i: self._acts[i][-1] for i in self.layers}
         signals, mask = signals_from_forward(logits, hidden, batch, self.vectors, teacher)
         if self.unigram_reference is not None:
-            signals["unigram"] = unigram_surprisal(self.unigram_reference, batch, rows)
-        return signals, (per_completion_token(mask, batch) if mask is not None else None)
+            signals["unigram"] = unigram_surprisal(self.unigram_reference, batch)
+        return signals, self._masks(logits, batch, rows, teacher, mask)
+
+    @staticmethod
+    def _masks(logits: torch.Tensor, batch: EncodedBatch, rows: Sequence[dict[str, Any]] | None,
+               teacher: Any, forward_mask: torch.Tensor | None) -> list[np.ndarray] | None:
+        """Per row: its stored frozen-base divergence mask, else one from this forward's logits."""
+        if teacher is None:
+            return None
+        if rows is not None and all(r.get("divergence_mask") is not None for r in rows):
+            return [np.asarray(r["divergence_mask"], dtype=bool) for r in rows]
+        if forward_mask is None:
+            forward_mask = divergence_mask(logits.detach(), batch, teacher)
+        return per_completion_token(forward_mask, batch)
 
     def decide(self, batch: EncodedBatch, logits: torch.Tensor, rows: Sequence[dict[str, Any]] | None = None,
                step: int | None = None, gather: Any = None) -> Decision:
@@ -117,7 +134,7 @@ class GuardedStep:
         weights = token_weights(batch, sample_weights.to(logits.device), token_masks).to(logits.device)
         if distill:
             if rows is None or not all(r.get("topk_ids") for r in rows):
-                raise ValueError("distillation needs rows with the teacher's topk_ids/topk_logprobs "
+                raise TraitGuardInputError("distillation needs rows with the teacher's topk_ids/topk_logprobs "
                                  "(generate with generation.top_k_logprobs > 0)")
             return distillation_loss(logits, batch, [r["topk_ids"] for r in rows],
                                      [r["topk_logprobs"] for r in rows], weights)

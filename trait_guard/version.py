@@ -1,0 +1,38 @@
+"""Which code produced a result: the package version, the git commit (when run from a checkout) and a
+hash of the package's source, recorded in every summary and red-team result so that results from
+different code are never mixed (the red-team grid reruns a run whose version differs)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from trait_guard import __version__
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict[str, Any]:
+    """``{"package", "source_sha256", "git_commit", "git_dirty"}`` (git fields None outside a checkout)."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    commit, dirty = None, None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE_DIR, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip() or None
+        status = subprocess.run(["git", "status", "--porcelain", "--", str(PACKAGE_DIR)], cwd=PACKAGE_DIR,
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+        dirty = bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"package": __version__, "source_sha256": digest.hexdigest(), "git_commit": commit, "git_dirty": dirty}
+
+
+def same_code(recorded: dict[str, Any] | None) -> bool:
+    """Whether a recorded :func:`code_version` is this code's (the source hash decides)."""
+    return bool(recorded) and recorded.get("source_sha256") == code_version()["source_sha256"]
