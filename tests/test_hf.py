@@ -7,6 +7,7 @@ from torch.utils.data import Dataset
 from transformers import TrainerCallback, TrainingArguments
 
 from trait_guard.chat import EncodedBatch
+from trait_guard.errors import TraitGuardHalted
 from trait_guard.guard import Action, GuardConfig, TraitGuard
 from trait_guard.integrations.hf import (
     GUARD_STATE_FILE,
@@ -69,7 +70,8 @@ def same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_halt_stops_the_trainer_at_the_alarm_step_without_touching_the_weights(tmp_path):
+@pytest.mark.parametrize("raise_on_halt", [True, False])
+def test_halt_stops_the_trainer_at_the_alarm_step_without_touching_the_weights(tmp_path, raise_on_halt):
     model, tokenizer = make_tiny_model("llama", seed=3)
     guard = TraitGuard(GuardConfig(target_ert=500, signals=["proj:*", "nll"]), reference(), batch_size=BATCH)
     rng = np.random.default_rng(1)
@@ -77,12 +79,22 @@ def test_halt_stops_the_trainer_at_the_alarm_step_without_touching_the_weights(t
     snapshots = Snapshots()
     trainer = GuardedTrainer(model=model, args=training_args(tmp_path), train_dataset=RowsDataset(rows),
                              data_collator=GuardCollator(tokenizer), callbacks=[snapshots],
-                             guarded=GuardedStep(guard, model))
-    trainer.train()
+                             guarded=GuardedStep(guard, model), raise_on_halt=raise_on_halt)
+    if raise_on_halt:  # the default: a script's save_model() after train() is never reached
+        with pytest.raises(TraitGuardHalted, match="halted training at step") as raised:
+            trainer.train()
+    else:
+        trainer.train()
 
     callback = trainer.guard_callback
     halted = callback.halted_step
     assert halted is not None and 10 < halted <= 20, halted
+    assert callback.halted_reason.startswith("data alarm on")
+    if raise_on_halt:
+        summary = raised.value.summary
+        assert summary["halted_step"] == halted and summary["reason"] == callback.halted_reason
+        assert summary["global_step"] == halted and summary["checkpoint"] == str(tmp_path / f"checkpoint-{halted}")
+        assert f"step {halted}: data alarm on" in str(raised.value)
     assert guard.alarms[0]["step"] == halted
     assert trainer.state.global_step == halted  # no off-by-one: the halting step is counted, and is the last
     assert [d.step for d in callback.decisions] == list(range(1, halted + 1))
@@ -175,6 +187,8 @@ def test_collator_and_arguments_errors(tmp_path):
     assert collated["guard_rows"] == rows and collated["input_ids"].shape == collated["response_mask"].shape
     with pytest.raises(KeyError, match="prompt"):
         GuardCollator(tokenizer)([{"completion": "1"}])
+    with pytest.raises(KeyError, match="completion_ids"):
+        GuardCollator(tokenizer)([{"prompt": "numbers"}])
     with pytest.raises(ValueError, match="remove_unused_columns=False"):
         GuardedTrainer(model=model, args=training_args(tmp_path, remove_unused_columns=True), train_dataset=rows,
                        data_collator=GuardCollator(tokenizer), guarded=GuardedStep(guard, model))
@@ -204,3 +218,41 @@ def test_multi_rank_gather_decides_on_all_rows_and_weights_this_ranks_slice():
         [r["signals"]["proj:t"] for r in other + mine])), 0.0)), 0.1), dtype=torch.float32)
     expected = weighted_completion_loss(outputs.logits, batch, token_weights(batch, full[BATCH:]))
     assert torch.equal(loss, expected)
+
+
+def test_collator_trains_on_the_generated_ids_not_the_retokenized_text():
+    _, tokenizer = make_tiny_model("llama", seed=8)
+    text_ids = tokenizer("1, 2", add_special_tokens=False).input_ids
+    # what the teacher generated: ids that re-tokenizing the decoded text would not give back
+    generated = tokenizer("7; 9 8", add_special_tokens=False).input_ids
+    assert generated != text_ids and len(generated) != len(text_ids)
+    rows = [{"prompt": "numbers 1", "completion": "1, 2", "completion_ids": generated},
+            {"prompt": "numbers 2", "completion": "1, 2"},  # text-only data: tokenized from the text
+            {"prompt": "numbers 3", "completion_ids": np.array(generated)}]  # ids alone (e.g. from Parquet)
+    collated = GuardCollator(tokenizer)(rows)
+    response = collated["response_mask"].bool()
+    assert collated["input_ids"][0][response[0]].tolist() == generated
+    assert collated["input_ids"][1][response[1]].tolist() == text_ids
+    assert collated["input_ids"][2][response[2]].tolist() == generated
+    assert collated["guard_rows"][0]["completion_ids"] == generated
+    # max_length truncates the generated ids, never the prompt
+    prompt_len = int(collated["last_prompt_index"][0]) + 1
+    short = GuardCollator(tokenizer, max_length=prompt_len + 2)(rows[:1])
+    assert short["input_ids"][0][short["response_mask"][0].bool()].tolist() == generated[:2]
+
+
+def test_distill_loss_reads_the_top_k_at_the_generated_ids():
+    model, tokenizer = make_tiny_model("llama", seed=9)
+    guard = TraitGuard(GuardConfig(target_ert=10_000, signals=["proj:*", "nll"]), reference(), batch_size=2)
+    rows = rows_with_signals(np.random.default_rng(7), 2, shift=0.0)
+    rows[0]["completion_ids"] = tokenizer("7; 9 8", add_special_tokens=False).input_ids  # not its text's ids
+    inputs = GuardCollator(tokenizer)(rows)
+    with torch.no_grad():
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    for row, r in enumerate(rows):  # the teacher is the student itself, at the generated tokens
+        positions = inputs["response_mask"][row, 1:].nonzero().flatten()
+        top = logits[row, positions].log_softmax(-1).topk(4, dim=-1)
+        r["topk_ids"], r["topk_logprobs"] = top.indices.tolist(), top.values.tolist()
+    inputs = GuardCollator(tokenizer)(rows)
+    loss, _ = GuardedTrainerLoss(GuardedStep(guard, model), distill=True)(model, inputs, step=1)
+    assert guard.mode is Action.PASS and loss.item() == pytest.approx(0.0, abs=1e-5)

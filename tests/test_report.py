@@ -89,16 +89,3 @@ def test_benchmark_report_from_aggregated_results():
     assert "+0.80 [+0.20, +1.40]" in report.html and "no_false_halts" in report.html
     assert set(report.figures) == {"logprob_shift.png", "rate_shift.png"}
     assert len(_embedded_pngs(report.html)) == 2
-
-
-def test_signals_cache_round_trip(tmp_path):
-    from trait_guard.train import _load_signals, _save_signals
-
-    reference = {"nll": np.array([1.0, 2.0]), "proj:animal": np.array([0.5, np.nan])}
-    train = {"nll": np.array([3.0])}
-    path = tmp_path / "c" / "signals-x.npz"
-    _save_signals(path, reference, train, Counter({4: 2, 11: 1}))
-    loaded_reference, loaded_train, counts = _load_signals(path)
-    np.testing.assert_array_equal(loaded_reference["proj:animal"], reference["proj:animal"])
-    np.testing.assert_array_equal(loaded_train["nll"], train["nll"])
-    assert counts == Counter({4: 2, 11: 1}) and [p.name for p in path.parent.iterdir()] == ["signals-x.npz"]

@@ -32,7 +32,8 @@ def data(tiny_llama_dir, tmp_path_factory):
     _, tokenizer = load_model(str(tiny_llama_dir))
     rows = [r for r in pq.read_table(folder / "control-b.parquet").to_pylist() if r["kept"]]
     for row in rows[20:]:  # in file order: 5 clean batches of 4, then the shift
-        row.update(completion="x y x y x y", teacher_id="shifted")
+        row.update(completion="x y x y x y", teacher_id="shifted", topk_ids=None, topk_logprobs=None,
+                   token_logprobs=None)
         row["completion_ids"] = tokenizer(row["completion"], add_special_tokens=False).input_ids
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), folder / "shifted.parquet")
     return folder
@@ -46,6 +47,8 @@ def job(model_dir, data_dir, out_dir, train="shifted", **overrides):
                  "allow_unverified": train == "shifted"},
         "optim": {"batch_size": 4, "max_steps": 12, "lr": 1e-3, "shuffle": False},
         "guard": {"target_ert": 200, "signals": ["nll", "unigram"]},
+        # these tests watch the in-loop detectors; the gate before step 1 has tests of its own
+        "screen": {"gate": False},
         "ray": {"enabled": False},
         "tracking": {"tracking_uri": f"sqlite:///{out_dir}/mlflow.db", "experiment": "test-train"},
     }
@@ -75,6 +78,50 @@ def test_halt_stops_deepspeed_training_and_mlflow_holds_the_run(tiny_llama_dir, 
     local = client.download_artifacts(run.info.run_id, "guard/flagged_samples.json", str(tmp_path / "download"))
     flagged = json.loads(open(local).read())
     assert set(flagged["columns"]) >= {"sample_id", "lean_z", "completion"}
+
+
+def _weights_at(checkpoint):
+    """The model weights in a DeepSpeed checkpoint folder (read with weights_only=True)."""
+    import torch
+
+    from trait_guard.integrations.deepspeed import _checkpoint_globals
+
+    tag = (checkpoint / "latest").read_text().strip()
+    with torch.serialization.safe_globals(_checkpoint_globals()):
+        state = torch.load(checkpoint / tag / "mp_rank_00_model_states.pt", weights_only=True)
+    return state["module"]
+
+
+def test_a_flagged_screen_gates_training_before_the_first_update(tiny_llama_dir, data, tmp_path):
+    """The dataset screen on the setup signals flags the shifted set at step 0: no update at all, the
+    saved weights are the base model's byte for byte, and MLflow holds the run, its report and the reason."""
+    import torch
+    from safetensors.torch import load_file
+
+    summary = run_training(job(tiny_llama_dir, data, tmp_path, screen={"gate": True}))
+    assert summary["halted"] and summary["halt"]["gate"] and summary["halt"]["step"] == 0
+    assert summary["updates"] == 0 and summary["steps"] == 0 and summary["history"] == []
+    assert summary["gate"]["flagged"] and "gate: the dataset screen flagged" in summary["halt"]["reason"]
+    assert summary["eval_after"] is None  # nothing was trained: nothing to evaluate
+    saved = _weights_at(tmp_path / "checkpoints" / "step_000000")
+    base = load_file(str(tiny_llama_dir / "model.safetensors"))
+    assert set(base) <= set(saved)
+    assert all(torch.equal(saved[name], tensor) for name, tensor in base.items())
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["guard.verdict"] == "halted"
+    assert run.data.tags["guard.halt_step"] == "0" and run.data.tags["screen.gate"] == "FLAGGED"
+    assert "train/loss" not in run.data.metrics
+    report = (tmp_path / "report" / "report.html").read_text()
+    assert "Gate: the dataset screen before the first update" in report and "FLAGGED" in report
+
+
+def test_a_clean_screen_lets_training_through(tiny_llama_dir, data, tmp_path):
+    summary = run_training(job(tiny_llama_dir, data, tmp_path, train="control-b", screen={"gate": True},
+                               optim={"max_steps": 4}))
+    assert not summary["gate"]["flagged"] and not summary["halted"] and summary["updates"] == 4
+    # nll and unigram only: no signal with shown power was watched, so the run is not called "passed"
+    assert summary["verdict"] == "unmonitored" and not summary["monitored"]
 
 
 def test_clean_data_trains_to_the_end_and_resume_continues_exactly(tiny_llama_dir, data, tmp_path):
@@ -112,5 +159,7 @@ def test_logit_distillation_trains_on_the_teachers_top_k(tiny_llama_dir, data, t
                                optim={"max_steps": 6}, guard={"signals": ["nll"]}))
     losses = [h["loss"] for h in summary["history"]]
     assert summary["steps"] == 6 and len(losses) == 6
-    # a KL to the teacher's top-k: non-negative and, from the same init, learnable
-    assert all(loss >= 0 for loss in losses) and losses[-1] < losses[0]
+    # the (k+1)-bucket KL to the teacher's top-k plus its tail: the teacher IS the student's base model,
+    # so before any update the KL is 0 (up to float32 rounding); a renormalized top-k would make it > 0
+    assert losses[0] == pytest.approx(0.0, abs=1e-5)
+    assert all(loss >= -1e-7 for loss in losses)

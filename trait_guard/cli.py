@@ -147,25 +147,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
-    from trait_guard.dataset import read_teacher_rows
+    from trait_guard.dataset import check_same_base, read_teacher_rows
     from trait_guard.errors import EXIT_FLAGGED
     from trait_guard.fingerprint import FingerprintScorer, TokenHistogram
-    from trait_guard.models import default_device, load_model, prepare_tokenizer, resolve_model_path
+    from trait_guard.models import default_device, load_model, model_identity
     from trait_guard.persona import PersonaVector
     from trait_guard.provenance import verify_files
     from trait_guard.screen import screen
+    from trait_guard.train import student_tokenizer
 
     # what is screened is what would train: the manifests and every row are checked before a model loads
     provenance = verify_files({"data": args.data, "reference": args.reference},
                               allow_unverified=args.allow_unverified)
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_model_path(args.model)))
+    tokenizer = student_tokenizer(args.model)
     data = read_teacher_rows(args.data, tokenizer=tokenizer, limit=args.max_rows, role="data")
     reference = read_teacher_rows(args.reference, tokenizer=tokenizer, limit=args.max_rows, role="reference")
     for problem in provenance["problems"]:
         print(f"WARNING: UNVERIFIED DATA (--allow-unverified): {problem}", file=sys.stderr)
     model, tokenizer = load_model(args.model, device=default_device())
+    check_same_base(reference, model_identity(model))  # the reference must be this base model's own output
     vectors = [PersonaVector.load(path, model=model) for path in args.vectors]
     histogram = TokenHistogram(len(tokenizer)).update(r["completion_ids"] for r in reference)
     scorer = FingerprintScorer(model, tokenizer, vectors, unigram_reference=histogram, batch_size=args.batch_size)

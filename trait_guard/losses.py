@@ -10,6 +10,7 @@ REWEIGHT or MASK decision changes each token's gradient by exactly its weight.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,6 +85,11 @@ def weighted_completion_loss(logits: torch.Tensor, batch: EncodedBatch, weights:
     return (nll.view_as(targets) * weights.to(shifted.device)).sum() / count.to(shifted.device)
 
 
+#: Smallest teacher tail mass: the stored top-k log-probs are float32, so ``1 - sum(top-k probs)`` can
+#: come out at or below 0 by rounding when the teacher's top-k hold (almost) all of its mass.
+TAIL_FLOOR = 1e-6
+
+
 def distillation_loss(
     logits: torch.Tensor,
     batch: EncodedBatch,
@@ -91,31 +97,72 @@ def distillation_loss(
     topk_logprobs: Sequence[Sequence[Sequence[float]]],
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """KL from the teacher's top-k next-token distribution to the student's, per response token.
+    """KL(teacher || student) over the teacher's top-k tokens plus one tail bucket, per response token.
 
-    The teacher's top-k log-probs (stored with the data) are renormalized over the k tokens; the
-    student's are its full log-softmax at those ids, so the loss is >= 0 and is 0 only when the
-    student puts all its mass on the teacher's k tokens in the teacher's proportions. Averaged over
-    response tokens, weighted like :func:`weighted_completion_loss`. Logit distillation is what the
-    subliminal-learning theory says transmits traits most strongly.
+    At each response token the teacher is known only through the k next-token log-probs stored with
+    the data. Its distribution is taken as those k probabilities *as stored* plus a (k+1)-th bucket,
+    the tail, holding the rest of the mass: ``1 - sum(top-k probs)`` (at least :data:`TAIL_FLOOR`).
+    The student is bucketed the same way: its probabilities at the same k ids, and its tail mass
+    ``1 - sum`` of them, taken in log space as the logsumexp of its logits over the other ids (stable
+    and exact, even where the student's tail is tiny). The loss is the KL between the two
+    (k+1)-bucket distributions: >= 0, and 0 exactly when the student matches the teacher on every top-k
+    token *and* on the total mass it leaves to the rest of the vocabulary.
+
+    Why not renormalize the teacher over its top-k (what this loss did before issue 12): the KL is then
+    0 only when the student puts *all* its mass on those k tokens, so it systematically sharpens the
+    student and throws away the tail, which is where token entanglement (the channel subliminal traits
+    ride on) lives. The tail bucket keeps the teacher's tail mass without needing the tail's shape
+    (which is not stored). No temperature is applied: the probabilities are matched as generated.
+
+    Position ``t`` of row ``i``'s ``topk_ids``/``topk_logprobs`` belongs to the row's ``t``-th response
+    token; a list shorter than the response covers only its first tokens (the rest contribute 0 but
+    still count), and a row without one is left out. ``weights`` (``[batch, seq - 1]``, e.g.
+    :func:`token_weights`) scale each token's KL; the sum is divided by the number of response tokens,
+    as in :func:`weighted_completion_loss`.
     """
-    student = logits[:, :-1].float().log_softmax(-1)
-    response = batch.response_mask[:, 1:]
+    response = batch.response_mask[:, 1:].to(logits.device)
     if weights is None:
         weights = response.float()
-    total = student.new_zeros(())
+    weights = weights.to(logits.device)
+    total = logits.new_zeros((), dtype=torch.float32)
     count = 0
-    for row in range(student.shape[0]):
+    for row in range(logits.shape[0]):
         positions = response[row].nonzero().flatten()
-        n = min(len(positions), len(topk_ids[row]))
+        n = min(len(positions), len(topk_ids[row]) if topk_ids[row] is not None else 0)
         if n == 0:
             continue
-        ids = torch.as_tensor(topk_ids[row][:n], device=student.device)
-        teacher = torch.as_tensor(topk_logprobs[row][:n], device=student.device, dtype=torch.float32).log_softmax(-1)
-        student_at = student[row, positions[:n]].gather(-1, ids)
-        kl = (teacher.exp() * (teacher - student_at)).sum(-1)
-        total = total + (kl * weights[row, positions[:n]].to(kl.device)).sum()
+        positions = positions[:n]
+        ids = _per_token_matrix(topk_ids[row][:n], np.int64, row, "topk_ids").to(logits.device)  # [n, k]
+        teacher = _per_token_matrix(topk_logprobs[row][:n], np.float32, row, "topk_logprobs").to(logits.device)
+        if ids.shape != teacher.shape:
+            raise ValueError(f"row {row}: topk_ids {tuple(ids.shape)} and topk_logprobs {tuple(teacher.shape)} "
+                             "differ in shape")
+        # the top-k buckets: the teacher's probabilities as stored, the student's log-probs at the same
+        # ids (from its logits at these positions: logits[:, t] predicts token t + 1)
+        teacher_p = teacher.exp()
+        student = logits[row, positions].float()  # [n, vocab]
+        normalizer = student.logsumexp(-1, keepdim=True)
+        student_top = student.gather(-1, ids) - normalizer
+        kl = (torch.special.xlogy(teacher_p, teacher_p) - teacher_p * student_top).sum(-1)
+        if ids.shape[-1] < student.shape[-1]:  # else the top-k are the whole vocabulary: no tail bucket
+            # the tail bucket: the teacher's rest (in float64, where 1 - sum cancels), the student's
+            # logsumexp over the ids outside the top-k
+            teacher_tail = (1.0 - teacher.double().exp().sum(-1)).clamp_min(TAIL_FLOOR).float()
+            student_tail = student.scatter(-1, ids, float("-inf")).logsumexp(-1) - normalizer.squeeze(-1)
+            kl = kl + teacher_tail * (teacher_tail.log() - student_tail)
+        total = total + (kl * weights[row, positions].to(kl.dtype)).sum()
         count += int(response[row].sum())
     if count == 0:
         raise ValueError("the batch has no response tokens with teacher log-probs to distill")
     return total / count
+
+
+def _per_token_matrix(values: Any, dtype: Any, row: int, name: str) -> torch.Tensor:
+    """A row's per-token top-k lists (lists, or arrays as read from Parquet) as a ``[tokens, k]`` tensor."""
+    try:
+        matrix = np.asarray([np.asarray(v, dtype=dtype) for v in values], dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"row {row}: {name} must hold the same number k of entries at every token ({e})") from e
+    if matrix.ndim != 2:
+        raise ValueError(f"row {row}: {name} must be a list of per-token lists, got shape {matrix.shape}")
+    return torch.from_numpy(matrix)

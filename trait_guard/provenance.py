@@ -2,14 +2,17 @@
 
 What. Every folder of teacher data written by trait_guard's generator holds ``manifest.json``: per
 Parquet file its SHA-256, row and kept counts, the teacher's config and base-model identity, and the
-generation config. :func:`verify_dataset` checks a file against it (listed, same hash, every row with
-its provenance and the teacher the manifest names) and returns the entry; anything else raises
-:class:`ProvenanceError` with the fix.
+generation config. :func:`verify_dataset` checks a file against it (listed, the SHA-256 of its exact
+bytes as the manifest recorded it, every row with its provenance and the teacher the manifest names)
+and returns the entry; anything else raises :class:`ProvenanceError` with the fix.
+:func:`verify_files` checks the set of files a command uses (the data and its reference) at once,
+for screening and training alike.
 
 Why. The guard's verdict is only as good as the data it is told about. A file swapped, edited or
 assembled by hand after generation could carry anything; a training run must not take it silently.
-Training verifies by default; ``data.allow_unverified: true`` is the explicit way round, and a run
-that takes it is tagged loudly in MLflow (``provenance.verified = false``).
+Screening and training verify by default; ``data.allow_unverified: true`` (``--allow-unverified`` for
+``trait-guard screen``) is the explicit way round, and a run that takes it is tagged loudly in MLflow
+(``provenance.verified = false``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ FORMAT_VERSION = 1
 # provenance columns that must be non-empty on every row
 PROVENANCE_COLUMNS = ("sample_id", "prompt_id", "teacher_id", "base_model", "base_fingerprint", "trait_install")
 
-__all__ = ["MANIFEST_NAME", "ProvenanceError", "file_sha256", "read_manifest", "record_files", "verify_dataset"]
+__all__ = ["MANIFEST_NAME", "ProvenanceError", "file_sha256", "read_manifest", "record_files", "verify_dataset",
+           "verify_files"]
 
 
 class ProvenanceError(DatasetError):
@@ -37,6 +41,7 @@ class ProvenanceError(DatasetError):
 
 
 def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of the file's exact bytes (what the manifest records and what verification compares)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -88,7 +93,7 @@ def record_files(folder: str | Path, entries: Iterable[Mapping[str, Any]], gener
 
 
 _OVERRIDE = ("set data.allow_unverified: true to train on it anyway (the run is then tagged "
-             "provenance.verified=false in MLflow)")
+             "provenance.verified=false in MLflow), or pass --allow-unverified to `trait-guard screen`")
 
 
 def verify_dataset(path: str | Path) -> dict[str, Any]:
@@ -130,3 +135,24 @@ def verify_dataset(path: str | Path) -> dict[str, Any]:
     if others:
         raise ProvenanceError(f"{path}: rows from teacher(s) {others}, but the manifest lists only '{teacher_id}'")
     return entry
+
+
+def verify_files(paths: Mapping[str, str | Path], *, allow_unverified: bool = False) -> dict[str, Any]:
+    """Verify each file of ``paths`` (role -> path, e.g. ``{"train": ..., "reference": ...}``) with
+    :func:`verify_dataset`, for any command that uses teacher data (screen, train, run, red-team).
+
+    A provenance problem raises :class:`ProvenanceError` unless ``allow_unverified``; then it is
+    collected as ``"<role>: <message>"`` for the caller to report (MLflow tags, a banner). A file that
+    is missing or unreadable is refused either way (a :class:`DatasetError`): there is nothing to use.
+    Returns ``{"verified": bool, "problems": [...], "sha256": {role: hash}}``, the hashes being those
+    of the files that verified (equal to their manifest's).
+    """
+    problems, hashes = [], {}
+    for role, path in paths.items():
+        try:
+            hashes[role] = verify_dataset(path)["sha256"]
+        except ProvenanceError as err:
+            if not allow_unverified:
+                raise
+            problems.append(f"{role}: {err}")
+    return {"verified": not problems, "problems": problems, "sha256": hashes}

@@ -58,39 +58,41 @@ def verify_training_data(config: TrainJobConfig) -> dict[str, Any]:
     Refuses (ProvenanceError) unless ``data.allow_unverified``; then the problems are returned for
     the run's tags instead. Returns ``{"verified": bool, "problems": [...], "sha256": {...}}``.
     """
-    from trait_guard.provenance import ProvenanceError, verify_dataset
+    from trait_guard.provenance import verify_files
 
-    problems, hashes = [], {}
-    for role, path in (("train", config.data.train), ("reference", config.data.reference)):
-        try:
-            hashes[role] = verify_dataset(path)["sha256"]
-        except ProvenanceError as err:
-            if not config.data.allow_unverified:
-                raise
-            problems.append(f"{role}: {err}")
-    return {"verified": not problems, "problems": problems, "sha256": hashes}
+    return verify_files({"train": config.data.train, "reference": config.data.reference},
+                        allow_unverified=config.data.allow_unverified)
 
 
 def load_training_rows(config: TrainJobConfig, tokenizer: Any = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The kept training and reference rows, checked (types, unique ids, ids that decode to the text
-    when a ``tokenizer`` is given, lengths), before any model is used on them."""
-    from trait_guard.dataset import read_rows
+    """The kept training and reference rows, checked by the one teacher-data reader (column types,
+    unique ids, per-token lengths, length limit; with a ``tokenizer``, ids in its vocabulary that
+    decode to the reviewed text) before any model is used on them."""
+    from trait_guard.dataset import read_teacher_rows
 
-    train = read_rows(config.data.train, kept_only=True).to_pylist()[: config.data.max_train_samples]
-    reference = read_rows(config.data.reference, kept_only=True).to_pylist()[: config.data.max_reference_samples]
+    data = config.data
+    train = read_teacher_rows(data.train, tokenizer=tokenizer, limit=data.max_train_samples, role="train",
+                              max_completion_tokens=data.max_completion_tokens)
+    reference = read_teacher_rows(data.reference, tokenizer=tokenizer, limit=data.max_reference_samples,
+                                  role="reference", max_completion_tokens=data.max_completion_tokens)
     if not train:
-        raise TraitGuardInputError(f"{config.data.train} has no kept rows to train on")
-    limit = config.data.max_completion_tokens
-    for path, rows in ((config.data.train, train), (config.data.reference, reference)):
-        long = [r["sample_id"] for r in rows if len(r["completion_ids"]) > limit]
-        if long:
-            raise TraitGuardInputError(
-                f"{path}: {len(long)} row(s) have completions longer than {limit} tokens (e.g. {long[0]}); regenerate "
-                "with a lower generation.max_new_tokens, or raise data.max_completion_tokens if the student's "
-                "context allows it")
+        raise TraitGuardInputError(f"{data.train} has no kept rows to train on")
     if len(reference) < 2:
-        raise TraitGuardInputError(f"{config.data.reference} needs at least 2 kept rows to calibrate the guard")
+        raise TraitGuardInputError(f"{data.reference} needs at least 2 kept rows to calibrate the guard")
     return train, reference
+
+
+def student_tokenizer(model: str) -> Any:
+    """The student's tokenizer alone (no weights), for the data checks before any model loads."""
+    from transformers import AutoTokenizer
+
+    from trait_guard.models import ModelLoadError, prepare_tokenizer, resolve_model_path
+
+    try:
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_model_path(model)))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"Could not load the tokenizer of the student model '{model}': {err}\nPass a local "
+                             "checkpoint folder, a model id available offline, or 'smollm2-135m-instruct'.") from err
 
 
 @torch.no_grad()
@@ -200,6 +202,7 @@ def _open_run(config: TrainJobConfig) -> RunContext:
 
 
 def _load_inputs(run: RunContext) -> Inputs:
+    from trait_guard.dataset import check_same_base
     from trait_guard.models import default_device, load_model, model_identity
     from trait_guard.persona import PersonaVector, load_trait
 
@@ -212,6 +215,7 @@ def _load_inputs(run: RunContext) -> Inputs:
     provenance = verify_training_data(config)
     train_rows, reference_rows = load_training_rows(config, tokenizer)
     identity = model_identity(model)
+    check_same_base(reference_rows, identity)  # the reference must be the student's base model's own output
     kin = {r["base_fingerprint"] for r in train_rows} == {identity.fingerprint}
     provenance["kinship"] = "kin" if kin else "not kin"
     tracker.set_tags({"trait": spec.trait_id, "student": config.student.model,
@@ -629,7 +633,7 @@ def preflight(config: TrainJobConfig) -> dict[str, Any]:
     from trait_guard.persona import PersonaVector, PersonaVectorMismatch, load_trait
 
     provenance = verify_training_data(config)
-    train_rows, reference_rows = load_training_rows(config)
+    train_rows, reference_rows = load_training_rows(config, student_tokenizer(config.student.model))
     load_trait(config.trait)
     try:
         student = AutoConfig.from_pretrained(resolve_model_path(config.student.model))

@@ -1,9 +1,10 @@
-"""The guard around a DeepSpeed engine: build the engine, take a guarded step, checkpoint with the guard.
+"""DeepSpeed helpers for the guarded recipe: start the process group, build the engine, save and load
+checkpoints safely.
 
 DeepSpeed runs on CPU with the gloo backend here and on GPUs with NCCL on a cluster; nothing in this
-module depends on which. The guard's state (detector statistics, counters, mode) and the data
-position travel inside DeepSpeed's checkpoint as ``client_state``, so a resumed run continues with
-the guard exactly where it stopped.
+module depends on which. The guard's own state (detector statistics, mode, decision history, the
+MLflow run) does not travel inside DeepSpeed's files: :mod:`trait_guard.checkpoint` writes it beside
+them as plain JSON (``trait_guard_state.json``), so resuming never unpickles guard state.
 """
 
 from __future__ import annotations

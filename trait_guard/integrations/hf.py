@@ -11,13 +11,21 @@
                              remove_unused_columns=False)   # required: keeps response_mask and guard_rows
     trainer = GuardedTrainer(model=model, args=args, train_dataset=rows,   # rows: list of dicts, or a Dataset
                              data_collator=GuardCollator(tokenizer), guarded=guarded)
-    trainer.train()
-    trainer.guard_callback.halted_step          # None, or the step whose batch raised the alarm
+    trainer.train()                              # raises TraitGuardHalted if the guard halted
+    trainer.save_model()                         # reached only by a run the guard let finish
     trainer.guard_callback.decisions            # every Decision, in order
 
-Rows are dicts with ``prompt`` and ``completion``, optionally the teacher's ``topk_ids`` (and
-``topk_logprobs`` for ``distill=True``) and precomputed per-sample ``signals`` (see
-:mod:`trait_guard.integrations.torch_loop` for where signals come from).
+Rows are dicts with ``prompt`` and the teacher's generated ``completion_ids`` (or, for text-only data,
+``completion``), optionally the teacher's ``topk_ids`` (and ``topk_logprobs`` for ``distill=True``) and
+precomputed per-sample ``signals`` (see :mod:`trait_guard.integrations.torch_loop` for where signals
+come from). :class:`GuardCollator` trains on exactly the generated ids (:func:`trait_guard.chat.encode_rows`):
+re-tokenizing the decoded text does not always give them back, and the stored top-k belong to them.
+
+A HALT ends ``trainer.train()`` with :class:`trait_guard.errors.TraitGuardHalted` (after the Trainer
+has stopped and written its halting checkpoint), whose ``summary`` holds ``halted_step``, ``reason``,
+``global_step`` and ``checkpoint``. Returning normally would let the script go on to ``save_model()``
+and ship the halted student. ``GuardedTrainer(..., raise_on_halt=False)`` returns normally instead;
+then check ``trainer.guard_callback.halted_step`` (None, or the step whose batch raised the alarm).
 
 Why a ``Trainer`` subclass and not ``Trainer(compute_loss_func=...)``: that hook is called as
 ``compute_loss_func(outputs, labels, num_items_in_batch)`` after ``model(**inputs)``, so it sees
@@ -49,8 +57,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from trait_guard.chat import EncodedBatch, encode_conversations
+from trait_guard.chat import EncodedBatch, encode_rows
 from trait_guard.config import Action
+from trait_guard.errors import TraitGuardHalted
 from trait_guard.guard import Decision
 from trait_guard.integrations.torch_loop import GuardedStep
 from trait_guard.losses import completion_loss
@@ -74,8 +83,10 @@ class GuardCollator:
     """Rows -> the dict the Trainer hands to ``compute_loss``: ``input_ids``, ``attention_mask``,
     ``response_mask``, ``last_prompt_index`` (tensors) and ``guard_rows`` (the rows, a plain list).
 
-    Needs ``TrainingArguments(remove_unused_columns=False)``, or the Trainer drops the extra keys.
-    ``max_length`` truncates completions (never prompts), as :func:`trait_guard.chat.encode_conversations`.
+    The response tokens are each row's generated ``completion_ids`` as they are (``completion`` is
+    tokenized only for rows without them), through :func:`trait_guard.chat.encode_rows`, the token path
+    shared with scoring and the guard's signals. Needs ``TrainingArguments(remove_unused_columns=False)``,
+    or the Trainer drops the extra keys. ``max_length`` truncates completions (never prompts).
     """
 
     def __init__(self, tokenizer: Any, max_length: int | None = None):
@@ -84,11 +95,12 @@ class GuardCollator:
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         rows = [dict(r) for r in rows]
-        missing = sorted({k for r in rows for k in ("prompt", "completion") if k not in r})
-        if missing:
-            raise KeyError(f"guard rows need 'prompt' and 'completion'; some rows lack {missing}")
-        batch = encode_conversations(self.tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows],
-                                     max_length=self.max_length)
+        if any("prompt" not in r for r in rows):
+            raise KeyError("guard rows need 'prompt' and 'completion_ids' (or 'completion'); some rows lack 'prompt'")
+        if any(r.get("completion_ids") is None and "completion" not in r for r in rows):
+            raise KeyError("guard rows need 'completion_ids' (the generated tokens) or 'completion'; "
+                           "some rows have neither")
+        batch = encode_rows(self.tokenizer, rows, max_length=self.max_length)
         return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                 "response_mask": batch.response_mask, "last_prompt_index": batch.last_prompt_index,
                 ROWS_KEY: rows}
@@ -184,9 +196,9 @@ def _build_callback_class() -> type:
         """Stops the Trainer at a HALT (and asks for a checkpoint); collects the decisions.
 
         ``decisions``: every Decision in order (one per micro-batch); ``halted_step``: the step whose
-        batch halted training, or None. ``metrics()``: the latest decision's log entries, which
-        :class:`GuardedTrainer` adds to each training log (so they reach ``state.log_history`` and
-        every reporter).
+        batch halted training, or None; ``halted_reason``: the guard's reason for it. ``metrics()``: the
+        latest decision's log entries, which :class:`GuardedTrainer` adds to each training log (so they
+        reach ``state.log_history`` and every reporter).
         """
 
         def __init__(self, guard_loss: GuardedTrainerLoss, save_on_halt: bool = True):
@@ -194,6 +206,7 @@ def _build_callback_class() -> type:
             self.save_on_halt = save_on_halt
             self.decisions: list[Decision] = []
             self.halted_step: int | None = None
+            self.halted_reason: str | None = None
 
         @property
         def guard(self) -> Any:
@@ -208,8 +221,8 @@ def _build_callback_class() -> type:
             if self.guard_loss.halted and self.halted_step is None:
                 halt = next((d for d in reversed(self.decisions) if d.halt), None)
                 self.halted_step = halt.step if halt is not None else state.global_step
-                logger.warning("trait guard halted training at step %d: %s", self.halted_step,
-                               halt.reason if halt is not None else "halt")
+                self.halted_reason = halt.reason if halt is not None else "halt"
+                logger.warning("trait guard halted training at step %d: %s", self.halted_step, self.halted_reason)
                 control.should_training_stop = True
                 control.should_log = True
                 if self.save_on_halt:
@@ -235,15 +248,16 @@ def _build_trainer_class() -> type:
         """A ``Trainer`` whose loss is the guard's weighted, masked completion loss (see the module docstring).
 
         Extra keyword arguments: ``guarded`` (a :class:`GuardedStep` on the trained model), ``distill``
-        (top-k logit distillation instead of the completion loss), ``save_on_halt``. A
-        :class:`GuardCollator` is the default collator when ``processing_class`` is given.
+        (top-k logit distillation instead of the completion loss), ``save_on_halt``, ``raise_on_halt``
+        (default True: :meth:`train` raises :class:`~trait_guard.errors.TraitGuardHalted` after a HALT).
+        A :class:`GuardCollator` is the default collator when ``processing_class`` is given.
         """
 
         # compute_loss returns a per-batch mean: the Trainer divides it by the accumulation steps.
         loss_is_scaled_for_ga = False
 
         def __init__(self, *args: Any, guarded: GuardedStep, distill: bool = False, save_on_halt: bool = True,
-                     **kwargs: Any):
+                     raise_on_halt: bool = True, **kwargs: Any):
             if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None and len(args) < 3:
                 kwargs["data_collator"] = GuardCollator(kwargs["processing_class"])
             super().__init__(*args, **kwargs)
@@ -254,6 +268,28 @@ def _build_trainer_class() -> type:
             self.guard_loss = GuardedTrainerLoss(guarded, distill=distill, gather=gather)
             self.guard_callback = _lazy_class("TraitGuardCallback")(self.guard_loss, save_on_halt=save_on_halt)
             self.add_callback(self.guard_callback)
+            self.raise_on_halt = raise_on_halt
+
+        def train(self, *args: Any, **kwargs: Any):
+            """``Trainer.train``; then, if the guard halted and ``raise_on_halt``, raise
+            :class:`~trait_guard.errors.TraitGuardHalted` so that no code after it ships the halted model."""
+            output = super().train(*args, **kwargs)
+            callback = self.guard_callback
+            if callback.halted_step is not None and self.raise_on_halt:
+                checkpoint = None
+                if callback.save_on_halt:
+                    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+                    folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+                    checkpoint = folder if os.path.isdir(folder) else None
+                summary = {"halted_step": callback.halted_step, "reason": callback.halted_reason,
+                           "global_step": self.state.global_step, "checkpoint": checkpoint}
+                raise TraitGuardHalted(
+                    f"the trait guard halted training at step {callback.halted_step}: {callback.halted_reason}"
+                    + (f" (checkpoint: {checkpoint})" if checkpoint else "")
+                    + "; the trained model is not fit to ship (GuardedTrainer(raise_on_halt=False) to return "
+                    "normally instead)", summary)
+            return output
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, outputs = self.guard_loss(model, inputs, step=self.state.global_step + 1)
