@@ -19,7 +19,9 @@ def test_run_pipeline_on_a_tiny_model(tiny_llama_dir, tmp_path):
             "output_dir": str(tmp_path),
             "extract": {"n_instructions": 1, "n_questions": 4, "max_new_tokens": 6},
             "teachers": [{"id": "owl", "model": str(tiny_llama_dir), "trait": "animal:owl", "install": "system_prompt"},
-                         {"id": "control", "model": str(tiny_llama_dir)}],
+                         {"id": "control", "model": str(tiny_llama_dir)},
+                         {"id": "control-b", "model": str(tiny_llama_dir), "sampling_seed": 7}],
+            "also_train_on": ["control-b"],
             "generation": {"n_prompts": 48, "chunk_size": 16, "max_new_tokens": 10, "top_k_logprobs": 4},
             "student": {"model": str(tiny_llama_dir)},
             "optim": {"batch_size": 4, "max_steps": 4},
@@ -31,14 +33,26 @@ def test_run_pipeline_on_a_tiny_model(tiny_llama_dir, tmp_path):
     finally:
         ray.shutdown()
     assert (tmp_path / "vectors" / "animal.safetensors").is_file()
-    assert summary["generation"]["owl"]["rows"] == summary["generation"]["control"]["rows"] == 48
-    assert summary["screen"]["kinship"] == "kin"
-    training = summary["training"]
-    assert training["steps"] >= 1 and training["verdict"] in ("passed", "halted", "mitigated")
+    assert summary["generation"]["owl"]["rows"] == summary["generation"]["control-b"]["rows"] == 48
+    assert [t["teacher"] for t in summary["trainings"]] == ["owl", "control-b"]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for record in summary["trainings"]:
+        screen, training = record["screen"], record["training"]
+        assert screen["kinship"] == "kin"
+        # the pipeline obeys its screen: the training run's gate reached the same verdict on the same signals,
+        # and a flagged set (on_data_alarm: halt) trained not one step
+        assert training["gate"]["flagged"] == screen["flagged"]
+        assert {n: t["p_adj"] for n, t in training["gate"]["tests"].items()} == pytest.approx(
+            {n: s["p_adj"] for n, s in screen["signals"].items()})
+        if screen["flagged"]:
+            assert training["halted"] and training["halt"]["gate"] and training["updates"] == 0
+        else:
+            assert training["updates"] >= 1 and training["verdict"] in ("passed", "halted", "mitigated")
+        artifacts = {a.path for a in client.list_artifacts(training["mlflow_run_id"], "reports")}
+        assert f"reports/screen_{record['teacher']}.json" in artifacts and "reports/animal.safetensors" in artifacts
+    # scored once: the screen's signals were cached and the training runs read them (one file per training set)
+    assert len(list((tmp_path / "signals_cache").glob("signals-*.npz"))) == 2
     assert json.loads((tmp_path / "run_summary.json").read_text())["trait"] == "animal:owl"
-    run = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(training["mlflow_run_id"])
-    artifacts = {a.path for a in mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").list_artifacts(
-        run.info.run_id, "reports")}
-    assert "reports/screen_report.json" in artifacts and "reports/animal.safetensors" in artifacts
     text = format_summary(summary)
-    assert "final verdict" in text and training["mlflow_run_id"] in text
+    assert "student on 'owl'" in text and "student on 'control-b'" in text
+    assert all(t["training"]["mlflow_run_id"] in text for t in summary["trainings"])

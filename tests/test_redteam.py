@@ -154,12 +154,16 @@ def test_tiny_grid_end_to_end(tiny_llama_dir, tmp_path):
     out = tmp_path / "bench"
     assert len(results["runs"]) == 2 * 2 * 2
     for run in results["runs"]:
-        assert 1 <= run["steps"] <= run["total_steps"] == 3
-        assert math.isfinite(run["logprob_shift"])
-        if run["mode"] == "unguarded":
-            assert not run["halted"] and run["alarms"] == 0
+        assert run["total_steps"] == 3 and math.isfinite(run["logprob_shift"])
         summary = json.loads((out / "runs" / run["name"] / "summary.json").read_text())
-        assert summary["eval_before"] is None and summary["eval_after"]["n_questions"] == 3
+        assert summary["eval_before"] is None and summary["code_version"] == run["code_version"]
+        if run["gated"]:  # flagged by the screen before step 1: nothing trained, the student is its base
+            assert run["mode"] == "halt" and run["steps"] == run["updates"] == 0 and run["logprob_shift"] == 0
+            assert summary["eval_after"] is None
+        else:
+            assert 1 <= run["steps"] <= 3 and summary["eval_after"]["n_questions"] == 3
+        if run["mode"] == "unguarded":
+            assert not run["halted"] and run["alarms"] == 0 and not run["gated"]
         assert (out / "runs" / run["name"] / "report" / "report.html").is_file()
     assert len(list((out / "signals_cache").glob("signals-*.npz"))) == 2  # one per teacher: scored once, reused
     assert {c["mode"] for c in results["cells"]} == {"unguarded", "halt"}
@@ -182,6 +186,14 @@ def test_tiny_grid_end_to_end(tiny_llama_dir, tmp_path):
     # resumable: a second call trains nothing and gives the same cells
     again = run_redteam_quiet(config)
     assert [r["mlflow_run_id"] for r in again["runs"]] == [r["mlflow_run_id"] for r in results["runs"]]
+    # a result recorded by other code is never mixed in: that run (and only it) is trained again
+    stale = out / "runs" / "control-logits-unguarded-s0" / "result.json"
+    record = json.loads(stale.read_text())
+    stale.write_text(json.dumps({**record, "code_version": {**record["code_version"], "source_sha256": "0" * 64}}))
+    third = run_redteam_quiet(config)
+    changed = {r["name"] for r, before in zip(third["runs"], again["runs"], strict=True)
+               if r["mlflow_run_id"] != before["mlflow_run_id"]}
+    assert changed == {"control-logits-unguarded-s0"} and (stale.parent / "result.stale.json").is_file()
 
 
 def run_redteam_quiet(config):

@@ -94,6 +94,10 @@ def run_metrics(summary: dict[str, Any], before: dict[str, Any],
     """One run's outcome from its training summary and the paired base-model evaluation(s).
     ``extra_before``: the base model's evaluation for each of the run's extra evaluated traits."""
     after = summary["eval_after"]
+    if after is None and summary.get("updates") == 0:
+        # gated before the first update: the student IS its base model (weights byte-identical), so its
+        # evaluation is the base model's, exactly
+        after = before
     question_ci = _paired_shift(after, before)
     extra = {trait: _paired_shift(result, (extra_before or {})[trait])["mean"]
              for trait, result in (summary.get("eval_after_extra") or {}).items() if result}
@@ -103,7 +107,8 @@ def run_metrics(summary: dict[str, Any], before: dict[str, Any],
     return {
         "verdict": summary["verdict"], "halted": bool(summary["halted"]), "halt_step": halt.get("step"),
         "halt_reason": halt.get("reason"), "first_alarm_step": alarms[0]["step"] if alarms else None,
-        "alarms": len(alarms), "steps": summary["steps"], "total_steps": summary["total_steps"],
+        "alarms": len(alarms), "steps": summary["steps"], "updates": summary.get("updates", summary["steps"]),
+        "total_steps": summary["total_steps"], "gated": bool(halt.get("gate")),
         "rate_before": before["pooled_rate"], "rate_after": after["pooled_rate"],
         "rate_after_ci": [after["pooled_ci_low"], after["pooled_ci_high"]],
         "rate_shift": after["pooled_rate"] - before["pooled_rate"],
@@ -113,6 +118,7 @@ def run_metrics(summary: dict[str, Any], before: dict[str, Any],
         "final_loss": float(np.mean(losses[-5:])) if losses else math.nan,
         "mean_step_seconds": summary.get("mean_step_seconds"), "wall_seconds": summary.get("wall_seconds"),
         "mlflow_run_id": summary.get("mlflow_run_id"),
+        "code_version": summary.get("code_version"),
     }
 
 
@@ -357,6 +363,7 @@ def run_redteam(config: RedteamConfig, *, only: Sequence[str] | None = None) -> 
     from tqdm.auto import tqdm
 
     from trait_guard.train import run_training
+    from trait_guard.version import same_code
 
     started = time.perf_counter()
     out = Path(config.output_dir)
@@ -374,8 +381,15 @@ def run_redteam(config: RedteamConfig, *, only: Sequence[str] | None = None) -> 
         name = run_name(teacher, distill, mode, seed)
         result_path = out / "runs" / name / "result.json"
         if result_path.is_file():
-            runs.append(json.loads(result_path.read_text()))
-            continue
+            stored = json.loads(result_path.read_text())
+            if same_code(stored.get("code_version")):
+                runs.append(stored)
+                continue
+            # a result from other code is never mixed in: the run is done again (when selected)
+            _log(f"{name}: stored result is from other code ({(stored.get('code_version') or {}).get('git_commit')}); "
+                 "rerunning")
+            stale = result_path.with_name("result.stale.json")
+            result_path.replace(stale)
         if only is not None and name not in only:
             continue
         bar.set_postfix_str(name)
