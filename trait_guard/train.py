@@ -91,7 +91,7 @@ def student_tokenizer(model: str) -> Any:
     try:
         return prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_model_path(model)))
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"Could not load the tokenizer of the student model '{model}': {err}\nPass a local "
+        raise ModelLoadError(f"Could not load the student model (its tokenizer) '{model}': {err}\nPass a local "
                              "checkpoint folder, a model id available offline, or 'smollm2-135m-instruct'.") from err
 
 
