@@ -27,6 +27,7 @@ import numpy as np
 
 from trait_guard.detect import PermutationTest, combine_pvalues
 from trait_guard.errors import EXIT_FLAGGED, TraitGuardInputError
+from trait_guard.files import to_jsonable
 from trait_guard.fingerprint import (
     POWERED_SIGNALS,
     FingerprintScorer,
@@ -68,16 +69,7 @@ class ScreenReport:
     monitored: bool = True  # a signal with shown power was tested (fingerprint.POWERED_SIGNALS)
 
     def to_dict(self) -> dict[str, Any]:
-        def clean(value: Any) -> Any:
-            if isinstance(value, float) and not math.isfinite(value):
-                return None
-            if isinstance(value, dict):
-                return {k: clean(v) for k, v in value.items()}
-            if isinstance(value, list):
-                return [clean(v) for v in value]
-            return value
-
-        return clean(asdict(self))
+        return to_jsonable(asdict(self))
 
     def table(self) -> str:
         lines = [f"screened {self.n_data} samples against {self.n_reference} reference samples "
