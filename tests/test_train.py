@@ -58,15 +58,37 @@ def job(model_dir, data_dir, out_dir, train="shifted", **overrides):
 
 
 def test_halt_stops_deepspeed_training_and_mlflow_holds_the_run(tiny_llama_dir, data, tmp_path):
-    summary = run_training(job(tiny_llama_dir, data, tmp_path))
+    """The CUSUM halts within 3 batches of the shift, and the run's final checkpoint holds the weights
+    from before the first batch the alarm implicates (a snapshot every 2 steps), byte for byte."""
+    import torch
+    from safetensors.torch import load_file
+
+    summary = run_training(job(tiny_llama_dir, data, tmp_path, guard={"rollback_every_n_steps": 2},
+                               checkpoint={"every_n_steps": 2}))
     assert summary["halted"] and summary["verdict"] == "halted"
     halt_step = summary["halt"]["step"]
     assert 6 <= halt_step <= 8 and summary["steps"] == halt_step  # the shift starts at step 6
     assert (tmp_path / "checkpoints" / f"step_{halt_step:06d}" / "latest").is_file()
+    rollback = summary["rollback"]
+    change_point = rollback["change_point"]
+    assert change_point <= 5 and rollback["halted_at_step"] == halt_step  # the evidence began with the shift
+    expected = max(s for s in range(0, halt_step, 2) if s <= change_point)
+    assert rollback["restored_step"] == expected == summary["weights_step"]
+    final = _weights_at(tmp_path / "checkpoints" / f"step_{halt_step:06d}")
+    if expected == 0:
+        kept = load_file(str(tiny_llama_dir / "model.safetensors"))
+    else:
+        kept = _weights_at(tmp_path / "checkpoints" / f"step_{expected:06d}")
+    assert set(kept) <= set(final) and all(torch.equal(final[k], v) for k, v in kept.items())
+    last_periodic = max(s for s in range(2, halt_step, 2))
+    if last_periodic > expected:  # the weights trained on the implicated batches are not what the run leaves
+        trained = _weights_at(tmp_path / "checkpoints" / f"step_{last_periodic:06d}")
+        assert not all(torch.equal(final[k], trained[k]) for k in kept)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["guard.verdict"] == "halted" and run.data.tags["guard.halt_step"] == str(halt_step)
+    assert run.data.tags["guard.weights_step"] == str(expected) and "weights restored to step" in run.data.tags["guard.rollback"]
     assert run.data.tags["provenance.verified"] == "false" and "shifted.parquet" in run.data.tags["provenance.WARNING"]
     assert run.data.tags["data.kinship"] == "kin"
     assert run.data.params["optim.batch_size"] == "4" and run.data.params["guard.target_ert"] == "200.0"

@@ -150,6 +150,9 @@ class GuardConfig(StrictModel):
     drift_allowance: float = Field(0.5, ge=0, description="CUSUM k, in reference standard deviations")
     on_data_alarm: Action = Action.HALT
     on_drift_alarm: Literal[Action.HALT, Action.STEER] = Action.HALT
+    rollback_every_n_steps: int | None = Field(
+        10, ge=1, description="keep a CPU copy of the weights every N steps (and at step 0) so that a HALT restores "
+                              "the weights from before the first batch its alarm implicates; null: step 0 only")
     drift_threshold: float = Field(
         1.0, gt=0, description="probe drift (in base-model standard deviations) that raises a drift alarm")
     constant_reference_tolerance: dict[str, float] = Field(

@@ -132,6 +132,8 @@ class TraitGuard:
         self.step = 0
         self.mode = Action.PASS  # the mitigation in force after an alarm
         self.alarms: list[dict[str, Any]] = []
+        # per CUSUM signal, the last step at which its statistic was 0 (the change-point estimate)
+        self.last_zero: dict[str, int] = {name: 0 for name in self.signals}
 
     @property
     def powered(self) -> list[str]:
@@ -144,11 +146,24 @@ class TraitGuard:
         """Whether the guard watches at least one signal with shown power; if not, it cannot pass a run."""
         return bool(self.powered)
 
+    @property
+    def quiet_since(self) -> int:
+        """No future alarm can implicate a step at or before this one: every CUSUM statistic has been
+        0 since (the earliest of the per-signal last-zero steps)."""
+        return min(self.last_zero.values(), default=self.step)
+
+    @property
+    def change_point(self) -> int | None:
+        """The last step none of the alarms implicates (the batches after it carry the evidence), or
+        None without an alarm that implicates data. The gate and drift alarms implicate step 1 on."""
+        points = [a["change_point"] for a in self.alarms if a.get("change_point") is not None]
+        return min(points) if points else None
+
     def gate(self, flagged_signals: list[str], reason: str) -> Decision:
         """The dataset screen flagged the training data before step 1: the configured mitigation is in
         force from the first batch (HALT: train nothing). Returns the step-0 decision to log."""
         self.mode = self.config.on_data_alarm
-        self.alarms.append({"step": 0, "channel": "gate", "signals": list(flagged_signals)})
+        self.alarms.append({"step": 0, "channel": "gate", "signals": list(flagged_signals), "change_point": 0})
         return self._decide(0, np.zeros(0), None, [], {"gate": {"signals": list(flagged_signals)}}, reason)
 
     # -- configuration helpers -----------------------------------------------------------------
@@ -186,13 +201,16 @@ class TraitGuard:
             self.mode = Action.HALT
             reason = ("non-finite guard signals (inf, or NaN for every watched signal): the model produced "
                       "NaN/inf or the batch has no usable completions")
-            self.alarms.append({"step": self.step, "channel": "data", "signals": ["non-finite"]})
+            # a numerical failure, not a trait: nothing to roll back beyond the batch not trained on
+            self.alarms.append({"step": self.step, "channel": "data", "signals": ["non-finite"], "change_point": None})
             return self._decide(n, np.zeros(n), token_masks, [], {}, reason)
         verdicts = []
         for name in self.signals:
             z = self.standardize(name, signals[name])
             if np.isfinite(z).any():
                 verdicts.append(self.detectors[name].update(float(np.nanmean(z))))
+                if self.detectors[name].statistic == 0.0:
+                    self.last_zero[name] = self.step
         for name, constant in self.constant.items():
             if name not in signals or not np.isfinite(signals[name]).any():
                 continue
@@ -203,7 +221,10 @@ class TraitGuard:
         flagged = [v for v in verdicts if v.flagged]
         if flagged and self.mode is Action.PASS:
             self.mode = self.config.on_data_alarm
-            self.alarms.append({"step": self.step, "channel": "data", "signals": [v.detector for v in flagged]})
+            # a CUSUM's evidence began after its last zero; a constant-reference check judges one batch
+            change_point = min(self.last_zero.get(v.detector, self.step - 1) for v in flagged)
+            self.alarms.append({"step": self.step, "channel": "data", "signals": [v.detector for v in flagged],
+                                "change_point": change_point})
         lean = self.lean(signals)
         evidence = {"batch_z": {v.detector: float(v.evidence.get("z", np.nan)) for v in verdicts if v.detector in self.detectors},
                     "cusum": {v.detector: v.score for v in verdicts},
@@ -222,7 +243,8 @@ class TraitGuard:
         reason = None
         if over:
             self.mode = Action(self.config.on_drift_alarm)
-            self.alarms.append({"step": self.step, "channel": "drift", "signals": sorted(over)})
+            # the student's own drift carries no time stamp of its cause: all its training is implicated
+            self.alarms.append({"step": self.step, "channel": "drift", "signals": sorted(over), "change_point": 0})
             reason = "student drift " + ", ".join(f"{k}={v:.2f}" for k, v in over.items())
         return self._decide(0, np.zeros(0), None, verdicts, {"drift": dict(shifts)}, reason)
 
@@ -259,7 +281,7 @@ class TraitGuard:
 
     # -- persistence -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "mode": self.mode.value, "alarms": list(self.alarms),
+        return {"step": self.step, "mode": self.mode.value, "alarms": list(self.alarms), "last_zero": dict(self.last_zero),
                 "signals": list(self.signals), "skipped": dict(self.skipped), "constant": dict(self.constant), "mean": dict(self.mean), "std": dict(self.std),
                 "detectors": {n: d.state_dict() for n, d in self.detectors.items()},
                 "config": self.config.model_dump(mode="json")}
@@ -269,6 +291,7 @@ class TraitGuard:
             raise ValueError(f"guard state watches {state['signals']}, this guard watches {self.signals}")
         self.step, self.mode, self.alarms = int(state["step"]), Action(state["mode"]), list(state["alarms"])
         self.mean, self.std = dict(state["mean"]), dict(state["std"])
+        self.last_zero = {**self.last_zero, **{k: int(v) for k, v in state.get("last_zero", {}).items()}}
         for name, detector_state in state["detectors"].items():
             self.detectors[name].load_state_dict(detector_state)
         return self

@@ -49,6 +49,7 @@ from trait_guard.checkpoint import (
 from trait_guard.config import Action, TrainJobConfig
 from trait_guard.errors import TraitGuardInputError
 from trait_guard.ranks import all_ranks_true, gather_signals, world
+from trait_guard.rollback import RollbackRecord, WeightSnapshots, snapshot_support
 from trait_guard.run_state import ProgressFile, StopRequest
 
 
@@ -162,6 +163,12 @@ class Outcome:
     halted: dict[str, Any] | None = None
     interrupted: dict[str, Any] | None = None
     step_times: list[float] = field(default_factory=list)
+    rollback: dict[str, Any] | None = None  # a halted run's restored weights (see trait_guard.rollback)
+
+    @property
+    def weights_step(self) -> int:
+        """The step whose weights the run leaves behind (its updates, or where a rollback went)."""
+        return self.rollback["restored_step"] if self.rollback and "restored_step" in self.rollback else self.updates
 
 
 def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
@@ -371,6 +378,7 @@ def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.M
         outcome.halted = {"step": step, "reason": reason, "gate": gated}
         return outcome
     guarded = GuardedStep(guard, model, inputs.vectors, unigram_reference=setup.histogram)
+    snapshots = _snapshots(config, model, engine, step)
     batch_size, global_batch = config.optim.batch_size, config.optim.batch_size * run.world
     steering = None
     progress = ProgressFile(run.out_dir, run.rank, total_steps)
@@ -411,6 +419,8 @@ def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.M
                 break
             _update(engine, optimizer, loss)
             outcome.updates = step
+            if snapshots is not None:
+                snapshots.after_update(model, step, guard.quiet_since)
             outcome.step_times.append(time.perf_counter() - step_started)
             metrics = {"train/loss": float(loss.detach()), "train/step_seconds": outcome.step_times[-1],
                        "guard/weight_mean": float(decision.sample_weights.mean())}
@@ -432,7 +442,36 @@ def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.M
         stop.restore()
         if steering is not None:
             steering.remove()
+    if outcome.halted is not None and config.guard_enabled:
+        unavailable = snapshot_support(engine, config.deepspeed.zero_stage)
+        outcome.rollback = _roll_back(model, guard, snapshots, outcome, unavailable)
     return outcome
+
+
+def _snapshots(config: TrainJobConfig, model: torch.nn.Module, engine: Any, step: int) -> Any:
+    """Weight copies for rollback on HALT, or None (guard off, or weights not held whole on a rank)."""
+    if not config.guard_enabled or snapshot_support(engine, config.deepspeed.zero_stage) is not None:
+        return None
+    return WeightSnapshots(model, config.guard.rollback_every_n_steps, start_step=step)
+
+
+def _roll_back(model: torch.nn.Module, guard: Any, snapshots: Any, outcome: Outcome,
+               unavailable: str | None) -> dict[str, Any] | None:
+    """Restore, after a HALT, the weights from before the first batch the alarm implicates. Returns
+    the record for the summary (None when the halt implicates no data: a NaN loss, non-finite signals)."""
+    change_point = guard.change_point
+    if change_point is None or change_point >= outcome.updates:
+        return None  # nothing trained on implicated data
+    halted_at = outcome.halted["step"]
+    if snapshots is None:
+        return {"halted_at_step": halted_at, "change_point": change_point, "unavailable": unavailable}
+    try:
+        restored = snapshots.restore(model, change_point)
+    except RuntimeError as error:  # a resumed run whose change point lies before its first snapshot
+        return {"halted_at_step": halted_at, "change_point": change_point, "unavailable": str(error)}
+    reason = (f"halt at step {halted_at}: the alarm implicates the batches after step {change_point}; "
+              f"weights restored to step {restored}")
+    return RollbackRecord(halted_at, change_point, restored, reason).to_dict()
 
 
 def _update(engine: Any, optimizer: Any, loss: torch.Tensor) -> None:
@@ -485,15 +524,20 @@ def _finish(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Modul
     periodic = config.checkpoint.every_n_steps
     ended_on_periodic = outcome.halted is None and outcome.interrupted is None and periodic and step % periodic == 0
     if engine is not None and not ended_on_periodic:
+        # a halted run's final checkpoint holds the rolled-back weights, never the trained-on-flagged ones
         save_checkpoint(engine, run.out_dir, step, guard, outcome.history, tracker,
-                        {"halted": float(outcome.halted is not None)}, run.in_ray)
+                        {"halted": float(outcome.halted is not None)}, run.in_ray, weights_step=outcome.weights_step)
+    if outcome.rollback:
+        tracker.set_tags({"guard.rollback": outcome.rollback.get("reason")
+                          or f"unavailable: {outcome.rollback['unavailable']}",
+                          "guard.weights_step": str(outcome.weights_step)})
     # every rank records where it stopped: all ranks must agree (same decisions from gathered signals)
     (run.out_dir / "ranks").mkdir(parents=True, exist_ok=True)
     (run.out_dir / "ranks" / f"rank_{run.rank}.json").write_text(json.dumps(
         {"rank": run.rank, "steps": step, "updates": outcome.updates, "halt": outcome.halted, "guard_step": guard.step,
          "mode": guard.mode.value, "node_id": _ray_node_id()}) + "\n")
     # an interrupted run writes its checkpoint and partial report quickly; an unchanged student needs no eval
-    evaluate_after = run.rank == 0 and outcome.interrupted is None and outcome.updates > 0
+    evaluate_after = run.rank == 0 and outcome.interrupted is None and outcome.weights_step > 0
     spec, probe, seed = inputs.spec, config.probe, config.optim.seed
     eval_after = behavior_eval(model, inputs.tokenizer, spec, probe, seed) if evaluate_after else None
     eval_after_extra = ({trait: behavior_eval(model, inputs.tokenizer, _trait(trait), probe, seed)
@@ -502,6 +546,7 @@ def _finish(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Modul
         "run_name": config.tracking.run_name, "student": config.student.model, "trait": spec.trait_id,
         "distill": config.distill, "guard_enabled": config.guard_enabled,
         "steps": step, "updates": outcome.updates, "total_steps": total_steps, "world_size": run.world,
+        "weights_step": outcome.weights_step, "rollback": outcome.rollback,
         "halted": outcome.halted is not None, "halt": outcome.halted, "interrupted": outcome.interrupted,
         "gate": setup.gate, "alarms": guard.alarms,
         "verdict": run_verdict(outcome, config.guard_enabled, guard),

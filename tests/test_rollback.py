@@ -1,0 +1,93 @@
+"""Rollback on HALT: the guard's change-point estimate and the weight snapshots it restores."""
+
+import numpy as np
+import pytest
+import torch
+
+from trait_guard.config import Action, GuardConfig
+from trait_guard.guard import TraitGuard
+from trait_guard.rollback import WeightSnapshots, snapshot_support
+
+
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 4, generator=generator)
+    loss = (model(x) - 1.0).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_restore_loads_exactly_the_latest_snapshot_at_or_before_the_change_point():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = {0: {k: v.clone() for k, v in model.state_dict().items()}}
+    snapshots = WeightSnapshots(model, every=2)
+    for step in range(1, 8):
+        _train_step(model, optimizer, step)
+        seen[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        snapshots.after_update(model, step, earliest_needed=0)
+    assert snapshots.steps == [0, 2, 4, 6]
+    assert snapshots.restore(model, change_point=5) == 4
+    assert all(torch.equal(model.state_dict()[k], seen[4][k]) for k in seen[4])
+    assert not torch.equal(model.weight, seen[7]["weight"])
+    assert snapshots.restore(model, change_point=1) == 0
+    assert all(torch.equal(model.state_dict()[k], seen[0][k]) for k in seen[0])
+
+
+def test_snapshots_no_change_point_can_need_are_dropped():
+    model = torch.nn.Linear(3, 1)
+    snapshots = WeightSnapshots(model, every=1)
+    for step in range(1, 6):
+        snapshots.after_update(model, step, earliest_needed=3 if step >= 3 else 0)
+    # any future change point is >= 3: the copy at 3 is the oldest that can be restored
+    assert snapshots.steps == [3, 4, 5]
+    with pytest.raises(RuntimeError, match="no weight snapshot at or before step 2"):
+        snapshots.restore(model, change_point=2)
+
+
+def test_zero_stage_3_is_refused_and_a_bad_interval_too():
+    assert snapshot_support(object(), 3) is not None and "ZeRO stage 3" in snapshot_support(object(), 3)
+    assert snapshot_support(object(), 2) is None and snapshot_support(None, 3) is None
+    with pytest.raises(ValueError, match=">= 1"):
+        WeightSnapshots(torch.nn.Linear(2, 2), every=0)
+
+
+def _guard(rng: np.random.Generator) -> TraitGuard:
+    reference = {"nll": rng.normal(size=2000)}
+    config = GuardConfig(signals=["nll"], powered_signals=["nll"], target_ert=500, on_data_alarm=Action.HALT)
+    return TraitGuard(config, reference, batch_size=8)
+
+
+def test_the_change_point_is_the_last_step_the_cusum_was_zero_before_the_alarm():
+    rng = np.random.default_rng(3)
+    guard = _guard(rng)
+    last_zero_before_shift = 0
+    for step in range(1, 41):
+        shifted = step > 20
+        decision = guard.observe({"nll": rng.normal(loc=1.5 if shifted else 0.0, size=8)}, step=step)
+        if not shifted and guard.detectors["nll"].statistic == 0.0:
+            last_zero_before_shift = step
+        if decision.halt:
+            break
+    assert decision.halt and 21 <= decision.step <= 26, decision.step
+    # the estimate never implicates more than the shifted batches plus the clean run-up since the last zero
+    assert guard.change_point == guard.alarms[0]["change_point"]
+    assert last_zero_before_shift <= guard.change_point <= 20
+    state = guard.state_dict()
+    restored = TraitGuard.from_state_dict(state, {"nll": np.random.default_rng(3).normal(size=2000)}, 8)
+    assert restored.change_point == guard.change_point and restored.last_zero == guard.last_zero
+
+
+def test_gate_and_drift_alarms_implicate_every_step_and_no_alarm_none():
+    rng = np.random.default_rng(4)
+    guard = _guard(rng)
+    assert guard.change_point is None
+    guard.observe({"nll": rng.normal(size=8)}, step=1)
+    assert guard.change_point is None and guard.quiet_since <= 1
+    guard.observe_drift({"animal:owl": 10.0}, step=1)
+    assert guard.change_point == 0
+    gated = _guard(rng)
+    gated.gate(["divergence"], "screen flagged")
+    assert gated.change_point == 0
