@@ -91,3 +91,31 @@ def test_gate_and_drift_alarms_implicate_every_step_and_no_alarm_none():
     gated = _guard(rng)
     gated.gate(["divergence"], "screen flagged")
     assert gated.change_point == 0
+
+
+@pytest.mark.deepspeed
+def test_a_zero2_engine_checkpoint_saves_the_restored_weights(tiny_llama_dir, tmp_path):
+    """Under DeepSpeed ZeRO-2 the restored module parameters are what the final checkpoint holds."""
+    from trait_guard.integrations import deepspeed as ds
+    from trait_guard.models import load_model
+
+    ds.init_distributed()
+    model, _ = load_model(str(tiny_llama_dir))
+    model.train()
+    engine = ds.make_engine(model, torch.optim.AdamW(model.parameters(), lr=1e-2), ds.deepspeed_config(2, 2))
+    snapshots = WeightSnapshots(model, every=2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    at_step_2 = None
+    for step in range(1, 6):
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+        snapshots.after_update(model, step, earliest_needed=0)
+        if step == 2:
+            at_step_2 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert snapshots.restore(model, change_point=3) == 2
+    ds.save_checkpoint(engine, tmp_path / "final", tag="final", client_state={"step": 5})
+    with torch.serialization.safe_globals(ds._checkpoint_globals()):
+        saved = torch.load(tmp_path / "final" / "final" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert all(torch.equal(saved[n], at_step_2[n]) for n in at_step_2)
+    assert not all(torch.equal(saved[n], trained[n]) for n in trained)

@@ -59,7 +59,7 @@ def job(model_dir, data_dir, out_dir, train="shifted", **overrides):
 
 def test_halt_stops_deepspeed_training_and_mlflow_holds_the_run(tiny_llama_dir, data, tmp_path):
     """The CUSUM halts within 3 batches of the shift, and the run's final checkpoint holds the weights
-    from before the first batch the alarm implicates (a snapshot every 2 steps), byte for byte."""
+    from before the first batch the alarm implicates (tests/test_rollback.py checks the restore itself)."""
     import torch
     from safetensors.torch import load_file
 
@@ -69,26 +69,22 @@ def test_halt_stops_deepspeed_training_and_mlflow_holds_the_run(tiny_llama_dir, 
     halt_step = summary["halt"]["step"]
     assert 6 <= halt_step <= 8 and summary["steps"] == halt_step  # the shift starts at step 6
     assert (tmp_path / "checkpoints" / f"step_{halt_step:06d}" / "latest").is_file()
-    rollback = summary["rollback"]
-    change_point = rollback["change_point"]
-    assert change_point <= 5 and rollback["halted_at_step"] == halt_step  # the evidence began with the shift
-    expected = max(s for s in range(0, halt_step, 2) if s <= change_point)
+    rollback, updates = summary["rollback"], summary["updates"]
+    assert rollback["halted_at_step"] == halt_step and rollback["change_point"] <= 5  # the evidence began with the shift
+    if rollback["change_point"] >= updates:  # no implicated batch was trained on: the weights are kept
+        expected = updates
+    else:  # the weights from the latest snapshot (every 2 steps) at or before the change point, byte for byte
+        expected = max(s for s in range(0, halt_step, 2) if s <= rollback["change_point"])
+        final = _weights_at(tmp_path / "checkpoints" / f"step_{halt_step:06d}")
+        kept = load_file(str(tiny_llama_dir / "model.safetensors")) if expected == 0 else \
+            _weights_at(tmp_path / "checkpoints" / f"step_{expected:06d}")
+        assert all(torch.equal(final[k], v) for k, v in kept.items())
     assert rollback["restored_step"] == expected == summary["weights_step"]
-    final = _weights_at(tmp_path / "checkpoints" / f"step_{halt_step:06d}")
-    if expected == 0:
-        kept = load_file(str(tiny_llama_dir / "model.safetensors"))
-    else:
-        kept = _weights_at(tmp_path / "checkpoints" / f"step_{expected:06d}")
-    assert set(kept) <= set(final) and all(torch.equal(final[k], v) for k, v in kept.items())
-    last_periodic = max(s for s in range(2, halt_step, 2))
-    if last_periodic > expected:  # the weights trained on the implicated batches are not what the run leaves
-        trained = _weights_at(tmp_path / "checkpoints" / f"step_{last_periodic:06d}")
-        assert not all(torch.equal(final[k], trained[k]) for k in kept)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["guard.verdict"] == "halted" and run.data.tags["guard.halt_step"] == str(halt_step)
-    assert run.data.tags["guard.weights_step"] == str(expected) and "weights restored to step" in run.data.tags["guard.rollback"]
+    assert run.data.tags["guard.weights_step"] == str(expected) and f"halt at step {halt_step}" in run.data.tags["guard.rollback"]
     assert run.data.tags["provenance.verified"] == "false" and "shifted.parquet" in run.data.tags["provenance.WARNING"]
     assert run.data.tags["data.kinship"] == "kin"
     assert run.data.params["optim.batch_size"] == "4" and run.data.params["guard.target_ert"] == "200.0"

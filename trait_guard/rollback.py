@@ -6,14 +6,16 @@ statistic was 0 is the classical change-point estimate (Page 1954). Batches afte
 the alarm implicates. A drift alarm (the student itself moved along a persona vector) and the
 dataset gate implicate everything: their change point is step 0.
 
-:class:`WeightSnapshots` keeps CPU copies of the model's weights at step 0 and every ``every`` steps,
-and on HALT restores the latest copy taken at or before the change point (never later, so it may
+:class:`WeightSnapshots` keeps CPU copies of the model's weights at step 0 and every ``every`` steps
+(trainable parameters only), and on HALT restores the latest copy taken at or before the change point (never later, so it may
 roll back further than strictly needed, never less). Copies older than the one that the current
 CUSUM excursion could still need are dropped, so memory stays at a few copies of the model.
 
 ZeRO stage 3 partitions the parameters across ranks; there a rank's ``state_dict`` is not the
 model, so snapshots are refused up front (the run says rollback is unavailable) rather than
-restoring a shard.
+restoring a shard. Under ZeRO 1/2 every rank holds the whole module: the restored parameters are
+what the final checkpoint's model file saves. The optimizer's own state is not rolled back (a halted
+run trains no further; resuming it trains nothing).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class RollbackRecord:
 
 
 def _copy_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+    """The trainable parameters only (frozen ones never change: a LoRA run copies its adapters)."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
 class WeightSnapshots:
@@ -72,8 +75,11 @@ class WeightSnapshots:
         if not candidates:
             raise RuntimeError(f"no weight snapshot at or before step {change_point} (have {self.steps})")
         step = max(candidates)
+        saved = self._snapshots[step]
         with torch.no_grad():
-            model.load_state_dict(self._snapshots[step])
+            for name, p in model.named_parameters():
+                if name in saved:
+                    p.copy_(saved[name].to(p.device))
         return step
 
 

@@ -460,9 +460,13 @@ def _roll_back(model: torch.nn.Module, guard: Any, snapshots: Any, outcome: Outc
     """Restore, after a HALT, the weights from before the first batch the alarm implicates. Returns
     the record for the summary (None when the halt implicates no data: a NaN loss, non-finite signals)."""
     change_point = guard.change_point
-    if change_point is None or change_point >= outcome.updates:
-        return None  # nothing trained on implicated data
+    if change_point is None:
+        return None
     halted_at = outcome.halted["step"]
+    if change_point >= outcome.updates:
+        return RollbackRecord(halted_at, change_point, outcome.updates,
+                              f"halt at step {halted_at}: no update was applied after the change point (step "
+                              f"{change_point}), the weights are kept").to_dict()
     if snapshots is None:
         return {"halted_at_step": halted_at, "change_point": change_point, "unavailable": unavailable}
     try:
