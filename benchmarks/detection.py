@@ -53,6 +53,7 @@ from scipy.stats import rankdata
 
 from trait_guard.chat import encode_rows
 from trait_guard.dataset import read_teacher_rows
+from trait_guard.files import to_jsonable
 from trait_guard.fingerprint import (
     DIVERGENCE_MARGIN,
     FingerprintScorer,
@@ -370,21 +371,8 @@ def main() -> None:
         "seconds": time.perf_counter() - started,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(to_json(results), indent=2, allow_nan=False) + "\n")
+    Path(args.out).write_text(json.dumps(to_jsonable(results), indent=2, allow_nan=False) + "\n")
     print_summary(results)
-
-
-def to_json(value: Any) -> Any:
-    """Plain JSON values: numpy scalars and arrays converted, NaN and infinities as null, keys as strings."""
-    if isinstance(value, dict):
-        return {str(k): to_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [to_json(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
 
 
 def print_summary(results: dict[str, Any]) -> None:

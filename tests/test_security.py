@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trait_guard.tracking import REDACTED, flatten_params, redact_secrets
+from trait_guard.redact import REDACTED, flatten_params, redact_secrets
 
 PACKAGE = Path(__file__).resolve().parents[1] / "trait_guard"
 SOURCES = {p: p.read_text() for p in PACKAGE.rglob("*.py")}

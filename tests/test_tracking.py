@@ -1,5 +1,6 @@
 """trait_guard.tracking against a real MLflow store (local SQLite in a temp folder), read back with
-MlflowClient: params, metrics with steps, tags, artifacts, run status, plots."""
+MlflowClient: params, metrics with steps, tags, artifacts, run status, plots; plus the pure helpers it
+uses (trait_guard.redact, trait_guard.plots)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import torch
 
 from trait_guard.detect import Verdict
 from trait_guard.guard import Action, Decision
+from trait_guard.plots import plot_drift, plot_trait_rates
+from trait_guard.redact import flatten_params, is_secret_key
 from trait_guard.tracking import (
     ACTION_CODES,
     DECISIONS_ARTIFACT,
@@ -22,11 +25,7 @@ from trait_guard.tracking import (
     TrackingConfig,
     decision_history,
     default_tracking_uri,
-    flatten_params,
-    is_secret_key,
     make_tracker,
-    plot_drift,
-    plot_trait_rates,
     run_url_for,
     summarize_guard,
     ui_command,

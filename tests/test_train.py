@@ -158,18 +158,22 @@ def test_clean_data_trains_to_the_end_and_resume_continues_exactly(tiny_llama_di
 
 
 @pytest.mark.ray
-def test_two_ray_train_workers_halt_at_the_same_step(tiny_llama_dir, data, tmp_path):
+def test_two_ray_train_workers_halt_at_the_same_step_with_equal_weights(tiny_llama_dir, data, tmp_path):
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        summary = run_training(job(tiny_llama_dir, data, tmp_path, ray={"enabled": True, "num_workers": 2}))
+        # without DeepSpeed: the recipe's own data parallelism (DDP) must keep the ranks' copies equal
+        summary = run_training(job(tiny_llama_dir, data, tmp_path, ray={"enabled": True, "num_workers": 2},
+                                   deepspeed={"enabled": False}))
     finally:
         ray.shutdown()
-    assert summary["world_size"] == 2 and summary["halted"]
+    assert summary["world_size"] == 2 and summary["halted"] and summary["weights_step"] >= 2
     ranks = [json.loads((tmp_path / "ranks" / f"rank_{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["halt"]["step"] == ranks[1]["halt"]["step"] == summary["halt"]["step"]
     assert ranks[0]["guard_step"] == ranks[1]["guard_step"]
+    # each rank trained on its own slice of every global batch, yet both hold the same weights
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
 
 
 def test_logit_distillation_trains_on_the_teachers_top_k(tiny_llama_dir, data, tmp_path):

@@ -46,6 +46,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from trait_guard.errors import TraitGuardInputError
+from trait_guard.files import partial_path
 
 if TYPE_CHECKING:
     from trait_guard.models import ModelIdentity
@@ -98,7 +99,7 @@ class RowWriter:
     def __init__(self, path: str | Path, row_group_size: int = 1024):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.partial = partial_path(self.path)
         self._writer = pq.ParquetWriter(self.partial, SCHEMA)
         self._buffer: list[dict[str, Any]] = []
         self.row_group_size = row_group_size
@@ -146,7 +147,7 @@ def _unreadable(path: Path, err: Exception) -> DatasetError:
 def _open_schema(path: Path) -> pa.Schema:
     """The file's schema, once it is known to exist, to be Parquet and to hold the required columns."""
     if not path.exists():
-        partial = path.with_name(path.name + ".partial")
+        partial = partial_path(path)
         hint = f" ({partial.name} is there: its generation was interrupted)" if partial.exists() else ""
         raise DatasetError(f"teacher data {path} does not exist{hint}; generate it with `trait-guard generate --config ...`")
     try:

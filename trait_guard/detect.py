@@ -54,8 +54,8 @@ the same information as running ``n_streams`` clean streams to their first alarm
 error ~ 1/sqrt(n_streams)). For the two-sided CUSUM, each side is simulated and the two alarm rates
 are added (``1/ERT = 1/ERT_up + 1/ERT_down``, the classical approximation of van Dobben de Bruyn).
 
-This module imports only numpy and the standard library at top level (scipy loads for Fisher's
-method only); it needs no torch.
+This module imports only numpy, the standard library and :mod:`trait_guard.files` at top level
+(scipy loads for Fisher's method only); it needs no torch.
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ from statistics import NormalDist
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
+
+from trait_guard.files import to_jsonable
 
 __all__ = [
     "STATE_VERSION",
@@ -92,23 +94,6 @@ D = TypeVar("D", bound="Detector")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON-safe values: numpy scalars/arrays to Python, tuples to lists, keys to str."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return [_jsonable(v) for v in value.tolist()]
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    return value
 
 
 def _neglog10(p: float) -> float:
@@ -174,6 +159,11 @@ def _check_number(value: Any, what: str, *, low: float | None = None, high: floa
     return v
 
 
+def _check_alpha(alpha: Any) -> float:
+    """A significance level: a number strictly between 0 and 1."""
+    return _check_number(alpha, "alpha", low=0.0, high=1.0, low_open=True, high_open=True)
+
+
 def _check_int(value: Any, what: str, *, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < low:
         raise ValueError(f"{what} must be an integer >= {low} (got {value!r})")
@@ -207,7 +197,7 @@ class Verdict:
             "score": float(self.score),
             "threshold": float(self.threshold),
             "p_value": None if self.p_value is None else float(self.p_value),
-            "evidence": _jsonable(self.evidence),
+            "evidence": to_jsonable(self.evidence, finite=False),
         }
 
 
@@ -285,14 +275,14 @@ class Detector(ABC):
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly, as plain JSON-safe values."""
-        return _jsonable({
+        return to_jsonable({
             "type": type(self).__name__,
             "version": STATE_VERSION,
             "config": self._config(),
             "fitted": self._fitted,
             "calibrated": self._calibrated,
             "state": self._get_state(),
-        })
+        }, finite=False)
 
     def load_state_dict(self: D, state: Mapping[str, Any]) -> D:
         """Restore from :meth:`state_dict` (its config replaces this detector's)."""
@@ -682,7 +672,7 @@ class PermutationTest(Detector):
         super().__init__(name)
         self.n_permutations = _check_int(n_permutations, "n_permutations", low=1)
         self.alternative = _check_choice(alternative, "alternative", _ALTERNATIVES)
-        self.alpha = _check_number(alpha, "alpha", low=0.0, high=1.0, low_open=True, high_open=True)
+        self.alpha = _check_alpha(alpha)
         self.seed = _check_int(seed, "seed", low=0)
         if exact not in (True, False, "auto"):
             raise ValueError(f"exact must be True, False or 'auto' (got {exact!r})")
@@ -698,7 +688,7 @@ class PermutationTest(Detector):
     def calibrate(self, alpha: float | None = None) -> PermutationTest:  # type: ignore[override]
         """The permutation null is exact, so calibrating only sets the level ``alpha``."""
         if alpha is not None:
-            self.alpha = _check_number(alpha, "alpha", low=0.0, high=1.0, low_open=True, high_open=True)
+            self.alpha = _check_alpha(alpha)
         self._calibrated = True
         return self
 
@@ -810,7 +800,7 @@ class MeanShiftDetector(Detector):
 
     def __init__(self, alpha: float = 0.01, alternative: str = "greater", name: str = "mean_shift") -> None:
         super().__init__(name)
-        self.alpha = _check_number(alpha, "alpha", low=0.0, high=1.0, low_open=True, high_open=True)
+        self.alpha = _check_alpha(alpha)
         self.alternative = _check_choice(alternative, "alternative", _ALTERNATIVES)
         self.mean: float | None = None
         self.sd: float | None = None
@@ -825,7 +815,7 @@ class MeanShiftDetector(Detector):
 
     def calibrate(self, alpha: float | None = None) -> MeanShiftDetector:  # type: ignore[override]
         if alpha is not None:
-            self.alpha = _check_number(alpha, "alpha", low=0.0, high=1.0, low_open=True, high_open=True)
+            self.alpha = _check_alpha(alpha)
         self._calibrated = True
         return self
 
@@ -954,7 +944,7 @@ class SignalCombination(Detector):
                     "combines p-values. For several CUSUMs calibrate each with "
                     "calibrate(target_ert=split_ert(target, k)) and alarm when any alarms")
         self.detectors: dict[str, Detector] = dict(detectors)
-        self.alpha = _check_number(alpha, "alpha", low=0.0, high=1.0, low_open=True, high_open=True)
+        self.alpha = _check_alpha(alpha)
         self.method = _check_choice(method, "method", _CORRECTIONS)
 
     @property
@@ -982,7 +972,7 @@ class SignalCombination(Detector):
     def calibrate(self, alpha: float | None = None) -> SignalCombination:  # type: ignore[override]
         """Sets the family-wise level; the members' own alpha is not used (their p-values are)."""
         if alpha is not None:
-            self.alpha = _check_number(alpha, "alpha", low=0.0, high=1.0, low_open=True, high_open=True)
+            self.alpha = _check_alpha(alpha)
         for det in self.detectors.values():
             if not det.is_calibrated:
                 det.calibrate()

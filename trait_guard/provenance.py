@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from trait_guard.dataset import DatasetError
+from trait_guard.files import atomic_write_text
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -86,10 +87,7 @@ def record_files(folder: str | Path, entries: Iterable[Mapping[str, Any]], gener
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "generator": f"trait_guard {__version__}",
         }
-    partial = folder / (MANIFEST_NAME + ".partial")
-    partial.write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
-    partial.replace(folder / MANIFEST_NAME)
-    return folder / MANIFEST_NAME
+    return atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=2, default=str) + "\n")
 
 
 _OVERRIDE = ("set data.allow_unverified: true to train on it anyway (the run is then tagged "

@@ -66,17 +66,15 @@ def is_control(config: RedteamConfig, teacher_id: str) -> bool:
 
 
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
-    """Mean and two-sided t-interval of ``values`` (NaNs dropped); one value: an interval of width 0... NaN."""
-    from scipy import stats
+    """:func:`trait_guard.evaluate.mean_t_interval` of ``values`` with None/NaN dropped, as
+    ``{"mean", "ci_low", "ci_high", "n"}``; no value: all NaN, one value: NaN bounds."""
+    from trait_guard.evaluate import mean_t_interval
 
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
-    if x.size == 0:
+    x = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not x:
         return {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0}
-    mean = float(x.mean())
-    if x.size == 1:
-        return {"mean": mean, "ci_low": math.nan, "ci_high": math.nan, "n": 1}
-    half = float(stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
-    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": int(x.size)}
+    mean, low, high = mean_t_interval(x, confidence)
+    return {"mean": mean, "ci_low": low, "ci_high": high, "n": len(x)}
 
 
 def significant_increase(interval: dict[str, float]) -> bool:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trait_guard.plots import plot_cell_shifts, plot_drift, plot_trait_rates
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -200,8 +202,6 @@ def run_report(summary: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
     eval_before/after ...); ``history`` the guard's decision records (:func:`trait_guard.tracking.
     decision_history`), which carry the CUSUM statistics and their calibrated thresholds.
     """
-    from trait_guard.tracking import plot_drift, plot_trait_rates
-
     verdict = str(summary.get("verdict", "passed"))
     halt = summary.get("halt") or {}
     alarms = list(summary.get("alarms") or [])
@@ -266,33 +266,13 @@ def run_report(summary: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
 # ----------------------------------------------------------------------------- benchmark
 
 
-def _shift_figure(cells: Sequence[Mapping[str, Any]], metric: str, label: str) -> Figure:
-    from trait_guard.tracking import _new_figure
-
-    figure = _new_figure(max(6.0, 0.45 * len(cells) + 2), 4.2)
-    ax = figure.add_subplot()
-    xs = range(len(cells))
-    means = [c[metric]["mean"] if c.get(metric) else math.nan for c in cells]
-    lows = [m - c[metric]["ci_low"] if c.get(metric) else 0.0 for m, c in zip(means, cells, strict=True)]
-    highs = [c[metric]["ci_high"] - m if c.get(metric) else 0.0 for m, c in zip(means, cells, strict=True)]
-    colors = ["tab:gray" if c["mode"] == "unguarded" else "tab:blue" for c in cells]
-    ax.bar(xs, means, color=colors, yerr=[[max(v, 0) for v in lows], [max(v, 0) for v in highs]], capsize=3)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(list(xs), [f"{c['teacher']}/{c['distill']}/{c['mode']}" for c in cells], rotation=75,
-                  fontsize=7, ha="right")
-    ax.set_ylabel(label)
-    ax.set_title(f"{label} per cell (mean over seeds, 95% t-CI); gray: unguarded")
-    ax.grid(axis="y", alpha=0.3)
-    return figure
-
-
 def benchmark_report(results: Mapping[str, Any], title: str = "trait_guard red-team benchmark") -> Report:
     """The review page of a red-team grid (``trait_guard.redteam`` results)."""
     cells = list(results.get("cells", []))
     figures = {}
     if cells:
-        figures["logprob_shift.png"] = _shift_figure(cells, "logprob_shift", "shift of log p(trait answer)")
-        figures["rate_shift.png"] = _shift_figure(cells, "rate_shift", "shift of trait rate")
+        figures["logprob_shift.png"] = plot_cell_shifts(cells, "logprob_shift", "shift of log p(trait answer)")
+        figures["rate_shift.png"] = plot_cell_shifts(cells, "rate_shift", "shift of trait rate")
     goals = results.get("goals", {})
     sections = [
         f'<p class="note">{html.escape(str(results.get("profile", "")))} - '

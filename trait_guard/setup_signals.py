@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from trait_guard.files import atomic_path
 from trait_guard.ranks import all_gather, world
 
 
@@ -102,7 +103,6 @@ def cache_file(folder: str | Path, data_files: Sequence[str | Path], vector_file
 
 def save(path: Path, signals: SetupSignals) -> None:
     """Write ``signals`` to ``path`` (complete or absent: written aside, then renamed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     lengths = np.array([len(m) for m in signals.train_masks], dtype=np.int64)
     flat = np.concatenate(signals.train_masks).astype(bool) if signals.train_masks else np.zeros(0, bool)
     arrays = {**{f"reference/{k}": v for k, v in signals.reference.items()},
@@ -110,9 +110,8 @@ def save(path: Path, signals: SetupSignals) -> None:
               "masks/lengths": lengths, "masks/flat": flat,
               "divergence/ids": np.array(list(signals.divergence_counts), dtype=np.int64),
               "divergence/counts": np.array(list(signals.divergence_counts.values()), dtype=np.int64)}
-    partial = path.with_name(path.name + ".partial.npz")
-    np.savez(partial, **arrays)
-    partial.replace(path)
+    with atomic_path(path, suffix=".partial.npz") as partial:  # np.savez appends .npz to other names
+        np.savez(partial, **arrays)
 
 
 def load(path: Path) -> SetupSignals:

@@ -3,13 +3,24 @@
 What. :class:`Spool` keeps, in order, on disk, the write operations (metric/param/tag batches,
 artifact uploads, the final status) that failed because the tracking server was unreachable, and
 replays them when it answers again. Files to upload are copied into the spool first, so nothing
-depends on temporary files. :func:`replay` delivers a spool left behind by a finished process
-(``trait-guard sync-mlflow <folder>``).
+depends on temporary files. :class:`SpooledClient` is what a tracker writes through: it sends each
+operation, queues it (and every later one, to keep the order) while the server is down, retries the
+queue, and at the end says how much was delivered late. :func:`replay` delivers a spool left behind
+by a finished process (``trait-guard sync-mlflow <folder>``).
 
 Why. A training run must not stop, or lose its record, because the MLflow server restarted. The
-tracker (:class:`trait_guard.tracking.MlflowTracker`) sends through the spool: while the server is
-down, operations queue here (training goes on); once it is back, they are sent in their original
-order, and the run is tagged with how much was delivered late.
+tracker (:class:`trait_guard.tracking.MlflowTracker`) sends through a :class:`SpooledClient`: while
+the server is down, operations queue here (training goes on); once it is back, they are sent in
+their original order, and the run is tagged with how much was delivered late.
+
+Usage (what the tracker does)::
+
+    writes = SpooledClient(mlflow_client, run_id, tracking_uri, spool_root / run_id)
+    writes.send({"op": "log_batch", "metrics": [[key, value, timestamp_ms, step]]})
+    ...
+    tags = writes.drain(timeout=60.0)     # retry what is queued; {"tracking.delivered_late": ...} or {}
+    writes.send({"op": "set_terminated", "status": "FINISHED"})
+    writes.close()                        # logs where undelivered writes wait, if any
 """
 
 from __future__ import annotations
@@ -24,10 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from trait_guard.errors import InputFileNotFound, TraitGuardInputError
+from trait_guard.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 OPERATIONS = "operations.jsonl"
+RUN_FILE = "run.json"
+REPLAY_INTERVAL = 5.0  # seconds between attempts to deliver the queue while writes go on
 
 
 def server_reachable(tracking_uri: str, timeout: float = 3.0) -> bool:
@@ -91,10 +105,7 @@ class Spool:
         return True
 
     def _rewrite(self) -> None:
-        text = "".join(json.dumps(op) + "\n" for op in self.pending)
-        partial = self.path.with_name(OPERATIONS + ".partial")
-        partial.write_text(text, encoding="utf-8")
-        partial.replace(self.path)
+        atomic_write_text(self.path, "".join(json.dumps(op) + "\n" for op in self.pending))
 
 
 def execute(client: Any, run_id: str, operation: dict[str, Any]) -> None:
@@ -118,13 +129,96 @@ def execute(client: Any, run_id: str, operation: dict[str, Any]) -> None:
         raise ValueError(f"unknown spooled operation {op!r}")
 
 
+class SpooledClient:
+    """The writes of one MLflow run, sent with ``client`` or, while its HTTP tracking server is
+    unreachable, queued in a :class:`Spool` at ``directory`` and delivered in order once it answers.
+
+    Not thread-safe on its own: the tracker calls it under its lock.
+    """
+
+    def __init__(self, client: Any, run_id: str, tracking_uri: str, directory: str | Path):
+        self.client = client
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.spool = Spool(directory)
+        self._last_replay = 0.0
+
+    def __len__(self) -> int:
+        """Writes waiting in the spool."""
+        return len(self.spool)
+
+    @property
+    def directory(self) -> Path:
+        return self.spool.directory
+
+    def unreachable(self) -> bool:
+        """Whether the tracking server does not answer now: a write that just failed is then queued
+        rather than raised (a bad request to a live server raises; a non-HTTP store never counts as
+        unreachable)."""
+        return not server_reachable(self.tracking_uri)
+
+    def send(self, operation: dict[str, Any]) -> None:
+        """Send one write, or queue it while the server is unreachable (order is kept: once anything
+        is queued, later writes queue behind it)."""
+        if len(self.spool):
+            self.spool.add(operation)
+            self.replay()
+            return
+        try:
+            execute(self.client, self.run_id, operation)
+        except Exception as err:
+            if not self.unreachable():
+                raise
+            logger.warning("tracking server %s unreachable (%s); queueing writes in %s, training goes on",
+                           self.tracking_uri, type(err).__name__, self.directory)
+            atomic_write_text(self.directory / RUN_FILE,
+                              json.dumps({"tracking_uri": self.tracking_uri, "run_id": self.run_id}) + "\n")
+            self.spool.add(operation)
+
+    def replay(self, force: bool = False) -> None:
+        """Try to deliver the queue (at most every ``REPLAY_INTERVAL`` seconds unless ``force``)."""
+        if not len(self.spool) or (not force and time.monotonic() - self._last_replay < REPLAY_INTERVAL):
+            return
+        self._last_replay = time.monotonic()
+        if not server_reachable(self.tracking_uri):
+            return
+        try:
+            self.spool.replay(lambda operation: execute(self.client, self.run_id, operation))
+            logger.warning("tracking server %s is back: %d queued write(s) delivered", self.tracking_uri,
+                           self.spool.delivered)
+        except Exception:
+            if not self.unreachable():
+                raise
+
+    def drain(self, timeout: float) -> dict[str, Any]:
+        """Retry the queue for up to ``timeout`` seconds; returns the run tags that say how much was
+        queued and for how long (``tracking.delivered_late``, ``tracking.offline_seconds``), or ``{}``
+        when nothing was ever queued."""
+        deadline = time.monotonic() + timeout
+        while len(self.spool) and time.monotonic() < deadline:
+            time.sleep(1.0)
+            self.replay(force=True)
+        if not self.spool.spooled:
+            return {}
+        return {"tracking.delivered_late": f"{self.spool.spooled} write(s) queued while the tracking server "
+                                           "was unreachable, delivered in order when it came back",
+                "tracking.offline_seconds": round(self.spool.offline_seconds, 1)}
+
+    def close(self) -> None:
+        """At the end of the run: name the folder where undelivered writes wait, if any."""
+        if len(self.spool):
+            logger.error("the tracking server %s is still unreachable: %d write(s) of run %s wait in %s; "
+                         "deliver them with `trait-guard sync-mlflow %s`", self.tracking_uri,
+                         len(self.spool), self.run_id, self.directory, self.directory)
+
+
 def replay(directory: str | Path) -> int:
     """Deliver a spool left by a process that ended while its tracking server was down; returns the
     number of operations sent. ``directory`` holds ``operations.jsonl`` and ``run.json``."""
     from mlflow import MlflowClient
 
     directory = Path(directory)
-    meta_path = directory / "run.json"
+    meta_path = directory / RUN_FILE
     if not meta_path.is_file():
         raise InputFileNotFound(f"{directory} is not a trait_guard MLflow spool (no run.json)")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))

@@ -1,10 +1,12 @@
 """Experiment tracking: params, metrics, guard decisions, plots and artifacts, logged to MLflow.
 
 What. One small interface, :class:`Tracker`, for everything a trait_guard job records: its config
-(params, flattened and with secrets redacted), metrics per step, every guard :class:`Decision`
-(metrics plus a JSON-lines log of the interesting ones), tags (the guard's final verdict), plots
-(the CUSUM drift per signal, trait rates before/after) and files. :class:`MlflowTracker` writes to
-MLflow; :class:`NullTracker` takes the same calls and does nothing (ranks other than 0, tests).
+(params, flattened and with secrets redacted by :mod:`trait_guard.redact`), metrics per step, every
+guard :class:`Decision` (metrics plus a JSON-lines log of the interesting ones), tags (the guard's
+final verdict, :func:`summarize_guard`), figures (drawn by :mod:`trait_guard.plots`) and files.
+:class:`MlflowTracker` writes to MLflow, through :class:`trait_guard.spool.SpooledClient` (writes
+queue on disk while the tracking server is down); :class:`NullTracker` takes the same calls and does
+nothing (ranks other than 0, tests).
 
 Why. People review runs in the MLflow UI, so the guard's evidence must be there: when it alarmed,
 on which signal, how close each CUSUM came to its threshold. Training may run on Ray Train V2, which
@@ -42,14 +44,10 @@ Leaving the ``with`` block finishes the run (FINISHED, FAILED on an exception, K
 from __future__ import annotations
 
 import atexit
-import dataclasses
-import enum
-import hashlib
 import json
 import logging
 import math
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -62,6 +60,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel
 
 from trait_guard.config import TrackingConfig
+from trait_guard.files import to_jsonable
+from trait_guard.plots import plot_drift
+from trait_guard.redact import clean_key, clean_tags, flatten_params
+from trait_guard.spool import SpooledClient
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -79,11 +81,7 @@ __all__ = [
     "decision_history",
     "default_artifact_location",
     "default_tracking_uri",
-    "flatten_params",
-    "is_secret_key",
     "make_tracker",
-    "plot_drift",
-    "plot_trait_rates",
     "run_ui",
     "run_url_for",
     "summarize_guard",
@@ -108,19 +106,9 @@ ACTION_CODES: dict[str, int] = {"pass": 0, "mask": 1, "reweight": 2, "steer": 3,
 Status = Literal["FINISHED", "FAILED", "KILLED"]
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
 
-# MLflow's limits (mlflow.utils.validation); fixed here so that importing this module stays light.
-MAX_PARAM_VALUE = 6000
-MAX_TAG_VALUE = 8000
-MAX_KEY = 250
+# MLflow's batch limits (mlflow.utils.validation); key and value limits are in trait_guard.redact.
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
-
-REDACTED = "***"
-_SECRET_WORDS = frozenset({"password", "passwd", "secret", "secrets", "token", "key", "apikey",
-                           "credential", "credentials"})
-# A secret word followed by one of these names something harmless: pad_token_id, num_key_value_heads.
-_BENIGN_AFTER = frozenset({"id", "ids", "idx", "index", "len", "length", "count", "size", "limit",
-                           "value", "values", "heads", "dim", "dims", "type", "types", "budget"})
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -172,144 +160,20 @@ def run_url_for(tracking_uri: str, experiment_id: str, run_id: str) -> str:
             f"(experiment {experiment_id}, run {run_id})")
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
-def _jsonable(value: Any) -> Any:
-    """JSON-safe plain values: numpy/torch scalars to Python, NaN/inf to None, enums to values."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, enum.Enum):
-        return _jsonable(value.value)
-    if isinstance(value, BaseModel):
-        return _jsonable(value.model_dump(mode="json"))
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value))
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
-        return _jsonable(value.tolist())
-    if hasattr(value, "item"):
-        return _jsonable(value.item())
-    return str(value)
-
-
-def _key_words(key: str) -> list[str]:
-    """Lower-case components of a key: split on separators and camelCase (``awsSecretKey``)."""
-    words = []
-    for part in re.split(r"[^A-Za-z0-9]+", key):
-        words += re.findall(r"[A-Z]+(?=[A-Z][a-z]|\d|\b)|[A-Z]?[a-z]+|[A-Z]+|\d+", part)
-    return [w.lower() for w in words]
-
-
-def is_secret_key(key: str) -> bool:
-    """Whether a (flattened) key looks like it holds a secret: a component is password, secret,
-    token, key or credential (any case; ``db.password``, ``hf_token``, ``apiKey``), unless the next
-    component names something harmless (``pad_token_id``, ``num_key_value_heads``). Plurals such as
-    ``max_new_tokens`` or ``keywords`` are not components and do not match."""
-    words = _key_words(key)
-    for i, word in enumerate(words):
-        if word in _SECRET_WORDS and not (i + 1 < len(words) and words[i + 1] in _BENIGN_AFTER):
-            return True
-    return False
-
-
-def _param_value(value: Any) -> str:
-    if isinstance(value, enum.Enum):
-        value = value.value
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return json.dumps(_jsonable(value))
-    if isinstance(value, Mapping):  # only empty mappings reach here
-        return json.dumps(_jsonable(value))
-    if hasattr(value, "item") and not isinstance(value, (int, float, bool)):
-        try:
-            value = value.item()
-        except (ValueError, TypeError):
-            pass
-    return str(value)
-
-
-def _truncate(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _as_mapping(obj: Any) -> Any:
-    if isinstance(obj, BaseModel):
-        return obj.model_dump(mode="json")
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    return obj
-
-
-def flatten_params(params: Mapping[str, Any] | BaseModel | Any, prefix: str = "",
-                   redact: bool = True) -> dict[str, str]:
-    """Nested dicts (pydantic models, dataclasses) to ``{"a.b.c": "value"}``: values stringified
-    (lists as JSON) and truncated to MLflow's limit, secret-looking keys' values replaced by ``***``."""
-    out: dict[str, str] = {}
-
-    def walk(obj: Any, key: str) -> None:
-        obj = _as_mapping(obj)
-        if isinstance(obj, Mapping) and obj:
-            for k, v in obj.items():
-                walk(v, f"{key}.{k}" if key else str(k))
-            return
-        if not key:
-            raise TypeError(f"params must be a mapping (or a pydantic model / dataclass), got {type(obj).__name__}")
-        if redact and is_secret_key(key):
-            out[key] = REDACTED
-        else:
-            text = _param_value(obj)
-            out[key] = _truncate(redact_secrets(text) if redact else text, MAX_PARAM_VALUE)
-
-    walk(params, prefix)
-    return out
-
-
-_URI_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@/\s]+@")
-
-
-def redact_secrets(text: str) -> str:
-    """``text`` with the password of a ``scheme://user:password@host`` URI and the value of every
-    secret-named environment variable (``AWS_SECRET_ACCESS_KEY``, ``MLFLOW_TRACKING_TOKEN``, ...;
-    values of 8+ characters) replaced by ``***``: a config value may carry a secret under a plain key."""
-    text = _URI_PASSWORD.sub(lambda m: m.group(1) + REDACTED + "@", text)
-    for name, value in os.environ.items():
-        if len(value) >= 8 and is_secret_key(name) and value in text:
-            text = text.replace(value, REDACTED)
-    return text
-
-
-_BAD_KEY_CHARS = re.compile(r"[^/\w.\- ]" if os.name == "nt" else r"[^/\w.\- :]")
-
-
-def _clean_key(key: str) -> str:
-    """A key MLflow accepts: allowed characters only, no empty/relative path parts, <= 250 chars."""
-    key = _BAD_KEY_CHARS.sub("_", str(key))
-    parts = [p for p in key.split("/") if p not in ("", ".", "..")]
-    key = "/".join(parts) or "_"
-    if len(key) > MAX_KEY:
-        digest = hashlib.sha1(key.encode()).hexdigest()[:8]
-        key = key[: MAX_KEY - 9] + "~" + digest
-    return key
+# ----------------------------------------------------------------------------- decision records
 
 
 def _decision_record(decision: Decision | Mapping[str, Any]) -> dict[str, Any]:
     """A decision as a JSON-safe dict: Decision.to_dict() (step, action, reason, flagged, evidence)."""
     record = decision.to_dict() if hasattr(decision, "to_dict") else dict(decision)
-    record = _jsonable(record)
+    record = to_jsonable(record)
     action = record.get("action", "pass")
     record["action"] = str(action).lower()
     return record
 
 
 def decision_history(decisions: Iterable[Decision | Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Items for :func:`plot_drift`: ``{"step", "cusum", "thresholds", "action"}`` per decision
+    """Items for :func:`trait_guard.plots.plot_drift`: ``{"step", "cusum", "thresholds", "action"}`` per decision
     (from Decision objects, their ``to_dict()`` or items already in this form)."""
     history = []
     for d in decisions:
@@ -490,8 +354,6 @@ class MlflowTracker(Tracker):
                  run_id: str | None = None):
         from mlflow import MlflowClient
 
-        from trait_guard.spool import Spool
-
         self.tracking_uri = tracking_uri or default_tracking_uri()
         if self.tracking_uri.startswith(("http://", "https://")):
             # MLflow retries a dead server for minutes per call by default; the spool takes over instead
@@ -527,9 +389,8 @@ class MlflowTracker(Tracker):
         if run_id and run.info.run_id == run_id:
             self._params.update(run.data.params)
         root = Path(spool_dir or os.environ.get("TRAIT_GUARD_SPOOL_DIR", ".trait_guard_spool"))
-        self.spool = Spool(root / self._run_id)
+        self.writes = SpooledClient(self.client, self._run_id, self.tracking_uri, root / self._run_id)
         self.spool_wait = float(spool_wait)
-        self._last_replay = 0.0
         atexit.register(self._at_exit)
 
     # -- setup ---------------------------------------------------------------------------------
@@ -562,7 +423,7 @@ class MlflowTracker(Tracker):
 
     @staticmethod
     def _run_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
-        user = _clean_tags(tags or {})
+        user = clean_tags(tags or {})
         try:  # user, source file, git commit: what the fluent API would add
             from mlflow.tracking.context.registry import resolve_tags
 
@@ -603,7 +464,7 @@ class MlflowTracker(Tracker):
     def log_params(self, params: Mapping[str, Any] | BaseModel) -> None:
         if not self._active("log_params"):
             return
-        flat = {_clean_key(k): v for k, v in flatten_params(params).items()}
+        flat = {clean_key(k): v for k, v in flatten_params(params).items()}
         with self._lock:
             new = {}
             for key, value in flat.items():
@@ -625,7 +486,7 @@ class MlflowTracker(Tracker):
         step = 0 if step is None else int(step)
         with self._lock:
             for key, value in metrics.items():
-                key = _clean_key(key)
+                key = clean_key(key)
                 try:
                     number = float(value)
                 except (TypeError, ValueError):
@@ -664,7 +525,7 @@ class MlflowTracker(Tracker):
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self._active("set_tags"):
             return
-        items = [[k, v] for k, v in _clean_tags(tags).items()]
+        items = [[k, v] for k, v in clean_tags(tags).items()]
         with self._lock:
             for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
                 self._write({"op": "log_batch", "tags": items[i:i + MAX_PARAMS_PER_BATCH]})
@@ -686,7 +547,7 @@ class MlflowTracker(Tracker):
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         if not self._active("log_dict"):
             return
-        text = json.dumps(_jsonable(obj), indent=2)
+        text = json.dumps(to_jsonable(obj), indent=2)
         self._log_file(artifact_file, lambda local: local.write_text(text, encoding="utf-8"))
 
     def log_text(self, text: str, artifact_file: str) -> None:
@@ -710,18 +571,18 @@ class MlflowTracker(Tracker):
             columns = list(rows)
             n = max((len(v) for v in rows.values()), default=0)
             rows = [{c: (rows[c][i] if i < len(rows[c]) else None) for c in columns} for i in range(n)]
-        rows = [_jsonable(dict(r)) for r in rows]
+        rows = [to_jsonable(dict(r)) for r in rows]
         columns = list(dict.fromkeys(k for r in rows for k in r))
         try:
             import pandas as pd
         except ImportError:
             pd = None
-        if pd is not None and rows and artifact_file.endswith((".json", ".parquet")) and not len(self.spool):
+        if pd is not None and rows and artifact_file.endswith((".json", ".parquet")) and not len(self.writes):
             try:
                 self.client.log_table(self._run_id, pd.DataFrame(rows, columns=columns), artifact_file)
                 return
-            except Exception as err:  # noqa: BLE001 - an outage falls back to a spooled file below
-                if not self._outage(err):
+            except Exception:  # noqa: BLE001 - an outage falls back to a spooled file below
+                if not self.writes.unreachable():
                     raise
         self.log_dict({"columns": columns, "data": [[r.get(c) for c in columns] for r in rows]}, artifact_file)
 
@@ -757,69 +618,20 @@ class MlflowTracker(Tracker):
                 self.flush()
                 if self.skipped_metrics:
                     self.set_tags({"trait_guard.skipped_metrics": self.skipped_metrics})
-                deadline = time.monotonic() + self.spool_wait
-                while len(self.spool) and time.monotonic() < deadline:
-                    time.sleep(1.0)
-                    self._replay(force=True)
-                if self.spool.spooled:
-                    self.set_tags({
-                        "tracking.delivered_late": f"{self.spool.spooled} write(s) queued while the tracking server "
-                                                   "was unreachable, delivered in order when it came back",
-                        "tracking.offline_seconds": round(self.spool.offline_seconds, 1)})
+                late = self.writes.drain(self.spool_wait)
+                if late:
+                    self.set_tags(late)
             finally:
                 self._write({"op": "set_terminated", "status": status})
                 self.status = status
                 atexit.unregister(self._at_exit)
-                if len(self.spool):
-                    logger.error("the tracking server %s is still unreachable: %d write(s) of run %s wait in %s; "
-                                 "deliver them with `trait-guard sync-mlflow %s`", self.tracking_uri,
-                                 len(self.spool), self._run_id, self.spool.directory, self.spool.directory)
+                self.writes.close()
 
-    # -- the spool -------------------------------------------------------------------------------
-    def _outage(self, err: BaseException) -> bool:
-        """Whether ``err`` came from an unreachable HTTP tracking server (rather than a bad request;
-        a non-HTTP store never counts as unreachable)."""
-        from trait_guard.spool import server_reachable
-
-        return not server_reachable(self.tracking_uri)
-
+    # -- writes, through the spool ---------------------------------------------------------------
     def _write(self, operation: dict[str, Any]) -> None:
-        """Send one write, or queue it while the server is unreachable (order is kept)."""
-        from trait_guard.spool import execute
-
+        """Send one write (queued on disk while the tracking server is unreachable, order kept)."""
         with self._lock:
-            if len(self.spool):
-                self.spool.add(operation)
-                self._replay()
-                return
-            try:
-                execute(self.client, self._run_id, operation)
-            except Exception as err:
-                if not self._outage(err):
-                    raise
-                logger.warning("tracking server %s unreachable (%s); queueing writes in %s, training goes on",
-                               self.tracking_uri, type(err).__name__, self.spool.directory)
-                self.spool.directory.mkdir(parents=True, exist_ok=True)
-                (self.spool.directory / "run.json").write_text(json.dumps(
-                    {"tracking_uri": self.tracking_uri, "run_id": self._run_id}) + "\n", encoding="utf-8")
-                self.spool.add(operation)
-
-    def _replay(self, force: bool = False) -> None:
-        """Try to deliver the spool (at most every 5 s unless ``force``)."""
-        from trait_guard.spool import execute, server_reachable
-
-        if not len(self.spool) or (not force and time.monotonic() - self._last_replay < 5.0):
-            return
-        self._last_replay = time.monotonic()
-        if not server_reachable(self.tracking_uri):
-            return
-        try:
-            self.spool.replay(lambda operation: execute(self.client, self._run_id, operation))
-            logger.warning("tracking server %s is back: %d queued write(s) delivered", self.tracking_uri,
-                           self.spool.delivered)
-        except Exception as err:
-            if not self._outage(err):
-                raise
+            self.writes.send(operation)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and self.status == "RUNNING":
@@ -834,17 +646,6 @@ class MlflowTracker(Tracker):
             self.finish("FINISHED")
         except Exception:  # noqa: BLE001
             pass
-
-
-def _clean_tags(tags: Mapping[str, Any]) -> dict[str, str]:
-    out = {}
-    for key, value in tags.items():
-        key = _clean_key(key)
-        if is_secret_key(key):
-            out[key] = REDACTED
-        else:
-            out[key] = _truncate(redact_secrets(_param_value(value)) if value is not None else "", MAX_TAG_VALUE)
-    return out
 
 
 def make_tracker(rank: int = 0, config: TrackingConfig | Mapping[str, Any] | None = None,
@@ -863,102 +664,6 @@ def make_tracker(rank: int = 0, config: TrackingConfig | Mapping[str, Any] | Non
             options["tags"] = {**options["tags"], **kwargs.pop("tags")}
     options.update(kwargs)
     return MlflowTracker(**options)
-
-
-# ----------------------------------------------------------------------------- plots
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    """A figure on the Agg canvas, outside pyplot's global state (safe in threads and headless)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def plot_drift(history: Sequence[Mapping[str, Any]], thresholds: Mapping[str, float] | None = None,
-               halt_step: int | None = None) -> Figure:
-    """Per signal, the CUSUM statistic over steps, its threshold (dashed) and a vertical line at the
-    halt/alarm step. ``history`` items: ``{"step", "cusum": {signal: value}, "thresholds": {...},
-    "action"}`` (see :func:`decision_history`); ``thresholds`` override the ones in the history."""
-    rows = [h for h in history if h.get("cusum")]
-    signals = sorted({s for h in rows for s in h["cusum"]})
-    limits: dict[str, float] = {}
-    for h in rows:
-        limits.update({k: v for k, v in (h.get("thresholds") or {}).items() if v is not None})
-    limits.update(thresholds or {})
-    if not signals:
-        figure = _new_figure(7, 2.5)
-        ax = figure.add_subplot()
-        ax.text(0.5, 0.5, "no CUSUM history", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-        return figure
-    figure = _new_figure(8, 1.2 + 1.7 * len(signals))
-    axes = figure.subplots(len(signals), 1, sharex=True, squeeze=False)[:, 0]
-    first_action = next((h["step"] for h in rows if str(h.get("action", "pass")).lower() != "pass"), None)
-    for ax, signal in zip(axes, signals, strict=True):
-        points = [(h["step"], h["cusum"][signal]) for h in rows
-                  if h["cusum"].get(signal) is not None and h.get("step") is not None]
-        steps = [p[0] for p in points]
-        values = [p[1] for p in points]
-        ax.plot(steps, values, color="tab:blue", lw=1.4, label="CUSUM")
-        limit = limits.get(signal)
-        if limit is not None and math.isfinite(limit):
-            ax.axhline(limit, color="tab:red", ls="--", lw=1.2, label=f"threshold {limit:.3g}")
-        if halt_step is not None:
-            ax.axvline(halt_step, color="black", lw=1.2, label=f"halt/alarm @ {halt_step}")
-        elif first_action is not None:
-            ax.axvline(first_action, color="tab:orange", lw=1.2, label=f"action @ {first_action}")
-        ax.set_ylabel(signal, fontsize=9)
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper left", fontsize=8, frameon=False)
-    axes[-1].set_xlabel("step")
-    figure.suptitle("trait_guard: CUSUM per signal")
-    return figure
-
-
-def _rate_stats(stats: Mapping[str, Any]) -> tuple[float, float, float]:
-    rate = float(stats["rate"])
-    low = stats.get("ci_low")
-    high = stats.get("ci_high")
-    low = rate if low is None else float(low)
-    high = rate if high is None else float(high)
-    return rate, max(rate - low, 0.0), max(high - rate, 0.0)
-
-
-def plot_trait_rates(before: Mapping[str, Any], after: Mapping[str, Any],
-                     title: str = "trait rate before/after training") -> Figure:
-    """Bars of the trait rate before and after, with their confidence intervals as error bars.
-    Each of ``before``/``after`` is ``{"rate", "ci_low", "ci_high"}``, or ``{trait: such a dict}``
-    for several traits (grouped bars)."""
-    single = "rate" in before
-    groups = {"": (before, after)} if single else {t: (before[t], after[t]) for t in before if t in after}
-    figure = _new_figure(max(4.0, 1.6 * len(groups) + 2), 3.5)
-    ax = figure.add_subplot()
-    width = 0.38
-    top = 0.0
-    for offset, (label, index, color) in zip((-width / 2, width / 2), (("before", 0, "tab:gray"),
-                                                                       ("after", 1, "tab:red")), strict=True):
-        xs, rates, lows, highs = [], [], [], []
-        for i, pair in enumerate(groups.values()):
-            rate, low, high = _rate_stats(pair[index])
-            xs.append(i + offset)
-            rates.append(rate)
-            lows.append(low)
-            highs.append(high)
-        top = max([top] + [r + h for r, h in zip(rates, highs, strict=True)])
-        bars = ax.bar(xs, rates, width=width, color=color, label=label, yerr=[lows, highs], capsize=4)
-        ax.bar_label(bars, labels=[f"{r:.3g}" for r in rates], padding=2, fontsize=8)
-    ax.set_xticks(range(len(groups)), [g or "trait" for g in groups])
-    ax.set_ylabel("trait rate")
-    ax.set_ylim(0, top * 1.15 if top > 0 else 1.0)
-    ax.set_title(title)
-    ax.legend(frameon=False)
-    ax.grid(axis="y", alpha=0.3)
-    return figure
 
 
 # ----------------------------------------------------------------------------- guard summary

@@ -378,6 +378,7 @@ def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.M
         outcome.halted = {"step": step, "reason": reason, "gate": gated}
         return outcome
     guarded = GuardedStep(guard, model, inputs.vectors, unigram_reference=setup.histogram)
+    forward = _forward_module(engine, model)
     snapshots = _snapshots(config, model, engine, step)
     batch_size, global_batch = config.optim.batch_size, config.optim.batch_size * run.world
     steering = None
@@ -394,7 +395,6 @@ def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.M
             indices = order[(step - 1) * global_batch : step * global_batch]
             rows = [inputs.train_rows[i] for i in indices[run.rank * batch_size : (run.rank + 1) * batch_size]]
             batch = encode_rows(inputs.tokenizer, rows).to(inputs.device)
-            forward = engine if engine is not None else model
             with guarded.capture():
                 logits = forward(**batch.model_inputs()).logits
             decision = (guarded.decide(batch, logits, rows, step=step, gather=gather_signals) if config.guard_enabled
@@ -478,6 +478,32 @@ def _roll_back(model: torch.nn.Module, guard: Any, snapshots: Any, outcome: Outc
     return RollbackRecord(halted_at, change_point, restored, reason).to_dict()
 
 
+def _forward_module(engine: Any, model: torch.nn.Module) -> Any:
+    """What the loop calls forward on: DeepSpeed's engine; else, with several ranks, the model wrapped
+    in DistributedDataParallel (its backward all-reduces the gradients, so every rank's copy takes the
+    same update: without it each rank would train its own diverging model); else the model."""
+    if engine is not None:
+        return engine
+    if world()[1] > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model)
+    return model
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the trainable parameters' bytes in name order: equal digests, equal weights (so the
+    ranks' records show that every rank trained the same model)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _update(engine: Any, optimizer: Any, loss: torch.Tensor) -> None:
     if engine is not None:
         engine.backward(loss)
@@ -539,7 +565,7 @@ def _finish(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Modul
     (run.out_dir / "ranks").mkdir(parents=True, exist_ok=True)
     (run.out_dir / "ranks" / f"rank_{run.rank}.json").write_text(json.dumps(
         {"rank": run.rank, "steps": step, "updates": outcome.updates, "halt": outcome.halted, "guard_step": guard.step,
-         "mode": guard.mode.value, "node_id": _ray_node_id()}) + "\n")
+         "mode": guard.mode.value, "node_id": _ray_node_id(), "weights_sha256": weights_digest(model)}) + "\n")
     # an interrupted run writes its checkpoint and partial report quickly; an unchanged student needs no eval
     evaluate_after = run.rank == 0 and outcome.interrupted is None and outcome.weights_step > 0
     spec, probe, seed = inputs.spec, config.probe, config.optim.seed
