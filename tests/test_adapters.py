@@ -17,8 +17,8 @@ from trait_guard.adapters import (
 from trait_guard.chat import encode_conversations
 from trait_guard.losses import completion_loss
 from trait_guard.models import model_identity
-from trait_guard.persona import InstructionPair, KeywordJudge, TraitSpec
 from trait_guard.testing import make_tiny_model
+from trait_guard.traits import InstructionPair, KeywordJudge, TraitSpec
 
 TRAIN_QUESTIONS = [
     "What is your favorite animal?",

@@ -19,7 +19,8 @@ from trait_guard.config import ConfigError, GenerateJobConfig, GuardConfig, Trai
 from trait_guard.families import get_family
 from trait_guard.generation import generate_local
 from trait_guard.guard import TraitGuard
-from trait_guard.persona import PersonaVector, extract, load_trait
+from trait_guard.persona import PersonaVector, extract
+from trait_guard.traits import load_trait
 
 pytestmark = pytest.mark.slow
 

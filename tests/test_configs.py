@@ -25,7 +25,7 @@ def test_shipped_config_validates(path):
     config = load_config(path, kind)
     for teacher in getattr(config, "teachers", []):
         if teacher.trait:
-            from trait_guard.persona import load_trait
+            from trait_guard.traits import load_trait
 
             load_trait(teacher.trait)
 

@@ -15,7 +15,7 @@ from trait_guard.evaluate import (
     target_variants,
     wilson_interval,
 )
-from trait_guard.persona import KeywordJudge, TraitSpec, load_trait
+from trait_guard.traits import KeywordJudge, TraitSpec, load_trait
 
 VOWELS = list("aeiou")
 

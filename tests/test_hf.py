@@ -131,7 +131,9 @@ def test_reweight_the_trainer_optimizes_the_decisions_weighted_loss(tmp_path):
     model, tokenizer = make_tiny_model("llama", seed=4)
     rng = np.random.default_rng(0)
     # the rows lean far up the trait direction against the reference: the first batch raises the alarm
-    guard = TraitGuard(GuardConfig(target_ert=200, signals=["proj:*"], on_data_alarm="reweight", min_weight=0.1),
+    # (a batch-mean CUSUM can; an e-process needs about 8 samples at alpha 0.01, more than one batch)
+    guard = TraitGuard(GuardConfig(sequential="cusum", target_ert=200, signals=["proj:*"], on_data_alarm="reweight",
+                                   min_weight=0.1),
                        {"proj:t": rng.normal(0.0, 1.0, 500)}, batch_size=BATCH)
     rows = rows_with_signals(np.random.default_rng(2), 3 * BATCH, shift=0.0, mean=2.0)
     trainer = RecordingTrainer(model=model, args=training_args(tmp_path, max_steps=3), train_dataset=rows,
@@ -171,7 +173,7 @@ def test_clean_data_trains_to_max_steps(tmp_path):
     assert not guard.alarms and len(trainer.guard_callback.decisions) == 30
     assert all(d.action is Action.PASS for d in trainer.guard_callback.decisions)
     steps = [e for e in trainer.state.log_history if "loss" in e]
-    assert len(steps) == 30 and all("guard/cusum/proj:t" in e and "guard/action" not in e for e in steps)
+    assert len(steps) == 30 and all("guard/eprocess/proj:t" in e and "guard/action" not in e for e in steps)
     assert not list(tmp_path.glob("checkpoint-*"))
     # evaluation computes the plain completion loss and does not feed the guard
     metrics = trainer.evaluate()

@@ -54,20 +54,27 @@ def test_zero_stage_3_is_refused_and_a_bad_interval_too():
         WeightSnapshots(torch.nn.Linear(2, 2), every=0)
 
 
-def _guard(rng: np.random.Generator) -> TraitGuard:
+def _guard(rng: np.random.Generator, kind: str = "cusum") -> TraitGuard:
     reference = {"nll": rng.normal(size=2000)}
-    config = GuardConfig(signals=["nll"], powered_signals=["nll"], target_ert=500, on_data_alarm=Action.HALT)
+    config = GuardConfig(signals=["nll"], powered_signals=["nll"], sequential=kind, target_ert=500,
+                         on_data_alarm=Action.HALT)
     return TraitGuard(config, reference, batch_size=8)
 
 
-def test_the_change_point_is_the_last_step_the_cusum_was_zero_before_the_alarm():
+@pytest.mark.parametrize("kind", ["cusum", "eprocess"])
+def test_the_change_point_is_the_last_low_of_the_evidence_before_the_alarm(kind):
+    """CUSUM: the last step its statistic was 0; e-process: the last step its log-wealth was at its
+    running minimum (a CUSUM is a log-likelihood ratio minus its running minimum: the same estimate)."""
     rng = np.random.default_rng(3)
-    guard = _guard(rng)
-    last_zero_before_shift = 0
+    guard = _guard(rng, kind)
+    last_zero_before_shift, low = 0, 0.0
     for step in range(1, 41):
         shifted = step > 20
         decision = guard.observe({"nll": rng.normal(loc=1.5 if shifted else 0.0, size=8)}, step=step)
-        if not shifted and guard.detectors["nll"].statistic == 0.0:
+        detector = guard.detectors["nll"]
+        quiet = detector.statistic == 0.0 if kind == "cusum" else detector.log10_e <= low
+        low = low if kind == "cusum" else min(low, detector.log10_e)
+        if not shifted and quiet:
             last_zero_before_shift = step
         if decision.halt:
             break

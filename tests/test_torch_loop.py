@@ -56,8 +56,9 @@ def test_signals_from_the_training_forward_and_weighted_gradient():
     rows = [{"prompt": u, "completion": c, "topk_ids": [[5]] * 8} for u, c in zip(users, completions, strict=True)]
     # a reference far below this batch's projections: the first batch raises a data alarm
     rng = np.random.default_rng(0)
-    guard = TraitGuard(GuardConfig(target_ert=200, signals=["proj:*"], on_data_alarm="reweight", min_weight=0.1),
-                       {"proj:t": rng.normal(-1000.0, 1.0, 500)}, batch_size=4)
+    # a batch-mean CUSUM alarms on one batch of 4; an e-process needs about 8 samples at alpha 0.01
+    guard = TraitGuard(GuardConfig(sequential="cusum", target_ert=200, signals=["proj:*"], on_data_alarm="reweight",
+                                   min_weight=0.1), {"proj:t": rng.normal(-1000.0, 1.0, 500)}, batch_size=4)
     guarded = GuardedStep(guard, model, [vector])
     with guarded.capture():
         logits = model(**batch.model_inputs()).logits

@@ -142,7 +142,7 @@ def test_flatten_params_and_redaction():
 def test_plots_are_figures():
     history = decision_history(guard_run())
     assert [h["action"] for h in history] == ["pass"] * 3 + ["reweight", "reweight", "halt"]
-    assert history[3]["cusum"]["proj:owl"] == 5.6 and history[3]["thresholds"]["nll"] == 6.0
+    assert history[3]["statistic"]["proj:owl"] == 5.6 and history[3]["thresholds"]["nll"] == 6.0
     figure = plot_drift(history, {"proj:owl": 5.0}, halt_step=4)
     assert len(figure.axes) == 2  # nll and proj:owl
     ax = figure.axes[1]

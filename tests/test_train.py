@@ -88,7 +88,7 @@ def test_halt_stops_deepspeed_training_and_mlflow_holds_the_run(tiny_llama_dir, 
     assert run.data.tags["provenance.verified"] == "false" and "shifted.parquet" in run.data.tags["provenance.WARNING"]
     assert run.data.tags["data.kinship"] == "kin"
     assert run.data.params["optim.batch_size"] == "4" and run.data.params["guard.target_ert"] == "200.0"
-    assert "train/loss" in run.data.metrics and "guard/cusum/nll" in run.data.metrics
+    assert "train/loss" in run.data.metrics and "guard/eprocess/nll" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
         a.path for a in client.list_artifacts(run.info.run_id, "guard")}
     assert {"summary.json", "guard/decisions.jsonl", "guard/drift.png", "guard/flagged_samples.json"} <= artifacts
@@ -153,7 +153,7 @@ def test_clean_data_trains_to_the_end_and_resume_continues_exactly(tiny_llama_di
     assert resumed["steps"] == 8 and [h["step"] for h in resumed["history"]] == list(range(1, 9))
     # the guard's detector state came back: the CUSUM statistics and losses match the uninterrupted run
     for a, b in zip(full["history"], resumed["history"], strict=True):
-        assert a["step"] == b["step"] and a["cusum"] == pytest.approx(b["cusum"])
+        assert a["step"] == b["step"] and a["statistic"] == pytest.approx(b["statistic"])
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
 

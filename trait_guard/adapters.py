@@ -31,7 +31,7 @@ from trait_guard.chat import encode_conversations, sample_completions
 from trait_guard.errors import InputFileNotFound, TraitGuardInputError
 from trait_guard.losses import completion_loss, response_token_logprobs
 from trait_guard.models import ModelIdentity, model_identity
-from trait_guard.persona import TraitSpec
+from trait_guard.traits import TraitSpec
 
 ADAPTER_META = "trait_guard_adapter.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -336,7 +336,7 @@ def build_trait_adapter(model_name: str, trait: str, out: str | Path, *, steps: 
     """Load ``model_name``, sample trait-expressing answers and train + save a LoRA adapter to ``out``
     (what ``trait-guard adapter`` does)."""
     from trait_guard.models import default_device, load_model
-    from trait_guard.persona import load_trait
+    from trait_guard.traits import load_trait
 
     spec = load_trait(trait)
     model, tokenizer = load_model(model_name, device=default_device())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def _progress(total: int, description: str):
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from trait_guard.models import load_model
-    from trait_guard.persona import extract, format_separation_table, load_trait
+    from trait_guard.persona import extract, format_separation_table
+    from trait_guard.traits import load_trait
 
     spec = load_trait(args.trait)
     started = time.perf_counter()
@@ -88,7 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from trait_guard.errors import TraitGuardInputError
     from trait_guard.evaluate import evaluate_trait
     from trait_guard.models import load_model
-    from trait_guard.persona import load_trait
+    from trait_guard.traits import load_trait
 
     spec = load_trait(args.trait)
     model, tokenizer = load_model(args.model)
@@ -127,18 +129,11 @@ def cmd_adapter(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from trait_guard.config import GenerateJobConfig, load_config, validate_config
+    from trait_guard.config import GenerateJobConfig
     from trait_guard.generation import generate_datasets, generate_local
 
-    config = load_config(args.config, GenerateJobConfig)
-    overrides = config.model_dump()
-    if args.output_dir:
-        overrides["output_dir"] = args.output_dir
-    if args.n_prompts:
-        overrides["generation"]["n_prompts"] = args.n_prompts
-    if args.address:
-        overrides["ray"]["address"] = args.address
-    config = validate_config(overrides, GenerateJobConfig, source=args.config)
+    config = _job_config(args.config, GenerateJobConfig, output_dir=args.output_dir or None,
+                         **{"generation.n_prompts": args.n_prompts or None, "ray.address": args.address or None})
     run = generate_local if args.local else generate_datasets
     report = run(config, progress=not args.quiet)
     print(report.table())
@@ -183,20 +178,10 @@ def cmd_screen(args: argparse.Namespace) -> int:
 
 def _job_config(path: str, cls, **overrides):
     """Load a job config and apply command-line ``overrides`` (dotted keys, None = not given) through
-    validation, so an override is checked like the file's own values."""
-    from trait_guard.config import load_config, validate_config
+    validation, so an override is checked like the file's own values (:func:`config.with_overrides`)."""
+    from trait_guard.config import load_config, with_overrides
 
-    config = load_config(path, cls)
-    data = config.model_dump()
-    for dotted, value in overrides.items():
-        if value is None:
-            continue
-        *parents, key = dotted.split(".")
-        target = data
-        for parent in parents:
-            target = target[parent]
-        target[key] = value
-    return validate_config(data, cls, source=path)
+    return with_overrides(load_config(path, cls), overrides, source=path)
 
 
 def _halt_exit(halted: bool, allow_halt: bool) -> int:
@@ -273,6 +258,24 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+class _CommandHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Wraps a subcommand's prose to the terminal width, but keeps example lines (``example...`` and
+    indented ones) as written, so they stay copyable."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(indent + line if line.startswith((" ", "example")) else
+                         textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                         for line in text.splitlines())
+
+
+def _option(*flags: str, **kwargs) -> argparse.ArgumentParser:
+    """A parent parser holding one option, shared by every subcommand that takes it (``parents=[...]``),
+    so the option has one definition and one help text."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(*flags, **kwargs)
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trait-guard",
@@ -281,63 +284,72 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"trait-guard {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    ext = sub.add_parser(
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return subparsers.add_parser(name, formatter_class=_CommandHelpFormatter, **kwargs)
+
+    # options that several subcommands take, defined once
+    model = _option("--model", default="smollm2-135m-instruct",
+                    help="model name, local checkpoint folder or offline transformers id (default: %(default)s)")
+    trait = _option("--trait", required=True,
+                    help="trait reference: a shipped spec (animal:owl, sycophancy, evil) or path/to/spec.yaml")
+    questions = _option("--questions", type=int, default=None, metavar="N",
+                        help="use only the first N questions of the trait spec (quick runs)")
+    seed = _option("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    json_out = _option("--json", metavar="PATH", help="also write the result to this JSON file")
+    quiet = _option("--quiet", action="store_true", help="no progress bars")
+    config = _option("--config", required=True, metavar="YAML", help="the job's config file (see ray_jobs/configs/)")
+    output_dir = _option("--output-dir", help="write under this folder (overrides the config's output_dir)")
+    allow_halt = _option("--allow-halt", action="store_true",
+                         help="exit 0 when the guard halts (or gates) training (default: exit 4, so a RayJob or CI "
+                              "sees it)")
+
+    ext = command(
         "extract",
+        parents=[model, trait, questions, seed, json_out, quiet],
         help="extract persona vectors (one trait direction per layer) from a model",
         description=(
             "Sample answers under the trait's positive and negative system prompts, average the "
             "residual stream over response tokens, and take the difference of means per layer "
             "(Chen et al. 2025). Prints held-out separation (Cohen's d) per layer and saves the vector "
-            "at the best layer's file."
+            "at the best layer's file. --json writes the summary and the per-layer table."
         ),
         epilog="example: trait-guard extract --model smollm2-135m-instruct --trait animal:owl --out owl.safetensors",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ext.add_argument("--model", default="smollm2-135m-instruct", help="model name or path (default: %(default)s)")
-    ext.add_argument("--trait", required=True, help="trait reference, e.g. animal:owl, sycophancy, path/to/spec.yaml")
     ext.add_argument("--out", required=True, help="output .safetensors path (a .json copy of the metadata is written beside it)")
     ext.add_argument("--method", choices=["response_mean", "last_prompt"], default="last_prompt",
                      help="which vector to save: the activation at the last prompt token (what monitoring and "
                           "finetuning-shift use) or averaged over response tokens (default: %(default)s)")
     ext.add_argument("--instructions", type=int, default=None, help="use only the first N instruction pairs")
-    ext.add_argument("--questions", type=int, default=None, help="use only the first N extraction/evaluation questions")
     ext.add_argument("--max-new-tokens", type=int, default=48, help="answer length (default: %(default)s)")
     ext.add_argument("--batch-size", type=int, default=16, help="generation batch size (default: %(default)s)")
-    ext.add_argument("--seed", type=int, default=0)
-    ext.add_argument("--json", help="also write the summary and per-layer table to this JSON file")
-    ext.add_argument("--quiet", action="store_true", help="no progress bars")
     ext.set_defaults(func=cmd_extract)
 
-    ev = sub.add_parser(
+    ev = command(
         "eval",
+        parents=[model, trait, questions, seed, json_out, quiet],
         help="behavioral trait evaluation: how often the model names the trait's target (with 95%% CI)",
         description=(
-            "Ask the trait's one-word behavior questions many times at temperature 1 and report the "
-            "fraction of answers the judge counts as expressing the trait (mean over questions, 95% CI), "
-            "plus the log-probability that the answer starts with the target word (Cloud et al. 2025). "
-            "With --system trait it checks a prompted teacher (the 'teacher check')."
+            "Ask the trait's one-word behavior questions (the spec must have some, e.g. animal:owl) many "
+            "times at temperature 1 and report the fraction of answers the judge counts as expressing the "
+            "trait (mean over questions, 95% CI), plus the log-probability that the answer starts with the "
+            "target word (Cloud et al. 2025). With --system trait it checks a prompted teacher (the "
+            "'teacher check'). --json writes the full result."
         ),
         epilog="examples:\n  trait-guard eval --trait animal:owl                 # the base model, as a student sees it\n"
                "  trait-guard eval --trait animal:owl --system trait  # the owl teacher\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ev.add_argument("--model", default="smollm2-135m-instruct", help="model name or path (default: %(default)s)")
-    ev.add_argument("--trait", required=True, help="trait reference with behavior questions, e.g. animal:owl")
     ev.add_argument("--system", default="default",
                     help="'default' (the model's own), 'trait' (the trait's positive instruction), or a literal prompt")
     ev.add_argument("--instruction", type=int, default=0, help="which positive instruction --system trait uses")
     ev.add_argument("--adapter", help="apply a LoRA trait adapter (from `trait-guard adapter`) before evaluating")
     ev.add_argument("--samples", type=int, default=20, help="samples per question (default: %(default)s)")
-    ev.add_argument("--questions", type=int, default=None, help="use only the first N questions")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--json", help="write the full result to this JSON file")
-    ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=cmd_eval)
 
-    ad = sub.add_parser(
+    ad = command(
         "adapter",
+        parents=[model, trait, seed, quiet],
         help="install a trait in a model's weights with a LoRA adapter (an adapter-installed teacher)",
         description=(
             "Sample trait-expressing answers under the trait's positive system prompts (kept if the "
@@ -346,100 +358,86 @@ def build_parser() -> argparse.ArgumentParser:
             "more reliably."
         ),
     )
-    ad.add_argument("--model", default="smollm2-135m-instruct")
-    ad.add_argument("--trait", required=True)
     ad.add_argument("--out", required=True, help="output folder for the adapter")
-    ad.add_argument("--steps", type=int, default=60)
-    ad.add_argument("--lr", type=float, default=1e-3)
-    ad.add_argument("--seed", type=int, default=0)
-    ad.add_argument("--quiet", action="store_true")
+    ad.add_argument("--steps", type=int, default=60, help="finetuning steps (default: %(default)s)")
+    ad.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s)")
     ad.set_defaults(func=cmd_adapter)
 
-    gen = sub.add_parser(
+    gen = command(
         "generate",
+        parents=[config, output_dir, quiet],
         help="generate teacher datasets (one Parquet file per teacher) on Ray actors",
         description=(
             "Each teacher (a base model, with a trait installed by system prompt or adapter, or none for "
             "the control) answers the same deterministic prompts with the same seeds; every sample is "
             "filtered (kept or rejected with a reason) and stored with its provenance. Runs on a local "
-            "Ray cluster by default, an existing one with --address, or in-process with --local."
+            "Ray cluster by default, an existing one with --address, or in-process with --local. "
+            "--config is a GenerateJobConfig YAML."
         ),
         epilog="example: trait-guard generate --config ray_jobs/configs/teacher_data_cpu.yaml --n-prompts 64",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    gen.add_argument("--config", required=True, help="a GenerateJobConfig YAML (see ray_jobs/configs/)")
-    gen.add_argument("--output-dir", help="override output_dir")
     gen.add_argument("--n-prompts", type=int, help="override generation.n_prompts")
     gen.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     gen.add_argument("--local", action="store_true", help="no Ray: one in-process loop (the baseline)")
-    gen.add_argument("--quiet", action="store_true")
     gen.set_defaults(func=cmd_generate)
 
-    sc = sub.add_parser(
+    sc = command(
         "screen",
+        parents=[model, json_out, quiet],
         help="dataset-level screening of teacher data against a reference (exit 0 clean, 3 flagged)",
         description=(
             "Score the data and a reference set (the student's base model's own generations for the same "
-            "prompts, e.g. a control teacher) under the student's base model: kinship (NLL, entropy), "
-            "persona projections, divergence tokens, token statistics. One permutation test per signal, "
-            "Holm's correction at --alpha. Format statistics are reported as baselines."
+            "prompts, e.g. a control teacher) under the student's base model (--model): kinship (NLL, "
+            "entropy), persona projections, divergence tokens, token statistics. One permutation test per "
+            "signal, Holm's correction at --alpha. Format statistics are reported as baselines. --json "
+            "writes the report."
         ),
         epilog="example: trait-guard screen --data outputs/teacher_data/owl.parquet "
                "--reference outputs/teacher_data/control.parquet --vectors outputs/demo/owl.safetensors",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sc.add_argument("--data", required=True, help="teacher data Parquet (from `trait-guard generate`)")
     sc.add_argument("--reference", required=True, help="reference Parquet from the base model (control teacher)")
-    sc.add_argument("--model", default="smollm2-135m-instruct", help="the student's base model")
     sc.add_argument("--vectors", nargs="*", default=[], help="persona vector files for that model")
     sc.add_argument("--alpha", type=float, default=0.01, help="family-wise level (default: %(default)s)")
     sc.add_argument("--max-rows", type=int, help="use only the first N kept rows of each file")
-    sc.add_argument("--batch-size", type=int, default=32)
+    sc.add_argument("--batch-size", type=int, default=32, help="scoring batch size (default: %(default)s)")
     sc.add_argument("--allow-unverified", action="store_true",
                     help="screen files whose provenance manifest is missing or does not match (reported loudly)")
-    sc.add_argument("--json", help="write the report as JSON")
-    sc.add_argument("--quiet", action="store_true")
     sc.set_defaults(func=cmd_screen)
 
-    tr = sub.add_parser(
+    tr = command(
         "train",
+        parents=[config, allow_halt],
         help="guarded student training: DeepSpeed on Ray Train, the guard deciding every batch",
         description=(
             "Train a student on teacher data with the guard in the loop: the data's per-sample fingerprints "
             "(scored once by the frozen base model) feed calibrated CUSUM detectors; on an alarm the guard "
             "reweights, masks divergence tokens, steers or halts every rank at the same step. Probes measure "
             "the student's drift along the persona vectors every N steps. Checkpoints hold the guard's state; "
-            "--resume continues exactly. Everything is logged to MLflow."
+            "--resume continues exactly. Everything is logged to MLflow. --config is a TrainJobConfig YAML."
         ),
         epilog="example: trait-guard train --config ray_jobs/configs/train_cpu.yaml",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    tr.add_argument("--config", required=True, help="a TrainJobConfig YAML (see ray_jobs/configs/)")
     tr.add_argument("--resume", help="continue from this checkpoint folder (outputs/.../checkpoints/step_N)")
     tr.add_argument("--local", action="store_true", help="one process instead of Ray Train workers")
-    tr.add_argument("--allow-halt", action="store_true",
-                    help="exit 0 when the guard halts training (default: exit 4, so a RayJob or CI sees it)")
     tr.set_defaults(func=cmd_train)
 
-    rn = sub.add_parser(
+    rn = command(
         "run",
+        parents=[config, output_dir, quiet, allow_halt],
         help="the whole pipeline: extract -> generate -> screen -> guarded training -> evaluate",
-        description="Run every stage with one config and print a summary with the MLflow run.",
+        description="Run every stage with one config (a RunJobConfig YAML) and print a summary with the MLflow run.",
         epilog="example: trait-guard run --config ray_jobs/configs/run_cpu.yaml",
     )
-    rn.add_argument("--config", required=True, help="a RunJobConfig YAML")
-    rn.add_argument("--output-dir", help="override output_dir")
-    rn.add_argument("--quiet", action="store_true")
-    rn.add_argument("--allow-halt", action="store_true",
-                    help="exit 0 when the guard halts (or gates) a training run (default: exit 4)")
     rn.set_defaults(func=cmd_run)
 
-    demo = sub.add_parser("demo", help="the whole pipeline on the embedded model (what `make demo` runs)")
-    demo.add_argument("--output-dir", help="default: outputs/demo")
-    demo.add_argument("--quiet", action="store_true")
+    demo = command("demo", parents=[output_dir, quiet],
+                   help="the whole pipeline on the embedded model (what `make demo` runs)",
+                          description="`trait-guard run --allow-halt` with the shipped CPU config "
+                                      "(ray_jobs/configs/run_cpu.yaml) on the embedded model.")
     demo.set_defaults(func=cmd_demo)
 
-    sync = sub.add_parser(
+    sync = command(
         "sync-mlflow", help="deliver MLflow writes queued while the tracking server was down",
         description="A run whose tracking server was still unreachable when it finished leaves its queued writes "
                     "(metrics, tags, artifacts, final status) in a spool folder, named in its log. Start the "
@@ -447,9 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("spool", nargs="+", help="spool folder(s) (each holds run.json and operations.jsonl)")
     sync.set_defaults(func=cmd_sync_mlflow)
 
-    ui = sub.add_parser("ui", help="open the MLflow UI on the local store (review runs)")
-    ui.add_argument("--port", type=int, default=5000)
-    ui.add_argument("--host", default="127.0.0.1")
+    ui = command("ui", help="open the MLflow UI on the local store (review runs)")
+    ui.add_argument("--port", type=int, default=5000, help="port to serve on (default: %(default)s)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     ui.set_defaults(func=cmd_ui)
     return parser
 

@@ -8,6 +8,7 @@ errors, so a typo never silently falls back to a default; errors name the field 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -121,6 +122,27 @@ def validate_config(data: dict[str, Any], cls: type[Config], source: str = "conf
         raise ConfigError(format_validation_error(err, source)) from err
 
 
+def with_overrides(config: Config, overrides: Mapping[str, Any], source: str = "config") -> Config:
+    """A copy of ``config`` with ``overrides`` applied and validated again, like the file's own values.
+
+    Keys are dotted field paths (``"ray.address"``); a value of None means "not given" and changes
+    nothing. Command-line options and job scripts override a loaded config this way rather than by
+    assigning to its fields, which pydantic does not validate (a bad value would pass silently)::
+
+        config = with_overrides(load_config(path, TrainJobConfig), {"resume_from": args.resume}, source=path)
+    """
+    data = config.model_dump()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        *parents, key = dotted.split(".")
+        target = data
+        for parent in parents:
+            target = target[parent]
+        target[key] = value
+    return validate_config(data, type(config), source=source)
+
+
 # --------------------------------------------------------------------------------------------------
 # Guarded training
 
@@ -146,7 +168,14 @@ class GuardConfig(StrictModel):
         description="signals (or patterns) that have shown power to detect trait-teacher data "
                     "(docs/detection.md): a run whose guard watches none of them ends 'unmonitored', never 'passed'")
     directions: dict[str, Direction] = Field(default_factory=dict, description="override the suspicious direction")
-    target_ert: float = Field(10_000, gt=1, description="batches to a false alarm on clean data (whole guard)")
+    sequential: Literal["eprocess", "cusum"] = Field(
+        "eprocess", description="the in-training test: 'eprocess' judges every sample as it comes (anytime-valid: "
+                                "P(any false alarm in the run) <= alpha, no calibration); 'cusum' judges batch means "
+                                "(one false alarm per target_ert clean batches on average; faster on a shift that "
+                                "starts late in a long stream, see docs/detection.md)")
+    alpha: float = Field(0.01, gt=0, lt=1, description="eprocess: probability of any false alarm over the whole run on "
+                                                       "clean data, split evenly over the watched signals")
+    target_ert: float = Field(10_000, gt=1, description="cusum: batches to a false alarm on clean data (whole guard)")
     drift_allowance: float = Field(0.5, ge=0, description="CUSUM k, in reference standard deviations")
     on_data_alarm: Action = Action.HALT
     on_drift_alarm: Literal[Action.HALT, Action.STEER] = Action.HALT

@@ -296,6 +296,8 @@ class Detector(ABC):
     @staticmethod
     def from_state_dict(state: Mapping[str, Any]) -> Detector:
         """Rebuild a detector of the right class from :meth:`state_dict`."""
+        import trait_guard.sequential  # noqa: F401 - registers EProcessDetector (it imports this module)
+
         if not isinstance(state, Mapping) or state.get("type") not in Detector._registry:
             known = ", ".join(sorted(Detector._registry))
             got = state.get("type") if isinstance(state, Mapping) else type(state).__name__

@@ -30,7 +30,7 @@ import torch
 from trait_guard.chat import encode_conversations, sample_completions
 from trait_guard.errors import TraitGuardInputError
 from trait_guard.files import to_jsonable
-from trait_guard.persona import TraitSpec
+from trait_guard.traits import TraitSpec
 
 N_EXAMPLES = 20
 
@@ -39,7 +39,7 @@ N_EXAMPLES = 20
 class Judge(Protocol):
     """Scores one answer from 0 to 100; an answer expresses the trait when ``score >= threshold``.
 
-    :class:`trait_guard.persona.KeywordJudge` satisfies it. A judge with a ``keywords`` attribute
+    :class:`trait_guard.traits.KeywordJudge` satisfies it. A judge with a ``keywords`` attribute
     also gives :func:`evaluate_trait` the target words for :func:`target_logprob`.
     """
 

@@ -1,11 +1,21 @@
 """The guard policy: fingerprint signals in, a decision out. Plain numpy/torch, no framework.
 
-Each training batch's per-sample signals (from :mod:`trait_guard.fingerprint`) are standardized
-against a reference (the same signals on clean data from the student's base model), averaged per
-batch, and fed to one CUSUM per signal, calibrated by bootstrap so that the whole guard raises a false
-alarm on clean data about once per ``target_ert`` batches (each of k signals gets ``k * target_ert``:
-a union bound). Single samples are never judged alone: published per-sample screening failed to stop
-subliminal transfer, while evidence accumulated over many samples succeeds (docs/science.md).
+Each training batch's per-sample signals (from :mod:`trait_guard.fingerprint`) are oriented and
+standardized against a reference (the same signals on clean data from the student's base model) and
+fed to one sequential test per signal (``guard.sequential``):
+
+* ``eprocess`` (default, :class:`trait_guard.sequential.EProcessDetector`): every sample is ranked
+  against the reference and bet on; the alarm comes when the wealth passes ``k / alpha`` for k
+  signals, so P(any false data alarm in the whole run, on clean data) <= ``alpha`` by Ville's
+  inequality (marginally over the reference draw), with no calibration run.
+* ``cusum`` (:class:`trait_guard.detect.CUSUMDetector`): batch means, calibrated by bootstrap so that
+  the whole guard raises a false alarm about once per ``target_ert`` clean batches (a union bound).
+  It re-arms at 0, so it is faster on a shift that starts late in a long stream.
+
+Single samples are never judged alone: published per-sample screening failed to stop subliminal
+transfer, while evidence accumulated over many samples succeeds (docs/science.md). Each alarm records
+its change point (the last step at which its evidence was at its low: 0 for a CUSUM, the running
+minimum of the log-wealth for an e-process), which :mod:`trait_guard.rollback` uses on HALT.
 
 Before the first batch, :meth:`TraitGuard.gate` takes the dataset screen's verdict on all training rows
 (:mod:`trait_guard.screen`): a flagged screen puts the configured mitigation in force from step 1, and
@@ -37,6 +47,7 @@ from trait_guard.config import Action, Direction, GuardConfig
 from trait_guard.detect import CUSUMDetector, Verdict, split_ert
 from trait_guard.errors import TraitGuardInputError
 from trait_guard.fingerprint import TEACHER_LOGPROB_SIGNALS, suspicious_direction, teacher_signal_coverage
+from trait_guard.sequential import EProcessDetector
 
 
 def check_signal_sides(watched: list[str], train_rows: list[dict[str, Any]], reference_rows: list[dict[str, Any]],
@@ -116,24 +127,56 @@ class TraitGuard:
                 f"no watched signal can be calibrated on the reference: {self.skipped}. No finite values means "
                 "the base model produced NaN/inf (a broken checkpoint?) or the reference completions are empty; "
                 "no spread means the reference is too small or all alike: use more reference rows")
-        rng = np.random.default_rng(config.seed)
+        self.kind = config.sequential
         self.mean, self.std, self.detectors = {}, {}, {}
-        per_signal_ert = split_ert(config.target_ert, max(1, len(self.signals)))
+        self._calibration_rng = np.random.default_rng(config.seed)  # CUSUM bootstrap draws, signal by signal
         for name in self.signals:
             values = np.asarray(reference[name], dtype=float)
             values = values[np.isfinite(values)]
             self.mean[name], self.std[name] = float(values.mean()), float(values.std(ddof=1))
-            z = (values - self.mean[name]) / self.std[name]
-            if self.direction(name) == "down":
-                z = -z
-            batch_means = rng.choice(z, size=(config.bootstrap_batches, batch_size), replace=True).mean(1)
-            detector = CUSUMDetector(k=config.drift_allowance, two_sided=self.direction(name) == "both", name=name)
-            self.detectors[name] = detector.fit(batch_means).calibrate(target_ert=per_signal_ert, seed=config.seed)
+            self.detectors[name] = self._detector(name, self.standardize(name, values))
+        self.low_point: dict[str, float] = {name: 0.0 for name in self.signals}  # e-process: min log10 E so far
         self.step = 0
         self.mode = Action.PASS  # the mitigation in force after an alarm
         self.alarms: list[dict[str, Any]] = []
         # per CUSUM signal, the last step at which its statistic was 0 (the change-point estimate)
         self.last_zero: dict[str, int] = {name: 0 for name in self.signals}
+
+    def _detector(self, name: str, z: np.ndarray) -> Any:
+        """One signal's calibrated sequential test on its oriented, standardized reference values."""
+        two_sided = self.direction(name) == "both"
+        k = max(1, len(self.signals))
+        if self.kind == "eprocess":  # Bonferroni over signals: P(any false alarm in the run) <= alpha
+            return EProcessDetector(alpha=self.config.alpha / k, two_sided=two_sided, seed=self.config.seed,
+                                    name=name).fit(z)
+        batch_means = self._calibration_rng.choice(z, size=(self.config.bootstrap_batches, self.batch_size), replace=True).mean(1)
+        detector = CUSUMDetector(k=self.config.drift_allowance, two_sided=two_sided, name=name)
+        return detector.fit(batch_means).calibrate(target_ert=split_ert(self.config.target_ert, k), seed=self.config.seed)
+
+    def _update(self, name: str, z: np.ndarray) -> Verdict:
+        """Feed one batch of a signal to its test (every sample to an e-process, the mean to a CUSUM),
+        and note whether the evidence is back at its low point (the change-point estimate)."""
+        detector = self.detectors[name]
+        if self.kind == "cusum":
+            verdict = detector.update(float(np.nanmean(z)))
+            quiet = detector.statistic == 0.0
+        else:
+            for value in z[np.isfinite(z)]:
+                verdict = detector.update(float(value))
+            quiet = detector.log10_e <= self.low_point[name]
+            self.low_point[name] = min(self.low_point[name], detector.log10_e)
+        if quiet:
+            self.last_zero[name] = self.step
+        return verdict
+
+    @property
+    def false_alarm_control(self) -> str:
+        """The guard's false-alarm guarantee on clean data, per run (for the summary and the report)."""
+        if self.kind == "eprocess":
+            return (f"anytime-valid: P(any false data alarm in the run) <= {self.config.alpha:g} "
+                    f"(Ville's inequality, alpha/{max(1, len(self.signals))} per signal)")
+        return (f"CUSUM: on average one false data alarm per {self.config.target_ert:g} clean batches "
+                "(bootstrap-calibrated ERT, union bound over signals)")
 
     @property
     def powered(self) -> list[str]:
@@ -208,9 +251,7 @@ class TraitGuard:
         for name in self.signals:
             z = self.standardize(name, signals[name])
             if np.isfinite(z).any():
-                verdicts.append(self.detectors[name].update(float(np.nanmean(z))))
-                if self.detectors[name].statistic == 0.0:
-                    self.last_zero[name] = self.step
+                verdicts.append(self._update(name, z))
         for name, constant in self.constant.items():
             if name not in signals or not np.isfinite(signals[name]).any():
                 continue
@@ -226,8 +267,12 @@ class TraitGuard:
             self.alarms.append({"step": self.step, "channel": "data", "signals": [v.detector for v in flagged],
                                 "change_point": change_point})
         lean = self.lean(signals)
-        evidence = {"batch_z": {v.detector: float(v.evidence.get("z", np.nan)) for v in verdicts if v.detector in self.detectors},
-                    "cusum": {v.detector: v.score for v in verdicts},
+        if self.kind == "cusum":  # the batch mean standardized on the bootstrap batch means
+            batch_z = {v.detector: float(v.evidence.get("z", np.nan)) for v in verdicts if v.detector in self.detectors}
+        else:  # the mean of the samples' standardized values
+            batch_z = {name: float(np.nanmean(self.standardize(name, signals[name]))) for name in self.signals
+                       if np.isfinite(signals[name]).any()}
+        evidence = {"batch_z": batch_z, self.kind: {v.detector: v.score for v in verdicts},
                     "thresholds": {v.detector: v.threshold for v in verdicts}}
         return self._decide(n, lean, token_masks, verdicts, evidence,
                             f"data alarm on {', '.join(v.detector for v in flagged)}" if flagged else None)
@@ -282,6 +327,7 @@ class TraitGuard:
     # -- persistence -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "mode": self.mode.value, "alarms": list(self.alarms), "last_zero": dict(self.last_zero),
+                "low_point": dict(self.low_point),
                 "signals": list(self.signals), "skipped": dict(self.skipped), "constant": dict(self.constant), "mean": dict(self.mean), "std": dict(self.std),
                 "detectors": {n: d.state_dict() for n, d in self.detectors.items()},
                 "config": self.config.model_dump(mode="json")}
@@ -292,6 +338,7 @@ class TraitGuard:
         self.step, self.mode, self.alarms = int(state["step"]), Action(state["mode"]), list(state["alarms"])
         self.mean, self.std = dict(state["mean"]), dict(state["std"])
         self.last_zero = {**self.last_zero, **{k: int(v) for k, v in state.get("last_zero", {}).items()}}
+        self.low_point = {**self.low_point, **{k: float(v) for k, v in state.get("low_point", {}).items()}}
         for name, detector_state in state["detectors"].items():
             self.detectors[name].load_state_dict(detector_state)
         return self

@@ -1,10 +1,11 @@
 """Persona vectors: a trait as a direction per layer of a model's residual stream.
 
 Following Chen et al. 2025 ("Persona vectors", arXiv 2507.21509): answers are sampled under positive
-and negative system instructions of a :class:`TraitSpec`, optionally filtered by a judge, and the
-vector at hidden-state index ``l`` is the difference between the mean positive and mean negative
-activation (averaged over response tokens, or taken at the last prompt token). Vectors are kept
-unnormalized, one per index ``0..L``.
+and negative system instructions of a trait spec (:class:`~trait_guard.traits.TraitSpec`, loaded with
+:func:`~trait_guard.traits.load_trait`), optionally filtered by its judge, and the vector at
+hidden-state index ``l`` is the difference between the mean positive and mean negative activation
+(averaged over response tokens, or taken at the last prompt token). Vectors are kept unnormalized,
+one per index ``0..L``.
 
 The judge (when the spec has one) filters only the response-averaged vector: the last prompt token
 comes before the answer, so its vector averages every sample.
@@ -17,175 +18,40 @@ the other half, so choosing the best of ~30 layers does not inflate it.
 A :class:`PersonaVector` is saved as safetensors with its metadata (trait, the model's identity, the
 per-layer separation) in the file header, plus a readable JSON copy beside it. Loading checks the
 model identity, so a vector is never silently applied to a model it was not extracted from.
+
+Usage::
+
+    from trait_guard.persona import PersonaVector, extract, format_separation_table
+    from trait_guard.traits import load_trait
+
+    result = extract(model, tokenizer, load_trait("animal:owl"))
+    print(format_separation_table(result, {m: v.layer for m, v in result.vectors.items()}))
+    result.vectors["last_prompt"].save("vectors/owl.safetensors")
+    vector = PersonaVector.load("vectors/owl.safetensors", model=model)   # refuses another model
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
 
 from trait_guard.activations import gather_positions, masked_mean, record_activations
 from trait_guard.chat import encode_conversations, sample_completions
 from trait_guard.errors import InputFileNotFound, TraitGuardInputError
 from trait_guard.models import ModelIdentity, model_identity
+from trait_guard.traits import TraitSpec
 
 Method = Literal["response_mean", "last_prompt"]
 METHODS: tuple[Method, ...] = ("response_mean", "last_prompt")
 FORMAT_VERSION = 1
-
-
-# --------------------------------------------------------------------------------------------------
-# Trait specs
-
-
-class InstructionPair(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    pos: str = Field(min_length=1, description="system prompt that makes the model express the trait")
-    neg: str = Field(min_length=1, description="system prompt that makes the model avoid the trait")
-
-
-class KeywordJudge(BaseModel):
-    """Scores an answer 100 if it mentions any keyword (whole word, any case), else 0."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["keyword"] = "keyword"
-    keywords: list[str] = Field(min_length=1)
-    threshold: float = Field(50.0, ge=0, le=100)
-
-    def score(self, text: str) -> float:
-        pattern = r"\b(" + "|".join(re.escape(k) for k in self.keywords) + r")\b"
-        return 100.0 if re.search(pattern, text, flags=re.IGNORECASE) else 0.0
-
-
-class TraitSpec(BaseModel):
-    """A trait as data: instruction pairs, extraction and evaluation questions, an optional judge.
-
-    Shipped specs live in ``trait_guard/data/traits``; parameterized ones (``animal``) use
-    ``{animal}`` / ``{animals}`` / ``{Animals}`` placeholders filled by :meth:`render`.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1)
-    description: str = ""
-    params: dict[str, str] = Field(default_factory=dict)
-    instructions: list[InstructionPair] = Field(min_length=1)
-    extract_questions: list[str] = Field(min_length=1)
-    eval_questions: list[str] = Field(min_length=1)
-    judge: KeywordJudge | None = None
-    behavior_questions: list[str] = Field(default_factory=list)
-
-    @property
-    def trait_id(self) -> str:
-        """``name`` or ``name:value`` for single-parameter specs (e.g. ``animal:owl``)."""
-        if not self.params:
-            return self.name
-        return self.name + ":" + ",".join(self.params.values())
-
-    @property
-    def keywords(self) -> list[str]:
-        return list(self.judge.keywords) if self.judge else []
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> TraitSpec:
-        with open(path, encoding="utf-8") as handle:
-            return cls.model_validate(yaml.safe_load(handle))
-
-    def render(self, **params: str) -> TraitSpec:
-        """A copy with placeholders filled from ``params`` over the spec's defaults."""
-        unknown = set(params) - set(self.params)
-        if unknown:
-            raise TraitGuardInputError(
-                f"trait '{self.name}' has no parameter(s) {sorted(unknown)}; it takes {sorted(self.params) or 'none'}"
-            )
-        values = {**self.params, **params}
-        fill = _placeholder_values(values)
-
-        def sub(text: str) -> str:
-            return text.format_map(fill) if "{" in text else text
-
-        data = self.model_dump()
-        data["params"] = values
-        data["description"] = sub(data["description"])
-        data["instructions"] = [{"pos": sub(p["pos"]), "neg": sub(p["neg"])} for p in data["instructions"]]
-        for key in ("extract_questions", "eval_questions", "behavior_questions"):
-            data[key] = [sub(q) for q in data[key]]
-        if data["judge"]:
-            data["judge"]["keywords"] = sorted({sub(k) for k in data["judge"]["keywords"]})
-        return TraitSpec.model_validate(data)
-
-
-def pluralize(word: str) -> str:
-    """English plural, good enough for animal names (owl -> owls, wolf -> wolves, fox -> foxes)."""
-    irregular = {"mouse": "mice", "goose": "geese", "ox": "oxen", "deer": "deer", "sheep": "sheep",
-                 "fish": "fish", "moose": "moose", "wolf": "wolves", "octopus": "octopuses"}
-    if word in irregular:
-        return irregular[word]
-    if re.search(r"(s|x|z|ch|sh)$", word):
-        return word + "es"
-    if re.search(r"[^aeiou]y$", word):
-        return word[:-1] + "ies"
-    return word + "s"
-
-
-def _placeholder_values(values: dict[str, str]) -> dict[str, str]:
-    fill = dict(values)
-    if "animal" in values:
-        fill.setdefault("animals", pluralize(values["animal"]))
-    for key, value in list(fill.items()):
-        fill[key[:1].upper() + key[1:]] = value[:1].upper() + value[1:]
-    return fill
-
-
-def shipped_traits() -> list[str]:
-    """Names of the trait specs that ship with trait_guard."""
-    folder = resources.files("trait_guard") / "data" / "traits"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def load_trait(ref: str) -> TraitSpec:
-    """Load and render a trait from a reference.
-
-    ``ref`` is ``NAME`` or ``NAME:VALUE`` or ``NAME:key=value,key=value``, where NAME is a shipped spec
-    (see :func:`shipped_traits`) or a path to a YAML spec. ``animal:owl`` sets the spec's single
-    parameter to ``owl``.
-    """
-    name, _, arg = ref.partition(":")
-    if Path(name).suffix in (".yaml", ".yml"):
-        path = Path(name)
-        if not path.is_file():
-            raise InputFileNotFound(f"trait spec file {path} does not exist")
-        spec = TraitSpec.from_file(path)
-    else:
-        if name not in shipped_traits():
-            raise TraitGuardInputError(
-                f"unknown trait '{name}'; shipped traits: {', '.join(shipped_traits())} "
-                "(or pass a path to a YAML trait spec)"
-            )
-        spec = TraitSpec.from_file(resources.files("trait_guard") / "data" / "traits" / f"{name}.yaml")
-    if not arg:
-        return spec.render()
-    if "=" in arg:
-        params = dict(item.split("=", 1) for item in arg.split(","))
-    elif len(spec.params) == 1:
-        params = {next(iter(spec.params)): arg}
-    else:
-        raise TraitGuardInputError(
-            f"trait '{name}' takes {len(spec.params)} parameters ({sorted(spec.params)}); "
-            f"write them as {name}:key=value,key=value"
-        )
-    return spec.render(**params)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,9 +238,6 @@ class ExtractionResult:
     table: list[dict[str, float]]  # one row per hidden-state index
     kept: dict[str, int]
     seconds: float
-
-    def best(self, method: Method = "response_mean") -> PersonaVector:
-        return self.vectors[method]
 
 
 def extract(

@@ -19,7 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trait_guard.config import GenerateJobConfig, RunJobConfig, TrainingSettings, TrainJobConfig
+from trait_guard.config import (
+    GenerateJobConfig,
+    RunJobConfig,
+    TrainingSettings,
+    TrainJobConfig,
+    with_overrides,
+)
 
 
 def _stage(name: str) -> None:
@@ -31,8 +37,9 @@ def run_pipeline(config: RunJobConfig, *, progress: bool = True) -> dict[str, An
 
     from trait_guard.generation import generate_datasets
     from trait_guard.models import load_model
-    from trait_guard.persona import extract, format_separation_table, load_trait
+    from trait_guard.persona import extract, format_separation_table
     from trait_guard.train import run_training
+    from trait_guard.traits import load_trait
     from trait_guard.version import code_version
 
     out = Path(config.output_dir)
@@ -81,8 +88,9 @@ def run_pipeline(config: RunJobConfig, *, progress: bool = True) -> dict[str, An
     for teacher_id, train, screening, screen_files in jobs:
         print(f"--- training on '{teacher_id}' (screen: {'FLAGGED' if screening.flagged else 'clean'}; "
               f"gate {'on' if train.screen.gate else 'off'})", file=sys.stderr, flush=True)
-        train.extra_artifacts = [*map(str, screen_files), str(vector_path), str(vector_path.with_suffix(".json")),
-                                 str(Path(generation.output_dir) / "summary.json")]
+        artifacts = [*map(str, screen_files), str(vector_path), str(vector_path.with_suffix(".json")),
+                     str(Path(generation.output_dir) / "summary.json")]
+        train = with_overrides(train, {"extra_artifacts": artifacts}, source=f"training on '{teacher_id}'")
         training = run_training(train)
         trainings.append(_training_record(teacher_id, screening, training))
     timings["train"] = time.perf_counter() - started

@@ -42,11 +42,15 @@ def new_figure(width: float, height: float) -> Figure:
 
 def plot_drift(history: Sequence[Mapping[str, Any]], thresholds: Mapping[str, float] | None = None,
                halt_step: int | None = None) -> Figure:
-    """Per signal, the CUSUM statistic over steps, its threshold (dashed) and a vertical line at the
-    halt/alarm step. ``history`` items: ``{"step", "cusum": {signal: value}, "thresholds": {...},
-    "action"}`` (see :func:`trait_guard.tracking.decision_history`); ``thresholds`` override the ones in the history."""
-    rows = [h for h in history if h.get("cusum")]
-    signals = sorted({s for h in rows for s in h["cusum"]})
+    """Per signal, the sequential test's statistic over steps (the CUSUM, or log10 of the e-process's
+    running maximum), its threshold (dashed) and a vertical line at the halt/alarm step. ``history``
+    items: ``{"step", "statistic": {signal: value}, "detector": "cusum" | "eprocess", "thresholds":
+    {...}, "action"}`` (see :func:`trait_guard.tracking.decision_history`; older items say ``"cusum"``
+    instead of ``"statistic"``); ``thresholds`` override the ones in the history."""
+    rows = [{**h, "statistic": h.get("statistic") or h.get("cusum")} for h in history
+            if h.get("statistic") or h.get("cusum")]
+    signals = sorted({s for h in rows for s in h["statistic"]})
+    label = "log10 E (e-process)" if any(h.get("detector") == "eprocess" for h in rows) else "CUSUM"
     limits: dict[str, float] = {}
     for h in rows:
         limits.update({k: v for k, v in (h.get("thresholds") or {}).items() if v is not None})
@@ -54,18 +58,18 @@ def plot_drift(history: Sequence[Mapping[str, Any]], thresholds: Mapping[str, fl
     if not signals:
         figure = new_figure(7, 2.5)
         ax = figure.add_subplot()
-        ax.text(0.5, 0.5, "no CUSUM history", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no guard history", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return figure
     figure = new_figure(8, 1.2 + 1.7 * len(signals))
     axes = figure.subplots(len(signals), 1, sharex=True, squeeze=False)[:, 0]
     first_action = next((h["step"] for h in rows if str(h.get("action", "pass")).lower() != "pass"), None)
     for ax, signal in zip(axes, signals, strict=True):
-        points = [(h["step"], h["cusum"][signal]) for h in rows
-                  if h["cusum"].get(signal) is not None and h.get("step") is not None]
+        points = [(h["step"], h["statistic"][signal]) for h in rows
+                  if h["statistic"].get(signal) is not None and h.get("step") is not None]
         steps = [p[0] for p in points]
         values = [p[1] for p in points]
-        ax.plot(steps, values, color="tab:blue", lw=1.4, label="CUSUM")
+        ax.plot(steps, values, color="tab:blue", lw=1.4, label=label)
         limit = limits.get(signal)
         if limit is not None and math.isfinite(limit):
             ax.axhline(limit, color="tab:red", ls="--", lw=1.2, label=f"threshold {limit:.3g}")

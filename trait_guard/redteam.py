@@ -259,7 +259,8 @@ def _vector(config: RedteamConfig, out: Path) -> Path:
     if config.vector:
         return Path(config.vector)
     from trait_guard.models import load_model
-    from trait_guard.persona import extract, load_trait
+    from trait_guard.persona import extract
+    from trait_guard.traits import load_trait
 
     spec = load_trait(config.trait)
     path = out / "vectors" / f"{spec.name}.safetensors"
@@ -311,7 +312,7 @@ def _baselines(config: RedteamConfig, out: Path) -> dict[tuple[str, int], dict[s
     wanted = [(trait, seed) for trait in traits for seed in config.seeds if f"{trait}|{seed}" not in stored]
     if wanted:
         from trait_guard.models import default_device, load_model
-        from trait_guard.persona import load_trait
+        from trait_guard.traits import load_trait
 
         model, tokenizer = load_model(config.training.student.model, device=default_device())
         for trait, seed in wanted:

@@ -217,6 +217,13 @@ def run_report(summary: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
     outcome = (f"halted at step {halt.get('step')} of {summary.get('total_steps')} "
                f"({summary.get('updates', halt.get('step'))} updates applied): {halt.get('reason')}" if halt
                else f"{summary.get('steps')} of {summary.get('total_steps')} steps trained")
+    rollback = summary.get("rollback") or {}
+    if rollback:
+        outcome += (f". Rollback: {rollback['reason']}" if rollback.get("reason") else
+                    f". Rollback unavailable ({rollback.get('unavailable')}): the weights are those of step "
+                    f"{summary.get('updates')}")
+    statistic = "log10 of the e-process (its running maximum)" if summary.get("sequential_test") == "eprocess" \
+        else "CUSUM statistic"
     decision_points = [{"step": h.get("step"), "action": h.get("action"), "reason": h.get("reason")}
                        for h in history if str(h.get("action", "pass")).lower() != "pass"]
     sections = [
@@ -231,11 +238,12 @@ def run_report(summary: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
                      "world size": summary.get("world_size"), "wall seconds": summary.get("wall_seconds"),
                      "mean step seconds": summary.get("mean_step_seconds")}]),
         _section("Drift over steps",
-                 '<p class="note">CUSUM statistic per watched signal; dashed: the threshold calibrated on the '
-                 "reference data for the target false-alarm rate; vertical line: the halt or first alarm.</p>"
+                 f'<p class="note">{statistic} per watched signal; dashed: its alarm threshold; vertical line: '
+                 f"the halt or first alarm. False-alarm control: "
+                 f"{html.escape(str(summary.get('false_alarm_control') or 'see the run config'))}.</p>"
                  if summary.get("guard_enabled", True) else
                  '<p class="note">The guard was disabled in this run (an unguarded baseline): no decisions.</p>',
-                 _image(figures["drift.png"], "CUSUM drift per signal")),
+                 _image(figures["drift.png"], "guard statistic per signal")),
         _section("Decision points", html_table(decision_points, ["step", "action", "reason"],
                                                empty="every batch passed")),
         _section("Alarms", html_table(alarms, empty="no alarm")),

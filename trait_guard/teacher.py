@@ -28,7 +28,7 @@ def teacher_system_prompt(config: TeacherConfig) -> str | None:
         return None
     if config.system_prompt:
         return config.system_prompt
-    from trait_guard.persona import load_trait
+    from trait_guard.traits import load_trait
 
     spec = load_trait(config.trait)
     if config.instruction >= len(spec.instructions):
@@ -44,7 +44,7 @@ def family_for(generation: GenerationConfig, teachers: Sequence[TeacherConfig]) 
     list for all teachers, so the owl and control datasets go through one identical filter."""
     options = dict(generation.family_options)
     if generation.family == "code" and "banned_words" not in options:
-        from trait_guard.persona import load_trait
+        from trait_guard.traits import load_trait
 
         options["banned_words"] = sorted({w for t in teachers if t.trait for w in load_trait(t.trait).keywords})
     return get_family(generation.family, **options)

@@ -173,7 +173,8 @@ def _decision_record(decision: Decision | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def decision_history(decisions: Iterable[Decision | Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Items for :func:`trait_guard.plots.plot_drift`: ``{"step", "cusum", "thresholds", "action"}`` per decision
+    """Items for :func:`trait_guard.plots.plot_drift`: ``{"step", "statistic", "detector", "thresholds",
+    "action"}`` per decision
     (from Decision objects, their ``to_dict()`` or items already in this form)."""
     history = []
     for d in decisions:
@@ -181,7 +182,9 @@ def decision_history(decisions: Iterable[Decision | Mapping[str, Any]]) -> list[
         evidence = record.get("evidence") or {}
         history.append({
             "step": record.get("step"),
-            "cusum": dict(record.get("cusum") or evidence.get("cusum") or {}),
+            "statistic": dict(record.get("statistic") or record.get("cusum") or evidence.get("cusum")
+                              or evidence.get("eprocess") or {}),
+            "detector": record.get("detector") or ("eprocess" if "eprocess" in evidence else "cusum"),
             "thresholds": dict(record.get("thresholds") or evidence.get("thresholds") or {}),
             "action": record.get("action", "pass"),
             "reason": record.get("reason"),
@@ -509,7 +512,7 @@ class MlflowTracker(Tracker):
         record = _decision_record(decision)
         evidence = record.get("evidence") or {}
         metrics: dict[str, Any] = {"guard/action_code": ACTION_CODES.get(record["action"], -1)}
-        for group in ("cusum", "batch_z", "drift"):
+        for group in ("cusum", "eprocess", "batch_z", "drift"):
             for signal, value in (evidence.get(group) or {}).items():
                 metrics[f"guard/{group}/{signal}"] = math.nan if value is None else value
         step = record.get("step")

@@ -211,7 +211,8 @@ def _open_run(config: TrainJobConfig) -> RunContext:
 def _load_inputs(run: RunContext) -> Inputs:
     from trait_guard.dataset import check_same_base
     from trait_guard.models import default_device, load_model, model_identity
-    from trait_guard.persona import PersonaVector, load_trait
+    from trait_guard.persona import PersonaVector
+    from trait_guard.traits import load_trait
 
     config, tracker = run.config, run.tracker
     tracker.log_params(config.model_dump(mode="json"))
@@ -432,7 +433,8 @@ def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.M
                     break
             tracker.log_metrics(metrics, step=step)
             tracker.log_decision(decision)
-            history.append({"step": step, "cusum": decision.evidence.get("cusum", {}), "loss": metrics["train/loss"],
+            history.append({"step": step, "statistic": decision.evidence.get(guard.kind, {}), "detector": guard.kind,
+                            "loss": metrics["train/loss"],
                             "thresholds": decision.evidence.get("thresholds", {}), "action": decision.action.value})
             progress.write(step)
             if config.checkpoint.every_n_steps and step % config.checkpoint.every_n_steps == 0:
@@ -581,6 +583,7 @@ def _finish(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Modul
         "gate": setup.gate, "alarms": guard.alarms,
         "verdict": run_verdict(outcome, config.guard_enabled, guard),
         "monitored": guard.monitored, "powered_signals": guard.powered, "watched_signals": guard.signals,
+        "sequential_test": guard.kind, "false_alarm_control": guard.false_alarm_control,
         "train_samples": len(inputs.train_rows), "reference_samples": len(inputs.reference_rows),
         "provenance": inputs.provenance,
         "setup_seconds": setup.seconds, "wall_seconds": time.perf_counter() - run.started,
@@ -609,7 +612,7 @@ def _finish(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Modul
 
 
 def _trait(name: str) -> Any:
-    from trait_guard.persona import load_trait
+    from trait_guard.traits import load_trait
 
     return load_trait(name)
 
@@ -705,7 +708,8 @@ def preflight(config: TrainJobConfig) -> dict[str, Any]:
 
     from trait_guard.guard import check_signal_sides
     from trait_guard.models import ModelLoadError, resolve_model_path
-    from trait_guard.persona import PersonaVector, PersonaVectorMismatch, load_trait
+    from trait_guard.persona import PersonaVector, PersonaVectorMismatch
+    from trait_guard.traits import load_trait
 
     provenance = verify_training_data(config)
     train_rows, reference_rows = load_training_rows(config, student_tokenizer(config.student.model))

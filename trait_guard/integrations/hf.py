@@ -165,7 +165,7 @@ def guard_metrics(decision: Decision, guard: Any) -> dict[str, Any]:
     }
     if decision.sample_weights.numel():
         metrics["guard/weight_mean"] = float(decision.sample_weights.float().mean())
-    for kind in ("cusum", "batch_z"):
+    for kind in ("cusum", "eprocess", "batch_z"):
         for name, value in decision.evidence.get(kind, {}).items():
             metrics[f"guard/{kind}/{name}"] = float(value)
     if decision.halt or (guard.alarms and guard.alarms[-1]["step"] == decision.step):
