@@ -32,8 +32,9 @@ from trait_guard.guard import GuardConfig, TraitGuard
 from trait_guard.integrations.torch_loop import GuardedStep
 from trait_guard.losses import completion_loss
 from trait_guard.models import load_model, model_identity
-from trait_guard.persona import PersonaVector, load_trait
+from trait_guard.persona import PersonaVector
 from trait_guard.train import probe_projections
+from trait_guard.traits import load_trait
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trait_guard.config import RedteamConfig, load_config
+    from trait_guard.config import RedteamConfig, load_config, with_overrides
     from trait_guard.redteam import markdown_table, run_redteam
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,9 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # setup
-    config = load_config(args.config, RedteamConfig)
-    if args.output_dir:
-        config.output_dir = args.output_dir
+    config = with_overrides(load_config(args.config, RedteamConfig), {"output_dir": args.output_dir or None},
+                            source=args.config)
     # run
     results = run_redteam(config, only=args.only)
     # report

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from trait_guard.config import TrainJobConfig, load_config
+from trait_guard.config import TrainJobConfig, load_config, with_overrides
 from trait_guard.train import run_training
 
 
@@ -24,9 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # setup
-    config = load_config(args.config, TrainJobConfig)
-    if args.resume:
-        config.resume_from = args.resume
+    config = with_overrides(load_config(args.config, TrainJobConfig), {"resume_from": args.resume or None},
+                            source=args.config)
     # run
     summary = run_training(config)
     # report

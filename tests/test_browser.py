@@ -10,10 +10,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow_server import MlflowServer
 
 from trait_guard.config import GenerateJobConfig, TrainJobConfig, validate_config
 from trait_guard.generation import generate_local
-from trait_guard.testing import MlflowServer
 from trait_guard.train import run_training
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

@@ -1,3 +1,4 @@
+import argparse
 import json
 
 import pytest
@@ -12,6 +13,26 @@ def test_help_teaches_the_pipeline(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "extract" in out and "smollm2-135m-instruct" in out and "animal:owl" in out
+
+
+def test_every_command_has_help_and_shared_options_have_one_definition(capsys):
+    """--model, --trait, --seed, --json, --quiet, --config, --output-dir, --allow-halt, ... come from one
+    parent parser each: the same argparse action (one help text, one default) in every subcommand."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    actions: dict[str, set[int]] = {}
+    for name, command in commands.items():
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([name, "--help"])
+        assert exit_info.value.code == 0, name
+        for action in command._actions:
+            for flag in action.option_strings:
+                actions.setdefault(flag, set()).add(id(action))
+    shared = {flag for flag, ids in actions.items() if flag not in ("-h", "--help")}
+    assert {"--model", "--trait", "--seed", "--json", "--quiet", "--config", "--output-dir", "--allow-halt"} <= shared
+    # different on purpose: --batch-size (generation 16, scoring 32), --out (a vector file, an adapter folder)
+    assert {flag for flag in shared if len(actions[flag]) > 1} == {"--batch-size", "--out"}
+    assert "--config YAML" in capsys.readouterr().out
 
 
 def test_extract_command_writes_a_loadable_vector(tiny_llama_dir, tmp_path, capsys):

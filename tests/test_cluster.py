@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from trait_guard.testing import MlflowServer, free_port
+from mlflow_server import MlflowServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -11,6 +11,7 @@ from trait_guard.config import (
     RunJobConfig,
     TrainJobConfig,
     load_config,
+    with_overrides,
 )
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "ray_jobs" / "configs"
@@ -52,3 +53,17 @@ def test_unreadable_configs(tmp_path):
     scalar.write_text("just a string\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(scalar, GenerateJobConfig)
+
+
+def test_overrides_go_through_validation():
+    path = CONFIG_DIR / "teacher_data_cpu.yaml"
+    config = load_config(path, GenerateJobConfig)
+    changed = with_overrides(config, {"output_dir": "elsewhere", "generation.n_prompts": 12, "ray.address": None},
+                             source=str(path))
+    assert (changed.output_dir, changed.generation.n_prompts) == ("elsewhere", 12)
+    assert changed.ray.address == config.ray.address  # None: not given
+    assert config.output_dir != "elsewhere"  # the loaded config is not touched
+    with pytest.raises(ConfigError, match=r"teacher_data_cpu.yaml.*\n  generation.n_prompts: .*greater than 0"):
+        with_overrides(config, {"generation.n_prompts": -3}, source=str(path))
+    with pytest.raises(ConfigError, match="generation.n_prompt: Extra inputs are not permitted"):
+        with_overrides(config, {"generation.n_prompt": 3}, source=str(path))

@@ -13,9 +13,7 @@ import scipy.stats
 from trait_guard.detect import (
     CUSUMDetector,
     Detector,
-    MeanShiftDetector,
     PermutationTest,
-    SignalCombination,
     Verdict,
     combine_pvalues,
     split_ert,
@@ -250,26 +248,6 @@ def test_permutation_detects_a_half_sd_shift():
     assert PermutationTest().fit(test._ref).state_dict()["config"]["alternative"] == "greater"
 
 
-# ----------------------------------------------------------------------------- single batch
-
-
-def test_mean_shift_known_values_and_false_alarm_rate():
-    det = MeanShiftDetector(alpha=0.05).fit([-1.0, 1.0, -1.0, 1.0])  # mean 0, sd 2/sqrt(3)
-    verdict = det.predict([1.0, 1.0, 1.0, 1.0])
-    se = (2 / math.sqrt(3)) * math.sqrt(1 / 4 + 1 / 4)
-    assert verdict.evidence["z"] == pytest.approx(1 / se)
-    assert verdict.p_value == pytest.approx(scipy.stats.norm.sf(1 / se))
-    assert verdict.threshold == pytest.approx(scipy.stats.norm.isf(0.05))
-    assert verdict.flagged == (verdict.score > verdict.threshold)
-    rng = np.random.default_rng(13)
-    det = MeanShiftDetector(alpha=0.05).fit(rng.normal(size=REF_N))
-    flagged = [det.predict(rng.normal(size=50)).flagged for _ in range(2000)]
-    assert 0.035 <= np.mean(flagged) <= 0.065
-    assert det.predict(rng.normal(0.5, 1, size=50)).p_value < 0.01
-    two = MeanShiftDetector(alternative="two-sided").fit(rng.normal(size=1000))
-    assert two.predict(rng.normal(-0.8, 1, size=50)).flagged
-
-
 # ----------------------------------------------------------------------------- several signals
 
 
@@ -281,7 +259,7 @@ def test_holm_and_bonferroni_match_hand_computed_values():
     assert holm.adjusted == pytest.approx({"a": 0.04, "c": 0.09, "b": 0.09, "d": 0.20})  # b: max(.08, .09)
     assert list(holm.adjusted) == list(P)
     assert holm.p_value == pytest.approx(0.04)
-    assert holm.rejected(0.05) == ["a"] and holm.flagged(0.05) and not holm.flagged(0.04)
+    assert holm.rejected(0.05) == ["a"]
     bonf = combine_pvalues(P, method="bonferroni")
     assert bonf.adjusted == pytest.approx({"a": 0.04, "b": 0.16, "c": 0.12, "d": 0.80})
     assert combine_pvalues({"x": 0.5, "y": 0.9}, "bonferroni").adjusted == {"x": 1.0, "y": 1.0}
@@ -300,31 +278,28 @@ def test_fisher_matches_scipy():
     assert combine_pvalues({"a": 0.0, "b": 0.5}, "fisher").p_value == 0.0
 
 
-def test_signal_combination_flags_the_shifted_signal_with_holm():
+def test_permutation_tests_combined_with_holm_flag_only_the_shifted_signal():
+    """Several signals at a family-wise level, the way screen() does it: one PermutationTest per signal,
+    their p-values combined with Holm's correction."""
     rng = np.random.default_rng(14)
     names = ["projection", "entropy", "length"]
-    combo = SignalCombination({n: PermutationTest(seed=i) for i, n in enumerate(names)}, alpha=0.01)
-    combo.fit({n: rng.normal(size=300) for n in names})
-    clean = combo.predict({n: rng.normal(size=300) for n in names})
-    assert not clean.flagged and clean.evidence["flagged_signals"] == []
+    tests = {n: PermutationTest(seed=i) for i, n in enumerate(names)}
+    for n in names:
+        tests[n].fit(rng.normal(size=300))
+
+    def family(data):
+        return combine_pvalues({n: tests[n].predict(data[n]).p_value for n in names})
+
+    assert family({n: rng.normal(size=300) for n in names}).rejected(0.01) == []
     data = {n: rng.normal(size=300) for n in names}
     data["projection"] += 0.5
-    verdict = combo.predict(data)
-    assert verdict.flagged and verdict.evidence["correction"] == "holm"
-    assert verdict.evidence["flagged_signals"] == ["projection"]
-    assert verdict.evidence["family_size"] == 3
-    assert verdict.p_value == pytest.approx(3 / 2001)  # Holm: 3 * the smallest p
-    assert json.loads(json.dumps(verdict.to_dict())) == verdict.to_dict()
-    restored = Detector.from_state_dict(json.loads(json.dumps(combo.state_dict())))
-    assert restored.predict(data).to_dict() == verdict.to_dict()
-    with pytest.raises(ValueError, match=r"missing signals \['length'\]"):
-        combo.predict({"projection": [1.0], "entropy": [1.0]})
+    shifted = family(data)
+    assert shifted.rejected(0.01) == ["projection"]
+    assert shifted.p_value == pytest.approx(3 / 2001)  # Holm: 3 * the smallest p
 
 
-def test_split_ert_and_sequential_members_are_refused():
+def test_split_ert():
     assert split_ert(200, 3) == 600
-    with pytest.raises(ValueError, match="split_ert"):
-        SignalCombination({"a": CUSUMDetector()})
 
 
 # ----------------------------------------------------------------------------- errors and contract
@@ -335,19 +310,15 @@ def test_predict_before_fit_or_calibrate_says_which_call_is_missing():
         CUSUMDetector().predict([0.0])
     with pytest.raises(RuntimeError, match=r"before fit\(\)"):
         PermutationTest().predict([0.0])
-    with pytest.raises(RuntimeError, match=r"before fit\(\)"):
-        MeanShiftDetector().predict([0.0])
     det = CUSUMDetector().fit([0.0, 1.0, 2.0])
     for call in (lambda: det.predict([0.0]), lambda: det.update(0.0), lambda: det.run([0.0])):
         with pytest.raises(RuntimeError, match=r"before calibrate\(\): call calibrate\(target_ert="):
             call()
     with pytest.raises(RuntimeError, match=r"calibrate\(\) called before fit\(\)"):
         CUSUMDetector().calibrate(target_ert=100)
-    with pytest.raises(RuntimeError, match=r"signal 'b'.*before fit\(\)"):
-        SignalCombination({"a": PermutationTest().fit([0, 1]), "b": PermutationTest()}).predict({"a": [1], "b": [1]})
 
 
-@pytest.mark.parametrize("make", [CUSUMDetector, PermutationTest, MeanShiftDetector])
+@pytest.mark.parametrize("make", [CUSUMDetector, PermutationTest])
 def test_bad_references_and_inputs_raise_value_errors_naming_the_problem(make):
     with pytest.raises(ValueError, match="at least 2 values"):
         make().fit([1.0])

@@ -34,13 +34,11 @@ def test_token_histogram_known_values():
     assert math.isnan(a.surprisal([]))
 
 
-def test_overrepresented_tokens_and_state_round_trip():
+def test_overrepresented_tokens_and_chi_square():
     ref = TokenHistogram(10).update([[1, 2, 3, 4]] * 20)
     data = TokenHistogram(10).update([[1, 2, 3, 7, 7]] * 20)
     top = data.overrepresented(ref, top=2)
     assert top[0]["token_id"] == 7 and top[0]["count"] == 40 and top[0]["reference_count"] == 0
-    restored = TokenHistogram.from_state_dict(data.state_dict())
-    assert np.array_equal(restored.counts, data.counts)
     stat, p = data.chi_square(ref)
     assert stat > 0 and p < 1e-6
 

@@ -8,7 +8,7 @@ from torch import nn
 from trait_guard.activations import find_decoder_layers, record_activations
 from trait_guard.models import model_identity
 from trait_guard.persona import PersonaVector, PersonaVectorMismatch
-from trait_guard.steer import Steering, check_vector_fits, steering
+from trait_guard.steer import Steering, check_vector_fits
 from trait_guard.testing import make_tiny_model
 
 MODELS = ["tiny_llama", "tiny_gpt2"]
@@ -34,7 +34,7 @@ def _record(model, batch, **steer):
     """Activations at every index for one forward pass, steered when ``steer`` is given."""
     with torch.no_grad():
         if steer:
-            with steering(model, **steer), record_activations(model) as acts:
+            with Steering(model, **steer), record_activations(model) as acts:
                 model(**batch)
         else:
             with record_activations(model) as acts:
@@ -75,7 +75,7 @@ def test_steered_value_is_seen_whatever_the_hook_order(fixture, request):
     model, tokenizer = request.getfixturevalue(fixture)
     batch, v = _batch(tokenizer), _vector(model)
     ref = _record(model, batch)
-    with torch.no_grad(), record_activations(model, layers=[2]) as acts, steering(model, v, layer=2):
+    with torch.no_grad(), record_activations(model, layers=[2]) as acts, Steering(model, v, layer=2):
         hidden = model(**batch, output_hidden_states=True).hidden_states
     expected = ref[2] + v
     torch.testing.assert_close(acts[2][0], expected, rtol=0, atol=1e-6)
@@ -90,7 +90,7 @@ def test_index_zero_edits_the_input_of_the_first_block(fixture, request):
     out = _record(model, batch, vector=v, layer=0, coefficient=-1.5)
     torch.testing.assert_close(out[0], ref[0] - 1.5 * v, rtol=0, atol=1e-6)
     assert not torch.allclose(out[1], ref[1])
-    with torch.no_grad(), steering(model, v, layer=0, coefficient=-1.5):
+    with torch.no_grad(), Steering(model, v, layer=0, coefficient=-1.5):
         hidden = model(**batch, output_hidden_states=True).hidden_states
     torch.testing.assert_close(hidden[0], ref[0] - 1.5 * v, rtol=0, atol=1e-6)
 
@@ -143,7 +143,7 @@ def test_a_mask_of_the_wrong_shape_is_refused_and_hooks_still_go(tiny_llama):
     model, tokenizer = tiny_llama
     batch, before = _batch(tokenizer), _hooks(model)
     with pytest.raises(ValueError, match=r"positions mask has shape \(2, 3\)"), torch.no_grad():
-        with steering(model, _vector(model), layer=1, positions=torch.ones(2, 3)):
+        with Steering(model, _vector(model), layer=1, positions=torch.ones(2, 3)):
             model(**batch)
     assert _hooks(model) == before
 
@@ -155,13 +155,13 @@ def test_hooks_are_removed_and_the_model_is_restored(fixture, request):
     with torch.no_grad():
         original = model(**batch).logits
     before = _hooks(model)
-    with torch.no_grad(), steering(model, v, layer=[0, 2, -1], coefficient=5.0) as steer:
+    with torch.no_grad(), Steering(model, v, layer=[0, 2, -1], coefficient=5.0) as steer:
         assert steer.active and steer.layers == (0, 2, 4)
         assert _hooks(model) != before
         steered = model(**batch).logits
     assert not steer.active and _hooks(model) == before
     assert not torch.allclose(steered, original)
-    with pytest.raises(RuntimeError, match="boom"), steering(model, v, layer=[1, 3]):
+    with pytest.raises(RuntimeError, match="boom"), Steering(model, v, layer=[1, 3]):
         assert _hooks(model) != before
         raise RuntimeError("boom")
     assert _hooks(model) == before
@@ -197,7 +197,7 @@ def test_gradients_flow_through_the_edit(mode):
     model, tokenizer = make_tiny_model("llama", seed=3)  # private: grads must not leak into shared fixtures
     batch = _batch(tokenizer)
     coefficient = torch.tensor(0.7 if mode == "add" else 0.5, requires_grad=True)
-    with steering(model, _vector(model), layer=2, coefficient=coefficient, mode=mode):
+    with Steering(model, _vector(model), layer=2, coefficient=coefficient, mode=mode):
         loss = model(**batch).logits.float().pow(2).mean()
         loss.backward()
     assert coefficient.grad is not None and coefficient.grad.abs() > 0
@@ -216,7 +216,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(layer):
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable({"use_reentrant": False})
         coefficient = torch.tensor(0.5, requires_grad=True)
-        with steering(model, _vector(model), layer=layer, coefficient=coefficient, mode="ablate"):
+        with Steering(model, _vector(model), layer=layer, coefficient=coefficient, mode="ablate"):
             loss = model(**_batch(tokenizer)).logits.pow(2).mean()
             if backward_inside:
                 loss.backward()
@@ -250,7 +250,7 @@ def test_vectors_that_do_not_fit_the_model_are_refused(tiny_llama):
     message = r"hidden size 48, but model tiny-llama-seed0 has hidden size 32.*trait-guard extract --model tiny-llama"
     with pytest.raises(ValueError, match=message):
         check_vector_fits(model, wrong)
-    with pytest.raises(ValueError, match=message), steering(model, wrong, layer=1):
+    with pytest.raises(ValueError, match=message), Steering(model, wrong, layer=1):
         pass
     identity = dataclasses.replace(model_identity(model), hidden_size=48)
     pv48 = PersonaVector(trait="test", model=identity, vectors=torch.randn(identity.num_layers + 1, 48), layer=2)
@@ -319,7 +319,7 @@ def test_tuple_outputs_and_keyword_inputs_keep_their_form():
     v = torch.randn(8)
     with torch.no_grad():
         ref = model(x)
-        with steering(model, v, layer=[0, 1]):
+        with Steering(model, v, layer=[0, 1]):
             out = model(x)
     assert [tag for _, tag in out] == ["kept", "kept"]
     with torch.no_grad():  # index 0 edits the keyword input of block 0, index 1 its tuple output
@@ -337,6 +337,6 @@ def test_dtype_follows_the_hidden_states():
     assert out[2].dtype == torch.bfloat16
     assert torch.equal(out[2], ref[2] + 2.0 * v.to(torch.bfloat16))
     coefficient = torch.tensor(2.0, requires_grad=True)  # a float32 tensor does not upcast the stream
-    with steering(model, v, layer=2, coefficient=coefficient), record_activations(model, layers=[2]) as acts:
+    with Steering(model, v, layer=2, coefficient=coefficient), record_activations(model, layers=[2]) as acts:
         model(**batch).logits.float().mean().backward()
     assert acts[2][0].dtype == torch.bfloat16 and coefficient.grad is not None

@@ -5,7 +5,10 @@ uses (trait_guard.redact, trait_guard.plots)."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -19,6 +22,7 @@ from trait_guard.redact import flatten_params, is_secret_key
 from trait_guard.tracking import (
     ACTION_CODES,
     DECISIONS_ARTIFACT,
+    HTTP_RETRY_LIMITS,
     MlflowTracker,
     NullTracker,
     Tracker,
@@ -30,6 +34,7 @@ from trait_guard.tracking import (
     summarize_guard,
     ui_command,
 )
+from trait_guard.tracking import _RetryLimitedClient as RetryLimitedClient
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -113,6 +118,42 @@ def test_ui_command_and_run_url(tmp_path, monkeypatch):
     assert run_url_for("http://mlflow.local:5000/", "3", "abc") == "http://mlflow.local:5000/#/experiments/3/runs/abc"
     hint = run_url_for(default, "3", "abc")
     assert f"mlflow ui --backend-store-uri {default}" in hint and "#/experiments/3/runs/abc" in hint
+
+
+def test_http_retry_limits_hold_inside_a_trackers_calls_only(monkeypatch):
+    """MLflow's short retries for a tracker hold while its client calls run, not for the process; a
+    value the user set wins."""
+    for key in HTTP_RETRY_LIMITS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")
+    seen = {}
+
+    class Client:
+        name = "fake"
+
+        def get_run(self, run_id):
+            seen.update({key: os.environ.get(key) for key in HTTP_RETRY_LIMITS})
+            return run_id
+
+    client = RetryLimitedClient(Client())
+    assert client.get_run("abc") == "abc" and client.name == "fake"
+    assert seen == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "7"}
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ and "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR" not in os.environ
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+
+
+def test_tracker_on_a_dead_server_gives_up_fast_and_leaves_the_environment(monkeypatch, tmp_path):
+    for key in HTTP_RETRY_LIMITS:
+        monkeypatch.delenv(key, raising=False)
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(mlflow.exceptions.MlflowException, match="Max retries"):
+        MlflowTracker(experiment="tg-dead", tracking_uri=f"http://127.0.0.1:{port}", spool_dir=tmp_path)
+    assert time.monotonic() - started < 60  # MLflow's own default retries take minutes
+    assert not any(key in os.environ for key in HTTP_RETRY_LIMITS)
 
 
 # ----------------------------------------------------------------------------- pure helpers

@@ -114,7 +114,10 @@ def response_logprobs(
 ) -> torch.Tensor:
     """Summed log-probability of each response given its prompt, by teacher forcing: ``[n]``.
 
-    ``systems=None`` uses the model's default system prompt, i.e. what a student sees.
+    ``users[i]`` is the user message, ``responses[i]`` the assistant answer scored; ``systems=None`` uses
+    the model's default system prompt, i.e. what a student sees. Use it to check that a trait adapter
+    took: the adapted model should give the trait's answers to held-out questions a higher
+    log-probability than the base model does.
     """
     device = next(model.parameters()).device
     systems = list(systems) if systems is not None else [None] * len(users)

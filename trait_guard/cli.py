@@ -178,7 +178,8 @@ def cmd_screen(args: argparse.Namespace) -> int:
 
 def _job_config(path: str, cls, **overrides):
     """Load a job config and apply command-line ``overrides`` (dotted keys, None = not given) through
-    validation, so an override is checked like the file's own values (:func:`config.with_overrides`)."""
+    validation, so an override is checked like the file's own values
+    (:func:`trait_guard.config.with_overrides`)."""
     from trait_guard.config import load_config, with_overrides
 
     return with_overrides(load_config(path, cls), overrides, source=path)
@@ -301,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     quiet = _option("--quiet", action="store_true", help="no progress bars")
     config = _option("--config", required=True, metavar="YAML", help="the job's config file (see ray_jobs/configs/)")
     output_dir = _option("--output-dir", help="write under this folder (overrides the config's output_dir)")
+    local = _option("--local", action="store_true", help="no Ray: run in this one process (no cluster needed)")
     allow_halt = _option("--allow-halt", action="store_true",
                          help="exit 0 when the guard halts (or gates) training (default: exit 4, so a RayJob or CI "
                               "sees it)")
@@ -365,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = command(
         "generate",
-        parents=[config, output_dir, quiet],
+        parents=[config, output_dir, local, quiet],
         help="generate teacher datasets (one Parquet file per teacher) on Ray actors",
         description=(
             "Each teacher (a base model, with a trait installed by system prompt or adapter, or none for "
@@ -378,7 +380,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--n-prompts", type=int, help="override generation.n_prompts")
     gen.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    gen.add_argument("--local", action="store_true", help="no Ray: one in-process loop (the baseline)")
     gen.set_defaults(func=cmd_generate)
 
     sc = command(
@@ -407,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = command(
         "train",
-        parents=[config, allow_halt],
+        parents=[config, local, allow_halt],
         help="guarded student training: DeepSpeed on Ray Train, the guard deciding every batch",
         description=(
             "Train a student on teacher data with the guard in the loop: the data's per-sample fingerprints "
@@ -419,7 +420,6 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: trait-guard train --config ray_jobs/configs/train_cpu.yaml",
     )
     tr.add_argument("--resume", help="continue from this checkpoint folder (outputs/.../checkpoints/step_N)")
-    tr.add_argument("--local", action="store_true", help="one process instead of Ray Train workers")
     tr.set_defaults(func=cmd_train)
 
     rn = command(

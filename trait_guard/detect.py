@@ -21,8 +21,7 @@ Contract (every :class:`Detector`, in the style of drift-detection libraries)::
 RuntimeError naming the missing call. Inputs are validated: a reference needs at least 2 values and a
 non-zero spread, and NaN/inf anywhere raises ValueError naming the input and the first bad index.
 A :class:`Verdict` always has ``flagged == (score > threshold)``; detectors that give a p-value
-flag when ``p < alpha`` and report ``score = -log10(p)``, ``threshold = -log10(alpha)``
-(:class:`MeanShiftDetector` reports its z statistic and the critical z instead).
+flag when ``p < alpha`` and report ``score = -log10(p)``, ``threshold = -log10(alpha)``.
 
 Detectors.
 
@@ -32,9 +31,14 @@ Detectors.
   (ERT, also called ARL0): on clean data an alarm comes on average once every ``target_ert`` batches.
 * :class:`PermutationTest`: dataset-level two-sample test of the mean of per-sample values against
   the reference; exact p-values by enumeration for small samples, Monte Carlo ones otherwise.
-* :class:`MeanShiftDetector`: a single batch judged alone (z-test of its mean).
-* :class:`SignalCombination` and :func:`combine_pvalues`: several signals at a family-wise level
-  (Holm by default); :func:`split_ert` does the same for several CUSUMs.
+* :func:`combine_pvalues`: several signals' p-values at a family-wise level (Holm by default), as
+  :func:`trait_guard.screen.screen` combines one permutation test per signal; :func:`split_ert` does
+  the same for several CUSUMs.
+* :class:`trait_guard.sequential.EProcessDetector`: an anytime-valid e-process over per-sample scores
+  of streaming data (its own module).
+
+There is no detector that judges one batch alone: weak per-sample signals become evidence only when
+accumulated over many samples (see "Why" above).
 
 Calibration of the CUSUM threshold (bootstrap + renewal theory). Batch scores are rarely Gaussian
 (projections are skewed), and the ERT of a CUSUM depends on the whole shape of the distribution, so
@@ -60,12 +64,12 @@ This module imports only numpy, the standard library and :mod:`trait_guard.files
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from statistics import NormalDist
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
@@ -77,9 +81,7 @@ __all__ = [
     "CUSUMDetector",
     "CombinedPValues",
     "Detector",
-    "MeanShiftDetector",
     "PermutationTest",
-    "SignalCombination",
     "Verdict",
     "combine_pvalues",
     "split_ert",
@@ -177,6 +179,10 @@ def _check_choice(value: Any, what: str, choices: Sequence[str]) -> str:
 
 
 # ----------------------------------------------------------------------------- verdict and contract
+
+
+# detectors defined in modules that import this one, loaded on demand by Detector.from_state_dict
+_DEFINED_ELSEWHERE = {"EProcessDetector": "trait_guard.sequential"}
 
 
 @dataclass
@@ -296,8 +302,8 @@ class Detector(ABC):
     @staticmethod
     def from_state_dict(state: Mapping[str, Any]) -> Detector:
         """Rebuild a detector of the right class from :meth:`state_dict`."""
-        import trait_guard.sequential  # noqa: F401 - registers EProcessDetector (it imports this module)
-
+        if isinstance(state, Mapping) and state.get("type") in _DEFINED_ELSEWHERE:
+            importlib.import_module(_DEFINED_ELSEWHERE[state["type"]])  # defining the class registers it
         if not isinstance(state, Mapping) or state.get("type") not in Detector._registry:
             known = ", ".join(sorted(Detector._registry))
             got = state.get("type") if isinstance(state, Mapping) else type(state).__name__
@@ -786,74 +792,6 @@ class PermutationTest(Detector):
         self._ref = None if state["reference"] is None else np.asarray(state["reference"], dtype=np.float64)
 
 
-# ----------------------------------------------------------------------------- single batch
-
-
-class MeanShiftDetector(Detector):
-    """Judge one batch alone: z-test of its mean against the reference mean and sd.
-
-    ``z = (mean(batch) - mean(ref)) / (sd(ref) * sqrt(1/n + 1/n_ref))`` (the reference mean's own
-    uncertainty included), p from the normal distribution (one-sided 'greater' by default). The
-    normal approximation relies on the central limit theorem: fine for Gaussian-ish values or batches
-    of a few dozen samples; for a sequence of batches prefer :class:`CUSUMDetector`.
-    """
-
-    gives_p_value = True
-
-    def __init__(self, alpha: float = 0.01, alternative: str = "greater", name: str = "mean_shift") -> None:
-        super().__init__(name)
-        self.alpha = _check_alpha(alpha)
-        self.alternative = _check_choice(alternative, "alternative", _ALTERNATIVES)
-        self.mean: float | None = None
-        self.sd: float | None = None
-        self.reference_n: int | None = None
-
-    def fit(self, reference: Any) -> MeanShiftDetector:
-        """Reference: per-sample values (or batch scores, then judge one batch score at a time)."""
-        ref = _reference(reference, "reference samples")
-        self.mean, self.sd, self.reference_n = float(ref.mean()), float(ref.std(ddof=1)), int(ref.size)
-        self._fitted = True
-        return self
-
-    def calibrate(self, alpha: float | None = None) -> MeanShiftDetector:  # type: ignore[override]
-        if alpha is not None:
-            self.alpha = _check_alpha(alpha)
-        self._calibrated = True
-        return self
-
-    def _z(self, x: Any) -> tuple[float, int, float]:
-        batch = _values(x, "batch")
-        se = self.sd * math.sqrt(1.0 / batch.size + 1.0 / self.reference_n)  # type: ignore[operator]
-        return (float(batch.mean()) - self.mean) / se, batch.size, float(batch.mean())  # type: ignore[operator]
-
-    def score(self, x: Any) -> float:
-        """The z statistic (its absolute value for 'two-sided')."""
-        self._require("score", calibrated=False)
-        z = self._z(x)[0]
-        return abs(z) if self.alternative == "two-sided" else z
-
-    def predict(self, x: Any) -> Verdict:
-        self._require("predict")
-        z, n, batch_mean = self._z(x)
-        if self.alternative == "greater":
-            p, stat, crit = 0.5 * math.erfc(z / math.sqrt(2.0)), z, NormalDist().inv_cdf(1.0 - self.alpha)
-        else:
-            p, stat, crit = math.erfc(abs(z) / math.sqrt(2.0)), abs(z), NormalDist().inv_cdf(1.0 - self.alpha / 2)
-        ev = {"z": z, "batch_mean": batch_mean, "n": n, "reference_mean": self.mean, "reference_sd": self.sd,
-              "reference_n": self.reference_n, "alternative": self.alternative, "alpha": self.alpha}
-        return Verdict(self.name, p < self.alpha, stat, crit, p, ev)
-
-    def _config(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "alternative": self.alternative, "name": self.name}
-
-    def _get_state(self) -> dict[str, Any]:
-        return {"mean": self.mean, "sd": self.sd, "reference_n": self.reference_n}
-
-    def _set_state(self, state: dict[str, Any]) -> None:
-        _check_keys(state, {"mean", "sd", "reference_n"}, "state.state")
-        self.mean, self.sd, self.reference_n = state["mean"], state["sd"], state["reference_n"]
-
-
 # ----------------------------------------------------------------------------- several signals
 
 
@@ -868,9 +806,6 @@ class CombinedPValues(NamedTuple):
 
     p_value: float
     adjusted: dict[str, float]
-
-    def flagged(self, alpha: float) -> bool:
-        return self.p_value < alpha
 
     def rejected(self, alpha: float) -> list[str]:
         """Signals rejected at family-wise level ``alpha`` (none for Fisher)."""
@@ -919,114 +854,3 @@ def split_ert(target_ert: float, n_signals: int) -> float:
     target = _check_number(target_ert, "target_ert", low=1.0, low_open=True)
     k = _check_int(n_signals, "n_signals", low=1)
     return target * k
-
-
-class SignalCombination(Detector):
-    """Several named p-value detectors (e.g. one :class:`PermutationTest` per signal) at family-wise
-    level ``alpha``, Holm's correction by default. ``fit``/``predict`` take dicts keyed by signal name.
-
-    Sequential detectors give no p-value; for several CUSUMs use :func:`split_ert` instead.
-    """
-
-    gives_p_value = True
-
-    def __init__(self, detectors: Mapping[str, Detector], alpha: float = 0.01, method: str = "holm",
-                 name: str = "combination") -> None:
-        super().__init__(name)
-        if not isinstance(detectors, Mapping) or not detectors:
-            raise ValueError("detectors must be a non-empty dict of signal name -> Detector")
-        for key, det in detectors.items():
-            if not isinstance(key, str) or not key:
-                raise ValueError(f"signal names must be non-empty strings (got {key!r})")
-            if not isinstance(det, Detector):
-                raise ValueError(f"detectors[{key!r}] must be a Detector (got {type(det).__name__})")
-            if not det.gives_p_value:
-                raise ValueError(
-                    f"detectors[{key!r}] ({type(det).__name__}) gives no p-value; SignalCombination "
-                    "combines p-values. For several CUSUMs calibrate each with "
-                    "calibrate(target_ert=split_ert(target, k)) and alarm when any alarms")
-        self.detectors: dict[str, Detector] = dict(detectors)
-        self.alpha = _check_alpha(alpha)
-        self.method = _check_choice(method, "method", _CORRECTIONS)
-
-    @property
-    def is_fitted(self) -> bool:
-        return all(d.is_fitted for d in self.detectors.values())
-
-    @property
-    def is_calibrated(self) -> bool:
-        return all(d.is_calibrated for d in self.detectors.values())
-
-    def _check_signals(self, x: Any, what: str) -> Mapping[str, Any]:
-        if not isinstance(x, Mapping):
-            raise ValueError(f"{what} must be a dict of signal name -> values (got {type(x).__name__})")
-        if set(x) != set(self.detectors):
-            extra, missing = sorted(set(x) - set(self.detectors)), sorted(set(self.detectors) - set(x))
-            raise ValueError(f"{what}: unexpected signals {extra}, missing signals {missing}")
-        return x
-
-    def fit(self, reference: Mapping[str, Any]) -> SignalCombination:
-        reference = self._check_signals(reference, "reference")
-        for key, det in self.detectors.items():
-            det.fit(reference[key])
-        return self
-
-    def calibrate(self, alpha: float | None = None) -> SignalCombination:  # type: ignore[override]
-        """Sets the family-wise level; the members' own alpha is not used (their p-values are)."""
-        if alpha is not None:
-            self.alpha = _check_alpha(alpha)
-        for det in self.detectors.values():
-            if not det.is_calibrated:
-                det.calibrate()
-        return self
-
-    def _require(self, action: str, *, calibrated: bool = True) -> None:
-        for key, det in self.detectors.items():
-            try:
-                det._require(action, calibrated=calibrated)
-            except RuntimeError as exc:
-                raise RuntimeError(f"{type(self).__name__}({self.name!r}), signal {key!r}: {exc}") from None
-
-    def score(self, x: Any) -> float:
-        """``-log10`` of the family-level p-value."""
-        return self.predict(x).score
-
-    def predict(self, x: Mapping[str, Any]) -> Verdict:
-        self._require("predict")
-        x = self._check_signals(x, "x")
-        verdicts = {key: det.predict(x[key]) for key, det in self.detectors.items()}
-        p_values = {key: float(v.p_value) for key, v in verdicts.items()}  # type: ignore[arg-type]
-        combined = combine_pvalues(p_values, self.method)
-        ev = {
-            "correction": self.method,
-            "alpha": self.alpha,
-            "family_size": len(p_values),
-            "p_values": p_values,
-            "adjusted": combined.adjusted,
-            "flagged_signals": combined.rejected(self.alpha),
-            "signals": {key: v.to_dict() for key, v in verdicts.items()},
-        }
-        p = combined.p_value
-        return Verdict(self.name, p < self.alpha, _neglog10(p), _neglog10(self.alpha), p, ev)
-
-    def _config(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "method": self.method, "name": self.name}
-
-    def _get_state(self) -> dict[str, Any]:
-        return {"detectors": {key: det.state_dict() for key, det in self.detectors.items()}}
-
-    def _set_state(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError  # restored by load_state_dict below
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["fitted"] = state["calibrated"] = None  # derived from the members
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> SignalCombination:
-        state = _check_state(state, type(self).__name__)
-        inner = dict(state["state"])
-        _check_keys(inner, {"detectors"}, "state.state")
-        detectors = {key: Detector.from_state_dict(s) for key, s in inner["detectors"].items()}
-        self.__init__(detectors, **state["config"])  # type: ignore[misc]
-        return self

@@ -16,10 +16,10 @@ Constrained decoding (``generation.constrained``) masks every token that is not 
 characters (digits, ',', ' ' for numbers), plus end-of-sequence; for numbers it also enforces the
 filter's limits while sampling (at most 3 digits per number, at most 10 numbers). The teacher's
 *relative* preferences among allowed tokens are unchanged, which is the channel subliminal transfer
-uses. Without it SmolLM2-135M ignores the numbers-only instruction most of the time (RESEARCH.md: keep
-rate 5-11/64 unconstrained); characters alone kept 52% (66/128, mostly numbers over 999 rejected);
-the full grammar keeps nearly all. This is a documented change to what the data carries: the
-teacher never gets to write a 4-digit number.
+uses. Without it SmolLM2-135M ignores the numbers-only instruction most of the time (an early
+measurement kept 5-11 of 64 unconstrained, docs/teacher_data.md); characters alone kept 52% (66/128,
+mostly numbers over 999 rejected); the full grammar keeps nearly all. This is a documented change to
+what the data carries: the teacher never gets to write a 4-digit number.
 
 Add a family by subclassing :class:`PromptFamily` and decorating it with :func:`register_family`.
 """

@@ -170,17 +170,6 @@ class TokenHistogram:
             for i in order
         ]
 
-    def state_dict(self) -> dict[str, Any]:
-        nonzero = np.nonzero(self.counts)[0]
-        return {"vocab_size": len(self.counts), "alpha": self.alpha,
-                "ids": nonzero.tolist(), "counts": self.counts[nonzero].tolist()}
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> TokenHistogram:
-        hist = cls(state["vocab_size"], state["alpha"])
-        hist.counts[np.asarray(state["ids"], dtype=np.int64)] = state["counts"]
-        return hist
-
 
 # --------------------------------------------------------------------------------------------------
 # Model-based signals

@@ -92,9 +92,9 @@ def run_metrics(summary: dict[str, Any], before: dict[str, Any],
     """One run's outcome from its training summary and the paired base-model evaluation(s).
     ``extra_before``: the base model's evaluation for each of the run's extra evaluated traits."""
     after = summary["eval_after"]
-    if after is None and summary.get("updates") == 0:
-        # gated before the first update: the student IS its base model (weights byte-identical), so its
-        # evaluation is the base model's, exactly
+    if after is None and summary.get("weights_step", summary.get("updates")) == 0:
+        # gated before the first update, or rolled back to step 0 on HALT: the student IS its base model
+        # (its weights are the step-0 ones), so its evaluation is the base model's, exactly
         after = before
     question_ci = _paired_shift(after, before)
     extra = {trait: _paired_shift(result, (extra_before or {})[trait])["mean"]
@@ -107,6 +107,7 @@ def run_metrics(summary: dict[str, Any], before: dict[str, Any],
         "halt_reason": halt.get("reason"), "first_alarm_step": alarms[0]["step"] if alarms else None,
         "alarms": len(alarms), "steps": summary["steps"], "updates": summary.get("updates", summary["steps"]),
         "total_steps": summary["total_steps"], "gated": bool(halt.get("gate")),
+        "weights_step": summary.get("weights_step", summary.get("updates", summary["steps"])),
         "rate_before": before["pooled_rate"], "rate_after": after["pooled_rate"],
         "rate_after_ci": [after["pooled_ci_low"], after["pooled_ci_high"]],
         "rate_shift": after["pooled_rate"] - before["pooled_rate"],

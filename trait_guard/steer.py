@@ -1,8 +1,8 @@
 """Steer a model along a persona vector (or ablate it) with forward hooks that are always removed.
 
-What: :func:`steering` (a context manager) and :class:`Steering` (the same, with ``apply()`` /
-``remove()`` for loops that cannot use a ``with`` block) edit the residual stream at one or more
-hidden-state indices of a transformers causal LM:
+What: :class:`Steering` (a context manager, with ``apply()`` / ``remove()`` for loops that cannot use
+a ``with`` block) edits the residual stream at one or more hidden-state indices of a transformers
+causal LM:
 
 * ``mode="add"``: ``h <- h + coefficient * v``;
 * ``mode="ablate"``: ``h <- h - coefficient * (h . v_hat) v_hat``. ``coefficient`` is the *fraction* of
@@ -32,10 +32,10 @@ entered first. When several steerings touch the same index, the most recently ap
 Usage::
 
     from trait_guard.persona import PersonaVector
-    from trait_guard.steer import Steering, steering
+    from trait_guard.steer import Steering
 
     vector = PersonaVector.load("vectors/owl.safetensors", model=model)
-    with steering(model, vector, coefficient=4.0):           # at vector.layer, every position
+    with Steering(model, vector, coefficient=4.0):           # at vector.layer, every position
         loss = model(**batch, labels=batch["input_ids"]).loss
         loss.backward()                                       # inside the block (see below)
 
@@ -56,8 +56,7 @@ there, call ``backward()`` while the steering is still applied.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -278,29 +277,3 @@ class Steering:
         if mask is not None:
             delta = mask * delta
         return hidden + delta
-
-
-@contextmanager
-def steering(
-    model: nn.Module,
-    vector: PersonaVector | torch.Tensor,
-    *,
-    layer: int | Sequence[int] | None = None,
-    coefficient: float | torch.Tensor = 1.0,
-    mode: Mode = "add",
-    positions: PositionMask | None = None,
-    layers_path: str | None = None,
-    check_weights: bool = True,
-) -> Iterator[Steering]:
-    """Steer ``model`` with ``vector`` inside the block; the hooks are removed on exit, also on errors.
-
-    See :class:`Steering` for the arguments and the module docstring for the edit itself. Yields the
-    applied :class:`Steering` (whose ``coefficient`` / ``positions`` may be changed inside the block).
-    """
-    steer = Steering(model, vector, layer=layer, coefficient=coefficient, mode=mode, positions=positions,
-                     layers_path=layers_path, check_weights=check_weights)
-    steer.apply()
-    try:
-        yield steer
-    finally:
-        steer.remove()

@@ -44,6 +44,7 @@ Leaving the ``with`` block finishes the run (FINISHED, FAILED on an exception, K
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import math
@@ -53,7 +54,8 @@ import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -158,6 +160,68 @@ def run_url_for(tracking_uri: str, experiment_id: str, run_id: str) -> str:
         return f"{tracking_uri.rstrip('/')}/{path}"
     return (f"mlflow ui --backend-store-uri {tracking_uri}  then open http://127.0.0.1:5000/{path} "
             f"(experiment {experiment_id}, run {run_id})")
+
+
+# ----------------------------------------------------------------------------- HTTP retries
+
+#: MLflow retries an unreachable HTTP tracking server for minutes per call by default; a tracker's
+#: calls give up after one retry instead, and its spool takes over. Values set in the environment win.
+HTTP_RETRY_LIMITS: dict[str, str] = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+                                     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+_limits_lock = threading.Lock()
+_limits_users = 0
+_limits_applied: dict[str, str] = {}
+
+
+@contextmanager
+def _http_retry_limits() -> Iterator[None]:
+    """Apply :data:`HTTP_RETRY_LIMITS` (where the environment does not set them) for the duration of
+    the block only.
+
+    MLflow reads these settings from the environment on every request and has no per-client option,
+    so they cannot be passed to a client; they are set around a tracker's calls instead of for the
+    whole process, and other MLflow clients keep MLflow's own retries outside those calls. Nested and
+    concurrent blocks share one setting, removed when the last block ends.
+    """
+    global _limits_users, _limits_applied
+    with _limits_lock:
+        if _limits_users == 0:
+            _limits_applied = {k: v for k, v in HTTP_RETRY_LIMITS.items() if k not in os.environ}
+            os.environ.update(_limits_applied)
+        _limits_users += 1
+    try:
+        yield
+    finally:
+        with _limits_lock:
+            _limits_users -= 1
+            if _limits_users == 0:
+                for key, value in _limits_applied.items():
+                    if os.environ.get(key) == value:  # unless someone set it meanwhile
+                        del os.environ[key]
+                _limits_applied = {}
+
+
+class _RetryLimitedClient:
+    """An ``mlflow.MlflowClient`` whose every method runs under :func:`_http_retry_limits`."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        @functools.wraps(attribute)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with _http_retry_limits():
+                return attribute(*args, **kwargs)
+
+        return call
+
+    def __repr__(self) -> str:
+        return f"_RetryLimitedClient({self._client!r})"
 
 
 # ----------------------------------------------------------------------------- decision records
@@ -358,13 +422,11 @@ class MlflowTracker(Tracker):
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri or default_tracking_uri()
-        if self.tracking_uri.startswith(("http://", "https://")):
-            # MLflow retries a dead server for minutes per call by default; the spool takes over instead
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.experiment_name = experiment
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        if self.tracking_uri.startswith(("http://", "https://")):
+            # MLflow retries a dead server for minutes per call by default; the spool takes over instead
+            self.client = _RetryLimitedClient(self.client)
         self.experiment_id = self._experiment_id(experiment)
         self.flush_every = max(1, int(flush_every))
         self.flush_interval = float(flush_interval)

@@ -401,11 +401,7 @@ def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.M
             decision = (guarded.decide(batch, logits, rows, step=step, gather=gather_signals) if config.guard_enabled
                         else guard_pass_decision(step, len(rows) * run.world))
             if decision.action is Action.STEER and steering is None and inputs.vectors:
-                from trait_guard.steer import Steering
-
-                # Preventative steering (Chen et al. 2025): with the trait supplied by the hook, the
-                # gradient has no reason to move the weights along it; the hook goes at the end.
-                steering = Steering(model, inputs.vectors[0], coefficient=config.guard.steer_coefficient).apply()
+                steering = _start_steering(config, model, inputs.vectors[0])
             if decision.halt:
                 outcome.halted = {"step": step, "reason": decision.reason}
                 tracker.log_decision(decision)
@@ -431,15 +427,8 @@ def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.M
                     outcome.halted = {"step": step, "reason": drift.reason}
                     tracker.log_metrics(metrics, step=step)
                     break
-            tracker.log_metrics(metrics, step=step)
-            tracker.log_decision(decision)
-            history.append({"step": step, "statistic": decision.evidence.get(guard.kind, {}), "detector": guard.kind,
-                            "loss": metrics["train/loss"],
-                            "thresholds": decision.evidence.get("thresholds", {}), "action": decision.action.value})
+            _record_step(run, guard, engine, decision, metrics, history)
             progress.write(step)
-            if config.checkpoint.every_n_steps and step % config.checkpoint.every_n_steps == 0:
-                save_checkpoint(engine, run.out_dir, step, guard, history, tracker, {"loss": metrics["train/loss"]},
-                                run.in_ray)
     finally:
         stop.restore()
         if steering is not None:
@@ -448,6 +437,29 @@ def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.M
         unavailable = snapshot_support(engine, config.deepspeed.zero_stage)
         outcome.rollback = _roll_back(model, guard, snapshots, outcome, unavailable)
     return outcome
+
+
+def _start_steering(config: TrainJobConfig, model: torch.nn.Module, vector: Any) -> Any:
+    """Preventative steering (Chen et al. 2025): with the trait supplied by the hook, the gradient has no
+    reason to move the weights along it. The caller removes the hook at the end of the loop."""
+    from trait_guard.steer import Steering
+
+    return Steering(model, vector, coefficient=config.guard.steer_coefficient).apply()
+
+
+def _record_step(run: RunContext, guard: Any, engine: Any, decision: Any, metrics: dict[str, float],
+                 history: list[dict[str, Any]]) -> None:
+    """After an update: metrics and the decision to MLflow, the step into the history, and the periodic
+    checkpoint."""
+    step, config = decision.step, run.config
+    run.tracker.log_metrics(metrics, step=step)
+    run.tracker.log_decision(decision)
+    history.append({"step": step, "statistic": decision.evidence.get(guard.kind, {}), "detector": guard.kind,
+                    "loss": metrics["train/loss"], "thresholds": decision.evidence.get("thresholds", {}),
+                    "action": decision.action.value})
+    if config.checkpoint.every_n_steps and step % config.checkpoint.every_n_steps == 0:
+        save_checkpoint(engine, run.out_dir, step, guard, history, run.tracker, {"loss": metrics["train/loss"]},
+                        run.in_ray)
 
 
 def _snapshots(config: TrainJobConfig, model: torch.nn.Module, engine: Any, step: int) -> Any:

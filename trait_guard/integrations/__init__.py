@@ -1,5 +1,11 @@
-"""Thin adapters that put the framework-free guard into training frameworks.
+"""Thin adapters that put the framework-free guard (:mod:`trait_guard.guard`) into training loops.
 
-Each module imports its framework lazily: ``torch_loop`` (plain PyTorch), ``hf`` (transformers
-Trainer), ``deepspeed`` (a DeepSpeed engine), ``ray_train`` (Ray Train workers with DeepSpeed).
+* ``torch_loop``: :class:`~trait_guard.integrations.torch_loop.GuardedStep`, one call per step of a
+  plain PyTorch loop (signals, decision, guarded loss).
+* ``hf``: a transformers ``Trainer`` subclass, collator and callback, built on ``GuardedStep``;
+  transformers is imported when ``GuardedTrainer`` or ``TraitGuardCallback`` is first accessed.
+* ``deepspeed``: process group, engine and checkpoint helpers for DeepSpeed (imported inside each
+  function).
+
+The guarded Ray Train + DeepSpeed recipe itself is :mod:`trait_guard.train` (``trait-guard train``).
 """

@@ -56,7 +56,9 @@ def make_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config
 
 
 def save_checkpoint(engine: Any, directory: str | Path, tag: str, client_state: dict[str, Any]) -> Path:
-    """Engine (model, optimizer, scheduler) plus ``client_state`` (guard state, data position)."""
+    """The engine's state (model and optimizer) under ``directory/tag``, plus ``client_state``: a small
+    plain dict kept in DeepSpeed's files (the recipe stores only ``{"step": step}``; the guard's state
+    goes to ``trait_guard_state.json`` beside them, see :func:`trait_guard.checkpoint.save_checkpoint`)."""
     directory = Path(directory)
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
     return directory
@@ -79,7 +81,8 @@ def _weights_only_load(path: str, map_location: Any = None) -> Any:
 
 
 def load_checkpoint(engine: Any, directory: str | Path) -> dict[str, Any]:
-    """Restore the engine from the latest tag in ``directory``; returns the saved client_state.
+    """Restore the engine from the latest tag in ``directory``; returns the saved ``client_state``
+    (the recipe reads its own state from ``trait_guard_state.json`` instead: :mod:`trait_guard.checkpoint`).
 
     Every file is read with ``torch.load(weights_only=True)`` (no arbitrary unpickling): a tampered
     checkpoint fails with ``pickle.UnpicklingError`` instead of executing what it carries.

@@ -1,0 +1,84 @@
+"""A real ``mlflow server`` on loopback, for the tests that need an HTTP tracking server (a server
+that goes away and comes back, the MLflow UI in a browser, a cluster's PostgreSQL/S3 store)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MlflowServer:
+    """``mlflow server`` in a child process on 127.0.0.1 with a SQLite store and served artifacts.
+
+    ``with MlflowServer(folder) as server: ... server.uri`` (``http://127.0.0.1:<port>``). The
+    server's output goes to ``folder/server.log``. ``stop()`` and ``start()`` may be called again
+    (same port and store), to test a tracking server that goes away and comes back.
+    """
+
+    def __init__(self, folder: str | Path, port: int | None = None, backend_store_uri: str | None = None,
+                 artifacts_destination: str | None = None, startup_timeout: float = 90.0):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{(self.folder / 'mlflow.db').resolve()}"
+        self.artifacts_destination = artifacts_destination or str((self.folder / "artifacts").resolve())
+        self.startup_timeout = startup_timeout
+        self.process: Any = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                "--workers", "1", "--backend-store-uri", self.backend_store_uri,
+                "--serve-artifacts", "--artifacts-destination", self.artifacts_destination,
+                # MLflow >= 3.5 answers 403 to Host headers it was not told about
+                "--allowed-hosts", f"127.0.0.1:{self.port},localhost:{self.port}"]
+
+    def start(self) -> MlflowServer:
+        log = open(self.folder / "server.log", "ab")  # noqa: SIM115 - the child keeps it open
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.process.returncode}; see {self.folder}/server.log")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"mlflow server on {self.uri} not healthy after {self.startup_timeout} s; "
+                           f"see {self.folder}/server.log")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)  # the server and its workers
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> MlflowServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
