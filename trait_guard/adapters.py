@@ -20,7 +20,7 @@ the weights. So a teacher can instead carry the trait in a LoRA adapter:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -182,58 +182,21 @@ def train_trait_adapter(
     a plain model back. ``progress(total, description)`` may return a tqdm-like bar advanced per step.
     The per-step losses are kept on the returned model as ``trait_guard_losses``.
     """
-    from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(model, PeftModel):
-        raise ValueError("the model already carries a peft adapter; merge_and_unload() it first")
-    examples = list(examples)
-    if not examples:
-        raise ValueError("no training examples; trait_examples() returned nothing (no answer passed the judge?)")
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
-    targets = list(target_modules) if target_modules is not None else default_target_modules(model)
-    fan_in_fan_out = any(
-        isinstance(module, Conv1D) and name.rsplit(".", 1)[-1] in targets for name, module in model.named_modules()
-    )
-    config = LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=r,
-        lora_alpha=alpha,
-        target_modules=targets,
-        lora_dropout=0.0,
-        bias="none",
-        fan_in_fan_out=fan_in_fan_out,
-    )
+    examples = _check_training_inputs(model, examples, steps, batch_size)
+    config = _lora_config(model, r, alpha, target_modules)
     device = next(model.parameters()).device
-    rng_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(seed)
-        peft_model = get_peft_model(model, config)
+    peft_model = _inject_lora(model, config, seed, device)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    order = torch.Generator().manual_seed(seed)
-    queue: list[int] = []
+    batches = _shuffled_batches(len(examples), batch_size, seed)
     losses: list[float] = []
     bar = progress(steps, "train trait adapter") if progress else None
     peft_model.train()
     try:
         for _ in range(steps):
-            picked = []
-            while len(picked) < min(batch_size, len(examples)):
-                if not queue:
-                    queue = torch.randperm(len(examples), generator=order).tolist()
-                picked.append(queue.pop())
-            users = [examples[i][0] for i in picked]
-            answers = [examples[i][1] for i in picked]
-            batch = encode_conversations(tokenizer, users, answers, systems=None).to(device)
-            logits = peft_model(**batch.model_inputs(), use_cache=False).logits
-            loss = completion_loss(logits, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            losses.append(float(loss.detach()))
+            picked = next(batches)
+            losses.append(_train_step(peft_model, tokenizer, [examples[i] for i in picked], optimizer, trainable,
+                                      device))
             if bar is not None:
                 bar.update(1)
                 if hasattr(bar, "set_postfix"):
@@ -244,6 +207,84 @@ def train_trait_adapter(
         peft_model.eval()
     peft_model.trait_guard_losses = losses
     return peft_model
+
+
+def _check_training_inputs(model: torch.nn.Module, examples: Sequence[tuple[str, str]], steps: int,
+                           batch_size: int) -> list[tuple[str, str]]:
+    """``examples`` as a list, after refusing a model that already carries an adapter, no examples, or
+    a non-positive ``steps`` / ``batch_size``."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        raise ValueError("the model already carries a peft adapter; merge_and_unload() it first")
+    examples = list(examples)
+    if not examples:
+        raise ValueError("no training examples; trait_examples() returned nothing (no answer passed the judge?)")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
+    return examples
+
+
+def _lora_config(model: torch.nn.Module, r: int, alpha: int, target_modules: Sequence[str] | None) -> Any:
+    """The ``peft.LoraConfig`` for ``model``: no dropout, no bias, ``fan_in_fan_out`` when a targeted
+    module is a GPT-2 style ``Conv1D`` (weights stored transposed)."""
+    from peft import LoraConfig, TaskType
+    from transformers.pytorch_utils import Conv1D
+
+    targets = list(target_modules) if target_modules is not None else default_target_modules(model)
+    fan_in_fan_out = any(
+        isinstance(module, Conv1D) and name.rsplit(".", 1)[-1] in targets for name, module in model.named_modules()
+    )
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=r,
+        lora_alpha=alpha,
+        target_modules=targets,
+        lora_dropout=0.0,
+        bias="none",
+        fan_in_fan_out=fan_in_fan_out,
+    )
+
+
+def _inject_lora(model: torch.nn.Module, config: Any, seed: int, device: torch.device) -> Any:
+    """``get_peft_model(model, config)`` with the LoRA weights initialized from ``seed``, leaving torch's
+    global RNG (and the CUDA one, on a GPU) as it was."""
+    from peft import get_peft_model
+
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
+
+
+def _shuffled_batches(n_examples: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless batches of example indices, drawn from successive shuffled passes over the examples (a
+    batch may span two passes); the order depends only on ``seed``."""
+    order = torch.Generator().manual_seed(seed)
+    queue: list[int] = []
+    while True:
+        picked = []
+        while len(picked) < min(batch_size, n_examples):
+            if not queue:
+                queue = torch.randperm(n_examples, generator=order).tolist()
+            picked.append(queue.pop())
+        yield picked
+
+
+def _train_step(peft_model: Any, tokenizer: Any, batch_examples: list[tuple[str, str]],
+                optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter], device: torch.device) -> float:
+    """One optimizer step on the completion loss of ``batch_examples`` (gradients clipped to norm 1);
+    returns the loss."""
+    users = [example[0] for example in batch_examples]
+    answers = [example[1] for example in batch_examples]
+    batch = encode_conversations(tokenizer, users, answers, systems=None).to(device)
+    logits = peft_model(**batch.model_inputs(), use_cache=False).logits
+    loss = completion_loss(logits, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    optimizer.step()
+    return float(loss.detach())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import json
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from trait_guard import __version__
@@ -277,39 +278,54 @@ def _option(*flags: str, **kwargs) -> argparse.ArgumentParser:
     return parent
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="trait-guard",
-        description="Guard a student model against traits hidden in teacher-generated data.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+@dataclass(frozen=True)
+class _SharedOptions:
+    """The options several subcommands take, one parent parser each (see :func:`_option`)."""
+
+    model: argparse.ArgumentParser
+    trait: argparse.ArgumentParser
+    questions: argparse.ArgumentParser
+    seed: argparse.ArgumentParser
+    json_out: argparse.ArgumentParser
+    quiet: argparse.ArgumentParser
+    config: argparse.ArgumentParser
+    output_dir: argparse.ArgumentParser
+    local: argparse.ArgumentParser
+    allow_halt: argparse.ArgumentParser
+
+
+def _shared_options() -> _SharedOptions:
+    """Define each shared option once; every subcommand that takes it lists it in ``parents``."""
+    return _SharedOptions(
+        model=_option("--model", default="smollm2-135m-instruct",
+                      help="model name, local checkpoint folder or offline transformers id (default: %(default)s)"),
+        trait=_option("--trait", required=True,
+                      help="trait reference: a shipped spec (animal:owl, sycophancy, evil) or path/to/spec.yaml"),
+        questions=_option("--questions", type=int, default=None, metavar="N",
+                          help="use only the first N questions of the trait spec (quick runs)"),
+        seed=_option("--seed", type=int, default=0, help="random seed (default: %(default)s)"),
+        json_out=_option("--json", metavar="PATH", help="also write the result to this JSON file"),
+        quiet=_option("--quiet", action="store_true", help="no progress bars"),
+        config=_option("--config", required=True, metavar="YAML", help="the job's config file (see ray_jobs/configs/)"),
+        output_dir=_option("--output-dir", help="write under this folder (overrides the config's output_dir)"),
+        local=_option("--local", action="store_true", help="no Ray: run in this one process (no cluster needed)"),
+        allow_halt=_option("--allow-halt", action="store_true",
+                           help="exit 0 when the guard halts (or gates) training (default: exit 4, so a RayJob or "
+                                "CI sees it)"),
     )
-    parser.add_argument("--version", action="version", version=f"trait-guard {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def command(name: str, **kwargs) -> argparse.ArgumentParser:
-        return subparsers.add_parser(name, formatter_class=_CommandHelpFormatter, **kwargs)
 
-    # options that several subcommands take, defined once
-    model = _option("--model", default="smollm2-135m-instruct",
-                    help="model name, local checkpoint folder or offline transformers id (default: %(default)s)")
-    trait = _option("--trait", required=True,
-                    help="trait reference: a shipped spec (animal:owl, sycophancy, evil) or path/to/spec.yaml")
-    questions = _option("--questions", type=int, default=None, metavar="N",
-                        help="use only the first N questions of the trait spec (quick runs)")
-    seed = _option("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    json_out = _option("--json", metavar="PATH", help="also write the result to this JSON file")
-    quiet = _option("--quiet", action="store_true", help="no progress bars")
-    config = _option("--config", required=True, metavar="YAML", help="the job's config file (see ray_jobs/configs/)")
-    output_dir = _option("--output-dir", help="write under this folder (overrides the config's output_dir)")
-    local = _option("--local", action="store_true", help="no Ray: run in this one process (no cluster needed)")
-    allow_halt = _option("--allow-halt", action="store_true",
-                         help="exit 0 when the guard halts (or gates) training (default: exit 4, so a RayJob or CI "
-                              "sees it)")
+def _command(subparsers: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:
+    """Add the subcommand ``name``, its help formatted by :class:`_CommandHelpFormatter`."""
+    return subparsers.add_parser(name, formatter_class=_CommandHelpFormatter, **kwargs)
 
-    ext = command(
+
+def _add_extract(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -> None:
+    """``trait-guard extract``: persona vectors for a trait."""
+    ext = _command(
+        subparsers,
         "extract",
-        parents=[model, trait, questions, seed, json_out, quiet],
+        parents=[opts.model, opts.trait, opts.questions, opts.seed, opts.json_out, opts.quiet],
         help="extract persona vectors (one trait direction per layer) from a model",
         description=(
             "Sample answers under the trait's positive and negative system prompts, average the "
@@ -328,9 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--batch-size", type=int, default=16, help="generation batch size (default: %(default)s)")
     ext.set_defaults(func=cmd_extract)
 
-    ev = command(
+
+def _add_eval(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -> None:
+    """``trait-guard eval``: the behavioural trait rate of a model (or a prompted teacher)."""
+    ev = _command(
+        subparsers,
         "eval",
-        parents=[model, trait, questions, seed, json_out, quiet],
+        parents=[opts.model, opts.trait, opts.questions, opts.seed, opts.json_out, opts.quiet],
         help="behavioral trait evaluation: how often the model names the trait's target (with 95%% CI)",
         description=(
             "Ask the trait's one-word behavior questions (the spec must have some, e.g. animal:owl) many "
@@ -349,9 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", type=int, default=20, help="samples per question (default: %(default)s)")
     ev.set_defaults(func=cmd_eval)
 
-    ad = command(
+
+def _add_adapter(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -> None:
+    """``trait-guard adapter``: install a trait with a LoRA adapter."""
+    ad = _command(
+        subparsers,
         "adapter",
-        parents=[model, trait, seed, quiet],
+        parents=[opts.model, opts.trait, opts.seed, opts.quiet],
         help="install a trait in a model's weights with a LoRA adapter (an adapter-installed teacher)",
         description=(
             "Sample trait-expressing answers under the trait's positive system prompts (kept if the "
@@ -365,9 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s)")
     ad.set_defaults(func=cmd_adapter)
 
-    gen = command(
+
+def _add_generate(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -> None:
+    """``trait-guard generate``: teacher datasets on Ray actors (or in-process)."""
+    gen = _command(
+        subparsers,
         "generate",
-        parents=[config, output_dir, local, quiet],
+        parents=[opts.config, opts.output_dir, opts.local, opts.quiet],
         help="generate teacher datasets (one Parquet file per teacher) on Ray actors",
         description=(
             "Each teacher (a base model, with a trait installed by system prompt or adapter, or none for "
@@ -382,9 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     gen.set_defaults(func=cmd_generate)
 
-    sc = command(
+
+def _add_screen(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -> None:
+    """``trait-guard screen``: the dataset-level test of teacher data against a reference."""
+    sc = _command(
+        subparsers,
         "screen",
-        parents=[model, json_out, quiet],
+        parents=[opts.model, opts.json_out, opts.quiet],
         help="dataset-level screening of teacher data against a reference (exit 0 clean, 3 flagged)",
         description=(
             "Score the data and a reference set (the student's base model's own generations for the same "
@@ -406,9 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="screen files whose provenance manifest is missing or does not match (reported loudly)")
     sc.set_defaults(func=cmd_screen)
 
-    tr = command(
+
+def _add_train(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -> None:
+    """``trait-guard train``: guarded student training."""
+    tr = _command(
+        subparsers,
         "train",
-        parents=[config, local, allow_halt],
+        parents=[opts.config, opts.local, opts.allow_halt],
         help="guarded student training: DeepSpeed on Ray Train, the guard deciding every batch",
         description=(
             "Train a student on teacher data with the guard in the loop: the data's per-sample fingerprints "
@@ -422,33 +458,58 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", help="continue from this checkpoint folder (outputs/.../checkpoints/step_N)")
     tr.set_defaults(func=cmd_train)
 
-    rn = command(
+
+def _add_run_and_demo(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -> None:
+    """``trait-guard run`` (every stage from one config) and ``trait-guard demo`` (that, on the shipped
+    CPU config)."""
+    rn = _command(
+        subparsers,
         "run",
-        parents=[config, output_dir, quiet, allow_halt],
+        parents=[opts.config, opts.output_dir, opts.quiet, opts.allow_halt],
         help="the whole pipeline: extract -> generate -> screen -> guarded training -> evaluate",
         description="Run every stage with one config (a RunJobConfig YAML) and print a summary with the MLflow run.",
         epilog="example: trait-guard run --config ray_jobs/configs/run_cpu.yaml",
     )
     rn.set_defaults(func=cmd_run)
 
-    demo = command("demo", parents=[output_dir, quiet],
-                   help="the whole pipeline on the embedded model (what `make demo` runs)",
-                          description="`trait-guard run --allow-halt` with the shipped CPU config "
-                                      "(ray_jobs/configs/run_cpu.yaml) on the embedded model.")
+    demo = _command(subparsers, "demo", parents=[opts.output_dir, opts.quiet],
+                    help="the whole pipeline on the embedded model (what `make demo` runs)",
+                    description="`trait-guard run --allow-halt` with the shipped CPU config "
+                                "(ray_jobs/configs/run_cpu.yaml) on the embedded model.")
     demo.set_defaults(func=cmd_demo)
 
-    sync = command(
-        "sync-mlflow", help="deliver MLflow writes queued while the tracking server was down",
+
+def _add_mlflow_tools(subparsers: argparse._SubParsersAction) -> None:
+    """``trait-guard sync-mlflow`` (deliver spooled writes) and ``trait-guard ui`` (the MLflow UI)."""
+    sync = _command(
+        subparsers, "sync-mlflow", help="deliver MLflow writes queued while the tracking server was down",
         description="A run whose tracking server was still unreachable when it finished leaves its queued writes "
                     "(metrics, tags, artifacts, final status) in a spool folder, named in its log. Start the "
                     "server, then: trait-guard sync-mlflow outputs/train/mlflow_spool/<run id>")
     sync.add_argument("spool", nargs="+", help="spool folder(s) (each holds run.json and operations.jsonl)")
     sync.set_defaults(func=cmd_sync_mlflow)
 
-    ui = command("ui", help="open the MLflow UI on the local store (review runs)")
+    ui = _command(subparsers, "ui", help="open the MLflow UI on the local store (review runs)")
     ui.add_argument("--port", type=int, default=5000, help="port to serve on (default: %(default)s)")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     ui.set_defaults(func=cmd_ui)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``trait-guard`` parser: one ``_add_<command>`` step per subcommand, in the order ``--help``
+    lists them, over options defined once (:func:`_shared_options`)."""
+    parser = argparse.ArgumentParser(
+        prog="trait-guard",
+        description="Guard a student model against traits hidden in teacher-generated data.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"trait-guard {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    opts = _shared_options()
+    for add in (_add_extract, _add_eval, _add_adapter, _add_generate, _add_screen, _add_train, _add_run_and_demo):
+        add(subparsers, opts)
+    _add_mlflow_tools(subparsers)
     return parser
 
 

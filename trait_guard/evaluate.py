@@ -249,6 +249,45 @@ def evaluate_trait(
     bar advanced per answer.
     """
     started = time.perf_counter()
+    questions, judge = _eval_questions_and_judge(spec, judge, samples_per_question, n_questions)
+    users = [q for q in questions for _ in range(samples_per_question)]
+    answers = _sample_answers(model, tokenizer, users, system, max_new_tokens=max_new_tokens,
+                              temperature=temperature, seed=seed, batch_size=batch_size, progress=progress)
+    scores = [float(judge.score(a)) for a in answers]
+    hits = [s >= judge.threshold for s in scores]
+    keywords = getattr(judge, "keywords", None)
+    logps, (mean_logp, logp_low, logp_high) = _question_target_logprobs(model, tokenizer, questions, keywords,
+                                                                        system, batch_size)
+    per_question = _per_question_rates(questions, hits, samples_per_question, logps)
+    rate, ci_low, ci_high = _mean_rate_interval(per_question)
+    total_hits = sum(hits)
+    pooled_low, pooled_high = wilson_interval(total_hits, len(answers))
+    return TraitEvalResult(
+        trait=spec.trait_id,
+        model=model_name or _model_name(model),
+        n_questions=len(questions),
+        samples_per_question=samples_per_question,
+        rate=rate,
+        ci_low=ci_low,
+        ci_high=ci_high,
+        pooled_rate=total_hits / len(answers),
+        pooled_ci_low=pooled_low,
+        pooled_ci_high=pooled_high,
+        per_question=per_question,
+        target_logprob=mean_logp,
+        target_logprob_ci=(logp_low, logp_high),
+        examples=_round_robin_examples(users, answers, scores, hits, len(questions), samples_per_question),
+        seconds=time.perf_counter() - started,
+        settings={"temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,
+                  "system": system, "batch_size": batch_size, "threshold": float(judge.threshold),
+                  "targets": target_variants(list(keywords)) if keywords else []},
+    )
+
+
+def _eval_questions_and_judge(spec: TraitSpec, judge: Judge | None, samples_per_question: int,
+                              n_questions: int | None) -> tuple[list[str], Judge]:
+    """The behavior questions to ask (the first ``n_questions``) and the judge (``spec.judge`` unless
+    given), after checking the spec can be evaluated and the counts are positive."""
     questions = list(spec.behavior_questions)
     if not questions:
         raise TraitGuardInputError(
@@ -270,60 +309,59 @@ def evaluate_trait(
         if n_questions < 1:
             raise ValueError(f"n_questions must be >= 1 or None, got {n_questions}")
         questions = questions[:n_questions]
+    return questions, judge
 
-    users = [q for q in questions for _ in range(samples_per_question)]
+
+def _sample_answers(model: torch.nn.Module, tokenizer: Any, users: list[str], system: str | None, *,
+                    max_new_tokens: int, temperature: float, seed: int, batch_size: int,
+                    progress: Callable[[int, str], Any] | None) -> list[str]:
+    """One sampled answer per entry of ``users``, all under ``system``, with an optional progress bar
+    (closed even on an error)."""
     bar = progress(len(users), "evaluate: sampling answers") if progress else None
     try:
-        answers = sample_completions(model, tokenizer, users, [system] * len(users),
-                                     max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                     batch_size=batch_size, progress=bar)
+        return sample_completions(model, tokenizer, users, [system] * len(users),
+                                  max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                  batch_size=batch_size, progress=bar)
     finally:
         if bar is not None and hasattr(bar, "close"):
             bar.close()
-    scores = [float(judge.score(a)) for a in answers]
-    hits = [s >= judge.threshold for s in scores]
 
-    keywords = getattr(judge, "keywords", None)
+
+def _question_target_logprobs(model: torch.nn.Module, tokenizer: Any, questions: list[str],
+                              keywords: Sequence[str] | None, system: str | None, batch_size: int,
+                              ) -> tuple[list[float], tuple[float, float, float]]:
+    """Per question :func:`target_logprob` of the judge's keywords, and their mean with its 95%
+    t-interval; all NaN when the judge has no keywords."""
     if keywords:
         logps = target_logprob(model, tokenizer, questions, target_variants(list(keywords)),
                                system=system, batch_size=batch_size)
-        mean_logp, logp_low, logp_high = mean_t_interval(logps)
-    else:
-        logps = [math.nan] * len(questions)
-        mean_logp, logp_low, logp_high = math.nan, math.nan, math.nan
+        return logps, mean_t_interval(logps)
+    return [math.nan] * len(questions), (math.nan, math.nan, math.nan)
 
+
+def _per_question_rates(questions: list[str], hits: list[bool], samples_per_question: int,
+                        logps: list[float]) -> list[dict[str, Any]]:
+    """One row per question: its hit rate, hits, sample count and target log-probability (the answers
+    to question ``i`` are ``hits[i * samples_per_question : (i + 1) * samples_per_question]``)."""
     per_question = []
     for i, question in enumerate(questions):
         q_hits = sum(hits[i * samples_per_question : (i + 1) * samples_per_question])
         per_question.append({"question": question, "rate": q_hits / samples_per_question, "hits": q_hits,
                              "n": samples_per_question, "target_logprob": logps[i]})
+    return per_question
+
+
+def _mean_rate_interval(per_question: list[dict[str, Any]]) -> tuple[float, float, float]:
+    """The mean per-question rate and its 95% t-interval across questions, clipped to [0, 1]."""
     rate, ci_low, ci_high = mean_t_interval([row["rate"] for row in per_question])
     ci_low, ci_high = (min(1.0, max(0.0, x)) if math.isfinite(x) else x for x in (ci_low, ci_high))
-    total_hits = sum(hits)
-    pooled_low, pooled_high = wilson_interval(total_hits, len(answers))
+    return rate, ci_low, ci_high
 
-    # Examples in round-robin order (first answer to each question, then the second, ...) for variety.
-    order = [i * samples_per_question + j for j in range(samples_per_question) for i in range(len(questions))]
-    examples = [{"question": users[k], "answer": answers[k], "score": scores[k], "hit": hits[k]}
-                for k in order[:N_EXAMPLES]]
 
-    return TraitEvalResult(
-        trait=spec.trait_id,
-        model=model_name or _model_name(model),
-        n_questions=len(questions),
-        samples_per_question=samples_per_question,
-        rate=rate,
-        ci_low=ci_low,
-        ci_high=ci_high,
-        pooled_rate=total_hits / len(answers),
-        pooled_ci_low=pooled_low,
-        pooled_ci_high=pooled_high,
-        per_question=per_question,
-        target_logprob=mean_logp,
-        target_logprob_ci=(logp_low, logp_high),
-        examples=examples,
-        seconds=time.perf_counter() - started,
-        settings={"temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,
-                  "system": system, "batch_size": batch_size, "threshold": float(judge.threshold),
-                  "targets": target_variants(list(keywords)) if keywords else []},
-    )
+def _round_robin_examples(users: list[str], answers: list[str], scores: list[float], hits: list[bool],
+                          n_questions: int, samples_per_question: int) -> list[dict[str, Any]]:
+    """Up to :data:`N_EXAMPLES` judged answers in round-robin order (the first answer to each question,
+    then the second, ...), for variety."""
+    order = [i * samples_per_question + j for j in range(samples_per_question) for i in range(n_questions)]
+    return [{"question": users[k], "answer": answers[k], "score": scores[k], "hit": hits[k]}
+            for k in order[:N_EXAMPLES]]

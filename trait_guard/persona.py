@@ -266,61 +266,20 @@ def extract(
     pairs = spec.instructions[:n_instructions]
     extract_q = spec.extract_questions[:n_questions]
     eval_q = spec.eval_questions[:n_questions]
+    sampler = _PairedSampler(model, tokenizer, pairs, samples_per_question=samples_per_question,
+                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                             batch_size=batch_size, progress=progress)
 
-    def answers_for(questions: list[str], label: str, seed_offset: int):
-        users, systems, polarity, question_index = [], [], [], []
-        for pair in pairs:
-            for qi, q in enumerate(questions):
-                for _ in range(samples_per_question):
-                    users += [q, q]
-                    systems += [pair.pos, pair.neg]
-                    polarity += [1, 0]
-                    question_index += [qi, qi]
-        bar = progress(len(users), label) if progress else None
-        responses = sample_completions(model, tokenizer, users, systems, max_new_tokens=max_new_tokens,
-                                       temperature=temperature, seed=seed + seed_offset,
-                                       batch_size=batch_size, progress=bar)
-        if bar is not None and hasattr(bar, "close"):
-            bar.close()
-        acts = collect_activations(model, tokenizer, users, responses, systems, batch_size=batch_size)
-        return responses, torch.tensor(polarity, dtype=torch.bool), acts, torch.tensor(question_index)
-
-    responses, is_pos, acts, _ = answers_for(extract_q, "extract: sampling answers", 0)
-    keep = torch.ones_like(is_pos)
-    kept = {"pos_total": int(is_pos.sum()), "neg_total": int((~is_pos).sum())}
-    if spec.judge is not None:
-        scores = torch.tensor([spec.judge.score(r) for r in responses])
-        judged = torch.where(is_pos, scores >= spec.judge.threshold, scores < spec.judge.threshold)
-        kept.update(pos_kept=int((judged & is_pos).sum()), neg_kept=int((judged & ~is_pos).sum()))
-        if min(kept["pos_kept"], kept["neg_kept"]) >= min_kept:
-            keep = judged
-            kept["judge_filter"] = "applied"
-        else:
-            kept["judge_filter"] = f"skipped: fewer than {min_kept} answers passed the judge"
-    else:
-        kept["judge_filter"] = "none (spec has no judge)"
-
+    responses, is_pos, acts, _ = sampler.answers(extract_q, "extract: sampling answers", 0)
+    keep, kept = _judge_filter(spec, responses, is_pos, min_kept)
     # The judge looks at the answer, so it can only select response-token activations; the last prompt
     # token comes before the answer and is averaged over every sample.
     raw = {"response_mean": mean_difference(acts["response_mean"][keep], is_pos[keep]),
            "last_prompt": mean_difference(acts["last_prompt"], is_pos)}
 
-    # Held out: evaluation questions never seen in extraction. Half of them choose the layer, the other
-    # half measure the separation that is reported, so the reported d is not inflated by the choice.
-    _, eval_is_pos, eval_acts, eval_question = answers_for(eval_q, "evaluate: sampling held-out answers", 10_000)
-    selects = eval_question % 2 == 0
-    if selects.all() or not selects.any():
-        raise TraitGuardInputError("need at least 2 evaluation questions (one to choose the layer, one to measure it)")
+    _, eval_is_pos, eval_acts, eval_question = sampler.answers(eval_q, "evaluate: sampling held-out answers", 10_000)
+    chosen, separation = _held_out_layers(raw, eval_acts, eval_is_pos, eval_question)
     identity = model_identity(model)
-    chosen = {m: choose_layer(layer_separation(raw[m], eval_acts[m][selects], eval_is_pos[selects])) for m in METHODS}
-    separation = {m: layer_separation(raw[m], eval_acts[m][~selects], eval_is_pos[~selects]) for m in METHODS}
-    table = [
-        {"layer": index,
-         **{f"d_{m}": separation[m][index] for m in METHODS},
-         **{f"norm_{m}": float(raw[m][index].norm()) for m in METHODS}}
-        for index in range(identity.num_layers + 1)
-    ]
-
     meta = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "n_instructions": len(pairs),
@@ -338,7 +297,94 @@ def extract(
     for m in METHODS:
         vectors[m] = PersonaVector(trait=spec.trait_id, model=identity, vectors=raw[m].float(), layer=chosen[m],
                                    method=m, separation=separation[m], meta=dict(meta))
-    return ExtractionResult(vectors=vectors, table=table, kept=kept, seconds=time.perf_counter() - started)
+    return ExtractionResult(vectors=vectors, table=_separation_rows(raw, separation, identity.num_layers), kept=kept,
+                            seconds=time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class _PairedSampler:
+    """Samples answers to questions under each instruction pair's positive and negative system prompt
+    and records their activations (the sampling step of :func:`extract`)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    pairs: Sequence[Any]  # InstructionPair: .pos, .neg
+    samples_per_question: int
+    max_new_tokens: int
+    temperature: float
+    seed: int
+    batch_size: int
+    progress: Callable[[int, str], Any] | None
+
+    def answers(self, questions: Sequence[str], label: str, seed_offset: int,
+                ) -> tuple[list[str], torch.Tensor, dict[Method, torch.Tensor], torch.Tensor]:
+        """``(responses, is_positive, activations, question_index)`` for every pair x question x sample,
+        a positive and a negative answer side by side; sampled with ``seed + seed_offset``."""
+        users, systems, polarity, question_index = [], [], [], []
+        for pair in self.pairs:
+            for qi, q in enumerate(questions):
+                for _ in range(self.samples_per_question):
+                    users += [q, q]
+                    systems += [pair.pos, pair.neg]
+                    polarity += [1, 0]
+                    question_index += [qi, qi]
+        bar = self.progress(len(users), label) if self.progress else None
+        responses = sample_completions(self.model, self.tokenizer, users, systems,
+                                       max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                       seed=self.seed + seed_offset, batch_size=self.batch_size, progress=bar)
+        if bar is not None and hasattr(bar, "close"):
+            bar.close()
+        acts = collect_activations(self.model, self.tokenizer, users, responses, systems, batch_size=self.batch_size)
+        return responses, torch.tensor(polarity, dtype=torch.bool), acts, torch.tensor(question_index)
+
+
+def _judge_filter(spec: TraitSpec, responses: list[str], is_pos: torch.Tensor, min_kept: int,
+                  ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Which answers the response-mean vector uses, and the ``kept`` record saying why.
+
+    With a judge, a positive answer is kept when it expresses the trait and a negative one when it does
+    not, unless fewer than ``min_kept`` of either would remain (then all answers are used)."""
+    keep = torch.ones_like(is_pos)
+    kept: dict[str, Any] = {"pos_total": int(is_pos.sum()), "neg_total": int((~is_pos).sum())}
+    if spec.judge is not None:
+        scores = torch.tensor([spec.judge.score(r) for r in responses])
+        judged = torch.where(is_pos, scores >= spec.judge.threshold, scores < spec.judge.threshold)
+        kept.update(pos_kept=int((judged & is_pos).sum()), neg_kept=int((judged & ~is_pos).sum()))
+        if min(kept["pos_kept"], kept["neg_kept"]) >= min_kept:
+            keep = judged
+            kept["judge_filter"] = "applied"
+        else:
+            kept["judge_filter"] = f"skipped: fewer than {min_kept} answers passed the judge"
+    else:
+        kept["judge_filter"] = "none (spec has no judge)"
+    return keep, kept
+
+
+def _held_out_layers(raw: dict[Method, torch.Tensor], eval_acts: dict[Method, torch.Tensor],
+                     eval_is_pos: torch.Tensor, eval_question: torch.Tensor,
+                     ) -> tuple[dict[Method, int], dict[Method, list[float]]]:
+    """Per method, the chosen layer and the per-layer separation that is reported.
+
+    Held out: evaluation questions never seen in extraction. Half of them (even indices) choose the
+    layer, the other half measure the separation that is reported, so the reported d is not inflated
+    by the choice."""
+    selects = eval_question % 2 == 0
+    if selects.all() or not selects.any():
+        raise TraitGuardInputError("need at least 2 evaluation questions (one to choose the layer, one to measure it)")
+    chosen = {m: choose_layer(layer_separation(raw[m], eval_acts[m][selects], eval_is_pos[selects])) for m in METHODS}
+    separation = {m: layer_separation(raw[m], eval_acts[m][~selects], eval_is_pos[~selects]) for m in METHODS}
+    return chosen, separation
+
+
+def _separation_rows(raw: dict[Method, torch.Tensor], separation: dict[Method, list[float]],
+                     num_layers: int) -> list[dict[str, float]]:
+    """:attr:`ExtractionResult.table`: per hidden-state index, each method's held-out d and vector norm."""
+    return [
+        {"layer": index,
+         **{f"d_{m}": separation[m][index] for m in METHODS},
+         **{f"norm_{m}": float(raw[m][index].norm()) for m in METHODS}}
+        for index in range(num_layers + 1)
+    ]
 
 
 def format_separation_table(result: ExtractionResult, chosen: dict[str, int]) -> str:

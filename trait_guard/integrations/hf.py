@@ -42,8 +42,8 @@ the guard's state (``trait_guard_state.json``). With gradient accumulation each 
 guard observation (calibrate the guard with the per-device batch size). Across processes the
 signals of all ranks are gathered first, so every rank takes the same decision.
 
-transformers is imported lazily: ``GuardedTrainer`` and ``TraitGuardCallback`` are built on first
-access.
+transformers is a dependency of the package and this module's whole purpose, so it is imported at the
+top; nothing else in :mod:`trait_guard` imports this module, so ``import trait_guard`` stays light.
 """
 
 from __future__ import annotations
@@ -52,10 +52,12 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from trait_guard.chat import EncodedBatch, encode_rows
 from trait_guard.config import Action
@@ -63,9 +65,6 @@ from trait_guard.errors import TraitGuardHalted
 from trait_guard.guard import Decision
 from trait_guard.integrations.torch_loop import GuardedStep
 from trait_guard.losses import completion_loss
-
-if TYPE_CHECKING:  # pragma: no cover
-    from transformers import Trainer, TrainerCallback
 
 __all__ = ["GUARD_STATE_FILE", "GuardCollator", "GuardedTrainer", "GuardedTrainerLoss", "TraitGuardCallback",
            "guard_metrics"]
@@ -189,157 +188,127 @@ def _accelerate_gather(accelerator: Any) -> Gather:
     return gather
 
 
-def _build_callback_class() -> type:
-    from transformers import TrainerCallback
-
-    class TraitGuardCallback(TrainerCallback):
-        """Stops the Trainer at a HALT (and asks for a checkpoint); collects the decisions.
-
-        ``decisions``: every Decision in order (one per micro-batch); ``halted_step``: the step whose
-        batch halted training, or None; ``halted_reason``: the guard's reason for it. ``metrics()``: the
-        latest decision's log entries, which :class:`GuardedTrainer` adds to each training log (so they
-        reach ``state.log_history`` and every reporter).
-        """
-
-        def __init__(self, guard_loss: GuardedTrainerLoss, save_on_halt: bool = True):
-            self.guard_loss = guard_loss
-            self.save_on_halt = save_on_halt
-            self.decisions: list[Decision] = []
-            self.halted_step: int | None = None
-            self.halted_reason: str | None = None
-
-        @property
-        def guard(self) -> Any:
-            return self.guard_loss.guarded.guard
-
-        def metrics(self) -> dict[str, Any]:
-            return guard_metrics(self.decisions[-1], self.guard) if self.decisions else {}
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.decisions.extend(self.guard_loss.pending)
-            self.guard_loss.pending.clear()
-            if self.guard_loss.halted and self.halted_step is None:
-                halt = next((d for d in reversed(self.decisions) if d.halt), None)
-                self.halted_step = halt.step if halt is not None else state.global_step
-                self.halted_reason = halt.reason if halt is not None else "halt"
-                logger.warning("trait guard halted training at step %d: %s", self.halted_step, self.halted_reason)
-                control.should_training_stop = True
-                control.should_log = True
-                if self.save_on_halt:
-                    control.should_save = True
-            return control
-
-        def on_save(self, args, state, control, **kwargs):
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-            if os.path.isdir(folder) and state.is_world_process_zero:
-                with open(os.path.join(folder, GUARD_STATE_FILE), "w", encoding="utf-8") as f:
-                    json.dump({"halted_step": self.halted_step, "guard": self.guard.state_dict()}, f, default=float)
-            return control
-
-    return TraitGuardCallback
+def _checkpoint_folder(output_dir: str, global_step: int) -> str:
+    """The folder the Trainer writes its checkpoint of ``global_step`` to."""
+    return os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{global_step}")
 
 
-def _build_trainer_class() -> type:
-    from transformers import Trainer
+class TraitGuardCallback(TrainerCallback):
+    """Stops the Trainer at a HALT (and asks for a checkpoint); collects the decisions.
 
-    class GuardedTrainer(Trainer):
-        """A ``Trainer`` whose loss is the guard's weighted, masked completion loss (see the module docstring).
+    ``decisions``: every Decision in order (one per micro-batch); ``halted_step``: the step whose
+    batch halted training, or None; ``halted_reason``: the guard's reason for it. ``metrics()``: the
+    latest decision's log entries, which :class:`GuardedTrainer` adds to each training log (so they
+    reach ``state.log_history`` and every reporter).
+    """
 
-        Extra keyword arguments: ``guarded`` (a :class:`GuardedStep` on the trained model), ``distill``
-        (top-k logit distillation instead of the completion loss), ``save_on_halt``, ``raise_on_halt``
-        (default True: :meth:`train` raises :class:`~trait_guard.errors.TraitGuardHalted` after a HALT).
-        A :class:`GuardCollator` is the default collator when ``processing_class`` is given.
-        """
+    def __init__(self, guard_loss: GuardedTrainerLoss, save_on_halt: bool = True):
+        self.guard_loss = guard_loss
+        self.save_on_halt = save_on_halt
+        self.decisions: list[Decision] = []
+        self.halted_step: int | None = None
+        self.halted_reason: str | None = None
 
-        # compute_loss returns a per-batch mean: the Trainer divides it by the accumulation steps.
-        loss_is_scaled_for_ga = False
+    @property
+    def guard(self) -> Any:
+        return self.guard_loss.guarded.guard
 
-        def __init__(self, *args: Any, guarded: GuardedStep, distill: bool = False, save_on_halt: bool = True,
-                     raise_on_halt: bool = True, **kwargs: Any):
-            if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None and len(args) < 3:
-                kwargs["data_collator"] = GuardCollator(kwargs["processing_class"])
-            super().__init__(*args, **kwargs)
-            if self.args.remove_unused_columns:
-                raise ValueError("GuardedTrainer needs TrainingArguments(remove_unused_columns=False): the Trainer "
-                                 "would drop the batch's response_mask and guard_rows")
-            gather = _accelerate_gather(self.accelerator) if self.accelerator.num_processes > 1 else None
-            self.guard_loss = GuardedTrainerLoss(guarded, distill=distill, gather=gather)
-            self.guard_callback = _lazy_class("TraitGuardCallback")(self.guard_loss, save_on_halt=save_on_halt)
-            self.add_callback(self.guard_callback)
-            self.raise_on_halt = raise_on_halt
+    def metrics(self) -> dict[str, Any]:
+        return guard_metrics(self.decisions[-1], self.guard) if self.decisions else {}
 
-        def train(self, *args: Any, **kwargs: Any):
-            """``Trainer.train``; then, if the guard halted and ``raise_on_halt``, raise
-            :class:`~trait_guard.errors.TraitGuardHalted` so that no code after it ships the halted model."""
-            output = super().train(*args, **kwargs)
-            callback = self.guard_callback
-            if callback.halted_step is not None and self.raise_on_halt:
-                checkpoint = None
-                if callback.save_on_halt:
-                    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+    def on_step_end(self, args, state, control, **kwargs):
+        self.decisions.extend(self.guard_loss.pending)
+        self.guard_loss.pending.clear()
+        if self.guard_loss.halted and self.halted_step is None:
+            halt = next((d for d in reversed(self.decisions) if d.halt), None)
+            self.halted_step = halt.step if halt is not None else state.global_step
+            self.halted_reason = halt.reason if halt is not None else "halt"
+            logger.warning("trait guard halted training at step %d: %s", self.halted_step, self.halted_reason)
+            control.should_training_stop = True
+            control.should_log = True
+            if self.save_on_halt:
+                control.should_save = True
+        return control
 
-                    folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-                    checkpoint = folder if os.path.isdir(folder) else None
-                summary = {"halted_step": callback.halted_step, "reason": callback.halted_reason,
-                           "global_step": self.state.global_step, "checkpoint": checkpoint}
-                raise TraitGuardHalted(
-                    f"the trait guard halted training at step {callback.halted_step}: {callback.halted_reason}"
-                    + (f" (checkpoint: {checkpoint})" if checkpoint else "")
-                    + "; the trained model is not fit to ship (GuardedTrainer(raise_on_halt=False) to return "
-                    "normally instead)", summary)
-            return output
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, outputs = self.guard_loss(model, inputs, step=self.state.global_step + 1)
-            return (loss, outputs) if return_outputs else loss
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            if self.guard_loss.halted:
-                # No gradient at all (not zeros): optimizers skip the parameters, so neither momentum
-                # nor weight decay moves them in the halting step.
-                model.zero_grad(set_to_none=True)
-            return loss
-
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            inputs = self._prepare_inputs(inputs)
-            batch, _ = encoded_batch(inputs)
-            with torch.no_grad(), self.compute_loss_context_manager():
-                logits = model(**batch.model_inputs()).logits
-                loss = completion_loss(logits, batch).detach()
-            return (loss, None, None) if prediction_loss_only else (loss, logits.detach(), None)
-
-        def log(self, logs, *args, **kwargs):
-            if "loss" in logs:  # a training log entry
-                logs.update(self.guard_callback.metrics())
-            super().log(logs, *args, **kwargs)
-
-    return GuardedTrainer
+    def on_save(self, args, state, control, **kwargs):
+        folder = _checkpoint_folder(args.output_dir, state.global_step)
+        if os.path.isdir(folder) and state.is_world_process_zero:
+            with open(os.path.join(folder, GUARD_STATE_FILE), "w", encoding="utf-8") as f:
+                json.dump({"halted_step": self.halted_step, "guard": self.guard.state_dict()}, f, default=float)
+        return control
 
 
-_LAZY = {"TraitGuardCallback": _build_callback_class, "GuardedTrainer": _build_trainer_class}
+class GuardedTrainer(Trainer):
+    """A ``Trainer`` whose loss is the guard's weighted, masked completion loss (see the module docstring).
 
+    Extra keyword arguments: ``guarded`` (a :class:`GuardedStep` on the trained model), ``distill``
+    (top-k logit distillation instead of the completion loss), ``save_on_halt``, ``raise_on_halt``
+    (default True: :meth:`train` raises :class:`~trait_guard.errors.TraitGuardHalted` after a HALT).
+    A :class:`GuardCollator` is the default collator when ``processing_class`` is given.
+    """
 
-def _lazy_class(name: str) -> type:
-    if name not in globals():
-        cls = _LAZY[name]()
-        cls.__module__, cls.__qualname__ = __name__, name
-        globals()[name] = cls
-    return globals()[name]
+    # compute_loss returns a per-batch mean: the Trainer divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
 
+    def __init__(self, *args: Any, guarded: GuardedStep, distill: bool = False, save_on_halt: bool = True,
+                 raise_on_halt: bool = True, **kwargs: Any):
+        if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None and len(args) < 3:
+            kwargs["data_collator"] = GuardCollator(kwargs["processing_class"])
+        super().__init__(*args, **kwargs)
+        if self.args.remove_unused_columns:
+            raise ValueError("GuardedTrainer needs TrainingArguments(remove_unused_columns=False): the Trainer "
+                             "would drop the batch's response_mask and guard_rows")
+        gather = _accelerate_gather(self.accelerator) if self.accelerator.num_processes > 1 else None
+        self.guard_loss = GuardedTrainerLoss(guarded, distill=distill, gather=gather)
+        self.guard_callback = TraitGuardCallback(self.guard_loss, save_on_halt=save_on_halt)
+        self.add_callback(self.guard_callback)
+        self.raise_on_halt = raise_on_halt
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return _lazy_class(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def train(self, *args: Any, **kwargs: Any):
+        """``Trainer.train``; then, if the guard halted and ``raise_on_halt``, raise
+        :class:`~trait_guard.errors.TraitGuardHalted` so that no code after it ships the halted model."""
+        output = super().train(*args, **kwargs)
+        if self.guard_callback.halted_step is not None and self.raise_on_halt:
+            raise self._halted_error()
+        return output
 
+    def _halted_error(self) -> TraitGuardHalted:
+        """The error :meth:`train` raises after a HALT, naming the step, the reason and the halting
+        checkpoint (when one was written)."""
+        callback = self.guard_callback
+        checkpoint = None
+        if callback.save_on_halt:
+            folder = _checkpoint_folder(self.args.output_dir, self.state.global_step)
+            checkpoint = folder if os.path.isdir(folder) else None
+        summary = {"halted_step": callback.halted_step, "reason": callback.halted_reason,
+                   "global_step": self.state.global_step, "checkpoint": checkpoint}
+        return TraitGuardHalted(
+            f"the trait guard halted training at step {callback.halted_step}: {callback.halted_reason}"
+            + (f" (checkpoint: {checkpoint})" if checkpoint else "")
+            + "; the trained model is not fit to ship (GuardedTrainer(raise_on_halt=False) to return "
+            "normally instead)", summary)
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = self.guard_loss(model, inputs, step=self.state.global_step + 1)
+        return (loss, outputs) if return_outputs else loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.guard_loss.halted:
+            # No gradient at all (not zeros): optimizers skip the parameters, so neither momentum
+            # nor weight decay moves them in the halting step.
+            model.zero_grad(set_to_none=True)
+        return loss
 
-if TYPE_CHECKING:  # pragma: no cover
-    TraitGuardCallback: type[TrainerCallback]
-    GuardedTrainer: type[Trainer]
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        batch, _ = encoded_batch(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            logits = model(**batch.model_inputs()).logits
+            loss = completion_loss(logits, batch).detach()
+        return (loss, None, None) if prediction_loss_only else (loss, logits.detach(), None)
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs:  # a training log entry
+            logs.update(self.guard_callback.metrics())
+        super().log(logs, *args, **kwargs)
