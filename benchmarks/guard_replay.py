@@ -1,0 +1,512 @@
+"""Guard replay: the gate's false-flag rate and the guard's detection delay, measured on many datasets.
+
+No training. Every row of a pool of generated teacher data is scored once by the frozen base model,
+as the training recipe scores it (``FingerprintScorer`` with a unigram reference built from the
+reference rows, the reference rows scored leave-one-out); then, for each dataset size ``n``, each
+teacher's rows are cut into disjoint datasets of ``n`` and the guard's two decisions are replayed on
+each of them:
+
+* the gate before step 1: ``screen_signals`` (one permutation test per signal, Holm at ``alpha``,
+  the recipe's ``screen.n_permutations`` and seed) on the dataset against the reference;
+* the per-sample e-process during training: a fresh ``TraitGuard`` (``sequential="eprocess"``,
+  ``on_data_alarm="halt"``) calibrated on the reference signals, fed the dataset one sample per
+  ``observe()``; the first alarm halts the stream and its sample count is the detection delay.
+
+On the clean teachers (the base model with other sampling seeds) a flag is a false flag; on the trait
+teachers a flag is a detection. Rates come with exact Clopper-Pearson 95% intervals and one-sided 95%
+upper bounds. The datasets of one teacher are disjoint (no row in two) and none holds a reference row,
+but all are judged against the same reference: the rates are conditional on that reference.
+
+    .venv/bin/python benchmarks/guard_replay.py --pool outputs/teacher_pair_v2 --reference control \\
+        --clean control-b --trait owl --sizes 32 64 128 256 1000
+    .venv/bin/python benchmarks/guard_replay.py --tiny   # builds its own pool with the tiny random Llama
+
+The scored signals are cached in ``<pool>/replay_signals-<hash>.npz`` (hash of the files, the model,
+the persona vectors and the scorer settings), so a rerun only replays. ``--tiny`` generates a pool with
+``trait_guard.testing``'s tiny random-init Llama: a reference, a clean teacher (other sampling seeds)
+and a "planted" teacher (the same model under the owl system prompt). On a random-init model the
+system prompt changes the teacher's output distribution, not any trait: the planted teacher is a
+different teacher, not a trait teacher, and the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fnmatch
+import hashlib
+import json
+import sys
+import time
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trait_guard.config import Action, GuardConfig, ScreenSettings
+from trait_guard.files import atomic_path, to_jsonable
+from trait_guard.version import code_version
+
+PLANTED_LABEL = "planted (system-prompt teacher on a random-init model)"
+TINY_TEACHERS = {"reference": "control", "clean": "control-b", "trait": "planted"}
+#: prompts generated per tiny teacher (about 89% are kept): >= 300 clean datasets of 32, >= 75 of 128
+TINY_PROMPTS = {"control": 2300, "control-b": 10900, "planted": 4400}
+EXTRA_LEVELS = (0.05, 0.1)  # calibration look at laxer levels on the clean teachers
+CACHE_TAG = b"trait_guard-replay-signals-v1"
+
+
+# --------------------------------------------------------------------------------------------------
+# Rates and their bounds
+
+
+def exact_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson (exact) two-sided interval for a rate of ``k`` events in ``n`` trials."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(confidence_level=level, method="exact")
+    return float(ci.low), float(ci.high)
+
+
+def upper_bound(k: int, n: int, level: float = 0.95) -> float:
+    """Exact one-sided upper confidence bound on the rate: the ``level`` quantile of Beta(k+1, n-k)
+    (for k = 0: ``1 - (1 - level)^(1/n)``, about 3/n at 95%)."""
+    from scipy.stats import beta
+
+    return 1.0 if k >= n else float(beta.ppf(level, k + 1, n - k))
+
+
+def rate(k: int, n: int) -> dict[str, Any]:
+    """``k`` of ``n`` with the rate, its exact 95% interval and its one-sided 95% upper bound."""
+    if n == 0:
+        return {"k": 0, "n": 0, "rate": None, "ci95": None, "upper95": None}
+    return {"k": int(k), "n": int(n), "rate": k / n, "ci95": list(exact_interval(k, n)), "upper95": upper_bound(k, n)}
+
+
+def bootstrap_interval(values: np.ndarray, statistic: Any, rng: np.random.Generator,
+                       n_boot: int = 2000) -> list[float] | None:
+    """95% percentile bootstrap interval of ``statistic`` over ``values`` (None with fewer than 2)."""
+    if len(values) < 2:
+        return None
+    draws = statistic(rng.choice(values, size=(n_boot, len(values)), replace=True), axis=1)
+    return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
+
+
+def delay_summary(delays: list[int | None], seed: int) -> dict[str, Any]:
+    """Detection delays of the streams that alarmed (samples up to and including the alarm): median
+    and mean, each with a bootstrap 95% interval over those streams. Streams without an alarm are
+    censored at their length and left out of the delays (their number is the alarm rate's rest)."""
+    hit = np.array([d for d in delays if d is not None], dtype=float)
+    if not hit.size:
+        return {"alarmed": 0, "median": None, "median_ci95": None, "mean": None, "mean_ci95": None}
+    rng = np.random.default_rng(seed)
+    return {"alarmed": int(hit.size), "median": float(np.median(hit)),
+            "median_ci95": bootstrap_interval(hit, np.median, rng), "mean": float(hit.mean()),
+            "mean_ci95": bootstrap_interval(hit, np.mean, rng), "min": int(hit.min()), "max": int(hit.max())}
+
+
+# --------------------------------------------------------------------------------------------------
+# Disjoint datasets
+
+
+def dataset_rng(seed: int, size: int, teacher: str) -> np.random.Generator:
+    """The generator that partitions ``teacher``'s rows at ``size``: fixed by the seed, and the same
+    whatever other teachers or sizes are replayed."""
+    return np.random.default_rng([seed, size, zlib.crc32(teacher.encode())])
+
+
+def partition(n_rows: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The rows, randomly permuted, cut into ``floor(n_rows / size)`` disjoint datasets of ``size``:
+    an index array ``[datasets, size]`` (the remainder is left out)."""
+    if size < 1:
+        raise ValueError(f"dataset size must be at least 1 (got {size})")
+    count = n_rows // size
+    return rng.permutation(n_rows)[: count * size].reshape(count, size)
+
+
+def take(signals: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
+    """The per-sample signals of the rows in ``index`` (in that order)."""
+    return {name: np.asarray(values)[index] for name, values in signals.items()}
+
+
+def expand(patterns: list[str], names: list[str]) -> list[str]:
+    """The signal names matched by any of the glob ``patterns``."""
+    return sorted(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+
+
+# --------------------------------------------------------------------------------------------------
+# The two decisions
+
+
+def gate(data: dict[str, np.ndarray], reference: dict[str, np.ndarray], *, alpha: float,
+         n_permutations: int, seed: int, signals: list[str]) -> dict[str, Any]:
+    """The recipe's gate on one dataset: ``screen_signals`` (permutation tests, Holm at ``alpha``)
+    restricted to ``signals``. Returns the verdict, the signals that flagged and the smallest
+    Holm-adjusted p-value (the dataset is flagged at any level above it)."""
+    from trait_guard.screen import screen_signals
+
+    if not signals:
+        raise ValueError("the gate needs at least one signal (screen_signals would test all)")
+    tests, flagged, _ = screen_signals(data, reference, alpha=alpha, n_permutations=n_permutations, seed=seed,
+                                       signals=signals)
+    adjusted = [t.adjusted_p for t in tests if t.adjusted_p is not None]
+    return {"flagged": flagged, "signals": [t.name for t in tests if t.flagged],
+            "min_p_adj": min(adjusted) if adjusted else 1.0}
+
+
+def guard_config(alpha: float, signals: list[str]) -> GuardConfig:
+    """The guard as the replay runs it: per-sample e-processes at ``alpha`` (split over the signals),
+    halting on the first data alarm."""
+    return GuardConfig(sequential="eprocess", alpha=alpha, signals=signals, on_data_alarm=Action.HALT)
+
+
+def stream(data: dict[str, np.ndarray], reference: dict[str, np.ndarray], config: GuardConfig) -> dict[str, Any]:
+    """Feed one dataset to a fresh guard, one sample per ``observe()``, until it halts.
+
+    Returns ``delay`` (samples observed up to and including the alarm; None without alarm), the
+    signals of the alarm, and ``p`` = min over the e-process signals of ``k * 10^-sup log10 E`` (the
+    stream alarms at level a, on those signals, iff p < a) over the samples observed.
+    """
+    from trait_guard.guard import TraitGuard
+
+    guard = TraitGuard(config, reference, batch_size=1)
+    n = len(next(iter(data.values())))
+    delay, signals = None, []
+    for t in range(n):
+        decision = guard.observe({name: values[t : t + 1] for name, values in data.items()})
+        if decision.halt:
+            delay, signals = t + 1, list(guard.alarms[-1]["signals"])
+            break
+    k = max(1, len(guard.signals))
+    sups = [d.sup_log10_e for d in guard.detectors.values()]
+    p = min(1.0, k * 10.0 ** -max(sups)) if sups else 1.0
+    return {"delay": delay, "signals": signals, "p": p, "constant_checks": sorted(guard.constant),
+            "skipped": dict(guard.skipped)}
+
+
+# --------------------------------------------------------------------------------------------------
+# The replay
+
+
+def replay_teacher(name: str, role: str, signals: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                   size: int, args: argparse.Namespace, gate_signals: list[str], label: str | None = None) -> dict[str, Any]:
+    """Both decisions on every disjoint dataset of ``size`` rows of one teacher; counts, rates, bounds,
+    delays and the signals behind each flag."""
+    n_rows = len(next(iter(signals.values())))
+    index = partition(n_rows, size, dataset_rng(args.seed, size, name))
+    config = guard_config(args.alpha, args.signals)
+    gates, streams = [], []
+    for rows in index:
+        data = take(signals, rows)
+        gates.append(gate(data, reference, alpha=args.alpha, n_permutations=args.n_permutations,
+                          seed=args.gate_seed, signals=gate_signals))
+        streams.append(stream(data, reference, config))
+    count = len(index)
+    gate_flags = sum(g["flagged"] for g in gates)
+    alarms = sum(s["delay"] is not None for s in streams)
+    either = sum(g["flagged"] or s["delay"] is not None for g, s in zip(gates, streams, strict=True))
+    out = {
+        "teacher": name, "role": role, "label": label or name, "rows": n_rows, "size": size, "datasets": count,
+        "gate": {**rate(gate_flags, count),
+                 "by_signal": dict(Counter(s for g in gates for s in g["signals"])),
+                 "flagged_datasets": [{"dataset": i, "signals": g["signals"]} for i, g in enumerate(gates) if g["flagged"]]},
+        "stream": {**rate(alarms, count),
+                   "by_signal": dict(Counter(s for st in streams for s in st["signals"])),
+                   "delay": delay_summary([s["delay"] for s in streams], seed=args.seed + size),
+                   "delays": [s["delay"] for s in streams],
+                   "constant_checks": streams[0]["constant_checks"] if streams else [],
+                   "skipped": streams[0]["skipped"] if streams else {}},
+        "gate_or_stream": rate(either, count),
+    }
+    if role == "clean":  # how the null behaves at laxer levels (more events to count than at alpha)
+        out["gate"]["at_levels"] = {str(a): rate(sum(g["min_p_adj"] < a for g in gates), count) for a in EXTRA_LEVELS}
+        out["stream"]["at_levels"] = {str(a): rate(sum(s["p"] < a for s in streams), count) for a in EXTRA_LEVELS}
+    return out
+
+
+def replay(scored: dict[str, dict[str, np.ndarray]], args: argparse.Namespace,
+           labels: dict[str, str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Every (size, teacher) replay: the clean teachers first, then the trait teachers."""
+    reference = scored[args.reference]
+    names = [n for n in reference if n != "n_tokens"]
+    gate_signals = expand(args.gate_signals, names)
+    if not expand(args.signals, names):
+        raise SystemExit(f"no watched signal {args.signals} among the scored signals {names}")
+    results = []
+    for size in args.sizes:
+        for role, teachers in (("clean", args.clean), ("trait", args.trait)):
+            for teacher in teachers:
+                started = time.perf_counter()
+                signals = {n: scored[teacher][n] for n in names}
+                result = replay_teacher(teacher, role, signals, {n: reference[n] for n in names}, size, args,
+                                        gate_signals, (labels or {}).get(teacher))
+                result["seconds"] = time.perf_counter() - started
+                results.append(result)
+                if progress:
+                    print(f"size {size:>5} {teacher:<12} {result['datasets']:>4} datasets: gate {result['gate']['k']}, "
+                          f"stream {result['stream']['k']} ({result['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring, once, with a cache
+
+
+def teacher_file(pool: Path, teacher: str) -> Path:
+    path = pool / f"{teacher}.parquet"
+    if not path.is_file():
+        raise SystemExit(f"no {path}: the pool holds {sorted(p.stem for p in pool.glob('*.parquet'))}")
+    return path
+
+
+def cache_path(pool: Path, reference: str, teachers: list[str], identity: Any, vectors: list[str],
+               margin: float) -> Path:
+    """``<pool>/replay_signals-<hash>.npz``: the hash covers every file's content, the roles, the model,
+    the persona vectors and the divergence margin, so any change is a new file."""
+    from trait_guard.provenance import file_sha256
+
+    digest = hashlib.sha256(CACHE_TAG)
+    for name in (reference, *teachers):
+        digest.update(f"{name}:{file_sha256(teacher_file(pool, name))}".encode())
+    for path in vectors:
+        digest.update(file_sha256(path).encode())
+    digest.update(json.dumps([reference, identity.fingerprint, identity.hidden_size, identity.num_layers,
+                              margin]).encode())
+    return pool / f"replay_signals-{digest.hexdigest()[:24]}.npz"
+
+
+def save_signals(path: Path, scored: dict[str, dict[str, np.ndarray]]) -> None:
+    """Write the per-teacher signals (complete or absent)."""
+    arrays = {f"{teacher}/{name}": values for teacher, signals in scored.items() for name, values in signals.items()}
+    with atomic_path(path, suffix=".partial.npz") as partial:
+        np.savez(partial, **arrays)
+
+
+def load_signals(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    scored: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path, allow_pickle=False) as data:
+        for key in data.files:
+            teacher, name = key.split("/", 1)
+            scored.setdefault(teacher, {})[name] = data[key]
+    return scored
+
+
+def score_pool(pool: Path, reference: str, teachers: list[str], model_name: str, vectors: list[str],
+               batch_size: int) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+    """Every kept row of the reference and the teachers, scored by the frozen base model as the recipe
+    does, from the cache when this exact pool was scored before. Returns the signals and a record."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from trait_guard.dataset import check_same_base, read_teacher_rows
+    from trait_guard.fingerprint import DIVERGENCE_MARGIN, FingerprintScorer, TokenHistogram
+    from trait_guard.models import default_device, load_model, model_identity
+    from trait_guard.persona import PersonaVector
+
+    model, tokenizer = load_model(model_name, device=default_device())
+    identity = model_identity(model)
+    cache = cache_path(pool, reference, teachers, identity, vectors, DIVERGENCE_MARGIN)
+    record = {"cache": str(cache), "model": model_name, "model_fingerprint": identity.fingerprint}
+    if cache.is_file():
+        return load_signals(cache), {**record, "cached": True, "seconds": 0.0}
+    started = time.perf_counter()
+    rows = {name: read_teacher_rows(teacher_file(pool, name), tokenizer=tokenizer, role=name,
+                                    max_completion_tokens=1024) for name in (reference, *teachers)}
+    check_same_base(rows[reference], identity)  # the reference must be the base model's own output
+    for name in teachers:
+        shared = {r["sample_id"] for r in rows[name]} & {r["sample_id"] for r in rows[reference]}
+        if shared:
+            raise SystemExit(f"teacher {name} shares {len(shared)} rows with the reference {reference}")
+    histogram = TokenHistogram(len(tokenizer)).update(r["completion_ids"] for r in rows[reference])
+    scorer = FingerprintScorer(model, tokenizer, [PersonaVector.load(v, model=model) for v in vectors],
+                               unigram_reference=histogram, batch_size=batch_size)
+    scored = {}
+    with torch.no_grad(), tqdm(total=sum(map(len, rows.values())), desc="scoring", unit="row",
+                               file=sys.stderr, dynamic_ncols=True) as bar:
+        for name, teacher_rows in rows.items():
+            bar.set_postfix_str(name)
+            # the unigram histogram counts the reference rows: they are scored leave-one-out
+            scored[name] = scorer.score_table(teacher_rows, bar, in_reference=(name == reference))
+    save_signals(cache, scored)
+    return scored, {**record, "cached": False, "seconds": time.perf_counter() - started,
+                    "rows": {name: len(r) for name, r in rows.items()}}
+
+
+# --------------------------------------------------------------------------------------------------
+# The tiny pool
+
+
+def build_tiny_pool(pool: Path, prompts: dict[str, int], max_new_tokens: int) -> tuple[Path, dict[str, Any]]:
+    """A pool generated by the tiny random-init Llama (saved in ``<pool>/tiny-llama``): the reference
+    and the clean teacher are the model itself with different sampling seeds, the planted teacher is
+    the model under the owl system prompt. Files already there are kept (delete the pool to redo)."""
+    import torch
+
+    from trait_guard.config import GenerateJobConfig, validate_config
+    from trait_guard.generation import generate_local
+    from trait_guard.testing import save_tiny_model
+
+    torch.set_num_threads(1)  # a tiny model on shared cores: one thread beats two
+    model_dir = pool / "tiny-llama"
+    if not (model_dir / "config.json").is_file():
+        save_tiny_model(model_dir, "llama", seed=0)
+    teachers = {"control": {}, "control-b": {"sampling_seed": 7},
+                "planted": {"trait": "animal:owl", "install": "system_prompt"}}
+    record: dict[str, Any] = {"model_dir": str(model_dir), "prompts": dict(prompts), "max_new_tokens": max_new_tokens,
+                              "teachers": teachers, "generation_seconds": {}, "kept": {}}
+    for teacher, extra in teachers.items():
+        if (pool / f"{teacher}.parquet").is_file():
+            continue
+        config = validate_config({
+            "output_dir": str(pool), "teachers": [{"id": teacher, "model": str(model_dir), **extra}],
+            "generation": {"n_prompts": prompts[teacher], "chunk_size": 64, "max_new_tokens": max_new_tokens,
+                           "top_k_logprobs": 4},
+        }, GenerateJobConfig)
+        started = time.perf_counter()
+        report = generate_local(config, progress=True)
+        record["generation_seconds"][teacher] = time.perf_counter() - started
+        record["kept"][teacher] = report.teachers[0].kept
+    return model_dir, record
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt_rate(entry: dict[str, Any]) -> str:
+    if not entry["n"]:
+        return "-"
+    lo, hi = entry["ci95"]
+    return f"{entry['k']}/{entry['n']} = {entry['rate']:.3f} [{lo:.3f}, {hi:.3f}] (<= {entry['upper95']:.3f})"
+
+
+def _fmt_delay(delay: dict[str, Any]) -> str:
+    if not delay["alarmed"]:
+        return "-"
+    mean_ci = delay["mean_ci95"] or [delay["mean"], delay["mean"]]
+    return f"{delay['median']:.0f} / {delay['mean']:.1f} [{mean_ci[0]:.1f}, {mean_ci[1]:.1f}]"
+
+
+def _fmt_signals(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) or "-"
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """One row per (size, teacher): gate flags and stream alarms with exact 95% intervals and one-sided
+    95% upper bounds, the e-process delays (median / mean [95% CI of the mean], alarmed streams only)
+    and the signals behind the flags."""
+    lines = ["| n | teacher | datasets | gate flags: k/D = rate [95% CI] (one-sided 95% bound) | gate signals "
+             "| e-process alarms: k/D = rate [95% CI] (bound) | delay median / mean [95% CI] | alarm signals |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['size']} | {r['label']} ({r['role']}) | {r['datasets']} | {_fmt_rate(r['gate'])} | "
+                     f"{_fmt_signals(r['gate']['by_signal'])} | {_fmt_rate(r['stream'])} | "
+                     f"{_fmt_delay(r['stream']['delay'])} | {_fmt_signals(r['stream']['by_signal'])} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    screen, guard = ScreenSettings(), GuardConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pool", help="folder of generated teacher files <teacher>.parquet "
+                                       "(--tiny: where its pool is built; default outputs/guard_replay_tiny)")
+    parser.add_argument("--reference", default="control", help="the reference teacher (the base model's own data)")
+    parser.add_argument("--clean", nargs="*", default=["control-b"], help="clean teachers (false flags)")
+    parser.add_argument("--trait", nargs="*", default=["owl"], help="trait teachers (detections)")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="the base/student model")
+    parser.add_argument("--vectors", nargs="*", default=[], help="persona vectors to score with (proj:<trait>)")
+    parser.add_argument("--sizes", nargs="+", type=int, default=[32, 64, 128, 256, 1000])
+    parser.add_argument("--alpha", type=float, default=0.01, help="the gate's and the guard's level")
+    parser.add_argument("--signals", nargs="+", default=list(guard.signals),
+                        help="the guard's watched signals (glob patterns; default: GuardConfig's)")
+    parser.add_argument("--gate-signals", nargs="+", default=["*"],
+                        help="the signals the gate tests (default: all scored, as the recipe's gate)")
+    parser.add_argument("--n-permutations", type=int, default=screen.n_permutations)
+    parser.add_argument("--gate-seed", type=int, default=guard.seed, help="the permutation seed (recipe: guard.seed)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the partitions into datasets")
+    parser.add_argument("--batch-size", type=int, default=32, help="scoring batch")
+    parser.add_argument("--tiny", action="store_true", help="build and replay a pool of the tiny random Llama")
+    parser.add_argument("--tiny-prompts", nargs=3, type=int, metavar=("REFERENCE", "CLEAN", "PLANTED"),
+                        default=[TINY_PROMPTS[t] for t in ("control", "control-b", "planted")])
+    parser.add_argument("--max-new-tokens", type=int, default=12, help="--tiny: tokens per completion")
+    parser.add_argument("--out", help="JSON results (default benchmarks/results/guard_replay.json, "
+                                      "--tiny: benchmarks/results/guard_replay_tiny.json)")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.pool = args.pool or "outputs/guard_replay_tiny"
+        args.reference, args.clean, args.trait = (TINY_TEACHERS["reference"], [TINY_TEACHERS["clean"]],
+                                                  [TINY_TEACHERS["trait"]])
+        args.out = args.out or "benchmarks/results/guard_replay_tiny.json"
+    elif not args.pool:
+        parser.error("--pool is required (or --tiny)")
+    args.out = args.out or "benchmarks/results/guard_replay.json"
+    if args.reference in {*args.clean, *args.trait}:
+        parser.error(f"the reference {args.reference} cannot also be a clean or trait teacher")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    pool = Path(args.pool)
+    pool.mkdir(parents=True, exist_ok=True)
+    tiny = None
+    labels: dict[str, str] = {}
+    if args.tiny:
+        prompts = dict(zip(("control", "control-b", "planted"), args.tiny_prompts, strict=True))
+        model_dir, tiny = build_tiny_pool(pool, prompts, args.max_new_tokens)
+        args.model = str(model_dir)
+        labels["planted"] = PLANTED_LABEL
+    teachers = [*args.clean, *args.trait]
+    scored, scoring = score_pool(pool, args.reference, teachers, args.model, args.vectors, args.batch_size)
+    replay_started = time.perf_counter()
+    results = replay(scored, args, labels)
+    replay_seconds = time.perf_counter() - replay_started
+    names = [n for n in scored[args.reference] if n != "n_tokens"]
+    output = {
+        "command": " ".join([".venv/bin/python", *sys.argv]),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "code_version": code_version(),
+        "config": {"pool": str(pool), "reference": args.reference, "clean": args.clean, "trait": args.trait,
+                   "model": args.model, "vectors": args.vectors, "sizes": args.sizes, "alpha": args.alpha,
+                   "guard": guard_config(args.alpha, args.signals).model_dump(mode="json"),
+                   "guard_signals": expand(args.signals, names), "gate_signals": expand(args.gate_signals, names),
+                   "n_permutations": args.n_permutations, "gate_seed": args.gate_seed, "partition_seed": args.seed,
+                   "batch_size_observe": 1, "labels": labels},
+        "protocol": {
+            "datasets": "per size n and teacher: its kept rows randomly permuted (seeded) and cut into floor(N/n) "
+                        "disjoint datasets; no row in two datasets, none from the reference",
+            "gate": "screen_signals on each dataset vs the reference: permutation tests per signal in its "
+                    "suspicious direction, Holm at alpha (the recipe's gate)",
+            "stream": "a fresh TraitGuard(eprocess, alpha split over the signals, on_data_alarm=halt) calibrated on "
+                      "the reference signals, observe() once per sample in the dataset's order; delay = samples "
+                      "up to and including the halting alarm",
+            "bounds": "exact Clopper-Pearson 95% intervals (scipy binomtest) and one-sided 95% upper bounds "
+                      "(beta.ppf(0.95, k+1, D-k)); conditional on the one reference all datasets share",
+            "delays": "over the streams that alarmed (the others are censored at n): median and mean with 95% "
+                      "percentile bootstrap intervals",
+            "at_levels": "clean teachers only: the same datasets flagged at laxer levels (gate: min Holm-adjusted "
+                         "p < level; stream: min over e-process signals of k / sup E < level, over the samples "
+                         "observed), to see the null's calibration with more events",
+        },
+        "rows": {name: len(next(iter(values.values()))) for name, values in scored.items()},
+        "signal_means": {name: {k: float(np.nanmean(v)) for k, v in values.items()} for name, values in scored.items()},
+        "scoring": scoring,
+        "tiny": tiny,
+        "results": results,
+        "replay_seconds": replay_seconds,
+        "seconds": time.perf_counter() - started,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(to_jsonable(output), indent=2, allow_nan=False) + "\n")
+    print(markdown_table(results))
+    print(f"\nrows: {output['rows']}; scoring {scoring['seconds']:.0f} s (cached: {scoring['cached']}), "
+          f"replay {replay_seconds:.0f} s, total {output['seconds']:.0f} s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

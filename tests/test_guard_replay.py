@@ -1,0 +1,131 @@
+"""benchmarks/guard_replay.py's core on synthetic signals with known answers (no model, a few seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import beta, binomtest
+
+from trait_guard.sequential import EProcessDetector
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "guard_replay.py"
+
+
+@pytest.fixture(scope="module")
+def replay():
+    spec = importlib.util.spec_from_file_location("guard_replay", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["guard_replay"] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("guard_replay", None)
+
+
+def signals(rng, n, shift=0.0):
+    """Per-sample signals like the scorer's: llr and nll (Gaussian), divergence exactly 0 (the base
+    model's own data); ``shift`` moves llr up by that many standard deviations."""
+    return {"llr": rng.normal(shift, 1.0, n), "nll": rng.normal(4.0, 0.5, n), "divergence": np.zeros(n)}
+
+
+@pytest.fixture(scope="module")
+def args(replay):
+    return replay.parse_args(["--pool", "unused", "--n-permutations", "500", "--signals", "divergence", "llr", "nll"])
+
+
+def test_partition_is_disjoint_reproducible_and_floor_sized(replay):
+    index = replay.partition(1000, 128, replay.dataset_rng(0, 128, "control-b"))
+    assert index.shape == (7, 128)  # floor(1000 / 128) datasets
+    flat = index.ravel()
+    assert len(np.unique(flat)) == flat.size  # no row in two datasets
+    assert flat.min() >= 0 and flat.max() < 1000
+    again = replay.partition(1000, 128, replay.dataset_rng(0, 128, "control-b"))
+    assert np.array_equal(index, again)
+    other = replay.partition(1000, 128, replay.dataset_rng(0, 128, "owl"))
+    assert not np.array_equal(index, other)  # each teacher its own permutation
+    assert replay.partition(10, 32, np.random.default_rng(0)).shape == (0, 32)
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 300), (1, 300), (3, 75), (9, 9), (5, 37)])
+def test_bounds_match_scipy(replay, k, n):
+    lo, hi = replay.exact_interval(k, n)
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+    assert (lo, hi) == pytest.approx((ci.low, ci.high))
+    # the exact interval's ends are Beta quantiles (Clopper-Pearson)
+    assert hi == pytest.approx(1.0 if k == n else beta.ppf(0.975, k + 1, n - k))
+    assert lo == pytest.approx(0.0 if k == 0 else beta.ppf(0.025, k, n - k + 1))
+    upper = replay.upper_bound(k, n)
+    assert upper == pytest.approx(1.0 if k == n else beta.ppf(0.95, k + 1, n - k))
+    assert lo <= k / n <= upper <= hi  # one-sided 95% bound sits inside the two-sided 95% interval
+    if k == 0:
+        assert upper == pytest.approx(1 - 0.05 ** (1 / n))  # about 3/n: the "rule of three"
+    entry = replay.rate(k, n)
+    assert entry["k"] == k and entry["n"] == n and entry["rate"] == pytest.approx(k / n)
+    assert replay.rate(0, 0)["rate"] is None
+
+
+def test_gate_flags_a_planted_shift_in_every_dataset_at_128(replay, args):
+    rng = np.random.default_rng(1)
+    reference = signals(rng, 2000)
+    shifted = signals(rng, 1280, shift=1.0)
+    result = replay.replay_teacher("shifted", "trait", shifted, reference, 128, args, ["divergence", "llr", "nll"])
+    assert result["datasets"] == 10
+    assert result["gate"]["k"] == 10  # a 1-sd shift over 128 samples: p at the permutation floor
+    assert result["gate"]["by_signal"]["llr"] == 10  # every flag names the shifted signal
+    assert sum(result["gate"]["by_signal"].values()) <= 11  # (an unshifted one at chance, alpha 0.01)
+    assert result["stream"]["k"] == 10 and result["stream"]["by_signal"] == {"llr": 10}
+    delay = result["stream"]["delay"]
+    assert delay["alarmed"] == 10 and 1 <= delay["min"] <= delay["median"] <= delay["max"] <= 128
+    assert delay["mean_ci95"][0] <= delay["mean"] <= delay["mean_ci95"][1]
+    assert result["gate_or_stream"]["k"] == 10
+
+
+def test_clean_datasets_are_rarely_flagged(replay, args):
+    rng = np.random.default_rng(2)
+    reference = signals(rng, 2000)
+    clean = signals(rng, 1280)
+    result = replay.replay_teacher("clean", "clean", clean, reference, 128, args, ["divergence", "llr", "nll"])
+    assert result["datasets"] == 10
+    assert result["gate"]["k"] <= 1 and result["stream"]["k"] <= 1  # alpha = 0.01 per dataset
+    assert result["stream"]["constant_checks"] == ["divergence"]  # constant reference: the exact check
+    assert set(result["gate"]["at_levels"]) == {"0.05", "0.1"}
+    assert result["gate"]["at_levels"]["0.05"]["k"] <= result["gate"]["at_levels"]["0.1"]["k"]
+
+
+def test_stream_delay_is_the_eprocess_alarm(replay):
+    """With one watched signal the guard's delay is its e-process's first alarm (index + 1)."""
+    rng = np.random.default_rng(3)
+    reference, data = signals(rng, 2000), signals(rng, 200, shift=0.8)
+    config = replay.guard_config(0.01, ["llr"])
+    result = replay.stream(data, reference, config)
+    mean, sd = reference["llr"].mean(), reference["llr"].std(ddof=1)
+    detector = EProcessDetector(alpha=0.01, seed=0).fit((reference["llr"] - mean) / sd)
+    first = detector.run((data["llr"] - mean) / sd)
+    assert first is not None and result["delay"] == first + 1
+    assert result["signals"] == ["llr"]
+    assert result["p"] < 0.01
+
+
+def test_a_divergence_token_halts_at_its_sample(replay):
+    """Divergence is constant (0) on the base model's own data: the guard's exact check halts on the
+    first sample that has any divergence token."""
+    rng = np.random.default_rng(4)
+    reference, data = signals(rng, 2000), signals(rng, 64)
+    data["divergence"][9] = 1 / 12  # one divergent token of 12
+    result = replay.stream(data, reference, replay.guard_config(0.01, ["divergence", "llr", "nll"]))
+    assert result["delay"] == 10 and result["signals"] == ["divergence"]
+
+
+def test_delay_summary_and_signal_patterns(replay):
+    summary = replay.delay_summary([3, None, 5, 7, None], seed=0)
+    assert summary["alarmed"] == 3 and summary["median"] == 5 and summary["mean"] == pytest.approx(5.0)
+    assert summary["min"] == 3 and summary["max"] == 7
+    assert replay.delay_summary([None, None], seed=0)["median"] is None
+    assert replay.expand(["proj:*", "nll"], ["nll", "llr", "proj:owl"]) == ["nll", "proj:owl"]
+    with pytest.raises(ValueError):
+        replay.gate({"nll": np.zeros(3)}, {"nll": np.ones(3)}, alpha=0.01, n_permutations=100, seed=0, signals=[])
+    assert math.isclose(replay.upper_bound(0, 300), 0.00994, rel_tol=1e-3)
