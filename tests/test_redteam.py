@@ -159,7 +159,10 @@ def test_tiny_grid_end_to_end(tiny_llama_dir, tmp_path):
         assert summary["eval_before"] is None and summary["code_version"] == run["code_version"]
         if run["gated"]:  # flagged by the screen before step 1: nothing trained, the student is its base
             assert run["mode"] == "halt" and run["steps"] == run["updates"] == 0 and run["logprob_shift"] == 0
-            assert summary["eval_after"] is None
+            assert summary["eval_after"] is None and run["weights_step"] == 0
+        elif run["weights_step"] == 0:  # halted in training and rolled back to step 0: the student is its base
+            assert run["mode"] == "halt" and run["halted"] and summary["rollback"]["restored_step"] == 0
+            assert summary["eval_after"] is None and run["logprob_shift"] == 0
         else:
             assert 1 <= run["steps"] <= 3 and summary["eval_after"]["n_questions"] == 3
         if run["mode"] == "unguarded":
