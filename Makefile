@@ -33,8 +33,10 @@ system-deps:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver postgresql >/dev/null; \
 	fi
 
+# Two pytest workers (pytest-xdist): while one waits on a Ray cluster, a tracking server or a
+# subprocess, the other computes. Tests that start Ray share one worker (tests/conftest.py).
 test: $(STAMP) system-deps
-	TRAIT_GUARD_REQUIRE_BROWSER=1 $(PY) -m pytest -q
+	TRAIT_GUARD_REQUIRE_BROWSER=1 $(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not ray and not deepspeed"

@@ -7,6 +7,18 @@ import os
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests never download (no network at run time): a model name that is no local folder fails at once
+# instead of after the hub client's retries (~45 s each).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``) every test that starts a Ray
+    cluster runs on the same worker, one after another: two local clusters started at once would
+    compete for the same two cores and Ray's default session folder."""
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 def pytest_configure(config):
