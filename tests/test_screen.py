@@ -92,3 +92,13 @@ def test_screen_command_exit_codes(sets, tiny_llama_dir, tmp_path, capsys):
     assert "VERDICT: UNMONITORED" in captured.out
     assert main(base + ["--data", str(paths["shifted"]), "--json", str(tmp_path / "r.json")]) == 3
     assert "VERDICT: FLAGGED" in capsys.readouterr().out and (tmp_path / "r.json").is_file()
+
+
+def test_a_gate_that_cannot_reach_its_alpha_says_so_with_the_fix():
+    from trait_guard.screen import gate_resolution
+
+    assert gate_resolution(100, 100, 4, 0.01, 2000) is None
+    coarse = gate_resolution(100, 100, 4, 0.0001, 2000)
+    assert coarse and "n_permutations to at least 40000" in coarse
+    few = gate_resolution(3, 3, 2, 0.01, 2000)  # C(6, 3) = 20 splits < 2 / 0.01
+    assert few and "use at least 9 reference rows" in few  # C(3 + 8, 3) = 165 < 200 <= C(3 + 9, 3) = 220

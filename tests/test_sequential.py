@@ -258,3 +258,17 @@ def test_gate_state_round_trip_mid_stream():
     a = [gate.push(i, v)[:3] for i, v in enumerate(scores[20:], 20)]
     b = [copy.push(i, v)[:3] for i, v in enumerate(scores[20:], 20)]
     assert a == b and any(step[2] for step in a)
+
+
+def test_min_samples_to_alarm_is_the_first_n_a_top_ranked_run_can_reach():
+    from trait_guard.sequential import DEFAULT_LAMBDAS, min_samples_to_alarm
+
+    for alpha in (0.05, 0.01, 0.001):
+        n = min_samples_to_alarm(alpha)
+        wealth = lambda k: np.mean([(1 + lam) ** k for lam in DEFAULT_LAMBDAS])  # noqa: E731
+        assert wealth(n) >= 1 / alpha > wealth(n - 1), (alpha, n)
+    # and a real stream of top-ranked scores cannot alarm before it
+    reference = np.random.default_rng(0).normal(size=5000)
+    detector = EProcessDetector(alpha=0.01).fit(reference)
+    first = detector.run(np.full(200, 100.0))
+    assert first is not None and first + 1 >= min_samples_to_alarm(0.01)

@@ -47,7 +47,7 @@ from trait_guard.config import Action, Direction, GuardConfig
 from trait_guard.detect import CUSUMDetector, Verdict, split_ert
 from trait_guard.errors import TraitGuardInputError
 from trait_guard.fingerprint import TEACHER_LOGPROB_SIGNALS, suspicious_direction, teacher_signal_coverage
-from trait_guard.sequential import EProcessDetector
+from trait_guard.sequential import EProcessDetector, min_samples_to_alarm
 
 
 def check_signal_sides(watched: list[str], train_rows: list[dict[str, Any]], reference_rows: list[dict[str, Any]],
@@ -168,6 +168,19 @@ class TraitGuard:
         if quiet:
             self.last_zero[name] = self.step
         return verdict
+
+    def blind_spot(self, n_samples: int) -> str | None:
+        """Why the in-training test could never alarm on ``n_samples`` training samples, or None. An
+        e-process needs a minimum run of top-ranked samples to reach ``k / alpha``; less data than
+        that cannot be judged by it, whatever it holds."""
+        if self.kind != "eprocess" or not self.signals:
+            return None
+        need = min_samples_to_alarm(self.config.alpha / len(self.signals))
+        if n_samples >= need:
+            return None
+        return (f"the e-process needs at least {need} samples to reach 1/alpha (alpha={self.config.alpha:g} over "
+                f"{len(self.signals)} signals) and the training data has {n_samples}: in training it cannot alarm. "
+                "Rely on the gate, raise guard.alpha, or use guard.sequential: cusum")
 
     @property
     def false_alarm_control(self) -> str:

@@ -199,6 +199,33 @@ def signal_sides(data_signals: dict[str, np.ndarray], reference_signals: dict[st
     return {"data": present(data_signals), "reference": present(reference_signals)}
 
 
+def gate_resolution(n_data: int, n_reference: int, n_tests: int, alpha: float, n_permutations: int) -> str | None:
+    """Why the gate could never flag at this ``alpha``, with the fix; None when it can.
+
+    Holm over ``n_tests`` signals first needs one p-value below ``alpha / n_tests``. A Monte Carlo
+    permutation p-value is at least ``1 / (n_permutations + 1)``, and no permutation p-value is below
+    ``1 / C(n_data + n_reference, n_data)`` (the number of distinct splits): a request finer than
+    that silently turns the gate off, so it is said instead.
+    """
+    import math
+
+    if n_tests < 1 or n_data < 1 or n_reference < 1:
+        return None
+    needed = n_tests / alpha
+    if n_permutations + 1 < needed:
+        return (f"the gate cannot flag at alpha={alpha:g} over {n_tests} signals: its smallest p-value is "
+                f"1/{n_permutations + 1}, Holm needs one below {alpha / n_tests:.2g}; raise screen.n_permutations "
+                f"to at least {math.ceil(needed)} (or alpha)")
+    if math.lgamma(n_data + n_reference + 1) - math.lgamma(n_data + 1) - math.lgamma(n_reference + 1) < math.log(needed):
+        m = n_reference
+        while math.comb(n_data + m, n_data) < needed:
+            m += 1
+        return (f"the gate cannot flag at alpha={alpha:g} over {n_tests} signals: {n_data} training rows against "
+                f"{n_reference} reference rows have fewer than {math.ceil(needed)} distinct splits; use at least "
+                f"{m} reference rows (or more training rows)")
+    return None
+
+
 def screen_signals(data_signals: dict[str, np.ndarray], reference_signals: dict[str, np.ndarray], *, alpha: float,
                  n_permutations: int = 2000, seed: int = 0,
                  signals: list[str] | None = None) -> tuple[list[SignalTest], bool, list[str]]:
@@ -217,6 +244,10 @@ def screen_signals(data_signals: dict[str, np.ndarray], reference_signals: dict[
                                                       suspicious_direction(n), n_permutations, seed))]
     notes: list[str] = []
     flagged = False
+    resolution = gate_resolution(len(next(iter(data_signals.values()), [])),
+                                 len(next(iter(reference_signals.values()), [])), len(tests), alpha, n_permutations)
+    if resolution:
+        notes.append(resolution)
     if tests:
         combined = combine_pvalues({t.name: t.p_value for t in tests}, method="holm")
         for t in tests:

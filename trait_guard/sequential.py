@@ -94,6 +94,18 @@ _LN10 = math.log(10.0)
 # ----------------------------------------------------------------------------- ranks and wealth
 
 
+def min_samples_to_alarm(alpha: float, lambdas: Any = DEFAULT_LAMBDAS) -> int:
+    """The fewest samples after which the e-process can pass ``1/alpha`` at all: every sample ranked at
+    the very top (``Y -> 1``), the mixture's wealth is ``mean_k (1 + lam_k)^n``. A stream shorter than
+    this can never alarm, whatever it holds (say so rather than watch it)."""
+    alpha = _check_alpha(alpha)
+    grid = np.abs(_lambda_grid(lambdas, False))
+    n = 1
+    while _log_mean_exp((n * np.log1p(grid))[None, :])[0] < math.log(1.0 / alpha):
+        n += 1
+    return n
+
+
 def _lambda_grid(lambdas: Any, two_sided: bool) -> np.ndarray:
     """The bettors' fractions: the given grid in [0, 1), mirrored to negative values when two-sided."""
     if isinstance(lambdas, (str, bytes)) or not hasattr(lambdas, "__len__") or len(lambdas) == 0:

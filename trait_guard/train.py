@@ -288,6 +288,10 @@ def _score_and_calibrate(run: RunContext, inputs: Inputs) -> Setup:
     signals.attach(inputs.train_rows)
     guard = TraitGuard(config.guard, signals.reference, batch_size=config.optim.batch_size * run.world)
     gate = screen_gate(config, signals)
+    warnings = [w for w in [guard.blind_spot(len(inputs.train_rows)), *(gate or {}).get("notes", [])] if w]
+    if warnings and run.rank == 0:
+        run.tracker.set_tags({"guard.warning": " | ".join(warnings)})
+        print("\n".join(f"trait_guard: warning: {w}" for w in warnings), flush=True)
     if gate is not None:
         gate["coverage"] = coverage
         run.tracker.set_tags({"screen.gate": "FLAGGED" if gate["flagged"] else "clean"})
