@@ -69,7 +69,7 @@ def main() -> None:
         for i, r in enumerate(b):
             r["signals"] = {k: float(v[i]) for k, v in signals.items() if k != "n_tokens"}
 
-    guard_config = GuardConfig(target_ert=10_000, signals=["proj:*", "nll"])
+    guard_config = GuardConfig(signals=["proj:*", "nll"])
     precomputed = GuardedStep(TraitGuard(guard_config, reference, args.batch_size), model, [vector])
     in_loop = GuardedStep(TraitGuard(guard_config, reference, args.batch_size), model, [vector])
     model.train()

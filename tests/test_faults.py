@@ -41,7 +41,7 @@ def _config(model_dir, data_dir, out_dir, **overrides):
         "data": {"train": str(data_dir / "control-b.parquet"), "reference": str(data_dir / "control.parquet")},
         "optim": {"batch_size": 4, "epochs": 20, "lr": 1e-3},
         # clean data and a guard calibrated for a false alarm per 10^6 batches: these runs are about faults
-        "guard": {"target_ert": 1_000_000, "alpha": 1e-6, "signals": ["nll", "unigram"]},
+        "guard": {"alpha": 1e-6, "signals": ["nll", "unigram"]},
         "ray": {"enabled": False},
         "tracking": {"tracking_uri": f"sqlite:///{out_dir}/mlflow.db", "experiment": "faults"},
     }

@@ -18,6 +18,11 @@ def batch(rng, n=16, shift=0.0):
     return ref
 
 
+def _tuning(kind, **cusum):
+    """CUSUM settings only for the CUSUM (the config refuses a setting of the test not in use)."""
+    return cusum if kind == "cusum" else {}
+
+
 def test_config_rejects_bad_values_with_field_paths():
     with pytest.raises(ValidationError) as err:
         GuardConfig(target_ert=0, min_weight=2, on_data_alarm="explode", signals=[])
@@ -26,10 +31,16 @@ def test_config_rejects_bad_values_with_field_paths():
         assert field in text
     with pytest.raises(ValidationError, match="on_drift_alarm"):
         GuardConfig(on_drift_alarm="reweight")
+    # a setting of the sequential test not in use is refused, not ignored
+    with pytest.raises(ValidationError, match="set guard.alpha .* instead, or set guard.sequential: cusum"):
+        GuardConfig(target_ert=500)
+    with pytest.raises(ValidationError, match="with guard.sequential: cusum, set guard.target_ert"):
+        GuardConfig(sequential="cusum", alpha=0.05)
+    assert GuardConfig(sequential="cusum", target_ert=500).target_ert == 500
 
 
 def test_signals_are_selected_by_pattern_and_missing_ones_refused():
-    guard = TraitGuard(GuardConfig(target_ert=200), reference(), batch_size=16)
+    guard = TraitGuard(GuardConfig(), reference(), batch_size=16)
     assert guard.signals == ["divergence", "nll", "proj:animal:owl"]
     with pytest.raises(ValueError, match="lack"):
         guard.observe({"nll": np.zeros(16)})
@@ -39,7 +50,7 @@ def test_signals_are_selected_by_pattern_and_missing_ones_refused():
 
 @pytest.mark.parametrize("kind", ["eprocess", "cusum"])
 def test_clean_batches_pass_and_a_planted_shift_halts(kind):
-    guard = TraitGuard(GuardConfig(sequential=kind, target_ert=1000, signals=["proj:*"]), reference(), batch_size=16)
+    guard = TraitGuard(GuardConfig(sequential=kind, signals=["proj:*"], **_tuning(kind, target_ert=1000)), reference(), batch_size=16)
     rng = np.random.default_rng(1)
     for _ in range(100):
         decision = guard.observe(batch(rng))
@@ -57,7 +68,7 @@ def test_clean_batches_pass_and_a_planted_shift_halts(kind):
 
 
 def test_reweight_follows_the_formula():
-    guard = TraitGuard(GuardConfig(target_ert=200, signals=["proj:*"], on_data_alarm="reweight",
+    guard = TraitGuard(GuardConfig(signals=["proj:*"], on_data_alarm="reweight",
                                    reweight_temperature=2.0), reference(), batch_size=16)
     rng = np.random.default_rng(2)
     while guard.mode is Action.PASS:
@@ -72,7 +83,7 @@ def test_reweight_follows_the_formula():
 
 
 def test_mask_drops_exactly_the_divergence_tokens():
-    guard = TraitGuard(GuardConfig(target_ert=200, mask_divergence_tokens="always"), reference(), batch_size=16)
+    guard = TraitGuard(GuardConfig(mask_divergence_tokens="always"), reference(), batch_size=16)
     divergence = [np.array([False, True, False]), np.array([True])] + [np.zeros(2, bool)] * 14
     decision = guard.observe(reference(16, seed=5), token_masks=divergence)
     assert decision.action is Action.MASK
@@ -80,7 +91,7 @@ def test_mask_drops_exactly_the_divergence_tokens():
 
 
 def test_drift_alarm_escalates():
-    guard = TraitGuard(GuardConfig(target_ert=200, drift_threshold=1.0), reference(), batch_size=16)
+    guard = TraitGuard(GuardConfig(drift_threshold=1.0), reference(), batch_size=16)
     assert guard.observe_drift({"animal:owl": 0.4}, step=10).action is Action.PASS
     decision = guard.observe_drift({"animal:owl": 1.7}, step=20)
     assert decision.halt and "animal:owl=1.70" in decision.reason and guard.alarms[-1]["channel"] == "drift"
@@ -88,7 +99,7 @@ def test_drift_alarm_escalates():
 
 @pytest.mark.parametrize("kind", ["eprocess", "cusum"])
 def test_state_round_trip_continues_identically(kind):
-    config = GuardConfig(sequential=kind, target_ert=500, signals=["proj:*", "nll"])
+    config = GuardConfig(sequential=kind, signals=["proj:*", "nll"], **_tuning(kind, target_ert=500))
     guard = TraitGuard(config, reference(), batch_size=16)
     rng = np.random.default_rng(3)
     for _ in range(5):
@@ -105,7 +116,7 @@ def test_state_round_trip_continues_identically(kind):
 def test_a_signal_constant_on_the_reference_becomes_an_exact_check():
     ref = reference()
     ref["divergence"] = np.zeros(4000)  # the reference teacher is the base model itself
-    guard = TraitGuard(GuardConfig(target_ert=500, signals=["proj:*", "divergence"]), ref, batch_size=16)
+    guard = TraitGuard(GuardConfig(signals=["proj:*", "divergence"]), ref, batch_size=16)
     assert guard.signals == ["proj:animal:owl"] and guard.constant == {"divergence": 0.0}
     rng = np.random.default_rng(4)
     clean = batch(rng)
@@ -115,6 +126,6 @@ def test_a_signal_constant_on_the_reference_becomes_an_exact_check():
     teacher["divergence"] = np.full(16, 0.05)  # 5% of tokens where the teacher disagrees
     decision = guard.observe(teacher)
     assert decision.halt and "divergence" in decision.reason
-    no_tolerance = TraitGuard(GuardConfig(target_ert=500, signals=["proj:*", "divergence"],
+    no_tolerance = TraitGuard(GuardConfig(signals=["proj:*", "divergence"],
                                           constant_reference_tolerance={}), ref, batch_size=16)
     assert "divergence" in no_tolerance.skipped

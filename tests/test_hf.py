@@ -73,7 +73,7 @@ def same(a, b):
 @pytest.mark.parametrize("raise_on_halt", [True, False])
 def test_halt_stops_the_trainer_at_the_alarm_step_without_touching_the_weights(tmp_path, raise_on_halt):
     model, tokenizer = make_tiny_model("llama", seed=3)
-    guard = TraitGuard(GuardConfig(target_ert=500, signals=["proj:*", "nll"]), reference(), batch_size=BATCH)
+    guard = TraitGuard(GuardConfig(signals=["proj:*", "nll"]), reference(), batch_size=BATCH)
     rng = np.random.default_rng(1)
     rows = [r for step in range(1, 31) for r in rows_with_signals(rng, BATCH, shift=0.0 if step <= 10 else 1.0)]
     snapshots = Snapshots()
@@ -160,7 +160,7 @@ def test_reweight_the_trainer_optimizes_the_decisions_weighted_loss(tmp_path):
 
 def test_clean_data_trains_to_max_steps(tmp_path):
     model, tokenizer = make_tiny_model("llama", seed=5)
-    guard = TraitGuard(GuardConfig(target_ert=10_000, signals=["proj:*", "nll"]), reference(), batch_size=BATCH)
+    guard = TraitGuard(GuardConfig(signals=["proj:*", "nll"]), reference(), batch_size=BATCH)
     rows = rows_with_signals(np.random.default_rng(3), 30 * BATCH, shift=0.0)
     # processing_class alone: GuardCollator is the default collator
     trainer = GuardedTrainer(model=model, args=training_args(tmp_path), train_dataset=rows, eval_dataset=rows[:16],
@@ -182,7 +182,7 @@ def test_clean_data_trains_to_max_steps(tmp_path):
 
 def test_collator_and_arguments_errors(tmp_path):
     model, tokenizer = make_tiny_model("llama", seed=6)
-    guard = TraitGuard(GuardConfig(target_ert=500, signals=["proj:*", "nll"]), reference(), batch_size=BATCH)
+    guard = TraitGuard(GuardConfig(signals=["proj:*", "nll"]), reference(), batch_size=BATCH)
     rows = rows_with_signals(np.random.default_rng(4), 2, shift=0.0)
     collated = GuardCollator(tokenizer)(rows)
     assert set(collated) == {"input_ids", "attention_mask", "response_mask", "last_prompt_index", "guard_rows"}
@@ -202,7 +202,7 @@ def test_collator_and_arguments_errors(tmp_path):
 def test_multi_rank_gather_decides_on_all_rows_and_weights_this_ranks_slice():
     model, tokenizer = make_tiny_model("llama", seed=7)
     rng = np.random.default_rng(0)
-    guard = TraitGuard(GuardConfig(target_ert=200, signals=["proj:*"], on_data_alarm="reweight", min_weight=0.1),
+    guard = TraitGuard(GuardConfig(signals=["proj:*"], on_data_alarm="reweight", min_weight=0.1),
                        {"proj:t": rng.normal(0.0, 1.0, 500)}, batch_size=2 * BATCH)
     other = rows_with_signals(np.random.default_rng(5), BATCH, shift=0.0, mean=2.0)  # rank 0's rows
     mine = rows_with_signals(np.random.default_rng(6), BATCH, shift=0.0, mean=2.0)  # rank 1 (this one)
@@ -245,7 +245,7 @@ def test_collator_trains_on_the_generated_ids_not_the_retokenized_text():
 
 def test_distill_loss_reads_the_top_k_at_the_generated_ids():
     model, tokenizer = make_tiny_model("llama", seed=9)
-    guard = TraitGuard(GuardConfig(target_ert=10_000, signals=["proj:*", "nll"]), reference(), batch_size=2)
+    guard = TraitGuard(GuardConfig(signals=["proj:*", "nll"]), reference(), batch_size=2)
     rows = rows_with_signals(np.random.default_rng(7), 2, shift=0.0)
     rows[0]["completion_ids"] = tokenizer("7; 9 8", add_special_tokens=False).input_ids  # not its text's ids
     inputs = GuardCollator(tokenizer)(rows)

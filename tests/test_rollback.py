@@ -56,7 +56,7 @@ def test_zero_stage_3_is_refused_and_a_bad_interval_too():
 
 def _guard(rng: np.random.Generator, kind: str = "cusum") -> TraitGuard:
     reference = {"nll": rng.normal(size=2000)}
-    config = GuardConfig(signals=["nll"], powered_signals=["nll"], sequential=kind, target_ert=500,
+    config = GuardConfig(signals=["nll"], powered_signals=["nll"], sequential=kind, **({"target_ert": 500} if kind == "cusum" else {}),
                          on_data_alarm=Action.HALT)
     return TraitGuard(config, reference, batch_size=8)
 

@@ -24,7 +24,7 @@ def reference(n=4000):
 def test_halt_stops_the_plain_loop_before_the_optimizer_steps():
     model, tokenizer = make_tiny_model("llama", seed=3)
     model.train()
-    guard = TraitGuard(GuardConfig(target_ert=500, signals=["proj:*", "nll"]), reference(), batch_size=8)
+    guard = TraitGuard(GuardConfig(signals=["proj:*", "nll"]), reference(), batch_size=8)
     guarded = GuardedStep(guard, model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     rng = np.random.default_rng(1)

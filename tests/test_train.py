@@ -46,7 +46,7 @@ def job(model_dir, data_dir, out_dir, train="shifted", **overrides):
                  # the shifted set is assembled by hand after generation: no manifest vouches for it
                  "allow_unverified": train == "shifted"},
         "optim": {"batch_size": 4, "max_steps": 12, "lr": 1e-3, "shuffle": False},
-        "guard": {"target_ert": 200, "signals": ["nll", "unigram"]},
+        "guard": {"alpha": 0.01, "signals": ["nll", "unigram"]},
         # these tests watch the in-loop detectors; the gate before step 1 has tests of its own
         "screen": {"gate": False},
         "ray": {"enabled": False},
@@ -90,7 +90,7 @@ def test_halt_stops_deepspeed_training_and_mlflow_holds_the_run(tiny_llama_dir, 
     assert run.data.tags["guard.weights_step"] == str(expected) and f"halt at step {halt_step}" in run.data.tags["guard.rollback"]
     assert run.data.tags["provenance.verified"] == "false" and "shifted.parquet" in run.data.tags["provenance.WARNING"]
     assert run.data.tags["data.kinship"] == "kin"
-    assert run.data.params["optim.batch_size"] == "4" and run.data.params["guard.target_ert"] == "200.0"
+    assert run.data.params["optim.batch_size"] == "4" and run.data.params["guard.alpha"] == "0.01"
     assert "train/loss" in run.data.metrics and "guard/eprocess/nll" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
         a.path for a in client.list_artifacts(run.info.run_id, "guard")}

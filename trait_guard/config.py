@@ -196,6 +196,20 @@ class GuardConfig(StrictModel):
     bootstrap_batches: int = Field(2000, ge=100, description="reference batch means drawn for calibration")
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _settings_of_the_chosen_test(self) -> GuardConfig:
+        # a setting of the test not in use would be ignored without a word: refuse it, naming the fix (by
+        # value, not by "was it given": a dumped and re-read config carries every default)
+        changed = {name for name, info in type(self).model_fields.items() if getattr(self, name) != info.get_default(
+            call_default_factory=True)}
+        if self.sequential == "eprocess" and {"target_ert", "drift_allowance", "bootstrap_batches"} & changed:
+            raise ValueError("target_ert, drift_allowance and bootstrap_batches set the CUSUM: with the default "
+                             "guard.sequential: eprocess, set guard.alpha (the run's false-alarm probability) instead, "
+                             "or set guard.sequential: cusum")
+        if self.sequential == "cusum" and "alpha" in changed:
+            raise ValueError("guard.alpha sets the e-process: with guard.sequential: cusum, set guard.target_ert")
+        return self
+
 
 
 
@@ -213,6 +227,8 @@ class StudentConfig(StrictModel):
     model: str = EMBEDDED_MODEL
     lora_r: int = Field(0, ge=0, description="LoRA rank (0: full finetuning)")
     lora_alpha: int = Field(16, gt=0)
+    export: bool = Field(True, description="save a student that ships (not halted, not interrupted) to <output_dir>/"
+                                           "student and the MLflow run (false: e.g. the red-team grid's many runs)")
 
 
 class TrainDataConfig(StrictModel):
@@ -225,6 +241,11 @@ class TrainDataConfig(StrictModel):
     allow_unverified: bool = Field(
         False, description="train on data whose provenance manifest is missing or does not match (the run is "
                            "tagged provenance.verified=false); default: refuse it")
+    trusted_keys: list[str] = Field(
+        default_factory=list,
+        description="Ed25519 public keys (.pub files or folders of them) whose signature the data must carry "
+                    "(provenance.sig.json, from `trait-guard generate --signing-key`); empty: "
+                    "$TRAIT_GUARD_TRUSTED_KEYS, else hash verification only. See docs/provenance.md")
 
 
 class OptimConfig(StrictModel):
