@@ -20,6 +20,13 @@ from trait_guard.errors import TraitGuardInputError
 from trait_guard.models import EMBEDDED_MODEL
 
 
+def _check_unique(ids: list[str], what: str) -> None:
+    """Refuse repeated ids (outputs are named after them: one would overwrite the other)."""
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise ValueError(f"{what} must be unique, got {ids} (repeated: {repeated})")
+
+
 class ConfigError(TraitGuardInputError):
     """A config file is unreadable or invalid; the message lists every bad field."""
 
@@ -83,9 +90,7 @@ class GenerateJobConfig(StrictModel):
 
     @model_validator(mode="after")
     def _unique_ids(self) -> GenerateJobConfig:
-        ids = [t.id for t in self.teachers]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"teacher ids must be unique, got {ids}")
+        _check_unique([t.id for t in self.teachers], "teacher ids")
         return self
 
 
@@ -371,8 +376,7 @@ class RunJobConfig(TrainingSettings):
             if name not in ids or name in (self.train_on, self.reference):
                 raise ValueError(f"also_train_on: '{name}' must be a teacher other than train_on and reference "
                                  f"(teachers: {ids})")
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"teacher ids must be unique, got {ids}")
+        _check_unique(ids, "teacher ids")
         return self
 
 
@@ -420,8 +424,7 @@ class RedteamConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> RedteamConfig:
         ids = [t.id for t in self.teachers] + [self.reference.id]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"teacher ids (reference included) must be unique, got {ids}")
+        _check_unique(ids, "teacher ids (reference included)")
         unknown = set(self.measure) - set(ids)
         if unknown:
             raise ValueError(f"measure: unknown teacher ids {sorted(unknown)}; teachers are {ids}")
