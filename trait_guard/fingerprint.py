@@ -82,6 +82,9 @@ SUSPICIOUS_DIRECTIONS: dict[str, str] = {
     "nll": "up",  # less like the base model's own output
     "unigram": "up",  # rarer tokens than the reference's
     "entropy": "both",
+    "trait_llr:*": "up",  # tokens the trait-prompted base model finds likelier (trait_guard.trait_signals)
+    "teacher_llr": "up",  # tokens the teacher model finds likelier than the base model does
+    "model_diff": "up",  # data leaning along the teacher-minus-base direction
 }
 
 
@@ -324,6 +327,7 @@ class FingerprintScorer:
     batch_size: int = 32
     system: str | None = None  # None: the model's default prompt, as a student sees the data
     divergence_margin: float = DIVERGENCE_MARGIN
+    extra: Sequence[Any] = ()  # more scorers, each with score_rows(rows) -> {signal: array} (trait_signals)
     layers: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -351,6 +355,8 @@ class FingerprintScorer:
                                              teacher_tokens(rows), self.divergence_margin)
         if self.unigram_reference is not None:
             signals["unigram"] = unigram_surprisal(self.unigram_reference, batch, in_reference)
+        for scorer in self.extra:
+            signals.update(scorer.score_rows(rows))
         token_masks = per_completion_token(mask, batch) if mask is not None else [np.zeros(0, bool)] * len(rows)
         if divergence_counts is not None and mask is not None:
             for ids, row_mask in zip(completion_token_ids(batch), token_masks, strict=True):

@@ -53,6 +53,7 @@ class GenerationReport:
     mode: str  # "ray" or "local"
     n_prompts: int
     teachers: list[TeacherReport] = field(default_factory=list)
+    signature: dict[str, Any] = field(default_factory=lambda: {"signed": False})  # set when the folder is finished
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -105,20 +106,42 @@ def _write_teacher(
                          time.perf_counter() - started)
 
 
-def _finish(report: GenerationReport, config: GenerateJobConfig) -> GenerationReport:
-    """summary.json, and each file's provenance (hash, teacher, base, generation config) in manifest.json."""
+def _finish(report: GenerationReport, config: GenerateJobConfig, signing_key: Any = None) -> GenerationReport:
+    """summary.json, each file's provenance (hash, teacher, base, generation config) in manifest.json,
+    then the folder's signature (provenance.sig.json) with ``signing_key`` (loaded by
+    :func:`trait_guard.signing.load_signing_key`), or a note that the folder is unsigned."""
     from trait_guard.provenance import record_files
+    from trait_guard.signing import SIGNATURE_NAME, SIGNING_KEY_ENV, fingerprint, sign_folder
 
+    if signing_key is not None:
+        report.signature = {"signed": True, "key_fingerprint": fingerprint(signing_key.public_key())}
     Path(report.output_dir, "summary.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     teachers = {t.id: t for t in config.teachers}
     record_files(report.output_dir, [{"file": Path(t.path).name, "teacher": teachers[t.teacher_id].model_dump(),
                                       "rows": t.rows, "kept": t.kept} for t in report.teachers],
                  config.generation.model_dump())
+    stale = Path(report.output_dir, SIGNATURE_NAME)
+    if signing_key is not None:
+        import socket
+
+        report.signature = sign_folder(report.output_dir, signing_key,
+                                       signer=f"trait-guard generate on {socket.gethostname()}")
+        return report
+    if stale.exists():  # an earlier signature no longer covers what is here: remove it rather than leave a lie
+        stale.unlink()
+    report.signature = {"signed": False, "reason": f"no signing key (--signing-key or ${SIGNING_KEY_ENV})"}
+    print(f"NOTE: {report.output_dir} is UNSIGNED (no --signing-key or ${SIGNING_KEY_ENV}); verifiers with "
+          "trusted keys will refuse it. See docs/provenance.md", file=sys.stderr)
     return report
 
 
-def generate_local(config: GenerateJobConfig, *, progress: bool = True) -> GenerationReport:
-    """The same datasets from one in-process loop (no Ray): the baseline, and a debugging aid."""
+def generate_local(config: GenerateJobConfig, *, progress: bool = True,
+                   signing_key: str | None = None) -> GenerationReport:
+    """The same datasets from one in-process loop (no Ray): the baseline, and a debugging aid.
+    ``signing_key``: as for :func:`generate_datasets`."""
+    from trait_guard.signing import load_signing_key
+
+    key = load_signing_key(signing_key)  # a bad key fails now, not after hours of generation
     chunks = make_chunks(config)
     family = family_for(config.generation, config.teachers)
     out_dir = Path(config.output_dir)
@@ -127,7 +150,7 @@ def generate_local(config: GenerateJobConfig, *, progress: bool = True) -> Gener
         teacher = Teacher(teacher_cfg, config.generation, family)
         results = (teacher.generate(chunk, index) for index, chunk in enumerate(chunks))
         report.teachers.append(_write_teacher(teacher_cfg, chunks, results, out_dir, progress))
-    return _finish(report, config)
+    return _finish(report, config, key)
 
 
 class TeacherActor:
@@ -164,14 +187,21 @@ def generate_datasets(
     *,
     progress: bool = True,
     on_chunk_done: Callable[[str, int, list[Any]], None] | None = None,
+    signing_key: str | None = None,
 ) -> GenerationReport:
     """Generate one Parquet file per teacher on a pool of Ray actors.
 
     Starts a local Ray (or connects to ``config.ray.address``) unless Ray is already initialized.
     ``on_chunk_done(teacher_id, chunk_index, actors)`` is called after each finished chunk (tests use
-    it to kill an actor mid-run).
+    it to kill an actor mid-run). ``signing_key``: an Ed25519 private key (path or PEM text; default
+    ``$TRAIT_GUARD_SIGNING_KEY``) that signs the finished folder (docs/provenance.md); without one
+    the folder is written unsigned and says so.
     """
     import ray
+
+    from trait_guard.signing import load_signing_key
+
+    key = load_signing_key(signing_key)  # a bad key fails now, not after hours of generation
     from ray.exceptions import RayActorError
 
     if not ray.is_initialized():
@@ -229,4 +259,4 @@ def generate_datasets(
         teacher_report.actor_restarts_seen = replaced
         teacher_report.node_ids = sorted(set(node_ids))
         report.teachers.append(teacher_report)
-    return _finish(report, config)
+    return _finish(report, config, key)

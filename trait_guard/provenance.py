@@ -6,13 +6,19 @@ generation config. :func:`verify_dataset` checks a file against it (listed, the 
 bytes as the manifest recorded it, every row with its provenance and the teacher the manifest names)
 and returns the entry; anything else raises :class:`ProvenanceError` with the fix.
 :func:`verify_files` checks the set of files a command uses (the data and its reference) at once,
-for screening and training alike.
+for screening and training alike, and, when trusted public keys are configured, that each folder is
+signed by one of them (:mod:`trait_guard.signing`; docs/provenance.md).
 
 Why. The guard's verdict is only as good as the data it is told about. A file swapped, edited or
 assembled by hand after generation could carry anything; a training run must not take it silently.
 Screening and training verify by default; ``data.allow_unverified: true`` (``--allow-unverified`` for
 ``trait-guard screen``) is the explicit way round, and a run that takes it is tagged loudly in MLflow
 (``provenance.verified = false``).
+
+A manifest alone proves little: whoever can rewrite a file can rewrite the manifest with fresh
+hashes. The signature (``provenance.sig.json``, made by the generator's private key) is what a
+rewrite cannot forge; ``data.trusted_keys`` / ``$TRAIT_GUARD_TRUSTED_KEYS`` / ``--trusted-keys``
+turn its check on.
 """
 
 from __future__ import annotations
@@ -135,17 +141,59 @@ def verify_dataset(path: str | Path) -> dict[str, Any]:
     return entry
 
 
-def verify_files(paths: Mapping[str, str | Path], *, allow_unverified: bool = False) -> dict[str, Any]:
-    """Verify each file of ``paths`` (role -> path, e.g. ``{"train": ..., "reference": ...}``) with
-    :func:`verify_dataset`, for any command that uses teacher data (screen, train, run, red-team).
+def _signature(path: Path, keys: list[Any], sha256: str | None, role: str, allow_unverified: bool,
+               problems: list[str]) -> dict[str, Any]:
+    """The signature state of ``path`` (its folder's ``provenance.sig.json`` over the file and the manifest).
 
-    A provenance problem raises :class:`ProvenanceError` unless ``allow_unverified``; then it is
-    collected as ``"<role>: <message>"`` for the caller to report (MLflow tags, a banner). A file that
-    is missing or unreadable is refused either way (a :class:`DatasetError`): there is nothing to use.
-    Returns ``{"verified": bool, "problems": [...], "sha256": {role: hash}}``, the hashes being those
-    of the files that verified (equal to their manifest's).
+    With trusted ``keys``: signed by one of them, or refused (:class:`ProvenanceError`) unless
+    ``allow_unverified`` (then collected in ``problems``). Without: reported only (``trusted: False``).
     """
-    problems, hashes = [], {}
+    from trait_guard import signing
+
+    files, known = [path.name, MANIFEST_NAME], ({path.name: sha256} if sha256 else None)
+    try:
+        return signing.verify_folder(path.parent, keys, files=files, hashes=known, require_trusted=bool(keys))
+    except signing.SignatureError as err:
+        try:
+            envelope = signing.read_signature(path.parent)
+        except signing.SignatureError:
+            envelope = None
+        key_ids = ",".join(s.get("keyid", "?") for s in envelope["signatures"]) if envelope else None
+        state = {"signed": False, "trusted": False, "signer": None, "key_fingerprint": key_ids, "error": str(err)}
+        if not keys:  # hash verification only, as before signatures existed: never refused for this
+            return state
+        if not allow_unverified:
+            raise ProvenanceError(f"{role} {path.name}: {err}; or {_OVERRIDE}") from err
+        problems.append(f"{role}: {err}")
+        return state
+
+
+def verify_files(paths: Mapping[str, str | Path], *, allow_unverified: bool = False,
+                 trusted_keys: Iterable[str] | str | None = None) -> dict[str, Any]:
+    """Verify each file of ``paths`` (role -> path, e.g. ``{"train": ..., "reference": ...}``) with
+    :func:`verify_dataset`, and its folder's signature, for any command that uses teacher data
+    (screen, train, run, red-team): the one place data is verified.
+
+    ``trusted_keys`` (public key files / folders / PEM text; None: ``$TRAIT_GUARD_TRUSTED_KEYS``): when
+    there are any, each file and its manifest must be signed by one of them and unchanged since
+    (:func:`trait_guard.signing.verify_folder`); when there are none, the signature is only reported.
+    A provenance or signature problem raises :class:`ProvenanceError` unless ``allow_unverified``;
+    then it is collected as ``"<role>: <message>"`` for the caller to report (MLflow tags, a banner).
+    A file that is missing or unreadable, or a trusted key that cannot be read, is refused either way.
+
+    Returns ``{"verified": bool, "problems": [...], "sha256": {role: hash}, "signed": bool,
+    "signer": str|None, "key_fingerprint": str|None, "trusted_keys": int, "signatures": {role: {...}},
+    "tags": {"provenance.signed": ..., "provenance.signer_fingerprint": ...}}``
+    (not ``key_fingerprint``: a tag named ``*key*`` is redacted); the hashes are those of the files that verified (equal
+    to their manifest's); ``signed`` is true when every file is signed (by a trusted key when keys are
+    configured); ``tags`` are ready for MLflow.
+    """
+    from trait_guard.signing import load_trusted_keys
+
+    keys = load_trusted_keys(trusted_keys)
+    problems: list[str] = []
+    hashes: dict[str, str] = {}
+    signatures: dict[str, dict[str, Any]] = {}
     for role, path in paths.items():
         try:
             hashes[role] = verify_dataset(path)["sha256"]
@@ -153,4 +201,15 @@ def verify_files(paths: Mapping[str, str | Path], *, allow_unverified: bool = Fa
             if not allow_unverified:
                 raise
             problems.append(f"{role}: {err}")
-    return {"verified": not problems, "problems": problems, "sha256": hashes}
+        signatures[role] = _signature(Path(path), keys, hashes.get(role), role, allow_unverified, problems)
+    signed = bool(signatures) and all(s["signed"] for s in signatures.values())
+    signers = sorted({s["signer"] for s in signatures.values() if s.get("signer")})
+    key_ids = sorted({s["key_fingerprint"] for s in signatures.values() if s.get("key_fingerprint")})
+    result = {"verified": not problems, "problems": problems, "sha256": hashes, "signed": signed,
+              "signer": ",".join(signers) or None, "key_fingerprint": ",".join(key_ids) or None,
+              "trusted_keys": len(keys), "signatures": signatures}
+    result["tags"] = {"provenance.signed": str(signed).lower(),
+                      "provenance.signature_checked": str(bool(keys)).lower(),
+                      **({"provenance.signer": result["signer"]} if result["signer"] else {}),
+                      **({"provenance.signer_fingerprint": result["key_fingerprint"]} if result["key_fingerprint"] else {})}
+    return result
