@@ -56,13 +56,15 @@ from trait_guard.run_state import ProgressFile, StopRequest
 def verify_training_data(config: TrainJobConfig) -> dict[str, Any]:
     """Check the training and reference files against their provenance manifests.
 
-    Refuses (ProvenanceError) unless ``data.allow_unverified``; then the problems are returned for
-    the run's tags instead. Returns ``{"verified": bool, "problems": [...], "sha256": {...}}``.
+    With ``data.trusted_keys`` (or ``$TRAIT_GUARD_TRUSTED_KEYS``) the folders' signatures must be by a
+    trusted key too (:mod:`trait_guard.signing`). Refuses (ProvenanceError) unless
+    ``data.allow_unverified``; then the problems are returned for the run's tags instead. Returns
+    ``{"verified", "problems", "sha256", "signed", "tags", ...}`` (see :func:`provenance.verify_files`).
     """
     from trait_guard.provenance import verify_files
 
     return verify_files({"train": config.data.train, "reference": config.data.reference},
-                        allow_unverified=config.data.allow_unverified)
+                        allow_unverified=config.data.allow_unverified, trusted_keys=config.data.trusted_keys or None)
 
 
 def load_training_rows(config: TrainJobConfig, tokenizer: Any = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -230,6 +232,7 @@ def _load_inputs(run: RunContext) -> Inputs:
                       "teachers": ",".join(sorted({r["teacher_id"] for r in train_rows})),
                       "guard.enabled": str(config.guard_enabled),
                       "provenance.verified": str(provenance["verified"]).lower(),
+                      **provenance.get("tags", {}),  # provenance.signed, the signer and its key fingerprint
                       # kin: the teachers share the student's base model, the precondition for transfer
                       "data.kinship": provenance["kinship"],
                       **({"provenance.WARNING": "UNVERIFIED DATA (data.allow_unverified): "
@@ -610,12 +613,20 @@ def _finish(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Modul
         "skipped_signals": guard.skipped,
         "extra_artifacts": config.extra_artifacts,
         "code_version": code_version(),
+        "student_export": None,
         "history": outcome.history,
     }
     if run.rank == 0:
+        from trait_guard.export import data_digests, export_student
+
+        # the student ships unless halted or interrupted (trait_guard.export): HF folder + record, then MLflow
+        digests = data_digests({"train": config.data.train, "reference": config.data.reference}, inputs.provenance)
+        folder, export = export_student(model, inputs.tokenizer, run.out_dir, summary, digests, engine,
+                                        config.deepspeed.zero_stage, enabled=config.student.export)
+        summary["student_export"] = None if folder is None else str(folder)
         run.out_dir.mkdir(parents=True, exist_ok=True)
         (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        _log_summary(tracker, summary)
+        _log_summary(tracker, summary, digests, export)
         flagged = flagged_samples(guard, inputs.train_rows)
         tracker.log_table(flagged, "guard/flagged_samples.json")
         if outcome.interrupted:
@@ -701,10 +712,17 @@ def _ray_node_id() -> str | None:
         return None
 
 
-def _log_summary(tracker: Any, summary: dict[str, Any]) -> None:
+def _log_summary(tracker: Any, summary: dict[str, Any], digests: dict[str, Any] | None = None,
+                 export: dict[str, Any] | None = None) -> None:
     from trait_guard.tracking import summarize_guard
 
     tracker.log_dict(summary, "summary.json")
+    # numeric outcomes sort in the runs table (tags do not); the data as MLflow dataset inputs; the student
+    tracker.log_outcome_metrics(summary)
+    if digests:
+        tracker.log_datasets(digests)
+    if export is not None:
+        tracker.log_student(summary["student_export"], export)
     for path in summary.get("extra_artifacts", []):
         if Path(path).is_file():
             tracker.log_artifact(path, "reports")
