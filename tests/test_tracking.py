@@ -30,6 +30,7 @@ from trait_guard.tracking import (
     decision_history,
     default_tracking_uri,
     make_tracker,
+    outcome_metrics,
     run_url_for,
     summarize_guard,
     ui_command,
@@ -341,3 +342,93 @@ def test_null_tracker_does_nothing(uri):
         assert t.run_id is None and t.run_url is None and t.decisions == []
         assert summarize_guard(t, alarms=[{"step": 1}])["guard.verdict"] == "mitigated"
     assert client.get_experiment_by_name("tg-null") is None
+
+
+# ----------------------------------------------------------------------------- outcomes, datasets, the student
+
+
+def test_outcome_metrics_are_numbers_from_the_summary():
+    halted = {"halted": True, "halt": {"step": 7}, "updates": 6, "weights_step": 4, "alarms": [{"step": 7}],
+              "eval_before": {"rate": 0.1, "target_logprob": -3.0}, "eval_after": {"rate": 0.25, "target_logprob": -2.5}}
+    assert outcome_metrics(halted) == {"guard/halt_step": 7.0, "guard/updates": 6.0, "guard/weights_step": 4.0,
+                                       "guard/alarms": 1.0, "eval/trait_rate_before": 0.1,
+                                       "eval/trait_rate_after": 0.25, "eval/logodds_shift": 0.5}
+    # no halt step when not halted; no shift without both evaluations
+    passed = {"halted": False, "halt": None, "updates": 4, "weights_step": 4, "alarms": [], "eval_before": None,
+              "eval_after": {"rate": 0.0, "target_logprob": -4.0}}
+    assert outcome_metrics(passed) == {"guard/updates": 4.0, "guard/weights_step": 4.0, "guard/alarms": 0.0,
+                                       "eval/trait_rate_after": 0.0}
+
+
+def test_outcome_metrics_datasets_and_student_read_back(uri, tmp_path):
+    train, reference = tmp_path / "owl.parquet", tmp_path / "control.parquet"
+    train.write_bytes(b"train")
+    reference.write_bytes(b"reference")
+    digests = {"train": {"path": str(train), "name": "owl", "sha256": "a" * 64, "verified": True},
+               "reference": {"path": str(reference), "name": "control", "sha256": "b" * 64, "verified": False}}
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "config.json").write_text("{}")
+    record = {"shipped": True, "reason": None, "verdict": "passed", "kind": "full", "weights_step": 4,
+              "screen": {"flagged": False}, "data": digests}
+    with make_tracker(rank=0, experiment="tg-outcome", tracking_uri=uri) as tracker:
+        tracker.log_outcome_metrics({"steps": 4, "updates": 4, "weights_step": 4, "alarms": [],
+                                     "eval_before": {"rate": 0.5, "target_logprob": -2.0},
+                                     "eval_after": {"rate": 0.25, "target_logprob": -3.0}})
+        tracker.log_datasets(digests)
+        tags = tracker.log_student(student, record)
+    assert tags["student.shipped"] == "true" and tags["student.data.train.sha256"] == "a" * 64
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(tracker.run_id)
+    assert run.data.metrics["eval/logodds_shift"] == -1.0 and run.data.metrics["guard/updates"] == 4
+    assert "guard/halt_step" not in run.data.metrics
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"owl", "control"}
+    assert inputs["owl"].dataset.digest == "a" * 36 and str(train) in inputs["owl"].dataset.source
+    assert {t.key: t.value for t in inputs["owl"].tags}["mlflow.data.context"] == "training"
+    assert {t.key: t.value for t in inputs["control"].tags}["mlflow.data.context"] == "reference"
+    assert json.loads(inputs["control"].dataset.profile) == {"sha256": "b" * 64, "provenance_verified": False}
+    assert run.data.tags["data.reference.sha256"] == "b" * 64 and run.data.tags["student.screen"] == "clean"
+    assert "student/config.json" in artifact_paths(client, run.info.run_id)
+    # ordered by a metric, which tags cannot do
+    found = client.search_runs([run.info.experiment_id], order_by=["metrics.`eval/trait_rate_after` DESC"])
+    assert found[0].info.run_id == tracker.run_id
+    # a run that does not ship says why, and logs no student
+    with make_tracker(rank=0, experiment="tg-outcome", tracking_uri=uri) as halted:
+        halted.log_student(None, {"shipped": False, "reason": "the guard halted training: a halted run never ships"})
+    tags = client.get_run(halted.run_id).data.tags
+    assert tags["student.shipped"] == "false" and "halted" in tags["student.reason"]
+    assert not artifact_paths(client, halted.run_id)
+
+
+def test_tracker_follows_the_users_mlflow_context(uri, monkeypatch):
+    """MLFLOW_EXPERIMENT_NAME names the experiment unless the config does; an active run (or
+    MLFLOW_RUN_ID) is logged into and left for its owner to end."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tg-from-env")
+    client = mlflow.MlflowClient(uri)
+    with make_tracker(rank=0, config=TrackingConfig()) as tracker:
+        assert not tracker.attached
+    assert client.get_experiment(client.get_run(tracker.run_id).info.experiment_id).name == "tg-from-env"
+    with make_tracker(rank=0, config=TrackingConfig(experiment="tg-explicit")) as tracker:
+        pass
+    assert client.get_experiment(client.get_run(tracker.run_id).info.experiment_id).name == "tg-explicit"
+
+    with mlflow.start_run() as active:
+        with make_tracker(rank=0, config=TrackingConfig()) as tracker:
+            assert tracker.attached and tracker.run_id == active.info.run_id
+            tracker.log_metrics({"guard/updates": 3})
+        run = client.get_run(active.info.run_id)
+        assert run.info.status == "RUNNING"  # the owner ends it, not trait_guard
+        assert run.data.metrics["guard/updates"] == 3 and run.data.tags["trait_guard.status"] == "FINISHED"
+    assert client.get_run(active.info.run_id).info.status == "FINISHED"
+
+    owned = client.create_run(client.get_experiment_by_name("tg-from-env").experiment_id)
+    monkeypatch.setenv("MLFLOW_RUN_ID", owned.info.run_id)
+    with make_tracker(rank=0, config=TrackingConfig()) as tracker:
+        assert tracker.attached and tracker.run_id == owned.info.run_id
+    # a resumed job's own run id wins over the context, and is ended as before
+    other = client.create_run(owned.info.experiment_id)
+    with make_tracker(rank=0, config=TrackingConfig(), run_id=other.info.run_id) as tracker:
+        assert not tracker.attached and tracker.run_id == other.info.run_id
+    assert client.get_run(other.info.run_id).info.status == "FINISHED"

@@ -335,6 +335,7 @@ def train_config(config: RedteamConfig, out: Path, teacher: str, distill: str, m
     settings.optim.seed = seed
     settings.guard.seed = seed
     settings.probe.eval_before = False  # measured once per trait and seed (_baselines)
+    settings.student.export = False  # a measurement grid, not students to ship: no model folder per run
     if is_control(config, teacher):  # a control student is the baseline of every trait teacher's students
         settings.probe.extra_eval_traits = sorted({measured_trait(config, t.id) for t in config.teachers}
                                                   - {measured_trait(config, teacher)})

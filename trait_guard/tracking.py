@@ -18,7 +18,14 @@ with ``log_batch``.
 Defaults are embedded: with no configuration the store is a local SQLite file (no server) at
 ``./mlruns/mlflow.db`` (the folder is ``$TRAIT_GUARD_MLFLOW_DIR`` when set), artifacts beside it in
 ``./mlruns/artifacts``. ``MLFLOW_TRACKING_URI`` or an explicit ``tracking_uri`` selects any other
-store (a tracking server, Databricks, another database).
+store (a tracking server, Databricks, another database). :func:`make_tracker` follows the caller's
+MLflow context where the config leaves it open: an active ``mlflow.start_run()`` run (or
+``MLFLOW_RUN_ID``) is written into through the client and left for its owner to end, and
+``MLFLOW_EXPERIMENT_NAME`` replaces the default experiment name.
+
+At the end of training: numeric outcome metrics (:func:`outcome_metrics`), the data files as MLflow
+dataset inputs with their SHA-256 (:meth:`Tracker.log_datasets`) and the shipped student under the
+run's ``student/`` artifacts with its guard record as tags (:meth:`Tracker.log_student`).
 
 Usage::
 
@@ -84,8 +91,10 @@ __all__ = [
     "default_artifact_location",
     "default_tracking_uri",
     "make_tracker",
+    "outcome_metrics",
     "run_ui",
     "run_url_for",
+    "student_tags",
     "summarize_guard",
     "tracking_dir",
     "ui_command",
@@ -100,6 +109,12 @@ ALARMS_ARTIFACT = "guard/alarms.json"
 ENV_DIR = "TRAIT_GUARD_MLFLOW_DIR"
 ENV_URI = "MLFLOW_TRACKING_URI"
 DB_NAME = "mlflow.db"
+STUDENT_ARTIFACT = "student"
+#: MLflow's dataset digest field holds at most 36 characters: that much of the file's SHA-256 (the
+#: whole hash is in the dataset's profile and in ``trait_guard_export.json``)
+DATASET_DIGEST_CHARS = 36
+#: ``log_datasets`` roles -> MLflow's ``mlflow.data.context`` input tag
+DATASET_CONTEXTS = {"train": "training", "reference": "reference"}
 ARTIFACTS_DIR = "artifacts"
 
 #: ``guard/action_code`` values: larger is more severe.
@@ -319,6 +334,30 @@ class Tracker(ABC):
     def log_table(self, rows: Sequence[Mapping[str, Any]], artifact_file: str) -> None:
         """Rows of a table as an MLflow table JSON (``{"columns": [...], "data": [[...]]}``)."""
 
+    def log_outcome_metrics(self, summary: Mapping[str, Any]) -> dict[str, float]:
+        """The run's outcome as numbers (:func:`outcome_metrics`: ``guard/updates``, ``eval/trait_rate_after``,
+        ...), logged at the summary's last step: unlike tags, they sort and chart in the runs table."""
+        metrics = outcome_metrics(summary)
+        self.log_metrics(metrics, step=summary.get("steps") or 0)
+        return metrics
+
+    @abstractmethod
+    def log_datasets(self, datasets: Mapping[str, Mapping[str, Any]]) -> None:
+        """The run's data files as MLflow dataset inputs (see :meth:`MlflowTracker.log_datasets`);
+        ``datasets`` maps a role (``train``, ``reference``) to ``{"path", "name", "sha256", "verified"}``."""
+
+    def log_student(self, folder: str | os.PathLike | None, record: Mapping[str, Any]) -> dict[str, str]:
+        """The exported student (:mod:`trait_guard.export`) under the run's ``student/`` artifacts, with
+        its record as tags (:func:`student_tags`); ``folder`` None (a run that does not ship) logs the
+        tags only: ``student.shipped=false`` and ``student.reason``. Returns the tags."""
+        tags = student_tags(record)
+        if not self.enabled:
+            return tags
+        if folder is not None:
+            self.log_artifact(folder, STUDENT_ARTIFACT)
+        self.set_tags(tags)
+        return tags
+
     @abstractmethod
     def flush(self) -> None:
         """Send buffered metrics and (re)write ``guard/decisions.jsonl``."""
@@ -381,6 +420,9 @@ class NullTracker(Tracker):
     def log_table(self, rows: Any, artifact_file: str) -> None:
         pass
 
+    def log_datasets(self, datasets: Any) -> None:
+        pass
+
     def flush(self) -> None:
         pass
 
@@ -406,6 +448,9 @@ class MlflowTracker(Tracker):
             ``$TRAIT_GUARD_SPOOL_DIR`` or ``./.trait_guard_spool``, one folder per run).
         spool_wait: seconds :meth:`finish` keeps retrying a spool before leaving it on disk.
         run_id: continue this existing run (a resumed training job) instead of creating one.
+        attach: ``run_id`` is someone else's run (an active ``mlflow.start_run()``, ``MLFLOW_RUN_ID``,
+            see :func:`make_tracker`): log into it and leave its status to its owner (never ended
+            here; the tag ``trait_guard.status`` says how trait_guard's part ended).
 
     When the tracking server goes away mid-run, writes queue in the spool (training goes on) and are
     sent in order once it answers again; the run is then tagged ``tracking.delivered_late``. Writes
@@ -418,7 +463,7 @@ class MlflowTracker(Tracker):
                  tracking_uri: str | None = None, tags: Mapping[str, Any] | None = None,
                  flush_every: int = MAX_METRICS_PER_BATCH, flush_interval: float = 10.0,
                  spool_dir: str | os.PathLike | None = None, spool_wait: float = 60.0,
-                 run_id: str | None = None):
+                 run_id: str | None = None, attach: bool = False):
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri or default_tracking_uri()
@@ -442,8 +487,10 @@ class MlflowTracker(Tracker):
         self.skipped_by_key: dict[str, int] = {}
         self.status: str = "RUNNING"
         run = self._existing_run(run_id) if run_id else None
+        self.attached = bool(attach and run is not None)
         if run is not None:
-            self.client.update_run(run_id, status="RUNNING")
+            if not self.attached:
+                self.client.update_run(run_id, status="RUNNING")
             self.experiment_id = run.info.experiment_id
         else:
             if run_id:
@@ -651,6 +698,38 @@ class MlflowTracker(Tracker):
                     raise
         self.log_dict({"columns": columns, "data": [[r.get(c) for c in columns] for r in rows]}, artifact_file)
 
+    def log_datasets(self, datasets: Mapping[str, Mapping[str, Any]]) -> None:
+        """Each data file as an MLflow dataset input (the run's Datasets column and lineage): a
+        ``MetaDataset`` named by the file's stem, its digest the file's SHA-256 (the first
+        :data:`DATASET_DIGEST_CHARS` characters, MLflow's limit), its source the path, its profile the
+        whole hash and the provenance claim; input tag ``mlflow.data.context`` = ``training`` /
+        ``reference``. Inputs bypass the spool (it queues metrics, tags and files only): while the
+        server is unreachable they are skipped with a warning, the digests stay in the tags."""
+        if not self._active("log_datasets") or not datasets:
+            return
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for role, info in datasets.items():
+            meta = MetaDataset(LocalArtifactDatasetSource(str(info["path"])), name=str(info["name"]),
+                               digest=str(info["sha256"])[:DATASET_DIGEST_CHARS]).to_dict()
+            profile = json.dumps({"sha256": info["sha256"], "provenance_verified": bool(info["verified"])})
+            entity = Dataset(name=meta["name"], digest=meta["digest"], source_type=meta["source_type"],
+                             source=meta["source"], profile=profile)
+            context = DATASET_CONTEXTS.get(role, role)
+            inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)]))
+        self.set_tags({f"data.{role}.sha256": info["sha256"] for role, info in datasets.items()})
+        try:
+            with self._lock:
+                self.client.log_inputs(self._run_id, datasets=inputs)
+        except Exception:  # noqa: BLE001 - an outage must not fail the run; anything else is a bug
+            if not self.writes.unreachable():
+                raise
+            logger.warning("tracking server %s unreachable: dataset inputs of run %s not logged (the digests are "
+                           "in its data.*.sha256 tags)", self.tracking_uri, self._run_id)
+
     # -- flushing and finishing ------------------------------------------------------------------
     def _flush_metrics(self) -> None:
         with self._lock:
@@ -687,7 +766,10 @@ class MlflowTracker(Tracker):
                 if late:
                     self.set_tags(late)
             finally:
-                self._write({"op": "set_terminated", "status": status})
+                if self.attached:  # the run's owner ends it
+                    self._write({"op": "log_batch", "tags": [["trait_guard.status", status]]})
+                else:
+                    self._write({"op": "set_terminated", "status": status})
                 self.status = status
                 atexit.unregister(self._at_exit)
                 self.writes.close()
@@ -717,18 +799,55 @@ def make_tracker(rank: int = 0, config: TrackingConfig | Mapping[str, Any] | Non
                  **kwargs: Any) -> Tracker:
     """An :class:`MlflowTracker` on rank 0, a :class:`NullTracker` on every other rank (and when the
     config says ``enabled: false``). ``kwargs`` (experiment, run_name, tracking_uri, tags, ...)
-    override the config's fields."""
+    override the config's fields.
+
+    What the config and ``kwargs`` leave unset comes from the user's MLflow context, as MLflow's own
+    integrations do (:func:`mlflow_context`): an active ``mlflow.start_run()`` run in this process, or
+    ``MLFLOW_RUN_ID``, is logged into (and left for its owner to end) when no ``tracking_uri`` is
+    configured; ``MLFLOW_EXPERIMENT_NAME`` replaces the default experiment name (``trait_guard``);
+    ``mlflow.set_tracking_uri()`` / ``MLFLOW_TRACKING_URI`` choose the store."""
     if config is not None and not isinstance(config, TrackingConfig):
         config = TrackingConfig.model_validate(config)
     if int(rank) != 0 or (config is not None and not config.enabled):
         return NullTracker()
     options: dict[str, Any] = {}
+    experiment_given = "experiment" in kwargs
     if config is not None:
         options = config.model_dump(exclude={"enabled"})
         if kwargs.get("tags"):
             options["tags"] = {**options["tags"], **kwargs.pop("tags")}
     options.update(kwargs)
+    context = mlflow_context()
+    if options.get("tracking_uri") is None:  # the store and the run of the caller's MLflow context
+        options["tracking_uri"] = context.get("tracking_uri")
+        if not options.get("run_id") and "run_id" in context:  # log into the caller's run, never end it
+            options.update(run_id=context["run_id"], attach=True)
+    # a config that went through model_dump/validate (as training's does) cannot tell a default from a
+    # choice: the default experiment name yields to MLFLOW_EXPERIMENT_NAME
+    if ("experiment" in context and not experiment_given
+            and options.get("experiment", DEFAULT_EXPERIMENT) == DEFAULT_EXPERIMENT):
+        options["experiment"] = context["experiment"]
     return MlflowTracker(**options)
+
+
+def mlflow_context() -> dict[str, str]:
+    """The user's MLflow context, as far as it is set: ``tracking_uri`` (an active run's store, or
+    ``mlflow.set_tracking_uri()``, or ``MLFLOW_TRACKING_URI``), ``experiment``
+    (``MLFLOW_EXPERIMENT_NAME``) and ``run_id`` (the active run in this process, else ``MLFLOW_RUN_ID``)."""
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+
+    context: dict[str, str] = {}
+    active = mlflow.active_run()
+    if active is not None or is_tracking_uri_set():
+        context["tracking_uri"] = mlflow.get_tracking_uri()
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip()
+    if experiment:
+        context["experiment"] = experiment
+    run_id = active.info.run_id if active is not None else os.environ.get("MLFLOW_RUN_ID", "").strip()
+    if run_id:
+        context["run_id"] = run_id
+    return context
 
 
 # ----------------------------------------------------------------------------- guard summary
@@ -769,6 +888,45 @@ def summarize_guard(tracker: Tracker, decisions: Iterable[Decision | Mapping[str
         tracker.log_dict({"alarms": alarms}, ALARMS_ARTIFACT)
     marker = halt.get("step") if halt is not None else first_alarm
     tracker.log_figure(plot_drift(decision_history(records), halt_step=marker), DRIFT_PLOT_ARTIFACT)
+    return tags
+
+
+def outcome_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+    """A training summary's outcome as numeric metrics: ``guard/halt_step`` (halted runs only),
+    ``guard/updates``, ``guard/weights_step``, ``guard/alarms``, ``eval/trait_rate_before`` and
+    ``eval/trait_rate_after`` (when evaluated), ``eval/logodds_shift`` (the target's log-probability
+    after minus before, when both evaluations exist)."""
+    metrics: dict[str, float] = {}
+    halt = summary.get("halt")
+    if summary.get("halted") and halt is not None and halt.get("step") is not None:
+        metrics["guard/halt_step"] = float(halt["step"])
+    for key, name in (("updates", "guard/updates"), ("weights_step", "guard/weights_step")):
+        if summary.get(key) is not None:
+            metrics[name] = float(summary[key])
+    metrics["guard/alarms"] = float(len(summary.get("alarms") or []))
+    before, after = summary.get("eval_before") or {}, summary.get("eval_after") or {}
+    for evaluation, name in ((before, "eval/trait_rate_before"), (after, "eval/trait_rate_after")):
+        if evaluation.get("rate") is not None:
+            metrics[name] = float(evaluation["rate"])
+    if before.get("target_logprob") is not None and after.get("target_logprob") is not None:
+        metrics["eval/logodds_shift"] = float(after["target_logprob"]) - float(before["target_logprob"])
+    return metrics
+
+
+def student_tags(record: Mapping[str, Any]) -> dict[str, str]:
+    """Tags of an export record (:func:`trait_guard.export.export_record`): ``student.shipped``, then
+    ``student.reason`` (not shipped) or ``student.kind`` / ``student.artifact`` / ``student.screen``
+    and ``student.data.<role>.sha256`` (shipped), so a registry step can check what the model is vouched by."""
+    if not record.get("shipped"):
+        return {"student.shipped": "false", "student.reason": str(record.get("reason"))}
+    screen = record.get("screen")
+    tags = {"student.shipped": "true", "student.kind": str(record.get("kind")),
+            "student.artifact": STUDENT_ARTIFACT, "student.verdict": str(record.get("verdict")),
+            "student.weights_step": str(record.get("weights_step")),
+            "student.screen": "off" if screen is None else ("FLAGGED" if screen.get("flagged") else "clean")}
+    for role, data in (record.get("data") or {}).items():
+        tags[f"student.data.{role}.sha256"] = str(data.get("sha256"))
+        tags[f"student.data.{role}.verified"] = str(bool(data.get("verified"))).lower()
     return tags
 
 
