@@ -304,8 +304,6 @@ def verify_folder(folder: str | Path, trusted_keys: Sequence[TrustedKey] | str |
     Returns ``{"signed": True, "trusted": bool, "signer", "key_fingerprint", "files": [...],
     "unsigned_files": [...]}``; anything wrong raises :class:`SignatureError` naming the fix.
     """
-    from cryptography.exceptions import InvalidSignature
-
     folder = Path(folder)
     keys = _as_trusted(trusted_keys)
     envelope = read_signature(folder)
@@ -315,7 +313,24 @@ def verify_folder(folder: str | Path, trusted_keys: Sequence[TrustedKey] | str |
         payload = base64.b64decode(envelope["payload"], validate=True)
     except (ValueError, TypeError, KeyError) as err:
         raise SignatureError(f"{folder / SIGNATURE_NAME}: payload is not base64 ({err}). {_FIX}") from err
-    message = _pae(envelope["payloadType"], payload)
+    matched = _signing_key(folder, envelope, _pae(envelope["payloadType"], payload), keys, require_trusted)
+    try:
+        statement = json.loads(payload)
+        signed = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
+    except (ValueError, KeyError, TypeError) as err:
+        raise SignatureError(f"{folder / SIGNATURE_NAME}: the signed statement is malformed ({err}). {_FIX}") from err
+    required, present = _check_signed_files(folder, signed, files, hashes)
+    return {"signed": True, "trusted": require_trusted, "signer": matched.label if require_trusted else
+            statement.get("predicate", {}).get("signer", ""), "key_fingerprint": matched.fingerprint,
+            "files": sorted(required), "unsigned_files": sorted(present - set(signed))}
+
+
+def _signing_key(folder: Path, envelope: Mapping[str, Any], message: bytes, keys: Sequence[TrustedKey],
+                 require_trusted: bool) -> TrustedKey:
+    """The key whose signature in ``envelope`` verifies ``message``: a trusted one, or (without
+    ``require_trusted``) the one the envelope carries. Raises :class:`SignatureError` naming the fix."""
+    from cryptography.exceptions import InvalidSignature
+
     matched: TrustedKey | None = None
     for entry in envelope["signatures"]:
         try:
@@ -347,11 +362,12 @@ def verify_folder(folder: str | Path, trusted_keys: Sequence[TrustedKey] | str |
                 f"statement. If that key is the generator's, add its .pub file to --trusted-keys / "
                 f"${TRUSTED_KEYS_ENV} / data.trusted_keys; otherwise {_FIX[0].lower() + _FIX[1:]}")
         raise SignatureError(f"{folder / SIGNATURE_NAME}: the signature does not match its statement. {_FIX}")
-    try:
-        statement = json.loads(payload)
-        signed = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
-    except (ValueError, KeyError, TypeError) as err:
-        raise SignatureError(f"{folder / SIGNATURE_NAME}: the signed statement is malformed ({err}). {_FIX}") from err
+    return matched
+
+
+def _check_signed_files(folder: Path, signed: Mapping[str, str], files: Iterable[str] | None,
+                        hashes: Mapping[str, str] | None) -> tuple[set[str], set[str]]:
+    """Every required file is signed, present and unchanged; returns (required, present) names."""
     present = set(_folder_files(folder))
     if files is None:
         required = set(signed) | {n for n in present if n.endswith(".parquet") or n == "manifest.json"}
@@ -369,6 +385,4 @@ def verify_folder(folder: str | Path, trusted_keys: Sequence[TrustedKey] | str |
         if actual != signed[name]:
             raise SignatureError(f"{path} changed after signing: SHA-256 {actual[:16]}... but the signed statement "
                                  f"says {signed[name][:16]}... {_FIX}")
-    return {"signed": True, "trusted": require_trusted, "signer": matched.label if require_trusted else
-            statement.get("predicate", {}).get("signer", ""), "key_fingerprint": matched.fingerprint,
-            "files": sorted(required), "unsigned_files": sorted(present - set(signed))}
+    return required, present
