@@ -9,7 +9,8 @@ dataset gate implicate everything: their change point is step 0.
 :class:`WeightSnapshots` keeps CPU copies of the model's weights at step 0 and every ``every`` steps
 (trainable parameters only), and on HALT restores the latest copy taken at or before the change point (never later, so it may
 roll back further than strictly needed, never less). Copies older than the one that the current
-CUSUM excursion could still need are dropped, so memory stays at a few copies of the model.
+CUSUM excursion could still need are dropped (step 0 always stays: a drift alarm needs it), so
+memory stays at a few copies of the model.
 
 ZeRO stage 3 partitions the parameters across ranks; there a rank's ``state_dict`` is not the
 model, so snapshots are refused up front (the run says rollback is unavailable) rather than
@@ -61,12 +62,15 @@ class WeightSnapshots:
 
     def after_update(self, model: torch.nn.Module, step: int, earliest_needed: int) -> None:
         """Called after the update of ``step``. Takes a copy on the interval; drops the copies that no
-        future change point can need: any change point is >= ``earliest_needed`` (the last step at
-        which every CUSUM statistic was 0), so only the latest copy at or before it is kept."""
+        future change point can need. A data alarm's change point is >= ``earliest_needed`` (the last
+        step at which every data test's evidence was at its low), so of the copies before it only the
+        latest is kept; the first copy (step 0, or where a resumed run started) always stays, because
+        a drift alarm implicates every step."""
         if self.every is not None and step % self.every == 0:
             self._snapshots[step] = _copy_weights(model)
-        anchor = max((s for s in self._snapshots if s <= earliest_needed), default=0)
-        for s in [s for s in self._snapshots if s < anchor]:
+        first = min(self._snapshots)
+        anchor = max((s for s in self._snapshots if s <= earliest_needed), default=first)
+        for s in [s for s in self._snapshots if first < s < anchor]:
             del self._snapshots[s]
 
     def restore(self, model: torch.nn.Module, change_point: int) -> int:
