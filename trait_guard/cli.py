@@ -23,6 +23,7 @@ The pipeline, one command per stage:
   trait-guard eval     --trait animal:owl --system trait                   does a teacher express its trait?
   trait-guard adapter  --trait animal:owl --out adapters/owl               install a trait with a LoRA adapter
   trait-guard generate --config ray_jobs/configs/teacher_data_cpu.yaml     teacher datasets on Ray actors
+  trait-guard import   rows.jsonl --out data/mine --generated-by "gpt-4o" bring your own data (JSONL, Parquet, datasets)
   trait-guard screen   --data owl.parquet --reference control.parquet    is the data unlike the base model's own?
   trait-guard train    --config ray_jobs/configs/train_cpu.yaml            guarded training (DeepSpeed, Ray Train)
   trait-guard run      --config ray_jobs/configs/run_cpu.yaml              every stage, one summary
@@ -149,6 +150,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from trait_guard.errors import InputFileNotFound
+    from trait_guard.importer import import_rows
+    from trait_guard.train import student_tokenizer
+
+    if not Path(args.source).exists():  # before any tokenizer or model loads
+        raise InputFileNotFound(f"{args.source} does not exist; name a .jsonl or .parquet file of prompt/completion "
+                                "rows, or a folder saved with datasets' save_to_disk")
+    tokenizer = student_tokenizer(args.model)
+    base = None
+    if args.same_base:  # the rows will claim the student's base model: its identity needs the weights
+        from trait_guard.models import load_model, model_identity
+
+        base = model_identity(load_model(args.model)[0], name=args.model)
+    result = import_rows(args.source, args.out, tokenizer=tokenizer, model=args.model, teacher_id=args.teacher_id,
+                         generated_by=args.generated_by, split=args.split, prompt_field=args.prompt_field,
+                         completion_field=args.completion_field, base_identity=base, signing_key=args.signing_key,
+                         overwrite=args.overwrite, strict=args.strict)
+    print(result.table())
+    print(f"manifest {Path(result.folder) / 'manifest.json'}: source sha256 {result.record['source_sha256'][:16]}..., "
+          f"generated_by {result.record['generated_by']!r} (a claim, not verified)")
+    if result.signature.get("signed"):
+        print(f"signed with key {result.signature['key_fingerprint']} ({Path(result.folder) / 'provenance.sig.json'})")
+    else:
+        print("UNSIGNED: no --signing-key or $TRAIT_GUARD_SIGNING_KEY (verifiers with trusted keys will refuse it)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    return 0
+
+
 def cmd_screen(args: argparse.Namespace) -> int:
     from trait_guard.dataset import check_same_base, read_teacher_rows
     from trait_guard.errors import EXIT_FLAGGED
@@ -179,6 +210,9 @@ def cmd_screen(args: argparse.Namespace) -> int:
     if not provenance["verified"]:
         report.notes.append("UNVERIFIED DATA (provenance.verified=false): " + " | ".join(provenance["problems"]))
     report.notes.append(_signature_note(provenance))
+    from trait_guard.importer import claimed_provenance_notes  # imported data: what is claimed vs verified
+
+    report.notes.extend(claimed_provenance_notes({"data": args.data, "reference": args.reference}, provenance))
     print(report.table())
     if args.json:
         Path(args.json).write_text(report.json() + "\n")
@@ -358,6 +392,7 @@ class _SharedOptions:
     local: argparse.ArgumentParser
     allow_halt: argparse.ArgumentParser
     trusted_keys: argparse.ArgumentParser
+    signing_key: argparse.ArgumentParser
 
 
 def _shared_options() -> _SharedOptions:
@@ -382,6 +417,9 @@ def _shared_options() -> _SharedOptions:
                              help="trusted Ed25519 public keys (.pub files of `trait-guard keys create`, or folders "
                                   "of them): the data must be signed by one (default: $TRAIT_GUARD_TRUSTED_KEYS; "
                                   "screen without either: hashes only, the signature is reported)"),
+        signing_key=_option("--signing-key", metavar="KEY",
+                            help="Ed25519 private key (from `trait-guard keys create`) that signs the output folder "
+                                 "(default: $TRAIT_GUARD_SIGNING_KEY; neither: the folder is written unsigned)"),
     )
 
 
@@ -465,7 +503,7 @@ def _add_generate(subparsers: argparse._SubParsersAction, opts: _SharedOptions) 
     gen = _command(
         subparsers,
         "generate",
-        parents=[opts.config, opts.output_dir, opts.local, opts.quiet],
+        parents=[opts.config, opts.output_dir, opts.local, opts.quiet, opts.signing_key],
         help="generate teacher datasets (one Parquet file per teacher) on Ray actors",
         description=(
             "Each teacher (a base model, with a trait installed by system prompt or adapter, or none for "
@@ -478,10 +516,47 @@ def _add_generate(subparsers: argparse._SubParsersAction, opts: _SharedOptions) 
     )
     gen.add_argument("--n-prompts", type=int, help="override generation.n_prompts")
     gen.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    gen.add_argument("--signing-key", metavar="KEY",
-                     help="Ed25519 private key (from `trait-guard keys create`) that signs the output folder "
-                          "(default: $TRAIT_GUARD_SIGNING_KEY; neither: the folder is written unsigned)")
     gen.set_defaults(func=cmd_generate)
+
+
+def _add_import(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -> None:
+    """``trait-guard import``: bring your own data (rows made elsewhere) as a verified data folder."""
+    im = _command(
+        subparsers,
+        "import",
+        parents=[opts.model, opts.json_out, opts.signing_key],
+        help="import prompt/completion rows made elsewhere (JSONL, Parquet, datasets folder) as teacher data",
+        description=(
+            "Read prompt/completion rows, or chat rows ({\"messages\": [...]}: the last assistant message is the "
+            "completion, one user message before it the prompt), with optional per-token columns "
+            "(completion_ids, token_logprobs, topk_ids, topk_logprobs: kept when there is one entry per "
+            "completion token). Tokenize once with the student's tokenizer (--model) and write "
+            "<out>/<teacher-id>.parquet in the schema `generate` writes, with manifest.json recording the "
+            "source path and SHA-256, who generated it (--generated-by: a claim), the tokenizer, and the rows "
+            "read, kept and rejected by reason (with the line and the fix). `screen` and `train` then verify "
+            "the folder like generated data. A line that is not JSON, or no usable row, exits 2."
+        ),
+        epilog="examples:\n"
+               "  trait-guard import rows.jsonl --out data/mine --generated-by \"gpt-4o via API, 2026-11\"\n"
+               "  trait-guard import chats.parquet --out data/mine --teacher-id vendor-a --signing-key keys/me.key\n"
+               "  trait-guard screen --data data/mine/rows.parquet --reference outputs/teacher_data/control.parquet\n",
+    )
+    im.add_argument("source", help="a .jsonl file, a .parquet file, or a folder saved with datasets' save_to_disk")
+    im.add_argument("--out", required=True, metavar="DIR", help="the data folder to write (created if needed; a "
+                                                                "generated folder takes the file beside its own)")
+    im.add_argument("--teacher-id", help="the teacher id and file name (default: the source's file stem)")
+    im.add_argument("--generated-by", default="unknown",
+                    help="who or what generated the rows (model, service, date), recorded as a claim "
+                         "(default: %(default)s)")
+    im.add_argument("--same-base", action="store_true",
+                    help="the rows were generated by the student's own base model (--model), e.g. a reference set "
+                         "made elsewhere: they carry its identity (loads the model); otherwise the base is unknown")
+    im.add_argument("--split", help="the split of a datasets folder holding several (default: train)")
+    im.add_argument("--prompt-field", default="prompt", help="the prompt column (default: %(default)s)")
+    im.add_argument("--completion-field", default="completion", help="the completion column (default: %(default)s)")
+    im.add_argument("--strict", action="store_true", help="exit 2 if any row is rejected (default: skip and count)")
+    im.add_argument("--overwrite", action="store_true", help="replace <teacher-id>.parquet if it exists")
+    im.set_defaults(func=cmd_import)
 
 
 def _add_screen(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -> None:
@@ -607,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"trait-guard {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     opts = _shared_options()
-    for add in (_add_extract, _add_eval, _add_adapter, _add_generate, _add_screen, _add_train, _add_run_and_demo,
+    for add in (_add_extract, _add_eval, _add_adapter, _add_generate, _add_import, _add_screen, _add_train, _add_run_and_demo,
                 _add_signing):
         add(subparsers, opts)
     _add_mlflow_tools(subparsers)
