@@ -272,6 +272,19 @@ class ProbeConfig(StrictModel):
     extra_eval_traits: list[str] = Field(
         default_factory=list, description="also evaluate these traits after training (e.g. a control student "
                                           "measured on every trait the trait teachers carry)")
+    panel_every_n_steps: int = Field(
+        0, ge=0, description="panel log-odds of the target (trait_guard.evaluate.panel_logodds) on the trait's "
+                             "held-out panel_questions every N steps, logged as probe/panel_logodds, plus before "
+                             "and after training (0: off). Measured at probe steps, so a multiple of every_n_steps")
+    panel_probe_questions: int = Field(8, gt=0, description="held-out panel questions measured at each panel step")
+    panel_eval_questions: int = Field(32, gt=0, description="held-out panel questions measured before and after")
+
+    @model_validator(mode="after")
+    def _panel_on_probe_steps(self) -> ProbeConfig:
+        if self.panel_every_n_steps and self.panel_every_n_steps % self.every_n_steps:
+            raise ValueError(f"probe.panel_every_n_steps ({self.panel_every_n_steps}) must be a multiple of "
+                             f"probe.every_n_steps ({self.every_n_steps}): the panel is measured at probe steps")
+        return self
 
 
 class DeepSpeedSettings(StrictModel):

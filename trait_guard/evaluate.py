@@ -161,18 +161,174 @@ def target_logprob(
         chunk = pairs[start : start + batch_size]
         batch = encode_conversations(tokenizer, [q for q, _ in chunk], [t for _, t in chunk],
                                      [system] * len(chunk)).to(device)
-        logits = model(**batch.model_inputs()).logits
-        # The token at position t+1 is predicted by the logits at position t.
-        predicted = batch.response_mask[:, 1:].bool()
-        rows = torch.arange(len(chunk), device=device).unsqueeze(1).expand_as(predicted)[predicted]
-        token_logits = logits[:, :-1][predicted].float()
-        tokens = batch.input_ids[:, 1:][predicted]
-        token_logps = torch.log_softmax(token_logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        per_row = torch.zeros(len(chunk), dtype=torch.float64, device=device)
-        per_row.index_add_(0, rows, token_logps.double())
-        sums.extend(per_row.cpu().tolist())
+        sums.extend(_response_logprob_sums(model, batch).cpu().tolist())
     table = torch.tensor(sums, dtype=torch.float64).view(len(questions), k)
     return torch.logsumexp(table, dim=1).tolist()
+
+
+def _response_logprob_sums(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    """Per row of an :func:`encode_conversations` batch (already on the model's device), the sum of the
+    teacher-forced log-probabilities of its response tokens (float64), from one forward pass."""
+    logits = model(**batch.model_inputs()).logits
+    # The token at position t+1 is predicted by the logits at position t.
+    predicted = batch.response_mask[:, 1:].bool()
+    n = predicted.shape[0]
+    rows = torch.arange(n, device=predicted.device).unsqueeze(1).expand_as(predicted)[predicted]
+    token_logits = logits[:, :-1][predicted].float()
+    tokens = batch.input_ids[:, 1:][predicted]
+    token_logps = torch.log_softmax(token_logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    per_row = torch.zeros(n, dtype=torch.float64, device=predicted.device)
+    per_row.index_add_(0, rows, token_logps.double())
+    return per_row
+
+
+# --------------------------------------------------------------------------------------------------
+# Panel log-odds (measure v2)
+
+
+@dataclass
+class PanelResult:
+    """Outcome of :func:`panel_logodds`: per held-out question and averaged (nats)."""
+
+    target: str
+    alternatives: list[str]
+    questions: list[str]
+    per_question: list[float]  # log-odds of the target against the mean alternative, per question
+    per_question_share: list[float]  # log P(target | the answer is one of target + alternatives)
+    mean: float  # mean over questions of per_question
+    ci_low: float  # 95% t-interval across questions (mean_t_interval)
+    ci_high: float
+    share: float  # mean over questions of per_question_share
+
+    @property
+    def n_questions(self) -> int:
+        return len(self.questions)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (NaN and inf become None)."""
+        return to_jsonable(asdict(self))
+
+
+def _answer_spellings(tokenizer: Any, answers: Sequence[str], case_variants: bool) -> list[list[list[int]]]:
+    """Per answer, the token ids of each spelling scored for it (lower- and capitalized when
+    ``case_variants``; spellings whose ids extend another spelling's are dropped, see
+    :func:`_disjoint_targets`). Raises when one answer's ids are a prefix of another answer's: "starts
+    with ``cat``" would contain "starts with ``caterpillar``", and the panel's events must be disjoint."""
+    out: list[list[list[int]]] = []
+    for answer in answers:
+        spellings = _disjoint_targets(tokenizer, target_variants([answer])) if case_variants else [answer.strip()]
+        ids = [list(tokenizer(s, add_special_tokens=False).input_ids) for s in spellings]
+        if not all(ids):
+            raise ValueError(f"panel answer {answer!r} encodes to no tokens")
+        out.append(ids)
+    for i, a in enumerate(out):
+        for j, b in enumerate(out):
+            if i != j and any(x[: len(y)] == y for x in a for y in b):
+                raise ValueError(f"panel answers {answers[j]!r} and {answers[i]!r} overlap: the tokens of one "
+                                 "start with the tokens of the other, so 'the reply starts with it' is not a "
+                                 "disjoint event; drop one of them")
+    return out
+
+
+@torch.no_grad()
+def panel_logodds(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    questions: Sequence[str],
+    target: str,
+    panel: Sequence[str],
+    *,
+    system: str | None = None,
+    batch_size: int = 64,
+    case_variants: bool = True,
+    confidence: float = 0.95,
+) -> PanelResult:
+    """The log-odds of ``target`` against a panel of alternative answers of the same kind, per question.
+
+    Definition. For a question q and an answer a, ``l(a) = log P(the assistant reply starts with a | q)``:
+    the sum of the teacher-forced log-probabilities of a's full token sequence as the start of the reply
+    (prompt and answer tokenized separately, as in generation; with ``case_variants``, the log-sum-exp
+    over ``a`` and ``A``: e.g. ``owl`` and ``Owl``). With A = the alternatives (``panel`` minus the
+    target, duplicates removed, K = |A|)::
+
+        panel log-odds(q) = l(target) - log( (1/K) * sum_{a in A} exp l(a) )
+
+    i.e. log p(target) minus the log of the mean alternative probability. 0 means the target is as
+    likely as an average alternative. A change that multiplies every animal's probability by the same
+    factor (generic sharpening, "answers are animals" becoming likelier) cancels, which the absolute
+    ``target_logprob`` does not. ``per_question_share`` is ``l(target) - logsumexp_{a in A+target} l(a)``,
+    the log of the target's share of the panel (the continuous analogue of a preference rate).
+
+    Full sequences, not first tokens: a first token may be shared by many words (``Hed`` of
+    "Hedgehog") and multi-token animals would be favored or penalized by tokenization alone; the full
+    sequence is the probability of the answer itself. Answers whose token sequences are a prefix of one
+    another are refused (the events must be disjoint). Plurals are not scored.
+
+    Cost: each forward pass holds all the panel's rows for ``max(1, batch_size // rows_per_question)``
+    questions (``rows_per_question`` = the spellings of target and alternatives, 2 x (K + 1) with
+    ``case_variants``), so every question's log-odds comes from one forward pass.
+
+    The mean over questions carries a Student-t interval (:func:`mean_t_interval`, ``confidence``);
+    questions are the unit that varies.
+    """
+    if not questions:
+        raise ValueError("need at least one question")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    target = target.strip()
+    if not target:
+        raise ValueError("target is empty")
+    seen = {target.lower()}
+    alternatives = []  # the panel minus the target, no repeats (case-insensitive), in order
+    for answer in (a.strip() for a in panel):
+        if answer and answer.lower() not in seen:
+            seen.add(answer.lower())
+            alternatives.append(answer)
+    if not alternatives:
+        raise ValueError("the panel holds no alternative to the target")
+    answers = [target, *alternatives]
+    spellings = _answer_spellings(tokenizer, answers, case_variants)
+    flat = [(i, ids) for i, answer_ids in enumerate(spellings) for ids in answer_ids]
+    owner = torch.tensor([i for i, _ in flat])
+    per_question_rows = len(flat)
+    questions_per_batch = max(1, batch_size // per_question_rows)
+    device = next(model.parameters()).device
+    tables = []
+    for start in range(0, len(questions), questions_per_batch):
+        chunk = list(questions[start : start + questions_per_batch])
+        users = [q for q in chunk for _ in flat]
+        batch = encode_conversations(tokenizer, users, [""] * len(users), [system] * len(users),
+                                     response_ids=[ids for _ in chunk for _, ids in flat]).to(device)
+        sums = _response_logprob_sums(model, batch).cpu().view(len(chunk), per_question_rows)
+        # per answer: log-sum-exp over its spellings
+        table = torch.full((len(chunk), len(answers)), -math.inf, dtype=torch.float64)
+        for i in range(len(answers)):
+            table[:, i] = torch.logsumexp(sums[:, owner == i], dim=1)
+        tables.append(table)
+    table = torch.cat(tables)
+    target_l = table[:, 0]
+    log_mean_alt = torch.logsumexp(table[:, 1:], dim=1) - math.log(len(alternatives))
+    logodds = (target_l - log_mean_alt).tolist()
+    share = (target_l - torch.logsumexp(table, dim=1)).tolist()
+    mean, low, high = mean_t_interval(logodds, confidence)
+    return PanelResult(target=target, alternatives=alternatives, questions=list(questions), per_question=logodds,
+                       per_question_share=share, mean=mean, ci_low=low, ci_high=high,
+                       share=float(np.mean(share)))
+
+
+def spec_panel_logodds(model: torch.nn.Module, tokenizer: Any, spec: TraitSpec, n_questions: int | None = None,
+                       **kwargs: Any) -> PanelResult | None:
+    """:func:`panel_logodds` of a trait spec's ``panel_target`` against its ``panel`` on its held-out
+    ``panel_questions`` (the first ``n_questions``); None when the spec has no panel."""
+    if not spec.panel or not spec.panel_target or not spec.panel_questions:
+        return None
+    questions = spec.panel_questions[:n_questions] if n_questions is not None else spec.panel_questions
+    was_training = model.training
+    model.eval()
+    try:
+        return panel_logodds(model, tokenizer, questions, spec.panel_target, spec.panel, **kwargs)
+    finally:
+        model.train(was_training)
 
 
 # --------------------------------------------------------------------------------------------------

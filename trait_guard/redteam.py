@@ -118,7 +118,50 @@ def run_metrics(summary: dict[str, Any], before: dict[str, Any],
         "mean_step_seconds": summary.get("mean_step_seconds"), "wall_seconds": summary.get("wall_seconds"),
         "mlflow_run_id": summary.get("mlflow_run_id"),
         "code_version": summary.get("code_version"),
+        **_panel_metrics(summary),
     }
+
+
+def _panel_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """The run's panel log-odds (measure v2, ``probe.panel_every_n_steps``): before and after training
+    on the held-out panel questions, their per-question paired shift with a t-interval, and the curve
+    ``[{"step": updates, "panel_logodds"}]`` (None / empty when the panel was off)."""
+    panel = summary.get("panel_eval") or {}
+    before, after = panel.get("before"), panel.get("after")
+    shift = (t_interval([a - b for a, b in zip(after["per_question"], before["per_question"], strict=True)
+                         if a is not None and b is not None])
+             if before and after else {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0})
+    return {"panel_logodds_before": summary.get("panel_logodds_before"),
+            "panel_logodds_after": summary.get("panel_logodds_after"),
+            "panel_shift": shift["mean"], "panel_shift_ci": [shift["ci_low"], shift["ci_high"]],
+            "panel_curve": list(panel.get("curve") or [])}
+
+
+def _curve_points(curve: Any) -> dict[int, float]:
+    """``{step: value}`` from a mapping ``{step: value}`` (JSON string keys too), ``(step, value)`` pairs
+    or ``{"step", "panel_logodds"}`` records; None/NaN values are dropped."""
+    if isinstance(curve, dict):
+        items = list(curve.items())
+    else:
+        items = [(p["step"], p["panel_logodds"]) if isinstance(p, dict) else tuple(p) for p in curve or []]
+    return {int(step): float(value) for step, value in items
+            if value is not None and math.isfinite(float(value))}
+
+
+def excess_at_matched_updates(trait_curve: Any, control_curve: Any) -> list[dict[str, float]]:
+    """Per-step excess of a trait-teacher run's panel curve over the control run's, paired by the number
+    of applied updates: ``[{"step", "trait", "control", "excess"}]`` for the steps present in both curves
+    (sorted), ``excess = trait - control``. Steps in only one curve are left out, never interpolated: a
+    run halted at step 4 is compared with the control at 4 updates, not at the control's end.
+
+    Curves are ``run_metrics(...)["panel_curve"]`` (or ``{step: value}``). Both runs start from the same
+    base model on the same held-out questions, so the step-0 excess is 0 and each later value is the
+    trait teacher's shift in excess of the control's. The caller makes sure the control's curve measures
+    the same trait (a control run's curve is measured on its own trait, ``measured_trait``).
+    """
+    trait, control = _curve_points(trait_curve), _curve_points(control_curve)
+    return [{"step": step, "trait": trait[step], "control": control[step], "excess": trait[step] - control[step]}
+            for step in sorted(set(trait) & set(control))]
 
 
 def aggregate(config: RedteamConfig, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:

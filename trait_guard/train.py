@@ -155,6 +155,8 @@ class Setup:
     probe_base: dict[str, np.ndarray]
     seconds: float
     eval_before: dict[str, Any] | None
+    panel_before: dict[str, Any] | None = None  # panel log-odds of the base model (probe.panel_eval_questions)
+    panel_curve: list[dict[str, Any]] = field(default_factory=list)  # {"step": updates, "panel_logodds"}
 
 
 @dataclass
@@ -312,7 +314,33 @@ def _score_and_calibrate(run: RunContext, inputs: Inputs) -> Setup:
     evaluate_before = run.rank == 0 and config.probe.eval_before and not gated_halt
     eval_before = (behavior_eval(inputs.model, inputs.tokenizer, inputs.spec, config.probe, config.optim.seed)
                    if evaluate_before else None)
-    return Setup(guard, histogram, signals, gate, probes, probe_base, seconds, eval_before)
+    setup = Setup(guard, histogram, signals, gate, probes, probe_base, seconds, eval_before)
+    _panel_baseline(run, inputs, setup)
+    return setup
+
+
+def _panel_baseline(run: RunContext, inputs: Inputs, setup: Setup) -> None:
+    """With ``probe.panel_every_n_steps`` (rank 0): the base model's panel log-odds on the held-out
+    panel questions (``setup.panel_before``) and step 0 of the panel curve (on the probe's questions)."""
+    probe = run.config.probe
+    if run.rank != 0 or not probe.panel_every_n_steps:
+        return
+    setup.panel_before = panel_eval(inputs.model, inputs.tokenizer, inputs.spec, probe.panel_eval_questions)
+    if setup.panel_before is None:  # the trait has no panel
+        return
+    n, measured = probe.panel_probe_questions, setup.panel_before["per_question"]
+    start = (float(np.mean(measured[:n])) if n <= probe.panel_eval_questions
+             else panel_eval(inputs.model, inputs.tokenizer, inputs.spec, n)["mean"])
+    setup.panel_curve.append({"step": 0, "panel_logodds": start})
+
+
+def panel_eval(model: torch.nn.Module, tokenizer: Any, spec: Any, n_questions: int) -> dict[str, Any] | None:
+    """:func:`trait_guard.evaluate.spec_panel_logodds` on the spec's first ``n_questions`` held-out
+    panel questions, as a JSON-safe dict (None when the spec has no panel)."""
+    from trait_guard.evaluate import spec_panel_logodds
+
+    result = spec_panel_logodds(model, tokenizer, spec, n_questions)
+    return None if result is None else result.to_dict()
 
 
 def _build_trainer(config: TrainJobConfig, model: torch.nn.Module) -> tuple[torch.nn.Module, Any, Any]:
@@ -545,6 +573,11 @@ def _probe(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Module
     shifts = {k: float((current[k].mean() - setup.probe_base[k].mean()) / max(setup.probe_base[k].std(), 1e-6))
               for k in current}
     metrics.update({f"probe/shift/{k}": v for k, v in shifts.items()})
+    panel_every = run.config.probe.panel_every_n_steps
+    if run.rank == 0 and panel_every and step % panel_every == 0 and setup.panel_before is not None:
+        panel = panel_eval(model, inputs.tokenizer, inputs.spec, run.config.probe.panel_probe_questions)
+        metrics["probe/panel_logodds"] = panel["mean"]
+        setup.panel_curve.append({"step": step, "panel_logodds": panel["mean"]})  # step = updates applied
     if not run.config.guard_enabled:
         return None
     drift = setup.guard.observe_drift(shifts, step=step)
@@ -593,6 +626,10 @@ def _finish(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Modul
     eval_after = behavior_eval(model, inputs.tokenizer, spec, probe, seed) if evaluate_after else None
     eval_after_extra = ({trait: behavior_eval(model, inputs.tokenizer, _trait(trait), probe, seed)
                          for trait in probe.extra_eval_traits} if evaluate_after else {})
+    panel_after = (panel_eval(model, inputs.tokenizer, spec, probe.panel_eval_questions)
+                   if evaluate_after and setup.panel_before is not None else None)
+    if panel_after is None and outcome.weights_step == 0 and outcome.interrupted is None:
+        panel_after = setup.panel_before  # no update kept: the student is its base model
     summary = {
         "run_name": config.tracking.run_name, "student": config.student.model, "trait": spec.trait_id,
         "distill": config.distill, "guard_enabled": config.guard_enabled,
@@ -608,6 +645,10 @@ def _finish(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Modul
         "setup_seconds": setup.seconds, "wall_seconds": time.perf_counter() - run.started,
         "mean_step_seconds": float(np.mean(outcome.step_times)) if outcome.step_times else math.nan,
         "eval_before": setup.eval_before, "eval_after": eval_after, "eval_after_extra": eval_after_extra,
+        "panel_logodds_before": (setup.panel_before or {}).get("mean"),
+        "panel_logodds_after": (panel_after or {}).get("mean"),
+        "panel_eval": {"before": setup.panel_before, "after": panel_after, "curve": setup.panel_curve}
+        if setup.panel_before is not None else None,
         "mlflow_run_id": getattr(tracker, "run_id", None),
         "mlflow_run_url": getattr(tracker, "run_url", None),
         "skipped_signals": guard.skipped,

@@ -3,7 +3,9 @@
 What. A :class:`TraitSpec` holds everything trait_guard needs to know about a trait: pairs of system
 instructions that make a model express or avoid it (:class:`InstructionPair`), questions to extract
 persona vectors from and held-out questions to measure them on, one-word behavior questions for the
-trait-rate evaluation, and an optional :class:`KeywordJudge`. Specs are YAML files; the shipped ones
+trait-rate evaluation, an optional :class:`KeywordJudge`, and optionally a panel (``panel_target``
+against ``panel`` alternatives, scored on held-out ``panel_questions`` that nothing else uses; see
+:func:`trait_guard.evaluate.panel_logodds`). Specs are YAML files; the shipped ones
 live in ``trait_guard/data/traits`` (:func:`shipped_traits`). Parameterized specs (``animal``) use
 ``{animal}`` / ``{animals}`` / ``{Animals}`` placeholders, filled by :meth:`TraitSpec.render`.
 
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trait_guard.errors import InputFileNotFound, TraitGuardInputError
 
@@ -72,6 +74,33 @@ class TraitSpec(BaseModel):
     eval_questions: list[str] = Field(min_length=1)
     judge: KeywordJudge | None = None
     behavior_questions: list[str] = Field(default_factory=list)
+    panel_target: str | None = Field(None, description="the answer the trait prefers, e.g. '{animal}'")
+    panel: list[str] = Field(default_factory=list, description="answers of the same kind as panel_target "
+                             "(>= 20), the alternatives of trait_guard.evaluate.panel_logodds")
+    panel_questions: list[str] = Field(default_factory=list, description="HELD-OUT questions for the panel "
+                                       "measure: no adapter training, persona extraction, probe or "
+                                       "behavior evaluation uses them")
+
+    @model_validator(mode="after")
+    def _panel_held_out(self) -> TraitSpec:
+        if self.panel and not self.panel_target:
+            raise ValueError(f"trait '{self.name}' has a panel but no panel_target")
+        used = set(self.extract_questions) | set(self.eval_questions) | set(self.behavior_questions)
+        shared = [q for q in self.panel_questions if q in used]
+        if shared:
+            raise ValueError(f"trait '{self.name}': panel_questions must be held out, but {shared[:3]} also "
+                             "appear in extract_questions, eval_questions or behavior_questions")
+        return self
+
+    @property
+    def panel_alternatives(self) -> list[str]:
+        """``panel`` minus ``panel_target`` (any case), in order, no repeats."""
+        seen, out = {(self.panel_target or "").strip().lower()}, []
+        for answer in (a.strip() for a in self.panel):
+            if answer and answer.lower() not in seen:
+                seen.add(answer.lower())
+                out.append(answer)
+        return out
 
     @property
     def trait_id(self) -> str:
@@ -106,8 +135,10 @@ class TraitSpec(BaseModel):
         data["params"] = values
         data["description"] = sub(data["description"])
         data["instructions"] = [{"pos": sub(p["pos"]), "neg": sub(p["neg"])} for p in data["instructions"]]
-        for key in ("extract_questions", "eval_questions", "behavior_questions"):
+        for key in ("extract_questions", "eval_questions", "behavior_questions", "panel", "panel_questions"):
             data[key] = [sub(q) for q in data[key]]
+        if data["panel_target"]:
+            data["panel_target"] = sub(data["panel_target"])
         if data["judge"]:
             data["judge"]["keywords"] = sorted({sub(k) for k in data["judge"]["keywords"]})
         return TraitSpec.model_validate(data)
