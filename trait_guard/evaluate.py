@@ -231,6 +231,21 @@ def _answer_spellings(tokenizer: Any, answers: Sequence[str], case_variants: boo
 
 
 @torch.no_grad()
+def _panel_alternatives(target: str, panel: Sequence[str]) -> list[str]:
+    """The panel minus the target, without repeats (case-insensitive), in order; refused when empty."""
+    if not target:
+        raise ValueError("target is empty")
+    seen = {target.lower()}
+    alternatives = []
+    for answer in (a.strip() for a in panel):
+        if answer and answer.lower() not in seen:
+            seen.add(answer.lower())
+            alternatives.append(answer)
+    if not alternatives:
+        raise ValueError("the panel holds no alternative to the target")
+    return alternatives
+
+
 def panel_logodds(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -276,16 +291,7 @@ def panel_logodds(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     target = target.strip()
-    if not target:
-        raise ValueError("target is empty")
-    seen = {target.lower()}
-    alternatives = []  # the panel minus the target, no repeats (case-insensitive), in order
-    for answer in (a.strip() for a in panel):
-        if answer and answer.lower() not in seen:
-            seen.add(answer.lower())
-            alternatives.append(answer)
-    if not alternatives:
-        raise ValueError("the panel holds no alternative to the target")
+    alternatives = _panel_alternatives(target, panel)
     answers = [target, *alternatives]
     spellings = _answer_spellings(tokenizer, answers, case_variants)
     flat = [(i, ids) for i, answer_ids in enumerate(spellings) for ids in answer_ids]
