@@ -596,8 +596,11 @@ def _add_train(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -> 
         help="guarded student training: DeepSpeed on Ray Train, the guard deciding every batch",
         description=(
             "Train a student on teacher data with the guard in the loop: the data's per-sample fingerprints "
-            "(scored once by the frozen base model) feed calibrated CUSUM detectors; on an alarm the guard "
-            "reweights, masks divergence tokens, steers or halts every rank at the same step. Probes measure "
+            "(scored once by the frozen base model) are screened before the first update (the gate: a flagged "
+            "set trains nothing with on_data_alarm: halt), then feed an anytime-valid e-process per signal "
+            "(guard.sequential; or a batch CUSUM); on an alarm the guard reweights, masks divergence tokens, "
+            "steers or halts every rank at the same step, and a halt rolls the weights back to before the "
+            "batches its alarm implicates. Probes measure "
             "the student's drift along the persona vectors every N steps. Checkpoints hold the guard's state; "
             "--resume continues exactly. Everything is logged to MLflow. --config is a TrainJobConfig YAML."
         ),
