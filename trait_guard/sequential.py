@@ -106,6 +106,13 @@ def min_samples_to_alarm(alpha: float, lambdas: Any = DEFAULT_LAMBDAS) -> int:
     return n
 
 
+def _merged(pool: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The sorted ``pool`` with ``x`` inserted in order: one O(N) merge, not a re-sort of the whole pool
+    (the guard calls this for every training sample, and the pool grows with the stream)."""
+    x = np.sort(x)
+    return np.insert(pool, np.searchsorted(pool, x), x)
+
+
 def _lambda_grid(lambdas: Any, two_sided: bool) -> np.ndarray:
     """The bettors' fractions: the given grid in [0, 1), mirrored to negative values when two-sided."""
     if isinstance(lambdas, (str, bytes)) or not hasattr(lambdas, "__len__") or len(lambdas) == 0:
@@ -159,7 +166,7 @@ def sequential_ranks(reference: Any, stream: Any, seed: int | np.random.Generato
     for start in range(0, x.size, _BLOCK):
         block = x[start:start + _BLOCK]
         out[start:start + block.size] = _ranks(pool, block, rng.random(block.size))
-        pool = np.sort(np.concatenate([pool, block]))
+        pool = _merged(pool, block)
     return out
 
 
@@ -240,7 +247,7 @@ class EProcessDetector(Detector):
         """Make the first ``x.size`` samples of a ranked block part of the stream."""
         n = x.size
         self._stream.extend(x.tolist())
-        self._pool = np.sort(np.concatenate([self._pool, x]))  # type: ignore[list-item]
+        self._pool = _merged(self._pool, x)  # type: ignore[arg-type]
         self._log_wealth = paths[n - 1].copy()
         self.log10_e = float(log10_e[n - 1])
         peak = int(np.argmax(log10_e[:n]))
@@ -304,7 +311,7 @@ class EProcessDetector(Detector):
             u = _ranks(pool, block, rng.random(block.size))  # type: ignore[arg-type]
             paths, out[start:start + block.size] = _wealth_paths(log_wealth, u, self.lambdas)
             log_wealth = paths[-1]
-            pool = np.sort(np.concatenate([pool, block]))  # type: ignore[list-item]
+            pool = _merged(pool, block)  # type: ignore[arg-type]
         return out
 
     def score(self, x: Any) -> float:
