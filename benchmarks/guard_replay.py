@@ -264,7 +264,7 @@ def cache_path(pool: Path, reference: str, teachers: list[str], identity: Any, v
                margin: float) -> Path:
     """``<pool>/replay_signals-<hash>.npz``: the hash covers every file's content, the roles, the model,
     the persona vectors and the divergence margin, so any change is a new file."""
-    from trait_guard.provenance import file_sha256
+    from trait_guard.files import file_sha256
 
     digest = hashlib.sha256(CACHE_TAG)
     for name in (reference, *teachers):

@@ -14,7 +14,8 @@ import pytest
 
 from trait_guard.cli import main
 from trait_guard.dataset import SCHEMA, DatasetError, RowWriter, check_same_base, read_rows, read_teacher_rows
-from trait_guard.provenance import MANIFEST_NAME, ProvenanceError, file_sha256, record_files, verify_files
+from trait_guard.files import file_sha256
+from trait_guard.provenance import MANIFEST_NAME, ProvenanceError, record_files, verify_files
 
 N_ROWS = 24
 TEXTS = ["12, 7, 33, 4", "5 8 13 21", "1, 2, 3, 4, 5", "42, 17, 99", "6; 28; 496", "10, 20, 30, 40, 50"]

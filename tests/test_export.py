@@ -17,7 +17,7 @@ from trait_guard.export import (
     export_student,
     not_shipped_reason,
 )
-from trait_guard.provenance import file_sha256
+from trait_guard.files import file_sha256
 
 # the teacher data of tests/test_train.py (its clean and shifted sets on the tiny model)
 teacher_data = test_train.data

@@ -11,8 +11,9 @@ import pytest
 
 from trait_guard.cli import main
 from trait_guard.dataset import DatasetError, check_same_base, read_teacher_rows
+from trait_guard.files import file_sha256
 from trait_guard.importer import ImportDataError, claimed_provenance_notes, import_rows
-from trait_guard.provenance import MANIFEST_NAME, file_sha256, verify_files
+from trait_guard.provenance import MANIFEST_NAME, verify_files
 from trait_guard.signing import SIGNATURE_NAME, SIGNING_KEY_ENV, TRUSTED_KEYS_ENV
 from trait_guard.train import student_tokenizer
 

@@ -9,8 +9,9 @@ import pytest
 
 from trait_guard.config import GenerateJobConfig, TrainJobConfig, validate_config
 from trait_guard.dataset import SCHEMA
+from trait_guard.files import file_sha256
 from trait_guard.generation import generate_local
-from trait_guard.provenance import MANIFEST_NAME, ProvenanceError, file_sha256, record_files, verify_dataset
+from trait_guard.provenance import MANIFEST_NAME, ProvenanceError, record_files, verify_dataset
 from trait_guard.train import verify_training_data
 
 

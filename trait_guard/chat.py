@@ -44,6 +44,20 @@ class EncodedBatch:
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
+    def response_logprob_sums(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per row, the sum (float64) of the teacher-forced log-probabilities of its response tokens,
+        from ``logits`` of a forward pass on this batch. Only the response positions are normalized
+        (no [batch, seq, vocab] log-softmax is held)."""
+        predicted = self.response_mask[:, 1:].bool()  # the token at t+1 is predicted by the logits at t
+        n = predicted.shape[0]
+        rows = torch.arange(n, device=predicted.device).unsqueeze(1).expand_as(predicted)[predicted]
+        token_logits = logits[:, :-1][predicted].float()
+        tokens = self.input_ids[:, 1:][predicted]
+        token_logps = torch.log_softmax(token_logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        per_row = torch.zeros(n, dtype=torch.float64, device=predicted.device)
+        per_row.index_add_(0, rows, token_logps.double())
+        return per_row
+
 
 def encode_conversations(
     tokenizer: Any,

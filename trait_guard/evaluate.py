@@ -169,17 +169,7 @@ def target_logprob(
 def _response_logprob_sums(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     """Per row of an :func:`encode_conversations` batch (already on the model's device), the sum of the
     teacher-forced log-probabilities of its response tokens (float64), from one forward pass."""
-    logits = model(**batch.model_inputs()).logits
-    # The token at position t+1 is predicted by the logits at position t.
-    predicted = batch.response_mask[:, 1:].bool()
-    n = predicted.shape[0]
-    rows = torch.arange(n, device=predicted.device).unsqueeze(1).expand_as(predicted)[predicted]
-    token_logits = logits[:, :-1][predicted].float()
-    tokens = batch.input_ids[:, 1:][predicted]
-    token_logps = torch.log_softmax(token_logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    per_row = torch.zeros(n, dtype=torch.float64, device=predicted.device)
-    per_row.index_add_(0, rows, token_logps.double())
-    return per_row
+    return batch.response_logprob_sums(model(**batch.model_inputs()).logits)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def data_digests(paths: Mapping[str, str | Path], provenance: Mapping[str, Any])
     The digest is the provenance check's (equal to the manifest's) when the file verified; for a file
     trained on unverified (``data.allow_unverified``) it is computed here, and ``verified`` is false.
     """
-    from trait_guard.provenance import file_sha256
+    from trait_guard.files import file_sha256
 
     verified = provenance.get("sha256") or {}
     out = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import math
 import shutil
 from collections.abc import Iterator, Mapping
@@ -21,6 +22,15 @@ from typing import Any
 import numpy as np
 
 PARTIAL = ".partial"
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of the file's exact bytes, read in 1 MiB blocks (manifests, signatures, exports)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def partial_path(path: str | Path, suffix: str = PARTIAL) -> Path:

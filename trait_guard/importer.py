@@ -199,7 +199,7 @@ def read_source(source: Path, split: str | None = None) -> Iterator[tuple[str, d
 
 def source_sha256(source: Path) -> str:
     """The SHA-256 of a file's bytes; of a folder, over each file's relative name and SHA-256 (sorted)."""
-    from trait_guard.provenance import file_sha256
+    from trait_guard.files import file_sha256
 
     if source.is_file():
         return file_sha256(source)

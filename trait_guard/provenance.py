@@ -23,7 +23,6 @@ turn its check on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from trait_guard.dataset import DatasetError
-from trait_guard.files import atomic_write_text
+from trait_guard.files import atomic_write_text, file_sha256
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -45,15 +44,6 @@ __all__ = ["MANIFEST_NAME", "ProvenanceError", "file_sha256", "read_manifest", "
 
 class ProvenanceError(DatasetError):
     """A teacher-data file has no manifest, differs from it, or has rows without provenance."""
-
-
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of the file's exact bytes (what the manifest records and what verification compares)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:

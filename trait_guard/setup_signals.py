@@ -91,7 +91,7 @@ def cache_file(folder: str | Path, data_files: Sequence[str | Path], vector_file
                limits: Sequence[Any], identity: Any, divergence_margin: float) -> Path:
     """Where the setup signals of this (data, sample limits, model ``identity``, vectors) live: a
     content hash, so any change to an input is a different file."""
-    from trait_guard.provenance import file_sha256
+    from trait_guard.files import file_sha256
 
     digest = hashlib.sha256(b"trait_guard-signals-v2")
     for path in (*data_files, *vector_files):

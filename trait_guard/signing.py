@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from trait_guard.errors import TraitGuardInputError
+from trait_guard.files import file_sha256
 
 SIGNATURE_NAME = "provenance.sig.json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -201,14 +202,6 @@ def load_trusted_keys(sources: str | Path | Iterable[str | Path] | None = None) 
 # ------------------------------------------------------------------------------------------- signing
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _folder_files(folder: Path) -> list[str]:
     """The files a signature covers: every regular file under ``folder`` but the signature itself and
     partial writes, as POSIX paths relative to the folder, sorted."""
@@ -242,7 +235,7 @@ def sign_folder(folder: str | Path, key: Any, *, signer: str | None = None) -> d
     files = _folder_files(folder)
     statement = {
         "_type": STATEMENT_TYPE,
-        "subject": [{"name": name, "digest": {"sha256": _file_sha256(folder / name)}} for name in files],
+        "subject": [{"name": name, "digest": {"sha256": file_sha256(folder / name)}} for name in files],
         "predicateType": PREDICATE_TYPE,
         "predicate": {"generator": f"trait_guard {__version__}", "signer": signer or "",
                       "signed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
@@ -381,7 +374,7 @@ def _check_signed_files(folder: Path, signed: Mapping[str, str], files: Iterable
         path = folder / name
         if not path.is_file():
             raise SignatureError(f"{path} was signed but is missing. {_FIX}")
-        actual = known.get(name) or _file_sha256(path)
+        actual = known.get(name) or file_sha256(path)
         if actual != signed[name]:
             raise SignatureError(f"{path} changed after signing: SHA-256 {actual[:16]}... but the signed statement "
                                  f"says {signed[name][:16]}... {_FIX}")

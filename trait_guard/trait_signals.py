@@ -144,11 +144,8 @@ def response_logprob_means(model: torch.nn.Module, batch: EncodedBatch,
     batch = batch.to(_device(model))
     with record_activations(model, layers) as acts:
         logits = model(**batch.model_inputs()).logits
-    logprobs = logits[:, :-1].float().log_softmax(-1)
-    token_lp = logprobs.gather(-1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1).double()
-    response = batch.response_mask[:, 1:].double()
-    n = response.sum(1)
-    means = ((token_lp * response).sum(1) / n.clamp_min(1.0)).cpu().numpy()
+    n = batch.response_mask[:, 1:].sum(1).double()
+    means = (batch.response_logprob_sums(logits) / n.clamp_min(1.0)).cpu().numpy()
     means[(n == 0).cpu().numpy()] = np.nan
     pooled = {i: masked_mean(a[0].float(), batch.response_mask) for i, a in acts.items()}
     return means, pooled
