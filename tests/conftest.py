@@ -12,6 +12,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _no_signing_key_env(monkeypatch):
+    """The tests decide what signing and trusted keys exist; the engineer's environment does not."""
+    from trait_guard.signing import SIGNING_KEY_ENV, TRUSTED_KEYS_ENV
+
+    monkeypatch.delenv(SIGNING_KEY_ENV, raising=False)
+    monkeypatch.delenv(TRUSTED_KEYS_ENV, raising=False)
+
+
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``) every test that starts a Ray
     cluster runs on the same worker, one after another: two local clusters started at once would

@@ -14,15 +14,8 @@ from trait_guard.dataset import DatasetError, check_same_base, read_teacher_rows
 from trait_guard.files import file_sha256
 from trait_guard.importer import ImportDataError, claimed_provenance_notes, import_rows
 from trait_guard.provenance import MANIFEST_NAME, verify_files
-from trait_guard.signing import SIGNATURE_NAME, SIGNING_KEY_ENV, TRUSTED_KEYS_ENV
+from trait_guard.signing import SIGNATURE_NAME
 from trait_guard.train import student_tokenizer
-
-
-@pytest.fixture(autouse=True)
-def _no_key_env(monkeypatch):
-    """The tests decide what keys exist; the engineer's environment does not."""
-    monkeypatch.delenv(SIGNING_KEY_ENV, raising=False)
-    monkeypatch.delenv(TRUSTED_KEYS_ENV, raising=False)
 
 
 @pytest.fixture(scope="module")

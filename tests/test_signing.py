@@ -35,13 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA, REFERENCE = "control-b.parquet", "control.parquet"
 
 
-@pytest.fixture(autouse=True)
-def _no_key_env(monkeypatch):
-    """The tests decide what keys exist; the engineer's environment does not."""
-    monkeypatch.delenv(SIGNING_KEY_ENV, raising=False)
-    monkeypatch.delenv(TRUSTED_KEYS_ENV, raising=False)
-
-
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     """The generator's key pair and a stranger's, made by `trait-guard keys create`."""
