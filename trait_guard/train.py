@@ -619,9 +619,7 @@ def _finish(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Modul
     (run.out_dir / "ranks").mkdir(parents=True, exist_ok=True)
     (run.out_dir / "ranks" / f"rank_{run.rank}.json").write_text(json.dumps(
         {"rank": run.rank, "steps": step, "updates": outcome.updates, "halt": outcome.halted, "guard_step": guard.step,
-         "mode": guard.mode.value, "node_id": _ray_node_id(),
-         # hashing every weight is for comparing ranks: a single rank has none to compare with
-         "weights_sha256": weights_digest(model) if run.world > 1 else None}) + "\n")
+         "mode": guard.mode.value, "node_id": _ray_node_id(), "weights_sha256": weights_digest(model)}) + "\n")
     # an interrupted run writes its checkpoint and partial report quickly; an unchanged student needs no eval
     evaluate_after = run.rank == 0 and outcome.interrupted is None and outcome.weights_step > 0
     spec, probe, seed = inputs.spec, config.probe, config.optim.seed
