@@ -30,8 +30,20 @@ class SecretKeyRef(K8s):
     key: str
 
 
+class ConfigMapKeyRef(K8s):
+    name: str
+    key: str
+
+
 class EnvSource(K8s):
-    secretKeyRef: SecretKeyRef
+    secretKeyRef: SecretKeyRef | None = None
+    configMapKeyRef: ConfigMapKeyRef | None = None
+
+    @model_validator(mode="after")
+    def _one_ref(self) -> EnvSource:
+        if (self.secretKeyRef is None) == (self.configMapKeyRef is None):
+            raise ValueError("valueFrom: exactly one of secretKeyRef / configMapKeyRef")
+        return self
 
 
 class EnvVar(K8s):
@@ -258,7 +270,8 @@ def test_credentials_come_only_from_secrets_and_images_are_pinned():
                 assert not container.image.endswith(":latest"), f"{path.name}: pin {container.image}"
                 for env in container.env or []:
                     if secretish.search(env.name):
-                        assert env.valueFrom is not None, f"{path.name}: {env.name} must come from a Secret"
+                        assert env.valueFrom is not None and env.valueFrom.secretKeyRef is not None, \
+                            f"{path.name}: {env.name} must come from a Secret"
                 text = " ".join(container.args or [])
                 assert not re.search(r"://[^$:/\s]+:[^$@\s]+@", text), f"{path.name}: literal credentials in args"
 
@@ -280,6 +293,29 @@ def test_selectors_match_and_claims_exist():
             for volume in template.spec.volumes or []:
                 assert (resource.metadata.namespace, volume.persistentVolumeClaim.claimName) in claims, \
                     f"{path.name}: claim {volume.persistentVolumeClaim.claimName} is defined nowhere"
+
+
+def test_signing_keys_come_from_secrets_and_trusted_keys_from_config_maps():
+    """Private keys (generator, trainer) only from Secrets; the public keys verifiers trust from a
+    ConfigMap (public, so no Secret needed, and rotating it does not touch the private keys); every job
+    that reads data trusts keys on every pod, and every job that trains can sign its student."""
+    sources: dict[str, dict[str, set]] = {}
+    for path, resource, spec in _validated():
+        if not isinstance(spec, RayJobSpec):
+            continue
+        for template in _pod_templates(resource.kind, spec):
+            for container in template.spec.containers:
+                env = {e.name: e.valueFrom for e in container.env or []}
+                for name in ("TRAIT_GUARD_SIGNING_KEY", "TRAIT_GUARD_TRUSTED_KEYS"):
+                    sources.setdefault(path.name, {}).setdefault(name, set()).add(
+                        None if env.get(name) is None else
+                        "secret" if env[name].secretKeyRef is not None else "configmap")
+    for job, names in sources.items():
+        assert names["TRAIT_GUARD_SIGNING_KEY"] <= {"secret", None}, job
+        if job != "rayjob-generate.yaml":  # generation writes data; every other job reads it
+            assert names["TRAIT_GUARD_TRUSTED_KEYS"] == {"configmap"}, f"{job}: trusted keys on every pod"
+    for job in ("rayjob-run.yaml", "rayjob-train.yaml"):
+        assert "secret" in sources[job]["TRAIT_GUARD_SIGNING_KEY"], f"{job}: the trainer signs its student"
 
 
 def test_ray_manifests_use_this_ray_with_token_auth_and_real_entry_points():

@@ -251,6 +251,108 @@ def test_trusted_keys_setting_defaults_to_none():
     assert TrainDataConfig(train="a.parquet", reference="b.parquet").trusted_keys == []
 
 
+# ---------------------------------------------------------------------------- signed student export
+
+
+def _student_summary(verdict):
+    return {"verdict": verdict, "student": "tiny", "trait": "owl", "weights_step": 4, "updates": 4,
+            "gate": {"flagged": False, "alpha": 0.01, "flagged_signals": []}, "alarms": [],
+            "code_version": {"source_sha256": "c0de"}, "mlflow_run_id": "run-1"}
+
+
+@pytest.fixture(scope="module")
+def student(tiny_llama_dir, signed, keys, tmp_path_factory):
+    """A student exported by trait_guard.export and signed with the trainer's key, trained (as its
+    attestation says) on the signed folder's data; the data digests are the provenance check's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trait_guard.export import data_digests, export_student
+
+    assert main(["keys", "create", "--out", str(keys), "--name", "trainer"]) == 0
+    paths = {"train": signed / DATA, "reference": signed / REFERENCE}
+    digests = data_digests(paths, verify_files(paths, trusted_keys=[keys / "generator.pub"]))
+    out = tmp_path_factory.mktemp("run")
+    folder, record = export_student(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                                    AutoTokenizer.from_pretrained(tiny_llama_dir), out, _student_summary("passed"),
+                                    digests, signing_key=str(keys / "trainer.key"))
+    assert record["signature"]["signed"] and record["signature"]["signer"] == "trainer"
+    return folder
+
+
+def verify_student(folder, keys, capsys, *extra):
+    code = main(["verify", str(folder), "--trusted-keys", str(keys / "trainer.pub"), *extra])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_a_signed_student_round_trips(student, signed, keys, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    code, out = verify_student(student, keys, capsys, "--data", str(signed), "--require-verdict", "passed",
+                               "--json", str(tmp_path / "v.json"))
+    assert code == 0, out
+    assert "signed by trainer" in out and "model.safetensors" in out and "trait_guard_export.json" in out
+    assert "verdict passed, screen clean, 4 update(s)" in out
+    assert f"train data matches {signed / DATA}" in out and f"reference data matches {signed / REFERENCE}" in out
+    result = json.loads((tmp_path / "v.json").read_text())
+    attested = result["predicate"]["data"]["train"]
+    from trait_guard.files import file_sha256
+
+    assert attested == {"name": "control-b", "sha256": file_sha256(signed / DATA), "verified": True}
+    assert result["predicate"]["code_version"] == {"source_sha256": "c0de"}
+    assert AutoModelForCausalLM.from_pretrained(student) is not None  # the signature file does not disturb loading
+
+
+def test_a_student_changed_after_signing_is_refused(student, keys, tmp_path, capsys):
+    copy = Path(shutil.copytree(student, tmp_path / "student"))
+    flip_one_byte(copy / "model.safetensors")
+    code, out = verify_student(copy, keys, capsys)
+    assert code == 2 and "model.safetensors changed after signing" in out
+
+    copy2 = Path(shutil.copytree(student, tmp_path / "student2"))
+    record = json.loads((copy2 / "trait_guard_export.json").read_text())
+    record["verdict"] = "passed"
+    record["screen"]["flagged"] = True  # someone edits the unsigned-looking record: it is signed too
+    (copy2 / "trait_guard_export.json").write_text(json.dumps(record))
+    code, out = verify_student(copy2, keys, capsys)
+    assert code == 2 and "trait_guard_export.json changed after signing" in out
+
+
+def test_a_student_is_checked_against_its_data_verdict_and_key(student, signed, unsigned, keys, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    other = tmp_path / "other.parquet"  # the same data less one row: another dataset
+    table = pq.read_table(signed / DATA)
+    pq.write_table(table.slice(0, table.num_rows - 1), other)
+    code, out = verify_student(student, keys, capsys, "--data", str(other))
+    assert code == 2 and "trained on control-b" in out and "none of the 1 Parquet file(s) given" in out
+    code, out = verify_student(student, keys, capsys, "--require-verdict", "unguarded")
+    assert code == 2 and "attested verdict is 'passed'" in out
+    code, out = verify(student, keys / "generator.pub", capsys=capsys)  # signed by the trainer, not the generator
+    assert code == 2 and "not among the trusted keys" in out
+    code, out = verify(unsigned, keys / "generator.pub", capsys=capsys)
+    assert code == 2  # and teacher data is not a student: --data is refused on it
+    code = main(["verify", str(unsigned), "--trusted-keys", str(keys / "generator.pub"), "--data", str(unsigned)])
+    assert code == 2
+
+
+def test_an_unsigned_student_says_so(tiny_llama_dir, tmp_path, caplog):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trait_guard.export import export_student
+
+    digests = {"train": {"path": "x", "name": "x", "sha256": "a" * 64, "verified": True}}
+    folder, record = export_student(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                                    AutoTokenizer.from_pretrained(tiny_llama_dir), tmp_path,
+                                    _student_summary("passed"), digests)
+    assert record["signature"] == {"signed": False, "signer": None, "key_fingerprint": None}
+    assert not (folder / SIGNATURE_NAME).exists() and "NOT signed" in caplog.text
+    with pytest.raises(SignatureError, match="keys create"):  # a bad key fails before anything is written
+        export_student(None, None, tmp_path / "other", _student_summary("passed"), digests,
+                       signing_key=str(tmp_path / "missing.key"))
+    assert not (tmp_path / "other").exists()
+
+
 # ------------------------------------------------------------------------------------ no key material
 
 _SKIP = {".git", ".venv", "node_modules", "__pycache__", "outputs", "mlruns", "test-output", ".pytest_cache",

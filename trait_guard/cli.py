@@ -255,24 +255,55 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from trait_guard.errors import TraitGuardInputError
-    from trait_guard.signing import TRUSTED_KEYS_ENV, load_trusted_keys, verify_folder
+    from trait_guard.signing import STUDENT_PREDICATE_TYPE, TRUSTED_KEYS_ENV, load_trusted_keys, verify_folder
 
     keys = load_trusted_keys(args.trusted_keys)  # None: $TRAIT_GUARD_TRUSTED_KEYS
     if not keys:
-        raise TraitGuardInputError(f"no trusted keys: pass --trusted-keys PUB [PUB ...] (the generator's .pub from "
+        raise TraitGuardInputError(f"no trusted keys: pass --trusted-keys PUB [PUB ...] (the signer's .pub from "
                                    f"`trait-guard keys create`), or set ${TRUSTED_KEYS_ENV}")
     if not Path(args.folder).is_dir():
-        raise TraitGuardInputError(f"{args.folder} is not a folder; name the folder `trait-guard generate` wrote")
+        raise TraitGuardInputError(f"{args.folder} is not a folder; name the folder `trait-guard generate` wrote, or "
+                                   "a run's exported student (<output_dir>/student)")
     result = verify_folder(args.folder, keys)
+    student = result["predicate_type"] == STUDENT_PREDICATE_TYPE
+    if (args.data or args.require_verdict) and not student:
+        raise TraitGuardInputError(f"{args.folder} is signed teacher data, not a student export: --data and "
+                                   "--require-verdict check a student's attestation (<output_dir>/student)")
     print(f"OK: {args.folder} signed by {result['signer']} (key {result['key_fingerprint']}); "
           f"{len(result['files'])} file(s) unchanged since signing")
     for name in result["files"]:
         print(f"  {name}")
     if result["unsigned_files"]:
         print(f"not covered by the signature (not verified): {result['unsigned_files']}")
+    if student:
+        result["trained_on"] = _check_student_attestation(result["predicate"], args.data, args.require_verdict)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _check_student_attestation(predicate: dict, data: list[str] | None, require_verdict: list[str] | None) -> dict:
+    """Print what a verified student attestation vouches for; refuse (exit 2) a verdict not in
+    ``require_verdict``, or training data that is none of the files in ``data``."""
+    from trait_guard.errors import TraitGuardInputError
+    from trait_guard.signing import check_trained_on
+
+    screen = predicate.get("screen")
+    gate = "off" if screen is None else ("FLAGGED" if screen.get("flagged") else "clean")
+    print(f"student attestation: verdict {predicate.get('verdict')}, screen {gate}, {predicate.get('updates')} "
+          f"update(s), weights of step {predicate.get('weights_step')}, code {predicate.get('code_version')}")
+    for role, digest in (predicate.get("data") or {}).items():
+        print(f"  trained with {role}: {digest.get('name')} sha256 {digest.get('sha256')} "
+              f"({'verified' if digest.get('verified') else 'UNVERIFIED'} provenance at training time)")
+    if require_verdict and predicate.get("verdict") not in require_verdict:
+        raise TraitGuardInputError(f"the student's attested verdict is {predicate.get('verdict')!r}, not one of "
+                                   f"{require_verdict}: do not ship it (or widen --require-verdict)")
+    if not data:
+        return {}
+    matched = check_trained_on(predicate, data)
+    for role, path in matched.items():
+        print(f"  {role} data {'matches ' + path if path else 'not among the given files (not checked)'}")
+    return matched
 
 
 def _job_config(path: str, cls, **overrides):
@@ -647,13 +678,24 @@ def _add_signing(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -
 
     ver = _command(
         subparsers, "verify", parents=[opts.json_out, opts.trusted_keys],
-        help="check a data folder's signature against trusted public keys (exit 0 ok, 2 refused)",
+        help="check a signed data folder or student export against trusted public keys (exit 0 ok, 2 refused)",
         description="Check <folder>/provenance.sig.json (a DSSE envelope over an in-toto statement of every file's "
                     "SHA-256) against the trusted public keys, and every signed file against its hash. Prints who "
                     "signed, with which key, and the files covered; refuses (exit 2) unsigned data, a file changed "
-                    "or added after signing, a rewritten manifest, or a signature by a key not trusted.",
-        epilog="example: trait-guard verify outputs/teacher_data --trusted-keys keys/generator.pub")
-    ver.add_argument("folder", help="the data folder (written by `trait-guard generate`)")
+                    "or added after signing, a rewritten manifest, or a signature by a key not trusted. For a "
+                    "student export (<output_dir>/student of a signed run) it also prints the signed attestation "
+                    "(verdict, screen, data digests, code version) and, with --data, checks the student was "
+                    "trained on that data.",
+        epilog="examples:\n"
+               "  trait-guard verify outputs/teacher_data --trusted-keys keys/generator.pub\n"
+               "  trait-guard verify outputs/train/student --trusted-keys keys/trainer.pub \\\n"
+               "      --data outputs/teacher_data --require-verdict passed")
+    ver.add_argument("folder", help="the data folder (written by `trait-guard generate`) or a student export")
+    ver.add_argument("--data", nargs="+", metavar="PATH",
+                     help="student export: the Parquet file(s) or folder(s) it should have been trained on; refused "
+                          "unless the attested training data's SHA-256 is one of them")
+    ver.add_argument("--require-verdict", nargs="+", metavar="VERDICT",
+                     help="student export: refuse unless the attested guard verdict is one of these (e.g. passed)")
     ver.set_defaults(func=cmd_verify)
 
 

@@ -7,6 +7,12 @@ screen (gate) result, the data files' SHA-256 digests and provenance claim, the 
 the MLflow run id. :func:`trait_guard.tracking.Tracker.log_student` then logs the folder to the MLflow
 run under ``student/`` with the verdict, screen result and digests as tags.
 
+Signed. With a signing key (``student.signing_key``, or ``$TRAIT_GUARD_SIGNING_KEY``: a path or the
+PEM text, from ``trait-guard keys create``) the folder is signed with an attestation
+(:func:`trait_guard.signing.sign_student`) that binds the model files to the data digests, the
+verdicts and the code version; ``trait-guard verify <out_dir>/student --trusted-keys PUB --data DATA``
+checks it. Without a key the export is unsigned, and its record says so (``signature.signed: false``).
+
 Why. A pipeline needs one place to pick the model up from and one file that says what vouches for
 it. Which runs ship (:data:`SHIPPABLE_VERDICTS`): ``passed``, ``mitigated`` (the guard's mitigation was
 in force: the weights are what the guard allowed), ``unmonitored`` and ``unguarded`` (trained to the
@@ -125,11 +131,16 @@ def export_record(summary: Mapping[str, Any], digests: Mapping[str, Mapping[str,
 
 def export_student(model: Any, tokenizer: Any, out_dir: str | Path, summary: Mapping[str, Any],
                    digests: Mapping[str, Mapping[str, Any]], engine: Any = None,
-                   zero_stage: int | None = None, enabled: bool = True) -> tuple[Path | None, dict[str, Any]]:
+                   zero_stage: int | None = None, enabled: bool = True,
+                   signing_key: Any = None) -> tuple[Path | None, dict[str, Any]]:
     """Save the student of a run that ships (see the module docstring) under ``<out_dir>/student``.
 
-    Returns the folder (None when the run does not ship) and the export record. A run that does not
-    ship removes a stale ``student/`` folder holding an earlier run's ``trait_guard_export.json``.
+    ``signing_key``: an Ed25519 private key, a path or PEM text; None reads ``$TRAIT_GUARD_SIGNING_KEY``
+    (unset: the export is not signed). The key is loaded before anything is written, so an unreadable
+    key fails the export instead of leaving an unsigned student behind a run that asked for a signed one.
+    Returns the folder (None when the run does not ship) and the export record, with ``signature``
+    (``signed``, ``signer``, ``key_fingerprint``) for the tracker's tags. A run that does not ship
+    removes a stale ``student/`` folder holding an earlier run's ``trait_guard_export.json``.
     """
     folder = Path(out_dir) / EXPORT_DIR
     reason = not_shipped_reason(str(summary.get("verdict")), engine, zero_stage, enabled)
@@ -138,8 +149,21 @@ def export_student(model: Any, tokenizer: Any, out_dir: str | Path, summary: Map
             logger.warning("removing %s: an earlier run's export, not this %s run's", folder, summary.get("verdict"))
             shutil.rmtree(folder, ignore_errors=True)
         return None, export_record(summary, digests, None, reason)
+    from trait_guard.signing import fingerprint, load_signing_key, sign_student
+
+    key = signing_key if hasattr(signing_key, "sign") else load_signing_key(signing_key)
     kind = student_kind(model)
     save_student(model, tokenizer, folder)
     record = export_record(summary, digests, kind)
     (folder / EXPORT_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    if key is None:
+        record["signature"] = {"signed": False, "signer": None, "key_fingerprint": None}
+        logger.warning("the exported student at %s is NOT signed (no student.signing_key or $TRAIT_GUARD_SIGNING_KEY)",
+                       folder)
+    else:
+        signer = Path(str(signing_key)).stem if isinstance(signing_key, (str, Path)) and \
+            not str(signing_key).lstrip().startswith("-----") else ""
+        signed = sign_student(folder, key, record, signer=signer)
+        record["signature"] = {"signed": True, "signer": signer, "key_fingerprint": fingerprint(key.public_key()),
+                               "files": len(signed["files"])}
     return folder, record

@@ -45,13 +45,15 @@ SIGNATURE_NAME = "provenance.sig.json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://github.com/trait-guard/trait_guard/provenance/v1"
+#: the predicate of a signed student export: what the model was trained on and what vouched for it
+STUDENT_PREDICATE_TYPE = "https://github.com/trait-guard/trait_guard/student/v1"
 SIGNING_KEY_ENV = "TRAIT_GUARD_SIGNING_KEY"
 TRUSTED_KEYS_ENV = "TRAIT_GUARD_TRUSTED_KEYS"
 _PEM = "-----BEGIN"
 
-__all__ = ["SIGNATURE_NAME", "SIGNING_KEY_ENV", "TRUSTED_KEYS_ENV", "SignatureError", "TrustedKey",
-           "create_keypair", "fingerprint", "load_signing_key", "load_trusted_keys", "read_signature",
-           "sign_folder", "verify_folder"]
+__all__ = ["SIGNATURE_NAME", "SIGNING_KEY_ENV", "STUDENT_PREDICATE_TYPE", "TRUSTED_KEYS_ENV", "SignatureError",
+           "TrustedKey", "check_trained_on", "create_keypair", "fingerprint", "load_signing_key", "load_trusted_keys",
+           "read_signature", "sign_folder", "sign_student", "student_predicate", "verify_folder"]
 
 
 class SignatureError(TraitGuardInputError):
@@ -215,14 +217,16 @@ def _pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)
 
 
-def sign_folder(folder: str | Path, key: Any, *, signer: str | None = None) -> dict[str, Any]:
+def sign_folder(folder: str | Path, key: Any, *, signer: str | None = None,
+                predicate_type: str = PREDICATE_TYPE, predicate: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Sign every file of ``folder`` with the Ed25519 private ``key`` (a key object, a path or PEM text).
 
     Writes ``<folder>/provenance.sig.json``: a DSSE envelope whose payload is an in-toto Statement
-    (subjects: each file's relative name and SHA-256; predicate: generator, time, the signer's name).
-    The envelope also carries the public key, so a verifier without trusted keys can still say which
-    key signed (but not that it is a key it trusts). Returns ``{"signed": True, "key_fingerprint",
-    "signer", "files"}``.
+    (subjects: each file's relative name and SHA-256; predicate: generator, time, the signer's name,
+    plus ``predicate``'s fields under ``predicate_type``: a student export's attestation, see
+    :func:`sign_student`). The envelope also carries the public key, so a verifier without trusted
+    keys can still say which key signed (but not that it is a key it trusts). Returns ``{"signed":
+    True, "key_fingerprint", "signer", "files"}``.
     """
     from trait_guard import __version__
     from trait_guard.files import atomic_write_text
@@ -236,8 +240,8 @@ def sign_folder(folder: str | Path, key: Any, *, signer: str | None = None) -> d
     statement = {
         "_type": STATEMENT_TYPE,
         "subject": [{"name": name, "digest": {"sha256": file_sha256(folder / name)}} for name in files],
-        "predicateType": PREDICATE_TYPE,
-        "predicate": {"generator": f"trait_guard {__version__}", "signer": signer or "",
+        "predicateType": predicate_type,
+        "predicate": {**dict(predicate or {}), "generator": f"trait_guard {__version__}", "signer": signer or "",
                       "signed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
     }
     payload = json.dumps(statement, sort_keys=True, separators=(",", ":")).encode("utf-8")
@@ -295,7 +299,9 @@ def verify_folder(folder: str | Path, trusted_keys: Sequence[TrustedKey] | str |
     says ``trusted: False``.
 
     Returns ``{"signed": True, "trusted": bool, "signer", "key_fingerprint", "files": [...],
-    "unsigned_files": [...]}``; anything wrong raises :class:`SignatureError` naming the fix.
+    "unsigned_files": [...], "predicate_type", "predicate"}`` (the predicate is signed, so a student
+    export's attested verdict and data digests can be believed once this returns); anything wrong
+    raises :class:`SignatureError` naming the fix.
     """
     folder = Path(folder)
     keys = _as_trusted(trusted_keys)
@@ -315,7 +321,8 @@ def verify_folder(folder: str | Path, trusted_keys: Sequence[TrustedKey] | str |
     required, present = _check_signed_files(folder, signed, files, hashes)
     return {"signed": True, "trusted": require_trusted, "signer": matched.label if require_trusted else
             statement.get("predicate", {}).get("signer", ""), "key_fingerprint": matched.fingerprint,
-            "files": sorted(required), "unsigned_files": sorted(present - set(signed))}
+            "files": sorted(required), "unsigned_files": sorted(present - set(signed)),
+            "predicate_type": statement.get("predicateType"), "predicate": statement.get("predicate") or {}}
 
 
 def _signing_key(folder: Path, envelope: Mapping[str, Any], message: bytes, keys: Sequence[TrustedKey],
@@ -379,3 +386,61 @@ def _check_signed_files(folder: Path, signed: Mapping[str, str], files: Iterable
             raise SignatureError(f"{path} changed after signing: SHA-256 {actual[:16]}... but the signed statement "
                                  f"says {signed[name][:16]}... {_FIX}")
     return required, present
+
+
+# ------------------------------------------------------------------------------------ student export
+
+#: the export record's fields a student attestation carries (see :func:`trait_guard.export.export_record`)
+_ATTESTED = ("verdict", "kind", "student_base", "trait", "weights_step", "updates", "alarms", "screen",
+             "code_version", "mlflow_run_id")
+
+
+def student_predicate(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The signed claims of a student export: the guard verdict, the screen (gate) result, what the
+    weights are (kind, base model, the step they are from), the code version and MLflow run, and each
+    data role's SHA-256 with whether its provenance verified. Local paths are left out: they mean
+    nothing on the verifier's machine; the digests are what bind the model to its data."""
+    out = {key: record.get(key) for key in _ATTESTED}
+    out["data"] = {role: {"name": d.get("name"), "sha256": d.get("sha256"), "verified": bool(d.get("verified"))}
+                   for role, d in (record.get("data") or {}).items()}
+    return out
+
+
+def sign_student(folder: str | Path, key: Any, record: Mapping[str, Any], *, signer: str | None = None
+                 ) -> dict[str, Any]:
+    """Sign an exported student folder (weights, tokenizer, ``trait_guard_export.json``) with an
+    attestation (:data:`STUDENT_PREDICATE_TYPE`) binding the files to :func:`student_predicate` of
+    ``record``. Returns :func:`sign_folder`'s result plus the ``predicate_type``."""
+    result = sign_folder(folder, key, signer=signer, predicate_type=STUDENT_PREDICATE_TYPE,
+                         predicate=student_predicate(record))
+    return {**result, "predicate_type": STUDENT_PREDICATE_TYPE}
+
+
+def _parquet_digests(sources: Iterable[str | Path]) -> dict[str, str]:
+    """SHA-256 -> path of every ``.parquet`` file named in ``sources`` (files, or folders searched recursively)."""
+    found: dict[str, str] = {}
+    for source in sources:
+        path = Path(source)
+        if not path.exists():
+            raise SignatureError(f"{path} does not exist; name the data file or folder the student was trained on")
+        files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+        for file in files:
+            found.setdefault(file_sha256(file), str(file))
+    return found
+
+
+def check_trained_on(predicate: Mapping[str, Any], data: Iterable[str | Path]) -> dict[str, str | None]:
+    """Check a verified student attestation against data the verifier holds: the ``train`` role's
+    SHA-256 must be one of the given files' (or folders' ``.parquet`` files'). Returns role -> the
+    matching file (None for a role whose file was not given, e.g. the reference); a ``train`` digest
+    that matches nothing raises :class:`SignatureError`."""
+    attested = predicate.get("data") or {}
+    if "train" not in attested:
+        raise SignatureError("the attestation names no training data; it is not a student export of trait-guard train")
+    have = _parquet_digests(data)
+    matched = {role: have.get(str(d.get("sha256"))) for role, d in attested.items()}
+    if matched["train"] is None:
+        raise SignatureError(
+            f"the student was trained on {attested['train'].get('name')} (SHA-256 {str(attested['train'].get('sha256'))[:16]}"
+            f"...), which is none of the {len(have)} Parquet file(s) given; pass the folder or file it was trained on")
+    return matched
