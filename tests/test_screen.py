@@ -1,3 +1,4 @@
+import json
 import random
 
 import pyarrow as pa
@@ -102,3 +103,49 @@ def test_a_gate_that_cannot_reach_its_alpha_says_so_with_the_fix():
     assert coarse and "n_permutations to at least 40000" in coarse
     few = gate_resolution(3, 3, 2, 0.01, 2000)  # C(6, 3) = 20 splits < 2 / 0.01
     assert few and "use at least 9 reference rows" in few  # C(3 + 8, 3) = 165 < 200 <= C(3 + 9, 3) = 220
+
+
+def test_screen_scores_signals_read_from_models_without_stored_logprobs(tiny_llama_dir, tmp_path, capsys):
+    """Text-only data (no stored log-probs): --teacher-model adds teacher_llr (S3), --trait adds
+    trait_llr (S2), and the report says which signals exist for what is at hand. Data the teacher
+    model wrote is flagged on teacher_llr; a second set from the base model is not."""
+    import torch
+
+    from trait_guard.chat import generate_completions
+    from trait_guard.models import load_model
+
+    base, tokenizer = load_model(str(tiny_llama_dir))
+    # the teacher: the base with sharpened weights (a random-init model's next-token distribution is
+    # near uniform; x3 makes it peaked, so its samples are distinguishable), saved with the same tokenizer
+    teacher, _ = load_model(str(tiny_llama_dir))
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            if "norm" not in name:
+                p.mul_(3.0)
+    teacher_dir = tmp_path / "teacher"
+    teacher.save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    identity = model_identity(base)
+    users = [f"Continue: {100 + i}, {200 + i}." for i in range(40)]
+    paths = {}
+    for name, model, seed in (("ref", base, 1), ("same", base, 2), ("teacher", teacher, 3)):
+        completions = generate_completions(model, tokenizer, users, None, max_new_tokens=12, seed=seed)
+        rows = make_rows(tokenizer, identity, [c.text for c in completions], name)
+        for row, c in zip(rows, completions, strict=True):
+            row["completion_ids"] = c.token_ids
+        paths[name] = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.Table.from_pylist([r for r in rows if r["completion_ids"]], schema=SCHEMA), paths[name])
+    base_args = ["screen", "--reference", str(paths["ref"]), "--model", str(tiny_llama_dir), "--quiet",
+                 "--allow-unverified", "--teacher-model", str(teacher_dir), "--trait", "animal:owl"]
+    reports = {}
+    for name in ("same", "teacher"):
+        main(base_args + ["--data", str(paths[name]), "--json", str(tmp_path / f"{name}.json")])
+        capsys.readouterr()
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    tests = {name: {t["name"]: t for t in r["signals"]} for name, r in reports.items()}
+    assert {"teacher_llr", "trait_llr:animal:owl", "nll"} <= set(tests["teacher"])
+    assert tests["teacher"]["teacher_llr"]["flagged"] and tests["teacher"]["teacher_llr"]["adjusted_p"] < 0.01
+    assert not tests["same"]["teacher_llr"]["flagged"]
+    note = next(n for n in reports["teacher"]["notes"] if n.startswith("signals for what is at hand"))
+    assert "stored teacher log-probs: no" in note and "teacher_llr" in note and "trait_llr:animal:owl" in note
+    assert "divergence" not in note  # needs stored log-probs, which this data does not have

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trait_guard import __version__
+from trait_guard.errors import check_extras
+from trait_guard.extras import training_extras
 
 EPILOG = """\
 The pipeline, one command per stage:
@@ -202,7 +204,9 @@ def cmd_screen(args: argparse.Namespace) -> int:
     check_same_base(reference, model_identity(model))  # the reference must be this base model's own output
     vectors = [PersonaVector.load(path, model=model) for path in args.vectors]
     histogram = TokenHistogram(len(tokenizer)).update(r["completion_ids"] for r in reference)
-    scorer = FingerprintScorer(model, tokenizer, vectors, unigram_reference=histogram, batch_size=args.batch_size)
+    extra, signal_note = _model_signals(args, model, tokenizer, data)
+    scorer = FingerprintScorer(model, tokenizer, vectors, unigram_reference=histogram, batch_size=args.batch_size,
+                               extra=extra)
     bar = None if args.quiet else _progress(len(data) + len(reference), "screen: scoring")
     report = screen(data, reference, scorer, alpha=args.alpha, progress=bar)
     if bar is not None:
@@ -210,6 +214,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     if not provenance["verified"]:
         report.notes.append("UNVERIFIED DATA (provenance.verified=false): " + " | ".join(provenance["problems"]))
     report.notes.append(_signature_note(provenance))
+    report.notes.append(signal_note)
     from trait_guard.importer import claimed_provenance_notes  # imported data: what is claimed vs verified
 
     report.notes.extend(claimed_provenance_notes({"data": args.data, "reference": args.reference}, provenance))
@@ -217,6 +222,34 @@ def cmd_screen(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(report.json() + "\n")
     return EXIT_FLAGGED if report.flagged else 0
+
+
+def _model_signals(args: argparse.Namespace, model, tokenizer, data: list[dict]) -> tuple[list, str]:
+    """The signals read from models rather than from log-probs stored with the data
+    (:mod:`trait_guard.trait_signals`): ``trait_llr:<trait>`` with ``--trait``, ``teacher_llr`` with
+    ``--teacher-model``. Returns the extra scorers and a note saying which signals exist for what the
+    user has, and which of them this screen computes."""
+    from trait_guard.fingerprint import TEACHER_LOGPROB_SIGNALS
+    from trait_guard.models import default_device, load_model
+    from trait_guard.trait_signals import TraitSignalScorer, available_signals
+
+    specs = []
+    if args.trait:
+        from trait_guard.traits import load_trait
+
+        specs = [load_trait(args.trait)]
+    teacher = None
+    if args.teacher_model:
+        teacher, _ = load_model(args.teacher_model, device=default_device())
+    stored = any(all(r.get(column) is not None and len(r.get(column)) for r in data)
+                 for column in TEACHER_LOGPROB_SIGNALS.values())
+    possible = available_signals(stored, teacher is not None, bool(specs), specs[0].trait_id if specs else None)
+    note = ("signals for what is at hand (stored teacher log-probs: " + ("yes" if stored else "no") + ", teacher model: "
+            + ("yes" if teacher is not None else "no (--teacher-model)") + ", trait spec: "
+            + (specs[0].trait_id if specs else "no (--trait)") + "): " + ", ".join(possible))
+    if not specs and teacher is None:
+        return [], note
+    return [TraitSignalScorer(model, tokenizer, specs=specs, teacher=teacher, batch_size=args.batch_size)], note
 
 
 def _signature_note(provenance: dict) -> str:
@@ -327,6 +360,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = _job_config(args.config, TrainJobConfig, resume_from=args.resume,
                          **{"ray.enabled": False if args.local else None})
+    check_extras(*training_extras(config), purpose="trait-guard train")
     _preflight_signatures(config.data)
     summary = run_training(config)
     if summary.get("interrupted"):
@@ -355,6 +389,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sync_mlflow(args: argparse.Namespace) -> int:
     from trait_guard.spool import replay
 
+    check_extras("mlflow", purpose="trait-guard sync-mlflow")
+
     for folder in args.spool:
         print(f"{folder}: {replay(folder)} queued write(s) delivered")
     return 0
@@ -365,6 +401,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from trait_guard.pipeline import format_summary, run_pipeline
 
     config = _job_config(args.config, RunJobConfig, output_dir=args.output_dir)
+    check_extras(*training_extras(config, generation=True), purpose=f"trait-guard {args.command}")
     summary = run_pipeline(config, progress=not args.quiet)
     print(format_summary(summary))
     halted = [t["teacher"] for t in summary["trainings"] if t["training"]["halted"]]
@@ -385,6 +422,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from trait_guard.tracking import run_ui
+
+    check_extras("mlflow", purpose="trait-guard ui")
 
     run_ui(port=args.port, host=args.host)
     return 0
@@ -610,6 +649,13 @@ def _add_screen(subparsers: argparse._SubParsersAction, opts: _SharedOptions) ->
     sc.add_argument("--data", required=True, help="teacher data Parquet (from `trait-guard generate`)")
     sc.add_argument("--reference", required=True, help="reference Parquet from the base model (control teacher)")
     sc.add_argument("--vectors", nargs="*", default=[], help="persona vector files for that model")
+    sc.add_argument("--trait", metavar="TRAIT",
+                    help="also score trait_llr:<trait> (S2, docs/detection.md): how much likelier the base model finds "
+                         "each response under the trait's instructions than under the opposite ones; needs no "
+                         "teacher log-probs (a shipped spec such as animal:owl, or path/to/spec.yaml)")
+    sc.add_argument("--teacher-model", metavar="PATH",
+                    help="also score teacher_llr (S3): log p_teacher - log p_base of each response, read from the "
+                         "teacher model itself (same tokenizer as --model); for data without stored log-probs")
     sc.add_argument("--alpha", type=float, default=0.01, help="family-wise level (default: %(default)s)")
     sc.add_argument("--max-rows", type=int, help="use only the first N kept rows of each file")
     sc.add_argument("--batch-size", type=int, default=32, help="scoring batch size (default: %(default)s)")
