@@ -149,3 +149,61 @@ def test_screen_scores_signals_read_from_models_without_stored_logprobs(tiny_lla
     note = next(n for n in reports["teacher"]["notes"] if n.startswith("signals for what is at hand"))
     assert "stored teacher log-probs: no" in note and "teacher_llr" in note and "trait_llr:animal:owl" in note
     assert "divergence" not in note  # needs stored log-probs, which this data does not have
+
+
+def _paired_sets(rng, n_prompts, shift, prompt_sd=3.0, noise_sd=1.0):
+    """proj: values where each prompt has its own level (sd 3) and answers vary around it (sd 1);
+    the data's answers sit ``shift`` higher on the trait direction than the reference's."""
+
+    level = rng.normal(0.0, prompt_sd, n_prompts)
+    keys = [f"p{i}" for i in range(n_prompts)]
+    reference = level + rng.normal(0.0, noise_sd, n_prompts)
+    data = level + shift + rng.normal(0.0, noise_sd, n_prompts)
+    return {"proj:t": data}, {"proj:t": reference}, keys
+
+
+def test_paired_projection_difference_recovers_a_shift_the_unpaired_test_misses():
+    import numpy as np
+
+    from trait_guard.screen import screen_signals
+
+    rng = np.random.default_rng(0)
+    data, reference, keys = _paired_sets(rng, 48, shift=0.8)
+    tests, flagged, _ = screen_signals(data, reference, alpha=0.01, n_permutations=2000, data_keys=keys,
+                                       reference_keys=keys)
+    by_name = {t.name: t for t in tests}
+    assert flagged and by_name["proj_diff:t"].flagged and by_name["proj_diff:t"].adjusted_p < 0.01
+    assert not by_name["proj:t"].flagged  # 0.8 against a prompt spread of 3: the unpaired test cannot see it
+    assert abs(by_name["proj_diff:t"].data_mean - 0.8) < 3 * np.sqrt(2) / np.sqrt(48)
+    # a reference answering other prompts gives no pairs: the paired test is not run, and it says so
+    _, _, notes = screen_signals(data, reference, alpha=0.01, data_keys=keys, reference_keys=[k + "x" for k in keys])
+    assert any("proj_diff:t not tested: 0 data row(s)" in n for n in notes)
+
+
+def test_paired_projection_difference_holds_its_level_on_clean_data():
+    """200 independent clean datasets (fresh prompts and answers each): the sign-flip test's false
+    rejection rate at 0.05 lies within the 99% binomial interval around 0.05."""
+    import numpy as np
+    from scipy.stats import binomtest
+
+    from trait_guard.screen import _sign_flip, paired_differences
+
+    rng = np.random.default_rng(1)
+    rejections = 0
+    for seed in range(200):
+        data, reference, keys = _paired_sets(rng, 24, shift=0.0)
+        diffs = paired_differences(data["proj:t"], reference["proj:t"], keys, keys)
+        rejections += _sign_flip("proj_diff:t", diffs, "up", 499, seed).p_value <= 0.05
+    ci = binomtest(rejections, 200).proportion_ci(0.99)
+    print(f"sign-flip false rejections at 0.05: {rejections}/200 (99% CI {ci.low:.3f}-{ci.high:.3f})")
+    assert ci.low <= 0.05 <= ci.high
+
+
+def test_paired_differences_average_several_reference_answers_per_prompt():
+    import numpy as np
+
+    from trait_guard.screen import paired_differences
+
+    diffs = paired_differences(np.array([5.0, 1.0, np.nan]), np.array([1.0, 3.0, 0.0, np.nan]),
+                               ["a", "b", "c"], ["a", "a", "b", "c"])
+    assert diffs.tolist() == [3.0, 1.0]  # a: 5 - mean(1, 3); b: 1 - 0; c: NaN data dropped

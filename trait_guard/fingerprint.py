@@ -77,6 +77,7 @@ def teacher_signal_coverage(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
 # Which way each signal moves when data carries a trait: "up" (larger is suspicious), "down", "both".
 SUSPICIOUS_DIRECTIONS: dict[str, str] = {
     "proj:*": "up",  # data leaning toward the trait
+    "proj_diff:*": "up",  # per prompt, data leaning further toward the trait than the base model's own answer
     "divergence": "up",  # more tokens where the teacher disagrees with the base model
     "llr": "up",  # tokens the teacher found likelier than the base model does
     "nll": "up",  # less like the base model's own output

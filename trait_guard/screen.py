@@ -8,6 +8,13 @@ Holm's correction (family-wise level ``alpha``). It also reports:
 * kinship: whether the data's teachers share the student's base model (the precondition for
   subliminal transfer: it fails across base models);
 * the token-histogram divergence (Jensen-Shannon, chi-square) and the most over-represented tokens;
+* ``proj_diff:<trait>`` (S1, the persona-vectors paper's projection difference): where data and
+  reference rows answer the same prompts (``prompt_id``), the per-prompt difference of the base model's
+  response-averaged projections, data minus reference (the mean over the reference's rows for that
+  prompt), tested by random sign flips: under "the data is the base model's own output" each
+  difference is symmetric about 0. Pairing removes the prompt-to-prompt variance that the unpaired
+  ``proj:<trait>`` test carries. Projection is linear, so this reuses the ``proj:`` signals already
+  computed: no extra forward pass. It joins the Holm family.
 * baselines measured the same way but kept out of the verdict: format and value statistics (number
   count, length, digit shares). A signal worth trusting must beat them; where they differ too, the
   data differs in form, and the report says so.
@@ -118,6 +125,39 @@ def _permutation(name: str, data: np.ndarray, reference: np.ndarray, direction: 
                       sign * result["effect_size"], result["p_value"])
 
 
+PAIRED_PREFIX = "proj_diff:"
+
+
+def paired_differences(data: np.ndarray, reference: np.ndarray, data_keys: list[Any],
+                       reference_keys: list[Any]) -> np.ndarray:
+    """Per data row whose key (prompt) the reference also answers: its value minus the mean of the
+    reference's finite values for that key. Rows without a partner, or non-finite, are dropped."""
+    by_key: dict[Any, list[float]] = {}
+    for key, value in zip(reference_keys, np.asarray(reference, float), strict=True):
+        if np.isfinite(value):
+            by_key.setdefault(key, []).append(float(value))
+    means = {key: float(np.mean(values)) for key, values in by_key.items()}
+    return np.asarray([float(v) - means[k] for k, v in zip(data_keys, np.asarray(data, float), strict=True)
+                       if np.isfinite(v) and k in means], dtype=np.float64)
+
+
+def _sign_flip(name: str, differences: np.ndarray, direction: str, n_permutations: int, seed: int) -> SignalTest | None:
+    """Monte Carlo sign-flip test of "the differences are symmetric about 0" against ``direction``;
+    p = (1 + #{flipped statistic >= observed}) / (1 + n_permutations), valid at any sample size."""
+    if len(differences) < 2 or np.std(differences) == 0:
+        return None
+    sign = -1.0 if direction == "down" else 1.0
+    d = sign * differences
+    observed = d.mean()
+    rng = np.random.default_rng(seed)
+    flips = rng.choice(np.array([-1.0, 1.0]), size=(n_permutations, len(d)))
+    null = (flips * d).mean(axis=1)
+    exceed = np.abs(null) >= abs(observed) - 1e-12 if direction == "both" else null >= observed - 1e-12
+    p = float((1 + exceed.sum()) / (1 + n_permutations))
+    return SignalTest(name, direction, float(differences.mean()), 0.0,
+                      float(differences.mean() / differences.std(ddof=1)), p)
+
+
 def kinship(rows: list[dict[str, Any]], student_identity: Any) -> dict[str, Any]:
     """Do the data's teachers share the student's base model? (precondition for transfer)"""
     fingerprints = {r.get("base_fingerprint") for r in rows}
@@ -158,7 +198,8 @@ def screen(
         # the unigram reference histogram is normally built from these rows: score them leave-one-out
         reference_signals = scorer.score_table(reference_rows, progress, in_reference=True)
     tests, flagged, notes = screen_signals(data_signals, reference_signals, alpha=alpha, n_permutations=n_permutations,
-                                         seed=seed, signals=signals)
+                                         seed=seed, signals=signals, data_keys=prompt_keys(data_rows),
+                                         reference_keys=prompt_keys(reference_rows))
     sides = signal_sides(data_signals, reference_signals)
     monitored = any(t.name in POWERED_SIGNALS for t in tests)
     if not monitored:
@@ -226,23 +267,45 @@ def gate_resolution(n_data: int, n_reference: int, n_tests: int, alpha: float, n
     return None
 
 
+def prompt_keys(rows: list[dict[str, Any]]) -> list[Any]:
+    """What pairs a data row with reference rows: its ``prompt_id`` (the generator gives the same
+    prompt the same id for every teacher), else the prompt text."""
+    return [r.get("prompt_id") or r.get("prompt") for r in rows]
+
+
 def screen_signals(data_signals: dict[str, np.ndarray], reference_signals: dict[str, np.ndarray], *, alpha: float,
-                 n_permutations: int = 2000, seed: int = 0,
-                 signals: list[str] | None = None) -> tuple[list[SignalTest], bool, list[str]]:
+                 n_permutations: int = 2000, seed: int = 0, signals: list[str] | None = None,
+                 data_keys: list[Any] | None = None,
+                 reference_keys: list[Any] | None = None) -> tuple[list[SignalTest], bool, list[str]]:
     """The screen's verdict from per-sample signals already computed: one permutation test per signal
-    present on both sides (in its suspicious direction), Holm over them at family-wise ``alpha``.
+    present on both sides (in its suspicious direction), plus, given the rows' prompt keys
+    (:func:`prompt_keys`), a paired sign-flip test of each ``proj:`` signal (``proj_diff:``, S1);
+    Holm over them all at family-wise ``alpha``.
 
     Returns ``(tests, flagged, notes)``. The training recipe calls this on its setup signals as the
     gate before step 1, so the gate and ``trait-guard screen`` agree on the same data.
     """
     sides = signal_sides(data_signals, reference_signals)
     names = [n for n in sides["data"] if n in sides["reference"]]
-    if signals:
-        names = [n for n in names if n in signals]
-    tests = [t for n in names if (t := _permutation(n, np.asarray(data_signals[n], float),
-                                                      np.asarray(reference_signals[n], float),
-                                                      suspicious_direction(n), n_permutations, seed))]
+
+    def wanted(name: str) -> bool:
+        return not signals or name in signals
+
+    tests = [t for n in names if wanted(n) and
+             (t := _permutation(n, np.asarray(data_signals[n], float), np.asarray(reference_signals[n], float),
+                                suspicious_direction(n), n_permutations, seed))]
     notes: list[str] = []
+    if data_keys is not None and reference_keys is not None:
+        for name in (n for n in names if n.startswith("proj:")):
+            paired = PAIRED_PREFIX + name.removeprefix("proj:")
+            if not wanted(paired):
+                continue
+            differences = paired_differences(data_signals[name], reference_signals[name], data_keys, reference_keys)
+            test = _sign_flip(paired, differences, suspicious_direction(paired), n_permutations, seed)
+            if test is not None:
+                tests.append(test)
+            elif len(differences) < 2:
+                notes.append(f"{paired} not tested: {len(differences)} data row(s) share a prompt with the reference")
     flagged = False
     resolution = gate_resolution(len(next(iter(data_signals.values()), [])),
                                  len(next(iter(reference_signals.values()), [])), len(tests), alpha, n_permutations)
