@@ -4,6 +4,7 @@ folder that the checked reader accepts, whose manifest verifies, and whose repor
 with the line and the fix. All on the tiny model, offline."""
 
 import json
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -121,21 +122,29 @@ def test_malformed_input_is_refused_naming_the_line_and_the_fix(tok, tmp_path):
         import_rows(mixed, tmp_path / "out", tokenizer=tok, overwrite=True, strict=True)
 
 
-def test_a_datasets_folder_needs_the_datasets_package(tok, tmp_path):
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        folder = tmp_path / "hf"
-        folder.mkdir()
-        (folder / "dataset_info.json").write_text("{}")
-        with pytest.raises(ImportDataError, match="needs the `datasets` package.*to_json"):
-            import_rows(folder, tmp_path / "out", tokenizer=tok)
-        return
-    from datasets import Dataset
+def test_a_datasets_folder_imports_its_rows(tok, tmp_path):
+    datasets = pytest.importorskip("datasets")  # installed with the [trl] extra
 
-    Dataset.from_list(TEXT_ROWS).save_to_disk(str(tmp_path / "hf"))
+    datasets.Dataset.from_list(TEXT_ROWS).save_to_disk(str(tmp_path / "hf"))
     result = import_rows(tmp_path / "hf", tmp_path / "out", tokenizer=tok)
-    assert result.kept == len(TEXT_ROWS) and read_teacher_rows(result.path, tokenizer=tok)
+    assert (result.read, result.kept, result.rejected) == (len(TEXT_ROWS), len(TEXT_ROWS), {})
+    rows = read_teacher_rows(result.path, tokenizer=tok)
+    assert [(r["prompt"], r["completion"]) for r in rows] == [(r["prompt"], r["completion"]) for r in TEXT_ROWS]
+    # a DatasetDict: the split is chosen, and a missing one is named
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(TEXT_ROWS[:2]),
+                          "test": datasets.Dataset.from_list(TEXT_ROWS[2:])}).save_to_disk(str(tmp_path / "dd"))
+    assert import_rows(tmp_path / "dd", tmp_path / "out2", tokenizer=tok, split="test").kept == len(TEXT_ROWS) - 2
+    with pytest.raises(ImportDataError, match=r"holds splits \['test', 'train'\], not 'dev'"):
+        import_rows(tmp_path / "dd", tmp_path / "out3", tokenizer=tok, split="dev")
+
+
+def test_a_datasets_folder_without_the_datasets_package_names_the_fix(tok, tmp_path, monkeypatch):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "dataset_info.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError, as when not installed
+    with pytest.raises(ImportDataError, match="needs the `datasets` package.*to_json"):
+        import_rows(folder, tmp_path / "out", tokenizer=tok)
 
 
 def test_same_base_rows_carry_the_students_identity(tok, tiny_llama_dir, tmp_path):

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from trait_guard.chat import encode_conversations
@@ -71,3 +72,88 @@ def test_signals_from_the_training_forward_and_weighted_gradient():
     expected = weighted_completion_loss(logits, batch, token_weights(batch, decision.sample_weights))
     assert torch.equal(loss, expected)
     assert torch.allclose(decision.sample_weights, torch.full((4,), 0.1))  # all lean far: floor weight
+
+
+def planted_vector(model, layer=2, seed=0):
+    identity = model_identity(model)
+    gen = torch.Generator().manual_seed(seed)
+    return PersonaVector("owl", identity, torch.randn(identity.num_layers + 1, identity.hidden_size, generator=gen),
+                         layer=layer)
+
+
+def test_plain_loop_drift_probe_halts_and_rolls_back_to_step_zero():
+    from trait_guard.activations import record_activations
+    from trait_guard.integrations.torch_loop import DriftGuard
+
+    model, tokenizer = make_tiny_model("llama", seed=10)
+    model.train()
+    vector = planted_vector(model)
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    guard = DriftGuard(GuardConfig(drift_threshold=3.0))
+    prompts = [f"question {i}?" for i in range(6)]
+    guarded = GuardedStep(guard, model, [vector], tokenizer=tokenizer, probe_prompts=prompts, probe_every=2,
+                          rollback=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    batch = encode_conversations(tokenizer, prompts, ["1 2 3"] * len(prompts))
+    halted_at = None
+    for step in range(1, 11):
+        with guarded.capture(), record_activations(model, [vector.layer], detach=False) as acts:
+            model(**batch.model_inputs())
+        # a "teacher" whose data pulls the residual stream along the trait direction
+        loss = -vector.project(acts[vector.layer][-1]).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        drift = guarded.after_update(step)
+        assert (drift is None) == (step % 2 == 1)
+        if drift is not None and drift.halt:
+            halted_at = step
+            break
+    assert halted_at is not None and guard.alarms[0]["channel"] == "drift"
+    assert guarded.last_shifts["owl"] > 3.0
+    record = guarded.roll_back()
+    assert record["restored_step"] == 0 and record["halted_at_step"] == halted_at
+    assert all(torch.equal(p, start[k]) for k, p in model.named_parameters())
+    with pytest.raises(ValueError, match="drift probes only"):
+        guard.observe({"proj:owl": np.zeros(2)})
+
+
+def test_capture_steers_the_forward_while_steer_is_in_force():
+    model, tokenizer = make_tiny_model("llama", seed=11)
+    vector = planted_vector(model, seed=1)
+    guard = TraitGuard(GuardConfig(sequential="cusum", target_ert=200, signals=["proj:*"], on_data_alarm="steer",
+                                   steer_coefficient=2.0), reference(), batch_size=8)
+    guarded = GuardedStep(guard, model, [vector])
+    batch = encode_conversations(tokenizer, ["a", "b"], ["1", "2"])
+    with torch.no_grad():
+        plain = model(**batch.model_inputs(), output_hidden_states=True).hidden_states[vector.layer]
+        with guarded.capture():  # PASS: no steering
+            same = model(**batch.model_inputs(), output_hidden_states=True).hidden_states[vector.layer]
+        assert torch.equal(same, plain)
+        decision = guarded.decide_rows(rows_with_signals(np.random.default_rng(0), 8, shift=5.0), step=1)
+        assert decision.action is Action.STEER  # decided from the rows' signals, before any forward
+        with guarded.capture():
+            steered = model(**batch.model_inputs(), output_hidden_states=True).hidden_states[vector.layer]
+        after = model(**batch.model_inputs(), output_hidden_states=True).hidden_states[vector.layer]
+    assert torch.allclose(steered - plain, 2.0 * vector.vectors[vector.layer].expand_as(plain), atol=1e-5)
+    assert torch.equal(after, plain)  # the hook is gone outside capture()
+
+
+def test_gated_rows_hold_a_planted_stream_and_release_a_clean_one():
+    from trait_guard.integrations.torch_loop import GatedRows
+    from trait_guard.sequential import EProcessDetector, LookaheadGate
+
+    ref = np.random.default_rng(0).normal(0, 1, 2000)
+    alarms = []
+
+    def gated(shift):
+        stream = rows_with_signals(np.random.default_rng(1), 60, shift)
+        gate = LookaheadGate(EProcessDetector(alpha=0.01).fit(ref), window=20)
+        return stream, GatedRows(stream, gate, signal="proj:t", on_alarm=alarms.append)
+
+    stream, planted = gated(3.0)
+    assert list(planted) == [] and planted.alarm is not None and alarms == [planted.alarm]
+    assert planted.held == list(range(len(planted.held))) and len(planted.held) < 20
+    assert list(planted) == []  # closed: iterating again yields nothing
+    stream, clean = gated(0.0)
+    assert list(clean) == stream and clean.alarm is None and not clean.held
