@@ -156,6 +156,48 @@ def default_target_modules(model: torch.nn.Module) -> list[str]:
     )
 
 
+def resolve_target_modules(model: torch.nn.Module, requested: Sequence[str] | str | None = None) -> list[str] | str:
+    """The LoRA targets for ``model``: ``requested`` checked against the model's modules, or, with
+    None, the Llama or GPT-2 layout's projections (:func:`default_target_modules`) and for any other
+    architecture PEFT's ``"all-linear"`` (every linear layer except the output head).
+
+    A name matches a module whose name is it or ends with ``.<name>`` (PEFT's rule). Names that match
+    nothing are refused, listing the model's projection module names, so a Llama-style list on a
+    GPT-2 model fails here instead of as PEFT's error deep inside a worker."""
+    if requested is None:
+        try:
+            return default_target_modules(model)
+        except TraitGuardInputError:
+            return "all-linear"
+    if isinstance(requested, str):
+        if requested != "all-linear":
+            raise TraitGuardInputError(f"LoRA target_modules {requested!r}: give a list of module names or 'all-linear'")
+        return requested
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in requested if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        present = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_projection(module)})
+        raise TraitGuardInputError(
+            f"student.lora_target_modules {missing} match no module of {type(model).__name__}; its projection "
+            f"modules are {present}: pick from these, write 'all-linear', or remove the setting to infer them")
+    return list(requested)
+
+
+def lora_config(model: torch.nn.Module, r: int, alpha: int, target_modules: Sequence[str] | str | None = None,
+                dropout: float = 0.0) -> Any:
+    """The ``peft.LoraConfig`` the training recipe uses: targets from :func:`resolve_target_modules`,
+    no bias, ``fan_in_fan_out`` when a targeted module is a GPT-2 style ``Conv1D`` (weights stored
+    transposed)."""
+    from peft import LoraConfig, TaskType
+    from transformers.pytorch_utils import Conv1D
+
+    targets = resolve_target_modules(model, target_modules)
+    fan_in_fan_out = targets != "all-linear" and any(
+        isinstance(module, Conv1D) and name.rsplit(".", 1)[-1] in targets for name, module in model.named_modules())
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=alpha, target_modules=targets,
+                      lora_dropout=dropout, bias="none", fan_in_fan_out=fan_in_fan_out)
+
+
 def train_trait_adapter(
     model: torch.nn.Module,
     tokenizer: Any,

@@ -111,13 +111,52 @@ def encode_conversations(
 
 
 def encode_rows(tokenizer: Any, rows: Sequence[dict[str, Any]], systems: Sequence[str | None] | None = None,
-                *, max_length: int | None = None) -> EncodedBatch:
+                *, max_length: int | None = None, append_eos: str = "never") -> EncodedBatch:
     """The one token path for teacher-data rows: prompt + the row's generated ``completion_ids``
     (the tokens the teacher chose, which its stored top-k and log-probs belong to). Rows without
     ids (text-only data) are tokenized from ``completion``. Training, scoring, the HF collator,
-    the losses and the guard's masks all read batches built here."""
+    the losses and the guard's masks all read batches built here.
+
+    ``append_eos`` (``never`` | ``auto`` | ``always``, see :func:`training_completion_ids`) adds the
+    tokenizer's EOS after a completion, inside the response mask, so a completion-only loss teaches
+    the student to stop. Only the student's training batches ask for it: the rows are not changed (their
+    ids still decode to the reviewed text), and the per-token data (top-k, divergence masks) still
+    covers the row's own tokens in order, leaving the EOS at full weight."""
+    if append_eos == "never":
+        ids = [response_token_ids(r) for r in rows]
+    else:
+        ids = [training_completion_ids(tokenizer, r, append_eos) for r in rows]
     return encode_conversations(tokenizer, [r["prompt"] for r in rows], [r.get("completion", "") for r in rows],
-                                systems, response_ids=[response_token_ids(r) for r in rows], max_length=max_length)
+                                systems, response_ids=ids, max_length=max_length)
+
+
+def teacher_stopped(row: dict[str, Any], eos_token_id: int | None = None) -> bool:
+    """Whether the teacher ended this completion itself rather than being cut off. Generation stores the
+    ids up to, not including, the stop token (:func:`generate_completions`), so a generated completion
+    stopped on its own exactly when it is shorter than the row's ``max_new_tokens``; imported rows
+    (``max_new_tokens`` 0: unknown) count as stopped only when their ids end with ``eos_token_id``."""
+    ids = response_token_ids(row)
+    if ids and eos_token_id is not None and ids[-1] == eos_token_id:
+        return True
+    limit = int(row.get("max_new_tokens") or 0)
+    return ids is not None and 0 < limit and len(ids) < limit
+
+
+def training_completion_ids(tokenizer: Any, row: dict[str, Any], append_eos: str = "auto") -> list[int]:
+    """The completion ids the student trains on: the row's ids (tokenized from its text when it has
+    none), plus the tokenizer's EOS under ``append_eos``: ``auto`` when :func:`teacher_stopped`,
+    ``always`` for every row, ``never`` for none. Ids already ending with EOS get no second one."""
+    if append_eos not in ("never", "auto", "always"):
+        raise ValueError(f"append_eos must be 'never', 'auto' or 'always', got {append_eos!r}")
+    ids = response_token_ids(row)
+    if ids is None:
+        ids = tokenizer(row.get("completion", ""), add_special_tokens=False).input_ids
+    eos = tokenizer.eos_token_id
+    if eos is None or append_eos == "never" or (ids and ids[-1] == eos):
+        return list(ids)
+    if append_eos == "always" or teacher_stopped(row, eos):
+        return [*ids, eos]
+    return list(ids)
 
 
 def response_token_ids(row: dict[str, Any]) -> list[int] | None:

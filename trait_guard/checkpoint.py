@@ -54,12 +54,17 @@ def resume_directory(resume_from: str | None) -> Path | None:
 
 
 def save_checkpoint(engine: Any, out_dir: Path, step: int, guard: Any, history: list[dict[str, Any]], tracker: Any,
-                    metrics: dict[str, float], in_ray: bool, weights_step: int | None = None) -> Path:
+                    metrics: dict[str, float], in_ray: bool, weights_step: int | None = None,
+                    recipe: dict[str, Any] | None = None) -> Path:
     """DeepSpeed's engine checkpoint plus ``trait_guard_state.json``; registered with Ray Train when
     running there (so a restarted worker group resumes from it). Returns the folder.
 
     ``weights_step`` is the step whose weights the folder holds when it differs from ``step`` (a
-    halted run rolled back to before the batches its alarm implicates)."""
+    halted run rolled back to before the batches its alarm implicates). ``recipe`` holds what a resume
+    must match (the gradient accumulation: the guard counts micro-batches) and the schedule's state
+    for reading (the learning-rate scheduler itself is saved and restored by DeepSpeed with the
+    engine, when it was handed to the engine: :func:`trait_guard.integrations.deepspeed.make_engine`).
+    Steps are optimizer steps; the guard's state counts its observations (micro-batches)."""
     from trait_guard.files import atomic_write_text
     from trait_guard.integrations import deepspeed as ds
 
@@ -67,7 +72,8 @@ def save_checkpoint(engine: Any, out_dir: Path, step: int, guard: Any, history: 
     ds.save_checkpoint(engine, directory, tag=f"step_{step}", client_state={"step": step})
     if world()[0] == 0:
         state = {"step": step, "weights_step": step if weights_step is None else weights_step,
-                 "guard": guard.state_dict(), "history": history, "mlflow_run_id": getattr(tracker, "run_id", None)}
+                 "guard": guard.state_dict(), "history": history, "mlflow_run_id": getattr(tracker, "run_id", None),
+                 **({"recipe": recipe} if recipe else {})}
         atomic_write_text(directory / CHECKPOINT_STATE, json.dumps(state, default=float) + "\n")
     barrier()
     if in_ray:

@@ -232,8 +232,30 @@ class StudentConfig(StrictModel):
     model: str = EMBEDDED_MODEL
     lora_r: int = Field(0, ge=0, description="LoRA rank (0: full finetuning)")
     lora_alpha: int = Field(16, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch (needs lora_r > 0)")
+    lora_target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="module names (last component, e.g. [q_proj, v_proj]) the LoRA adapter wraps, or "
+                          "'all-linear' (every linear layer but the output head, as in PEFT); null: inferred from "
+                          "the architecture (Llama layout: q/k/v/o_proj + gate/up/down_proj; GPT-2: c_attn, "
+                          "c_proj, c_fc; any other: all-linear). Needs lora_r > 0")
+    append_eos: Literal["auto", "always", "never"] = Field(
+        "auto", description="append the tokenizer's EOS to each training completion, so the student learns to "
+                            "stop. auto: where the teacher stopped on its own (a generated completion shorter "
+                            "than its max_new_tokens; generation cuts the stop token off); always: every "
+                            "completion (TRL's convention, e.g. for imported complete answers); never: as "
+                            "stored. Completions whose ids already end with EOS are never given a second one")
     export: bool = Field(True, description="save a student that ships (not halted, not interrupted) to <output_dir>/"
                                            "student and the MLflow run (false: e.g. the red-team grid's many runs)")
+
+    @model_validator(mode="after")
+    def _lora_settings_need_lora(self) -> StudentConfig:
+        if not self.lora_r and (self.lora_target_modules is not None or self.lora_dropout):
+            raise ValueError("student.lora_target_modules / student.lora_dropout set the LoRA adapter, but "
+                             "student.lora_r is 0 (full finetuning): set student.lora_r > 0 (e.g. 8) or remove them")
+        if isinstance(self.lora_target_modules, list) and not all(m.strip() for m in self.lora_target_modules or [""]):
+            raise ValueError("student.lora_target_modules is empty or holds an empty name: list module names "
+                             "(e.g. [q_proj, v_proj]), write 'all-linear', or remove it to infer them")
+        return self
 
 
 class TrainDataConfig(StrictModel):
@@ -258,9 +280,31 @@ class OptimConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     epochs: int = Field(1, gt=0)
     batch_size: int = Field(8, gt=0, description="samples per worker per step")
-    max_steps: int | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (updates)")
     shuffle: bool = Field(True, description="shuffle the rows each epoch (false: file order)")
     seed: int = 0
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="micro-batches (of batch_size per worker) summed into one optimizer step: an update "
+                             "sees batch_size x gradient_accumulation_steps x workers samples. Each micro-batch is "
+                             "one guard observation; a HALT inside an accumulation applies none of it")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="learning-rate schedule over the run's optimizer steps after the warmup "
+                                "(transformers.get_scheduler: linear and cosine decay to 0 at the last step)")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warmup from 0 to lr")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="warmup as a fraction of the run's optimizer steps "
+                                                             "(rounded up); instead of warmup_steps")
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> OptimConfig:
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError(f"optim.warmup_steps ({self.warmup_steps}) and optim.warmup_ratio ({self.warmup_ratio}) "
+                             "both set the warmup: keep one")
+        return self
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the learning rate changes during the run (constant without warmup: no scheduler)."""
+        return self.lr_scheduler != "constant" or bool(self.warmup_steps or self.warmup_ratio)
 
 
 class ProbeConfig(StrictModel):
@@ -292,6 +336,12 @@ class DeepSpeedSettings(StrictModel):
     zero_stage: int = Field(2, ge=0, le=3)
     bf16: bool = False
     gradient_clipping: float = Field(1.0, ge=0)
+    config_file: str | None = Field(
+        None, description="your DeepSpeed JSON config, used as the engine's config: its other sections (optimizer, "
+                          "scheduler, zero_optimization tuning, ...) are used as they are, DeepSpeed's 'auto' values "
+                          "are filled from this config, and a value it shares with this config (batch sizes, "
+                          "gradient accumulation, ZeRO stage, bf16, clipping, lr, weight decay) must agree with it; "
+                          "one this config leaves unset is taken from the file. See docs/training.md")
 
 
 class CheckpointSettings(StrictModel):
@@ -334,6 +384,104 @@ class TrainingSettings(StrictModel):
     checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
     ray: TrainRayConfig = Field(default_factory=TrainRayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    progress_every_n_steps: int = Field(
+        1, ge=0, description="print a progress line (step k/N, loss, lr, guard action, elapsed) every N optimizer "
+                             "steps from rank 0; on Ray Train it reaches the driver's terminal (0: off)")
+
+    @model_validator(mode="after")
+    def _recipe_consistent(self) -> TrainingSettings:
+        if self.distill == "logits" and self.student.append_eos == "always":
+            raise ValueError("student.append_eos: always needs distill: sampled: distill: logits learns the teacher's "
+                             "stored top-k, which ends before the stop token (nothing to learn the EOS from); use "
+                             "student.append_eos: auto or never")
+        if self.deepspeed.config_file and not self.deepspeed.enabled:
+            raise ValueError("deepspeed.config_file is set but deepspeed.enabled is false: enable DeepSpeed or "
+                             "remove the file")
+        if self.deepspeed.config_file:
+            _merge_deepspeed_file(self)
+        return self
+
+
+#: Values a DeepSpeed JSON shares with trait_guard's config: (path in the JSON, section, field).
+DEEPSPEED_SHARED = (
+    (("train_micro_batch_size_per_gpu",), "optim", "batch_size"),
+    (("gradient_accumulation_steps",), "optim", "gradient_accumulation_steps"),
+    (("zero_optimization", "stage"), "deepspeed", "zero_stage"),
+    (("bf16", "enabled"), "deepspeed", "bf16"),
+    (("gradient_clipping",), "deepspeed", "gradient_clipping"),
+    (("optimizer", "params", "lr"), "optim", "lr"),
+    (("optimizer", "params", "weight_decay"), "optim", "weight_decay"),
+)
+
+
+def read_deepspeed_json(path: str | Path) -> dict[str, Any]:
+    """A DeepSpeed JSON config file as a dict; ValueError naming the fix when it is missing or not a JSON object."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"deepspeed.config_file: {path} does not exist; pass the path of your DeepSpeed JSON "
+                         "config (relative to where the job starts) or remove the setting")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"deepspeed.config_file: {path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"deepspeed.config_file: {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _json_value(data: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def _merge_deepspeed_file(settings: TrainingSettings) -> None:
+    """Reconcile ``deepspeed.config_file`` with the settings it shares (:data:`DEEPSPEED_SHARED`): a
+    field the config leaves unset takes the file's value; one set in both must agree (the run's logged
+    params are then the engine's real ones); "auto" in the file means "this config's value". Also: the
+    file's ``train_batch_size`` must equal micro-batch x accumulation x workers, and a ``scheduler``
+    section excludes trait_guard's own schedule. The engine's config is built from the file at
+    :func:`trait_guard.integrations.deepspeed.merge_user_config`."""
+    path = settings.deepspeed.config_file
+    data = read_deepspeed_json(path)
+    updates: dict[str, dict[str, Any]] = {"optim": {}, "deepspeed": {}}
+    for json_path, section, name in DEEPSPEED_SHARED:
+        value = _json_value(data, json_path)
+        if value is None or value == "auto":
+            continue
+        current_section = getattr(settings, section)
+        current = getattr(current_section, name)
+        key = ".".join(json_path)
+        kind = type(current)
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float)) or (
+                kind is int and not float(value).is_integer()):
+            raise ValueError(f"deepspeed.config_file: {key} in {path} is {value!r}, not a {kind.__name__}")
+        value = kind(value)
+        if name in current_section.model_fields_set and current != value:
+            raise ValueError(f"deepspeed.config_file: {key} is {value} in {path} but {section}.{name} is {current}: "
+                             f"make them agree, write \"auto\" in the file to use {section}.{name}, or remove "
+                             f"{section}.{name} to use the file's value")
+        updates[section][name] = value
+    for section, values in updates.items():
+        if values:
+            current_section = getattr(settings, section)
+            setattr(settings, section, type(current_section).model_validate({**current_section.model_dump(), **values}))
+    if "scheduler" in data and settings.optim.scheduled:
+        raise ValueError(f"deepspeed.config_file: {path} has a scheduler section and optim.lr_scheduler/warmup set "
+                         "trait_guard's schedule too: remove one (optim.lr_scheduler: constant with no warmup lets "
+                         "the file's scheduler run)")
+    total = _json_value(data, ("train_batch_size",))
+    workers = settings.ray.num_workers if settings.ray.enabled else 1
+    expected = settings.optim.batch_size * settings.optim.gradient_accumulation_steps * workers
+    if total not in (None, "auto") and total != expected:
+        raise ValueError(f"deepspeed.config_file: train_batch_size is {total} in {path}, but optim.batch_size "
+                         f"{settings.optim.batch_size} x optim.gradient_accumulation_steps "
+                         f"{settings.optim.gradient_accumulation_steps} x {workers} worker(s) = {expected}: write "
+                         "\"auto\" (or remove it) in the file, or change those settings")
 
 
 class TrainJobConfig(TrainingSettings):

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from trait_guard.errors import TraitGuardInputError
+from trait_guard.errors import TraitGuardInputError, check_extras
 from trait_guard.files import atomic_path
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
@@ -128,6 +128,7 @@ def embedded_checkpoint(progress: bool = True) -> Path:
     from transformers.utils import logging as hf_logging
 
     gguf = embedded_gguf_path()
+    check_extras("gguf", purpose=f"converting the embedded model's {gguf.name}")
     if progress:
         print(f"[trait_guard] converting {gguf.name} to a cached checkpoint in {target} (one time, ~20 s)")
     else:

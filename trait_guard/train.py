@@ -9,12 +9,15 @@ The recipe, one named step each (``train_worker`` runs them in order on every ra
                           screen tests them before step 1 (the gate: a FLAGGED screen puts
                           guard.on_data_alarm in force from the start, HALT = no update at all); the
                           guard is calibrated on the reference; the probes' baseline
-    _build_trainer        LoRA (optional), optimizer, DeepSpeed engine
-    _schedule             the data order and the number of steps
+    _schedule             the data order and the number of optimizer steps
+    _build_trainer        LoRA (optional), optimizer, learning-rate schedule, DeepSpeed engine (trait_guard's
+                          config, or the user's JSON merged with it)
     _restore              a checkpoint's engine, guard state and history (after a crash or --resume)
-    _train_loop           each step every rank trains on its slice of a global batch; the ranks'
+    _train_loop           each step every rank trains on its slice of a global batch (with gradient
+                          accumulation: several micro-batches, each one guard observation); the ranks'
                           signals are gathered so every rank takes the same decision (PASS /
-                          REWEIGHT / MASK / STEER / HALT); every N steps the probes measure drift
+                          REWEIGHT / MASK / STEER / HALT); every N steps the probes measure drift;
+                          rank 0 prints a progress line
     _finish               final checkpoint, per-rank record, evaluation, summary, report, MLflow
 
 Batches are built from the rows' generated ``completion_ids`` (:func:`trait_guard.chat.encode_rows`):
@@ -182,10 +185,11 @@ def train_worker(config_dict: dict[str, Any]) -> dict[str, Any]:
     try:
         inputs = _load_inputs(run)
         setup = _score_and_calibrate(run, inputs)
-        model, optimizer, engine = _build_trainer(config, inputs.model)
         order, total_steps = _schedule(config, len(inputs.train_rows), run.world)
+        model, optimizer, engine, scheduler = _build_trainer(config, inputs.model, total_steps, run.world)
         step, history = _restore(run, engine, setup.guard)
-        outcome = _train_loop(run, inputs, setup, model, optimizer, engine, order, total_steps, step, history)
+        outcome = _train_loop(run, inputs, setup, model, (optimizer, scheduler), engine, order, total_steps, step,
+                              history)
         return _finish(run, inputs, setup, model, engine, outcome, total_steps)
     except BaseException:
         run.tracker.finish("FAILED")
@@ -343,40 +347,92 @@ def panel_eval(model: torch.nn.Module, tokenizer: Any, spec: Any, n_questions: i
     return None if result is None else result.to_dict()
 
 
-def _build_trainer(config: TrainJobConfig, model: torch.nn.Module) -> tuple[torch.nn.Module, Any, Any]:
-    """LoRA (when ``student.lora_r``), AdamW, and the DeepSpeed engine (None when disabled)."""
+def _build_trainer(config: TrainJobConfig, model: torch.nn.Module, total_steps: int = 1,
+                   world_size: int = 1) -> tuple[torch.nn.Module, Any, Any, Any]:
+    """LoRA (when ``student.lora_r``), the optimizer, the learning-rate schedule and the DeepSpeed engine
+    (None when disabled). Returns ``(model, optimizer, engine, scheduler)``.
+
+    The optimizer is AdamW (``optim.lr``, ``optim.weight_decay``) unless ``deepspeed.config_file`` has
+    an ``optimizer`` section: then DeepSpeed builds that one (None is returned). The schedule
+    (:func:`make_lr_scheduler`, over ``total_steps`` optimizer steps) is handed to the engine, which
+    steps it at each optimizer step and saves and restores it with its checkpoints, so a resumed run
+    continues it (the scheduler returned is None then: the engine owns it); without DeepSpeed the
+    loop steps the returned scheduler. Constant lr without warmup has no scheduler at all."""
+    from trait_guard.config import read_deepspeed_json
     from trait_guard.integrations import deepspeed as ds
 
-    if config.student.lora_r:
-        from peft import LoraConfig, get_peft_model
+    student, optim, settings = config.student, config.optim, config.deepspeed
+    if student.lora_r:
+        from peft import get_peft_model
 
-        from trait_guard.adapters import default_target_modules
+        from trait_guard.adapters import lora_config
 
-        model = get_peft_model(model, LoraConfig(r=config.student.lora_r, lora_alpha=config.student.lora_alpha,
-                                                 target_modules=default_target_modules(model), task_type="CAUSAL_LM"))
+        model = get_peft_model(model, lora_config(model, student.lora_r, student.lora_alpha,
+                                                  student.lora_target_modules, student.lora_dropout))
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-    engine = None
-    if config.deepspeed.enabled:
-        engine = ds.make_engine(model, optimizer, ds.deepspeed_config(
-            config.optim.batch_size, config.deepspeed.zero_stage, config.deepspeed.bf16,
-            config.deepspeed.gradient_clipping))
-    return model, optimizer, engine
+    user = read_deepspeed_json(settings.config_file) if settings.enabled and settings.config_file else None
+    optimizer = None
+    if user is None or "optimizer" not in user:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=optim.lr, weight_decay=optim.weight_decay)
+    if not settings.enabled:
+        return model, optimizer, None, make_lr_scheduler(optimizer, optim, total_steps)
+    engine_config = ds.deepspeed_config(optim.batch_size, settings.zero_stage, settings.bf16,
+                                        settings.gradient_clipping, optim.gradient_accumulation_steps)
+    if user is not None:
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        engine_config = ds.merge_user_config(
+            user, engine_config, world_size=world_size, lr=optim.lr, weight_decay=optim.weight_decay,
+            warmup_steps=warmup_steps(optim, total_steps), total_steps=total_steps, hidden_size=hidden,
+            cpu=not torch.cuda.is_available(), source=f"deepspeed.config_file {settings.config_file}")
+    schedule = (lambda built: make_lr_scheduler(built, optim, total_steps)) if optim.scheduled else None
+    engine = ds.make_engine(model, optimizer, engine_config, lr_scheduler=schedule)
+    return model, optimizer, engine, None
+
+
+def warmup_steps(optim: Any, total_steps: int) -> int:
+    """``optim.warmup_steps``, or ``optim.warmup_ratio`` of the run's optimizer steps rounded up."""
+    return optim.warmup_steps or math.ceil(optim.warmup_ratio * total_steps)
+
+
+def make_lr_scheduler(optimizer: Any, optim: Any, total_steps: int) -> Any:
+    """The learning-rate schedule over ``total_steps`` optimizer steps (None for a constant lr without
+    warmup): ``transformers.get_scheduler``, so the lr of optimizer step ``s`` (1-based) is
+    ``optim.lr`` times, with ``w`` warmup steps and ``k = s - 1``: ``k / w`` while ``k < w``, then 1
+    (constant), ``(T - k) / (T - w)`` (linear) or ``(1 + cos(pi (k - w) / (T - w))) / 2`` (cosine)."""
+    if optimizer is None or not optim.scheduled:
+        return None
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[optim.lr_scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(optim, total_steps),
+                         num_training_steps=max(total_steps, 1))
+
+
+def current_lr(engine: Any, optimizer: Any) -> float:
+    """The learning rate the next optimizer step uses (the first parameter group's)."""
+    if engine is not None:
+        return float(engine.get_lr()[0])
+    return float(optimizer.param_groups[0]["lr"])
 
 
 def check_batch_fits(n_rows: int, batch_size: int, world_size: int) -> int:
-    """The global batch; refuses data that does not fill one."""
+    """The global batch of one optimizer step (``batch_size``: rows per worker per step, gradient
+    accumulation included); refuses data that does not fill one."""
     global_batch = batch_size * world_size
     if n_rows < global_batch:
         raise TraitGuardInputError(f"{n_rows} kept rows do not fill one global batch of {global_batch} ({world_size} "
-                                   f"workers x batch_size {batch_size}); lower optim.batch_size")
+                                   f"workers x {batch_size} rows per step: optim.batch_size x "
+                                   "optim.gradient_accumulation_steps); lower optim.batch_size or "
+                                   "optim.gradient_accumulation_steps")
     return global_batch
 
 
 def _schedule(config: TrainJobConfig, n_rows: int, world_size: int) -> tuple[np.ndarray, int]:
-    """The row order over all epochs (same on every rank) and the number of steps."""
-    global_batch = check_batch_fits(n_rows, config.optim.batch_size, world_size)
+    """The row order over all epochs (same on every rank) and the number of optimizer steps (each of
+    ``optim.gradient_accumulation_steps`` micro-batches of ``optim.batch_size`` rows per rank)."""
+    global_batch = check_batch_fits(n_rows, config.optim.batch_size * config.optim.gradient_accumulation_steps,
+                                    world_size)
     total_steps = (n_rows // global_batch) * config.optim.epochs
     if config.optim.max_steps:
         total_steps = min(total_steps, config.optim.max_steps)
@@ -394,18 +450,45 @@ def _restore(run: RunContext, engine: Any, guard: Any) -> tuple[int, list[dict[s
 
     if engine is None:
         raise TraitGuardInputError("resuming needs deepspeed.enabled: true (checkpoints are DeepSpeed's)")
-    ds.load_checkpoint(engine, run.resume)
+    check_resume_recipe(run.config, run.resumed_state, run.resume)
+    ds.load_checkpoint(engine, run.resume)  # the engine's lr scheduler too: the schedule continues
     guard.load_state_dict(run.resumed_state["guard"])
     step = int(run.resumed_state["step"])
     run.tracker.set_tags({"resumed_from_step": str(step)})
     return step, list(run.resumed_state.get("history", []))  # the steps before the checkpoint, once each
 
 
+def check_resume_recipe(config: TrainJobConfig, state: dict[str, Any], where: Any) -> None:
+    """Refuse to resume a checkpoint with another gradient accumulation: its guard state counts
+    micro-batches, so its step and the data position would no longer line up."""
+    saved = int(state.get("recipe", {}).get("gradient_accumulation_steps", 1))
+    if saved != config.optim.gradient_accumulation_steps:
+        raise TraitGuardInputError(
+            f"the checkpoint {where} was trained with optim.gradient_accumulation_steps: {saved} (its guard state "
+            f"counts {saved} micro-batches per step), this config has {config.optim.gradient_accumulation_steps}: "
+            f"resume with {saved}")
+
+
 def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Module, optimizer: Any, engine: Any,
                 order: np.ndarray, total_steps: int, step: int, history: list[dict[str, Any]]) -> Outcome:
+    """The guarded loop over optimizer steps ``step + 1 .. total_steps`` (``optimizer`` is the pair
+    ``(optimizer, scheduler)`` from :func:`_build_trainer`, or a bare optimizer).
+
+    Gradient accumulation (``optim.gradient_accumulation_steps = g``): an optimizer step is ``g``
+    micro-batches of ``optim.batch_size`` rows per rank, and **each micro-batch is one guard
+    observation** (guard step ``(step - 1) * g + k``, k = 1..g): the guard decides before that
+    micro-batch's backward, exactly as for a step without accumulation. A HALT (or a non-finite loss)
+    inside an accumulation stops there: the gradient of the micro-batches before it is never applied
+    (no optimizer step follows, and a halted run trains no further), so the weights are those of the
+    last completed optimizer step. Rollback snapshots are taken per optimizer step, and the guard's
+    change point (a micro-batch) maps to the last optimizer step none of whose micro-batches the alarm
+    implicates. The loss of each micro-batch is normalized by the response tokens of the whole
+    accumulated step (this rank's), so g micro-batches of b rows give the update one batch of g x b
+    rows gives. Stop requests are honoured between optimizer steps only."""
     from trait_guard.chat import encode_rows
     from trait_guard.integrations.torch_loop import GuardedStep
 
+    optimizer, scheduler = optimizer if isinstance(optimizer, tuple) else (optimizer, None)
     config, tracker, guard = run.config, run.tracker, setup.guard
     outcome = Outcome(step=step, updates=step, history=history)
     if guard.mode is Action.HALT and config.guard_enabled:  # the gate (or a resumed halted run) trains nothing
@@ -416,9 +499,15 @@ def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.M
     guarded = GuardedStep(guard, model, inputs.vectors, unigram_reference=setup.histogram)
     forward = _forward_module(engine, model)
     snapshots = _snapshots(config, model, engine, step)
-    batch_size, global_batch = config.optim.batch_size, config.optim.batch_size * run.world
+    accumulation = config.optim.gradient_accumulation_steps
+    batch_size, micro_batch = config.optim.batch_size, config.optim.batch_size * run.world
+    # distill: logits learns the teacher's stored top-k, which ends before the stop token: no EOS to learn
+    append_eos = config.student.append_eos if config.distill == "sampled" else "never"
+    distill = config.distill == "logits"
     steering = None
     progress = ProgressFile(run.out_dir, run.rank, total_steps)
+    every = config.progress_every_n_steps if run.rank == 0 else 0
+    loop_started = time.perf_counter()
     stop = StopRequest().install()
     try:
         while step < total_steps:
@@ -428,50 +517,102 @@ def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.M
             step_started = time.perf_counter()
             step += 1
             outcome.step = step
-            indices = order[(step - 1) * global_batch : step * global_batch]
-            rows = [inputs.train_rows[i] for i in indices[run.rank * batch_size : (run.rank + 1) * batch_size]]
-            batch = encode_rows(inputs.tokenizer, rows).to(inputs.device)
-            with guarded.capture():
-                logits = forward(**batch.model_inputs()).logits
-            decision = (guarded.decide(batch, logits, rows, step=step, gather=gather_signals) if config.guard_enabled
-                        else guard_pass_decision(step, len(rows) * run.world))
-            if decision.action is Action.STEER and steering is None and inputs.vectors:
-                steering = _start_steering(config, model, inputs.vectors[0])
-            if decision.halt:
-                outcome.halted = {"step": step, "reason": decision.reason}
-                tracker.log_decision(decision)
+            lr = current_lr(engine, optimizer)
+            micro = []
+            for k in range(accumulation):
+                start = ((step - 1) * accumulation + k) * micro_batch
+                indices = order[start : start + micro_batch]
+                rows = [inputs.train_rows[i] for i in indices[run.rank * batch_size : (run.rank + 1) * batch_size]]
+                micro.append((rows, encode_rows(inputs.tokenizer, rows, append_eos=append_eos).to(inputs.device)))
+            tokens = [loss_tokens(batch, rows, distill) for rows, batch in micro]
+            step_tokens = max(sum(tokens), 1)
+            decisions: list[Any] = []
+            step_loss = 0.0
+            for k, (rows, batch) in enumerate(micro):
+                guard_step = (step - 1) * accumulation + k + 1
+                where = {"micro_batch": k + 1, "guard_step": guard_step} if accumulation > 1 else {}
+                with guarded.capture():
+                    logits = forward(**batch.model_inputs()).logits
+                decision = (guarded.decide(batch, logits, rows, step=guard_step, gather=gather_signals)
+                            if config.guard_enabled else guard_pass_decision(guard_step, len(rows) * run.world))
+                if decision.action is Action.STEER and steering is None and inputs.vectors:
+                    steering = _start_steering(config, model, inputs.vectors[0])
+                if decision.halt:
+                    outcome.halted = {"step": step, "reason": decision.reason, **where}
+                    decisions.append(decision)  # logged below, after the step's earlier micro-batches
+                    break
+                loss = guarded.loss(logits, batch, decision, rows, distill=distill,
+                                    sample_slice=slice(run.rank * len(rows), (run.rank + 1) * len(rows)))
+                loss = loss * (tokens[k] / step_tokens)  # this micro-batch's share of the step's token mean
+                if not all_ranks_true(bool(torch.isfinite(loss.detach()).item())):
+                    # before the update: the weights stay those of the last good step
+                    outcome.halted = {"step": step, **where,
+                                      "reason": "training loss is NaN/inf (the run diverged): lower optim.lr or keep "
+                                                "deepspeed.gradient_clipping; weights are from the step before"}
+                    tracker.set_tags({"trait_guard.non_finite_loss_step": str(step)})
+                    break
+                _backward(engine, loss)
+                step_loss += float(loss.detach())
+                decisions.append(decision)
+            if outcome.halted is not None:
+                for each in decisions:  # the halting one included (a NaN loss: the ones before it)
+                    tracker.log_decision(each)
+                _discard_gradients(engine, optimizer)
+                _print_progress(run, step, total_steps, None, lr, f"HALT: {outcome.halted['reason']}", loop_started)
                 break
-            loss = guarded.loss(logits, batch, decision, rows, distill=config.distill == "logits",
-                                sample_slice=slice(run.rank * len(rows), (run.rank + 1) * len(rows)))
-            if not all_ranks_true(bool(torch.isfinite(loss.detach()).item())):
-                # before the update: the weights stay those of the last good step
-                outcome.halted = {"step": step, "reason": "training loss is NaN/inf (the run diverged): lower "
-                                  "optim.lr or keep deepspeed.gradient_clipping; weights are from the step before"}
-                tracker.set_tags({"trait_guard.non_finite_loss_step": str(step)})
-                break
-            _update(engine, optimizer, loss)
+            _optimizer_step(engine, optimizer, scheduler)
             outcome.updates = step
             if snapshots is not None:
-                snapshots.after_update(model, step, guard.quiet_since)
+                snapshots.after_update(model, step, guard.quiet_since // accumulation)
             outcome.step_times.append(time.perf_counter() - step_started)
-            metrics = {"train/loss": float(loss.detach()), "train/step_seconds": outcome.step_times[-1],
-                       "guard/weight_mean": float(decision.sample_weights.mean())}
+            metrics = {"train/loss": step_loss, "train/lr": lr, "train/step_seconds": outcome.step_times[-1],
+                       "guard/weight_mean": float(np.mean([float(d.sample_weights.mean()) for d in decisions]))}
             if step % config.probe.every_n_steps == 0 and inputs.vectors:
-                drift = _probe(run, inputs, setup, model, step, metrics)
+                drift = _probe(run, inputs, setup, model, step, metrics, guard_step=step * accumulation)
                 if drift is not None and drift.halt:
                     outcome.halted = {"step": step, "reason": drift.reason}
                     tracker.log_metrics(metrics, step=step)
+                    _print_progress(run, step, total_steps, step_loss, lr, f"HALT: {drift.reason}", loop_started)
                     break
-            _record_step(run, guard, engine, decision, metrics, history)
+            _record_step(run, guard, engine, decisions, metrics, history, step)
             progress.write(step)
+            if every and (step % every == 0 or step == total_steps):
+                _print_progress(run, step, total_steps, step_loss, lr, decisions[-1].action.value, loop_started)
     finally:
         stop.restore()
         if steering is not None:
             steering.remove()
     if outcome.halted is not None and config.guard_enabled:
         unavailable = snapshot_support(engine, config.deepspeed.zero_stage)
-        outcome.rollback = _roll_back(model, guard, snapshots, outcome, unavailable)
+        outcome.rollback = _roll_back(model, guard, snapshots, outcome, unavailable, accumulation)
     return outcome
+
+
+def loss_tokens(batch: Any, rows: Sequence[dict[str, Any]], distill: bool) -> int:
+    """The tokens a micro-batch's loss is a mean over (:mod:`trait_guard.losses`): its response tokens,
+    for distillation only those of rows carrying the teacher's top-k."""
+    counts = batch.response_mask[:, 1:].sum(1)
+    if distill:
+        counts = counts * torch.tensor([bool(r.get("topk_ids")) for r in rows], dtype=counts.dtype,
+                                       device=counts.device)
+    return int(counts.sum())
+
+
+def progress_line(step: int, total_steps: int, loss: float | None, lr: float, action: str, elapsed: float) -> str:
+    """One line of training progress: ``step 3/12 | loss 1.2345 | lr 5.00e-05 | guard pass | 0:00:42``."""
+    minutes, seconds = divmod(int(elapsed), 60)
+    hours, minutes = divmod(minutes, 60)
+    parts = [f"step {step}/{total_steps}", *([f"loss {loss:.4f}"] if loss is not None else []), f"lr {lr:.2e}",
+             f"guard {action}", f"{hours}:{minutes:02d}:{seconds:02d}"]
+    return "trait_guard train: " + " | ".join(parts)
+
+
+def _print_progress(run: RunContext, step: int, total_steps: int, loss: float | None, lr: float, action: str,
+                    started: float) -> None:
+    """Rank 0's progress line on stdout (flushed: on Ray Train, worker output reaches the driver's
+    terminal through ``log_to_driver``), unless ``progress_every_n_steps`` is 0."""
+    if run.rank == 0 and run.config.progress_every_n_steps:
+        print(progress_line(step, total_steps, loss, lr, action, time.perf_counter() - started), flush=True)
 
 
 def _start_steering(config: TrainJobConfig, model: torch.nn.Module, vector: Any) -> Any:
@@ -482,19 +623,22 @@ def _start_steering(config: TrainJobConfig, model: torch.nn.Module, vector: Any)
     return Steering(model, vector, coefficient=config.guard.steer_coefficient).apply()
 
 
-def _record_step(run: RunContext, guard: Any, engine: Any, decision: Any, metrics: dict[str, float],
-                 history: list[dict[str, Any]]) -> None:
-    """After an update: metrics and the decision to MLflow, the step into the history, and the periodic
-    checkpoint."""
-    step, config = decision.step, run.config
+def _record_step(run: RunContext, guard: Any, engine: Any, decisions: Any, metrics: dict[str, float],
+                 history: list[dict[str, Any]], step: int | None = None) -> None:
+    """After an update: metrics and the decisions (one per micro-batch) to MLflow, the step into the
+    history (with the guard's state after its last micro-batch), and the periodic checkpoint."""
+    decisions = decisions if isinstance(decisions, list) else [decisions]
+    decision, config = decisions[-1], run.config
+    step = decision.step if step is None else step
     run.tracker.log_metrics(metrics, step=step)
-    run.tracker.log_decision(decision)
+    for each in decisions:
+        run.tracker.log_decision(each)
     history.append({"step": step, "statistic": decision.evidence.get(guard.kind, {}), "detector": guard.kind,
                     "loss": metrics["train/loss"], "thresholds": decision.evidence.get("thresholds", {}),
-                    "action": decision.action.value})
+                    "action": decision.action.value, "lr": metrics.get("train/lr")})
     if config.checkpoint.every_n_steps and step % config.checkpoint.every_n_steps == 0:
         save_checkpoint(engine, run.out_dir, step, guard, history, run.tracker, {"loss": metrics["train/loss"]},
-                        run.in_ray)
+                        run.in_ray, recipe=_recipe_state(config))
 
 
 def _snapshots(config: TrainJobConfig, model: torch.nn.Module, engine: Any, step: int) -> Any:
@@ -505,12 +649,16 @@ def _snapshots(config: TrainJobConfig, model: torch.nn.Module, engine: Any, step
 
 
 def _roll_back(model: torch.nn.Module, guard: Any, snapshots: Any, outcome: Outcome,
-               unavailable: str | None) -> dict[str, Any] | None:
+               unavailable: str | None, accumulation: int = 1) -> dict[str, Any] | None:
     """Restore, after a HALT, the weights from before the first batch the alarm implicates. Returns
-    the record for the summary (None when the halt implicates no data: a NaN loss, non-finite signals)."""
+    the record for the summary (None when the halt implicates no data: a NaN loss, non-finite signals).
+    With gradient accumulation the guard's change point counts micro-batches: micro-batch ``c`` is the
+    last one not implicated, so the optimizer steps up to ``c // accumulation`` hold none of the
+    implicated ones (the record's change point is that step)."""
     change_point = guard.change_point
     if change_point is None:
         return None
+    change_point //= accumulation
     halted_at = outcome.halted["step"]
     if change_point >= outcome.updates:
         return RollbackRecord(halted_at, change_point, outcome.updates,
@@ -553,20 +701,47 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _update(engine: Any, optimizer: Any, loss: torch.Tensor) -> None:
+def _backward(engine: Any, loss: torch.Tensor) -> None:
+    """One micro-batch's backward. DeepSpeed counts micro-batches in ``engine.step()`` and applies the
+    optimizer (and steps its lr scheduler) only at the accumulation boundary; the loss is already
+    scaled to its share of the step (``scale_wrt_gas=False``: no second division)."""
     if engine is not None:
-        engine.backward(loss)
+        engine.backward(loss, scale_wrt_gas=False)
         engine.step()
     else:
         loss.backward()
+
+
+def _optimizer_step(engine: Any, optimizer: Any, scheduler: Any = None) -> None:
+    """The end of an optimizer step: without DeepSpeed the optimizer and the schedule step here
+    (DeepSpeed's engine did both in its last ``step()``)."""
+    if engine is None:
         optimizer.step()
+        optimizer.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def _discard_gradients(engine: Any, optimizer: Any) -> None:
+    """Drop the parameters' partly accumulated gradients after a HALT inside an accumulation. No
+    optimizer step follows in a halted run, so they would never be applied anyway; this keeps the
+    module's ``.grad`` from showing a gradient the run did not take."""
+    if engine is not None:
+        engine.zero_grad()
+    elif optimizer is not None:
         optimizer.zero_grad()
 
 
+def _recipe_state(config: TrainJobConfig) -> dict[str, Any]:
+    """What a checkpoint records for a resume to match (:func:`_restore`)."""
+    return {"gradient_accumulation_steps": config.optim.gradient_accumulation_steps}
+
+
 def _probe(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Module, step: int,
-           metrics: dict[str, float]) -> Any:
+           metrics: dict[str, float], guard_step: int | None = None) -> Any:
     """The student's finetuning shift along each persona vector (added to ``metrics``); the guard's
-    drift decision (logged), or None with the guard off."""
+    drift decision (logged), or None with the guard off. ``guard_step``: the guard's own count of
+    observations (micro-batches) at this optimizer step, ``step`` without gradient accumulation."""
     model.eval()
     current = probe_projections(model, inputs.tokenizer, setup.probes, inputs.vectors)
     model.train()
@@ -580,7 +755,7 @@ def _probe(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Module
         setup.panel_curve.append({"step": step, "panel_logodds": panel["mean"]})  # step = updates applied
     if not run.config.guard_enabled:
         return None
-    drift = setup.guard.observe_drift(shifts, step=step)
+    drift = setup.guard.observe_drift(shifts, step=step if guard_step is None else guard_step)
     run.tracker.log_decision(drift)
     return drift
 
@@ -610,7 +785,8 @@ def _finish(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Modul
     if engine is not None and not ended_on_periodic:
         # a halted run's final checkpoint holds the rolled-back weights, never the trained-on-flagged ones
         save_checkpoint(engine, run.out_dir, step, guard, outcome.history, tracker,
-                        {"halted": float(outcome.halted is not None)}, run.in_ray, weights_step=outcome.weights_step)
+                        {"halted": float(outcome.halted is not None)}, run.in_ray, weights_step=outcome.weights_step,
+                        recipe=_recipe_state(config))
     if outcome.rollback:
         tracker.set_tags({"guard.rollback": outcome.rollback.get("reason")
                           or f"unavailable: {outcome.rollback['unavailable']}",
@@ -802,11 +978,12 @@ def preflight(config: TrainJobConfig) -> dict[str, Any]:
                 f"'{config.student.model}' has hidden size {student.hidden_size} and {student.num_hidden_layers} "
                 f"layers: extract vectors for it with `trait-guard extract --model {config.student.model} "
                 f"--trait {vector.trait}`")
-    check_batch_fits(len(train_rows), config.optim.batch_size, config.ray.num_workers if config.ray.enabled else 1)
+    check_batch_fits(len(train_rows), config.optim.batch_size * config.optim.gradient_accumulation_steps,
+                     config.ray.num_workers if config.ray.enabled else 1)
     check_signal_sides(config.guard.signals, train_rows, reference_rows, str(config.data.train),
                        str(config.data.reference))
     if config.resume_from:
-        read_checkpoint_state(config.resume_from)
+        check_resume_recipe(config, read_checkpoint_state(config.resume_from), config.resume_from)
     uri = config.tracking.tracking_uri
     if config.tracking.enabled and uri:
         from trait_guard.spool import server_reachable  # non-HTTP stores are always "reachable"
@@ -824,7 +1001,7 @@ def run_training(config: TrainJobConfig) -> dict[str, Any]:
     preflight(config)
     if not config.ray.enabled:
         return train_worker(config.model_dump(mode="json"))
-    import ray
+    from trait_guard.extras import ray  # noqa: I001 - first, so a missing Ray names its extra
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -837,6 +1014,8 @@ def run_training(config: TrainJobConfig) -> dict[str, Any]:
     absolute.extra_artifacts = [str(Path(v).resolve()) for v in config.extra_artifacts]
     if config.signals_cache:
         absolute.signals_cache = str(Path(config.signals_cache).resolve())
+    if config.deepspeed.config_file:
+        absolute.deepspeed.config_file = str(Path(config.deepspeed.config_file).resolve())
     if config.resume_from:
         absolute.resume_from = str(Path(config.resume_from).resolve())
     if config.tracking.tracking_uri is None:
