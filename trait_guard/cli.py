@@ -360,7 +360,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = _job_config(args.config, TrainJobConfig, resume_from=args.resume,
                          **{"ray.enabled": False if args.local else None})
-    check_extras(*training_extras(config), purpose="trait-guard train")
+    check_extras(*training_extras(config))
     _preflight_signatures(config.data)
     summary = run_training(config)
     if summary.get("interrupted"):
@@ -389,7 +389,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sync_mlflow(args: argparse.Namespace) -> int:
     from trait_guard.spool import replay
 
-    check_extras("mlflow", purpose="trait-guard sync-mlflow")
+    check_extras("mlflow")
 
     for folder in args.spool:
         print(f"{folder}: {replay(folder)} queued write(s) delivered")
@@ -401,7 +401,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from trait_guard.pipeline import format_summary, run_pipeline
 
     config = _job_config(args.config, RunJobConfig, output_dir=args.output_dir)
-    check_extras(*training_extras(config, generation=True), purpose=f"trait-guard {args.command}")
+    check_extras(*training_extras(config, generation=True))
     summary = run_pipeline(config, progress=not args.quiet)
     print(format_summary(summary))
     halted = [t["teacher"] for t in summary["trainings"] if t["training"]["halted"]]
@@ -423,7 +423,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from trait_guard.tracking import run_ui
 
-    check_extras("mlflow", purpose="trait-guard ui")
+    check_extras("mlflow")
 
     run_ui(port=args.port, host=args.host)
     return 0

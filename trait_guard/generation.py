@@ -197,8 +197,7 @@ def generate_datasets(
     ``$TRAIT_GUARD_SIGNING_KEY``) that signs the finished folder (docs/provenance.md); without one
     the folder is written unsigned and says so.
     """
-    import ray
-
+    from trait_guard.extras import ray  # a missing Ray names its extra
     from trait_guard.signing import load_signing_key
 
     key = load_signing_key(signing_key)  # a bad key fails now, not after hours of generation
