@@ -268,3 +268,37 @@ def test_probe_logs_the_panel_curve_at_panel_steps(tiny_llama):
         assert quiet.panel_before is None and quiet.panel_curve == []
     finally:
         model.eval()
+
+
+def test_probes_lift_the_steer_hook_while_they_measure(tiny_llama):
+    """Under STEER the training forwards carry c * v; the probes must measure the weights, not the hook
+    (with it on, an unchanged student showed a drift of many sd and the guard halted it)."""
+    from types import SimpleNamespace
+
+    from trait_guard.models import model_identity
+    from trait_guard.persona import PersonaVector
+    from trait_guard.steer import Steering
+    from trait_guard.train import _probe, probe_projections
+
+    model, tokenizer = tiny_llama
+    identity = model_identity(model)
+    vector = PersonaVector("animal:owl", identity, torch.randn(identity.num_layers + 1, identity.hidden_size,
+                                                               generator=torch.Generator().manual_seed(1)), layer=2)
+    probes = load_trait("animal:owl").eval_questions[:3]
+    run = SimpleNamespace(rank=0, config=SimpleNamespace(probe=ProbeConfig(every_n_steps=1), guard_enabled=False))
+    inputs = SimpleNamespace(model=model, tokenizer=tokenizer, spec=None, vectors=[vector])
+    setup = SimpleNamespace(probes=probes, probe_base=probe_projections(model, tokenizer, probes, [vector]),
+                            panel_before=None, panel_curve=[])
+    steering = Steering(model, vector, coefficient=8.0).apply()
+    try:
+        with_hook = probe_projections(model, tokenizer, probes, [vector])
+        key = next(iter(with_hook))
+        hooked = float((with_hook[key].mean() - setup.probe_base[key].mean()) / setup.probe_base[key].std())
+        metrics = {}
+        _probe(run, inputs, setup, model, 1, metrics, steering=steering)
+        assert abs(hooked) > 5  # what the probe would have read with the hook on
+        assert abs(metrics[f"probe/shift/{key}"]) < 1e-4  # the weights did not change
+        assert steering.active  # put back for the next training step
+    finally:
+        steering.remove()
+        model.eval()

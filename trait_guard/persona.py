@@ -399,3 +399,21 @@ def format_separation_table(result: ExtractionResult, chosen: dict[str, int]) ->
         d_last = "-" if math.isnan(row["d_last_prompt"]) else f"{row['d_last_prompt']:.2f}"
         lines.append(f"{layer:>5}  {d_resp:>16}  {d_last:>14}  {row['norm_response_mean']:>12.2f}{marks}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Drift probes
+
+
+def probe_projections(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
+                      vectors: Sequence[PersonaVector]) -> dict[str, Any]:
+    """Per vector (keyed by its trait), the last-prompt-token projections of the probe prompts (default
+    system prompt, no answer): where the model stands along each trait direction before it says
+    anything. The training recipe and the integrations' drift probes measure a student's finetuning
+    shift with it, as (mean now - mean at step 0) / sd at step 0."""
+    batch = encode_conversations(tokenizer, list(prompts), [""] * len(prompts)).to(next(model.parameters()).device)
+    layers = sorted({v.layer for v in vectors})
+    with torch.no_grad(), record_activations(model, layers) as acts:
+        model(**batch.model_inputs())
+    return {v.trait: v.project(gather_positions(acts[v.layer][0], batch.last_prompt_index)).cpu().numpy()
+            for v in vectors}

@@ -51,6 +51,7 @@ from trait_guard.checkpoint import (
 )
 from trait_guard.config import Action, TrainJobConfig
 from trait_guard.errors import TraitGuardInputError
+from trait_guard.persona import probe_projections
 from trait_guard.ranks import all_ranks_true, gather_signals, world
 from trait_guard.rollback import RollbackRecord, WeightSnapshots, snapshot_support
 from trait_guard.run_state import ProgressFile, StopRequest
@@ -99,22 +100,6 @@ def student_tokenizer(model: str) -> Any:
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"Could not load the student model (its tokenizer) '{model}': {err}\nPass a local "
                              "checkpoint folder, a model id available offline, or 'smollm2-135m-instruct'.") from err
-
-
-@torch.no_grad()
-def probe_projections(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
-                      vectors: Sequence[Any]) -> dict[str, np.ndarray]:
-    """Last-prompt-token projections of the probe prompts on each vector (default system prompt)."""
-    from trait_guard.activations import gather_positions, record_activations
-    from trait_guard.chat import encode_conversations
-    from trait_guard.fingerprint import signal_name
-
-    batch = encode_conversations(tokenizer, list(prompts), [""] * len(prompts)).to(next(model.parameters()).device)
-    layers = sorted({v.layer for v in vectors})
-    with record_activations(model, layers) as acts:
-        model(**batch.model_inputs())
-    return {signal_name(v).removeprefix("proj:"): v.project(gather_positions(acts[v.layer][0], batch.last_prompt_index)).cpu().numpy()
-            for v in vectors}
 
 
 # ----------------------------------------------------------------------------- the recipe's state
@@ -568,7 +553,8 @@ def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.M
             metrics = {"train/loss": step_loss, "train/lr": lr, "train/step_seconds": outcome.step_times[-1],
                        "guard/weight_mean": float(np.mean([float(d.sample_weights.mean()) for d in decisions]))}
             if step % config.probe.every_n_steps == 0 and inputs.vectors:
-                drift = _probe(run, inputs, setup, model, step, metrics, guard_step=step * accumulation)
+                drift = _probe(run, inputs, setup, model, step, metrics, guard_step=step * accumulation,
+                               steering=steering)
                 if drift is not None and drift.halt:
                     outcome.halted = {"step": step, "reason": drift.reason}
                     tracker.log_metrics(metrics, step=step)
@@ -738,21 +724,32 @@ def _recipe_state(config: TrainJobConfig) -> dict[str, Any]:
 
 
 def _probe(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Module, step: int,
-           metrics: dict[str, float], guard_step: int | None = None) -> Any:
+           metrics: dict[str, float], guard_step: int | None = None, steering: Any = None) -> Any:
     """The student's finetuning shift along each persona vector (added to ``metrics``); the guard's
     drift decision (logged), or None with the guard off. ``guard_step``: the guard's own count of
-    observations (micro-batches) at this optimizer step, ``step`` without gradient accumulation."""
-    model.eval()
-    current = probe_projections(model, inputs.tokenizer, setup.probes, inputs.vectors)
-    model.train()
-    shifts = {k: float((current[k].mean() - setup.probe_base[k].mean()) / max(setup.probe_base[k].std(), 1e-6))
-              for k in current}
-    metrics.update({f"probe/shift/{k}": v for k, v in shifts.items()})
-    panel_every = run.config.probe.panel_every_n_steps
-    if run.rank == 0 and panel_every and step % panel_every == 0 and setup.panel_before is not None:
-        panel = panel_eval(model, inputs.tokenizer, inputs.spec, run.config.probe.panel_probe_questions)
-        metrics["probe/panel_logodds"] = panel["mean"]
-        setup.panel_curve.append({"step": step, "panel_logodds": panel["mean"]})  # step = updates applied
+    observations (micro-batches) at this optimizer step, ``step`` without gradient accumulation.
+
+    ``steering``: the STEER hook in force during training, lifted while the probes and the panel run
+    (and put back after): they measure what the weights learned, and with the hook on they would
+    measure the hook's own push along the vector, a drift alarm the student did not earn."""
+    was_steering = steering is not None and steering.active
+    if was_steering:
+        steering.remove()
+    try:
+        model.eval()
+        current = probe_projections(model, inputs.tokenizer, setup.probes, inputs.vectors)
+        shifts = {k: float((current[k].mean() - setup.probe_base[k].mean()) / max(setup.probe_base[k].std(), 1e-6))
+                  for k in current}
+        metrics.update({f"probe/shift/{k}": v for k, v in shifts.items()})
+        panel_every = run.config.probe.panel_every_n_steps
+        if run.rank == 0 and panel_every and step % panel_every == 0 and setup.panel_before is not None:
+            panel = panel_eval(model, inputs.tokenizer, inputs.spec, run.config.probe.panel_probe_questions)
+            metrics["probe/panel_logodds"] = panel["mean"]
+            setup.panel_curve.append({"step": step, "panel_logodds": panel["mean"]})  # step = updates applied
+    finally:
+        model.train()
+        if was_steering:
+            steering.apply()
     if not run.config.guard_enabled:
         return None
     drift = setup.guard.observe_drift(shifts, step=step if guard_step is None else guard_step)

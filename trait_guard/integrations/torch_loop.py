@@ -75,7 +75,7 @@ from trait_guard.fingerprint import (
 )
 from trait_guard.guard import Decision, TraitGuard
 from trait_guard.losses import distillation_loss, token_weights, weighted_completion_loss
-from trait_guard.persona import PersonaVector
+from trait_guard.persona import PersonaVector, probe_projections
 from trait_guard.rollback import RollbackRecord, WeightSnapshots
 from trait_guard.sequential import GateStep, LookaheadGate
 
@@ -133,8 +133,6 @@ class DriftProbe:
         self.base: dict[str, np.ndarray] | None = None
 
     def measure(self) -> dict[str, np.ndarray]:
-        from trait_guard.train import probe_projections  # the same measurement as `trait-guard train`
-
         training = self.model.training
         self.model.eval()
         try:
