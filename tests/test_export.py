@@ -96,11 +96,18 @@ def tagged_runs(client: mlflow.MlflowClient, experiment: str, verdict: str):
 def test_a_clean_run_ships_its_student_and_mlflow_finds_it(tiny_llama_dir, teacher_data, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from trait_guard.cli import main
+    from trait_guard.signing import create_keypair
     from trait_guard.train import run_training, weights_digest
 
+    key, public = create_keypair(tmp_path / "keys", name="trainer")  # the trainer signs what it ships
     summary = run_training(export_job(tiny_llama_dir, teacher_data, tmp_path, "control-b", optim={"max_steps": 4},
-                                      probe={"eval_samples": 1, "eval_questions": 2}))
+                                      probe={"eval_samples": 1, "eval_questions": 2},
+                                      student={"signing_key": str(key)}))
     assert summary["verdict"] == "passed" and summary["updates"] == 4
+    # the signed attestation: verified against the trainer's public key and the data it was trained on
+    assert main(["verify", summary["student_export"], "--trusted-keys", str(public), "--data", str(teacher_data),
+                 "--require-verdict", "passed"]) == 0
     assert summary["student_export"] == str(tmp_path / "student")
     student = AutoModelForCausalLM.from_pretrained(summary["student_export"])
     # the exported weights are the trained ones (the rank's record of its weights), not the base model's

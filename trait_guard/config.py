@@ -246,6 +246,10 @@ class StudentConfig(StrictModel):
                             "stored. Completions whose ids already end with EOS are never given a second one")
     export: bool = Field(True, description="save a student that ships (not halted, not interrupted) to <output_dir>/"
                                            "student and the MLflow run (false: e.g. the red-team grid's many runs)")
+    signing_key: str | None = Field(
+        None, description="the trainer's Ed25519 private key (a path; from `trait-guard keys create`) that signs the "
+                           "exported student with an attestation of its data digests and verdicts (docs/provenance.md); "
+                           "null: $TRAIT_GUARD_SIGNING_KEY on the training workers, else the export is unsigned")
 
     @model_validator(mode="after")
     def _lora_settings_need_lora(self) -> StudentConfig:

@@ -836,7 +836,8 @@ def _finish(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Modul
         # the student ships unless halted or interrupted (trait_guard.export): HF folder + record, then MLflow
         digests = data_digests({"train": config.data.train, "reference": config.data.reference}, inputs.provenance)
         folder, export = export_student(model, inputs.tokenizer, run.out_dir, summary, digests, engine,
-                                        config.deepspeed.zero_stage, enabled=config.student.export)
+                                        config.deepspeed.zero_stage, enabled=config.student.export,
+                                        signing_key=config.student.signing_key)
         summary["student_export"] = None if folder is None else str(folder)
         run.out_dir.mkdir(parents=True, exist_ok=True)
         (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
