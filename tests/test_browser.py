@@ -1,6 +1,8 @@
 """Review in the MLflow UI, in a real browser: a real `mlflow server` on loopback, a small guarded
 pipeline logging to it over HTTP, and headless Chromium (Debian's chromium + chromedriver, driven by
-Selenium) opening the run: the guard metrics, the verdict tag and the report artifact must be visible.
+Selenium) opening the run: the guard metrics, the verdict tag and the report artifact must be visible;
+in the experiment's runs table, the training data as dataset inputs (name and digest) and a numeric
+outcome column (guard/updates) that sorts the runs.
 Screenshots go to test-output/browser/ (or $TRAIT_GUARD_TEST_OUTPUT/browser/)."""
 
 import os
@@ -14,6 +16,7 @@ from mlflow_server import MlflowServer
 
 from trait_guard.config import GenerateJobConfig, TrainJobConfig, validate_config
 from trait_guard.generation import generate_local
+from trait_guard.tracking import DATASET_DIGEST_CHARS, MlflowTracker
 from trait_guard.train import run_training
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -56,6 +59,48 @@ def _wait_for_text(driver, texts, timeout=60.0):
     raise AssertionError(f"not visible after {timeout} s: {missing}\n--- page text ---\n{body[:3000]}")
 
 
+def _wait_until(condition, what, timeout=60.0):
+    """Poll ``condition()`` until it returns something truthy (returned); fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+        except Exception:  # noqa: BLE001 - the page is still rendering (stale or missing elements)
+            value = None
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"not seen after {timeout} s: {what}")
+
+
+def _table_order(driver, names):
+    """The run names of the runs table, top to bottom (its rows are positioned, not in DOM order), among
+    ``names``; empty until every one of them is rendered."""
+    from selenium.webdriver.common.by import By
+
+    rows = driver.find_elements(By.CSS_SELECTOR, ".ag-pinned-left-cols-container [role=row]")
+    rows = sorted(rows, key=lambda row: int(row.get_attribute("row-index")))
+    order = [name for row in rows for name in names if name in row.text.split("\n")]
+    return order if sorted(order) == sorted(names) else []
+
+
+def _column_header(driver, title):
+    from selenium.webdriver.common.by import By
+
+    return next((h for h in driver.find_elements(By.CSS_SELECTOR, "[role=columnheader]") if h.text == title), None)
+
+
+def _column_values(driver, title):
+    """The numbers in the runs table's column ``title``, top to bottom."""
+    from selenium.webdriver.common.by import By
+
+    column = _column_header(driver, title).get_attribute("col-id")
+    cells = [c for c in driver.find_elements(By.CSS_SELECTOR, "[role=gridcell]") if c.get_attribute("col-id") == column]
+    row = "./ancestor::*[@role='row']"
+    cells.sort(key=lambda c: int(c.find_element(By.XPATH, row).get_attribute("row-index")))
+    return [float(c.text) for c in cells]
+
+
 def _screenshot(driver, tmp_path, name):
     path = tmp_path / name
     driver.save_screenshot(str(path))
@@ -88,6 +133,14 @@ def test_guarded_run_is_reviewable_in_the_mlflow_ui(tiny_llama_dir, tmp_path):
         verdict = run.data.tags["guard.verdict"]
         assert verdict == summary["verdict"]
         assert "report/report.html" in {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+        updates = run.data.metrics["guard/updates"]
+        train_input = next(i for i in run.inputs.dataset_inputs if i.dataset.name == "owl")
+        digest = train_input.dataset.digest
+        assert digest == run.data.tags["data.train.sha256"][:DATASET_DIGEST_CHARS]
+        # a second run in the experiment, with more updates, for the runs table to sort against
+        with MlflowTracker(experiment="browser-review", run_name="more-updates", tracking_uri=server.uri,
+                           spool_dir=tmp_path / "spool") as other:
+            other.log_outcome_metrics({"updates": updates + 10, "steps": updates + 10})
 
         driver = _browser(tmp_path)
         try:
@@ -110,5 +163,36 @@ def test_guarded_run_is_reviewable_in_the_mlflow_ui(tiny_llama_dir, tmp_path):
             images = driver.find_elements(By.TAG_NAME, "img")
             assert images and all(int(img.get_attribute("naturalWidth")) > 100 for img in images)  # plots decoded
             driver.switch_to.default_content()
+
+            # the runs table: the Dataset column shows the training data's name and digest
+            driver.set_window_size(2400, 1400)  # the table virtualises columns: room for the added one
+            driver.get(f"{server.uri}/#/experiments/{run.info.experiment_id}/runs")
+            _wait_for_text(driver, ["Dataset", "owl-student", "more-updates", f"owl ({digest})"])
+            # the numeric outcome as a column (the Columns menu lists the run's metrics), then sorted by it
+            next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Columns").click()
+            _wait_until(lambda: next(e for e in driver.find_elements(By.XPATH, "//*[normalize-space(text())="
+                                                                     "'guard/updates']") if e.is_displayed()),
+                        "guard/updates in the Columns menu").click()
+            from selenium.webdriver.common.keys import Keys
+
+            driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+            _wait_until(lambda: _column_header(driver, "guard/updates"), "a guard/updates column")
+            names = ["owl-student", "more-updates"]
+            _wait_until(lambda: _table_order(driver, names) == ["more-updates", "owl-student"],
+                        "newest run first")  # the default order: created, newest first
+            _wait_until(lambda: _column_values(driver, "guard/updates") == [updates + 10, updates],
+                        "the runs' guard/updates values in the column")
+            # a click on its header sorts by it (descending first), a second click ascending
+            _column_header(driver, "guard/updates").click()
+            _wait_until(lambda: "guard%2Fupdates" in driver.current_url and "orderByAsc=false" in driver.current_url,
+                        "the sort key guard/updates, descending, in the page's URL")
+            _wait_until(lambda: _table_order(driver, names) == ["more-updates", "owl-student"],
+                        "runs sorted by guard/updates, descending")
+            _column_header(driver, "guard/updates").click()
+            _wait_until(lambda: _table_order(driver, names) == ["owl-student", "more-updates"],
+                        "runs sorted by guard/updates, ascending (the reverse of the default order)")
+            assert _column_values(driver, "guard/updates") == [updates, updates + 10]
+            assert "orderByAsc=true" in driver.current_url
+            _screenshot(driver, tmp_path, "runs_table_sorted.png")
         finally:
             driver.quit()

@@ -135,6 +135,8 @@ def test_a_clean_run_ships_its_student_and_mlflow_finds_it(tiny_llama_dir, teach
     tags = run.data.tags
     assert tags["student.shipped"] == "true" and tags["student.kind"] == "full"
     assert tags["student.data.train.sha256"] == record["data"]["train"]["sha256"]
+    assert tags["student.signed"] == "true" and tags["student.signer"] == "trainer"
+    assert tags["student.signer_fingerprint"].startswith("SHA256:")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "student")}
     assert {"student/config.json", "student/model.safetensors", f"student/{EXPORT_RECORD}"} <= artifacts
     # what a deploy step does: download the run's student and load it
@@ -161,17 +163,22 @@ def test_a_halted_run_ships_nothing(tiny_llama_dir, teacher_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_training_logs_into_the_callers_active_run(tiny_llama_dir, teacher_data, tmp_path, monkeypatch):
-    """Tracking left unset: the user's active MLflow run gets the training's record (and stays theirs to end)."""
+def test_training_nests_under_the_callers_active_run(tiny_llama_dir, teacher_data, tmp_path, monkeypatch):
+    """Tracking left unset: the training is a child run of the user's active MLflow run, in its
+    experiment (docs/tracking.md: a training's params and status are its own), and the user's run
+    stays theirs to end."""
+    from trait_guard.tracking import PARENT_RUN_TAG
     from trait_guard.train import run_training
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     config = export_job(tiny_llama_dir, teacher_data, tmp_path, "control-b", optim={"max_steps": 2},
                         tracking={"tracking_uri": None, "experiment": "trait_guard"})
+    client = mlflow.MlflowClient(uri)
     with mlflow.start_run() as active:
         summary = run_training(config)
-        assert summary["mlflow_run_id"] == active.info.run_id
-        run = mlflow.MlflowClient(uri).get_run(active.info.run_id)
-        assert run.info.status == "RUNNING" and run.data.tags["trait_guard.status"] == "FINISHED"
-        assert run.data.tags["guard.verdict"] == "passed" and run.data.metrics["guard/updates"] == 2
+        child = client.get_run(summary["mlflow_run_id"])
+        assert child.info.run_id != active.info.run_id and child.data.tags[PARENT_RUN_TAG] == active.info.run_id
+        assert child.info.experiment_id == active.info.experiment_id and child.info.status == "FINISHED"
+        assert child.data.tags["guard.verdict"] == "passed" and child.data.metrics["guard/updates"] == 2
+        assert client.get_run(active.info.run_id).info.status == "RUNNING"

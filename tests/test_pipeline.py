@@ -7,12 +7,20 @@ import pytest
 
 from trait_guard.config import RunJobConfig, validate_config
 from trait_guard.pipeline import format_summary, run_pipeline
+from trait_guard.tracking import PARENT_RUN_TAG
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.slow]
 
 
-def test_run_pipeline_on_a_tiny_model(tiny_llama_dir, tmp_path):
+def test_run_pipeline_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch):
+    """Run inside the user's own MLflow run: the trainings, on Ray Train workers (other processes, which
+    see no active run), are logged as children of it, in its experiment."""
     ray = pytest.importorskip("ray")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    client = mlflow.MlflowClient(uri)
+    study_experiment = client.create_experiment("my-study")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         config = validate_config({
@@ -27,17 +35,21 @@ def test_run_pipeline_on_a_tiny_model(tiny_llama_dir, tmp_path):
             "optim": {"batch_size": 4, "max_steps": 4},
             "probe": {"every_n_steps": 2, "n_prompts": 4},
             "ray": {"num_workers": 2},
-            "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+            "tracking": {"tracking_uri": uri},
         }, RunJobConfig)
-        summary = run_pipeline(config, progress=False)
+        with mlflow.start_run(experiment_id=study_experiment) as study:
+            summary = run_pipeline(config, progress=False)
     finally:
         ray.shutdown()
     assert (tmp_path / "vectors" / "animal.safetensors").is_file()
     assert summary["generation"]["owl"]["rows"] == summary["generation"]["control-b"]["rows"] == 48
     assert [t["teacher"] for t in summary["trainings"]] == ["owl", "control-b"]
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.get_run(study.info.run_id).info.status == "FINISHED"
     for record in summary["trainings"]:
         screen, training = record["screen"], record["training"]
+        run = client.get_run(training["mlflow_run_id"])
+        assert run.info.run_id != study.info.run_id and run.data.tags[PARENT_RUN_TAG] == study.info.run_id
+        assert run.info.experiment_id == study_experiment and run.info.status == "FINISHED"
         assert screen["kinship"] == "kin"
         # the pipeline obeys its screen: the training run's gate reached the same verdict on the same signals,
         # and a flagged set (on_data_alarm: halt) trained not one step

@@ -10,6 +10,7 @@ from scipy import stats
 
 from trait_guard.config import ConfigError, RedteamConfig, load_config, validate_config
 from trait_guard.redteam import aggregate, run_metrics, t_interval, train_config
+from trait_guard.tracking import PARENT_RUN_TAG, TrackingConfig
 
 TEACHERS = [{"id": "owl", "trait": "animal:owl", "install": "system_prompt"}, {"id": "control"}]
 
@@ -101,6 +102,13 @@ def test_train_config_per_mode(tmp_path):
     assert made["steer"].optim.seed == 2 and made["steer"].distill == "logits"
     assert made["mask"].data.reference == str(paths["reference"]) and not made["mask"].probe.eval_before
     assert made["mask"].tracking.tags["redteam.mode"] == "mask"
+    # the grid hands its cells the parent run's store, experiment and id
+    cells = {"tracking_uri": "sqlite:////tmp/grid.db", "experiment": "grid", "tags": {PARENT_RUN_TAG: "p1"}}
+    child = train_config(config, tmp_path, "owl", "logits", "halt", 0, paths, tmp_path / "v.safetensors",
+                         tracking=TrackingConfig(**cells))
+    assert child.tracking.tags[PARENT_RUN_TAG] == "p1" and child.tracking.tags["redteam.seed"] == "0"
+    assert (child.tracking.tracking_uri, child.tracking.experiment) == ("sqlite:////tmp/grid.db", "grid")
+    assert child.tracking.run_name == "owl-logits-halt-s0"
 
 
 def test_grid_skips_patterns():
@@ -175,20 +183,36 @@ def test_tiny_grid_end_to_end(tiny_llama_dir, tmp_path):
     assert "| owl | animal:owl | logits | halt | 2 |" in table
     html = (out / "report" / "report.html").read_text()
     assert "data:image/png;base64," in html and "Results per cell" in html
+    # MLflow: one parent run for the grid, every cell's training run its child
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name("redteam-test")
     found = client.search_runs([experiment.experiment_id])
-    names = {r.info.run_name for r in found}
-    assert "owl-logits-halt-s1" in names and "redteam-summary-tiny-test" in names
-    summary_run = next(r for r in found if r.info.run_name == "redteam-summary-tiny-test")
-    assert {a.path for a in client.list_artifacts(summary_run.info.run_id, "report")} >= {
+    parent = next(r for r in found if r.info.run_name == "redteam-tiny-test")
+    assert results["mlflow_run_id"] == parent.info.run_id and parent.info.status == "FINISHED"
+    assert PARENT_RUN_TAG not in parent.data.tags and parent.data.tags["redteam.parent"] == "true"
+    children = [r for r in found if r.data.tags.get(PARENT_RUN_TAG) == parent.info.run_id]
+    assert len(found) == 1 + len(children)
+    assert {r.info.run_id for r in children} == {r["mlflow_run_id"] for r in results["runs"]}
+    assert {r.info.run_name for r in children} == {r["name"] for r in results["runs"]}
+    assert parent.data.params["profile"] == "tiny-test" and parent.data.params["modes"] == '["unguarded", "halt"]'
+    assert parent.data.metrics["redteam/runs"] == 8 and parent.data.metrics["redteam/runs_done"] == 8
+    assert parent.data.tags["redteam.goal.no_false_halts"] in ("true", "false", "n/a")
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {
         "report/report.html", "report/logprob_shift.png"}
-    one = next(r for r in found if r.info.run_name == "owl-logits-unguarded-s0")
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "redteam")} >= {
+        "redteam/results.json", "redteam/results.md", "redteam/results_table.json"}
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "redteam/results_table.json",
+                                                      str(tmp_path))).read_text())
+    assert len(table["data"]) == len(results["cells"]) and "d log p(target)" in table["columns"]
+    one = next(r for r in children if r.info.run_name == "owl-logits-unguarded-s0")
     assert "report/report.html" in {a.path for a in client.list_artifacts(one.info.run_id, "report")}
+    assert one.data.tags["redteam.mode"] == "unguarded" and "eval/trait_rate_after" in one.data.metrics
 
-    # resumable: a second call trains nothing and gives the same cells
+    # resumable: a second call trains nothing and gives the same cells, under the same parent run
     again = run_redteam_quiet(config)
     assert [r["mlflow_run_id"] for r in again["runs"]] == [r["mlflow_run_id"] for r in results["runs"]]
+    assert again["mlflow_run_id"] == parent.info.run_id
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     # a result recorded by other code is never mixed in: that run (and only it) is trained again
     stale = out / "runs" / "control-logits-unguarded-s0" / "result.json"
     record = json.loads(stale.read_text())
@@ -197,6 +221,8 @@ def test_tiny_grid_end_to_end(tiny_llama_dir, tmp_path):
     changed = {r["name"] for r, before in zip(third["runs"], again["runs"], strict=True)
                if r["mlflow_run_id"] != before["mlflow_run_id"]}
     assert changed == {"control-logits-unguarded-s0"} and (stale.parent / "result.stale.json").is_file()
+    rerun = next(r["mlflow_run_id"] for r in third["runs"] if r["name"] == "control-logits-unguarded-s0")
+    assert client.get_run(rerun).data.tags[PARENT_RUN_TAG] == parent.info.run_id == third["mlflow_run_id"]
 
 
 def run_redteam_quiet(config):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,12 +24,14 @@ from trait_guard.tracking import (
     ACTION_CODES,
     DECISIONS_ARTIFACT,
     HTTP_RETRY_LIMITS,
+    PARENT_RUN_TAG,
     MlflowTracker,
     NullTracker,
     Tracker,
     TrackingConfig,
     decision_history,
     default_tracking_uri,
+    forward_context,
     make_tracker,
     outcome_metrics,
     run_url_for,
@@ -432,3 +435,63 @@ def test_tracker_follows_the_users_mlflow_context(uri, monkeypatch):
     with make_tracker(rank=0, config=TrackingConfig(), run_id=other.info.run_id) as tracker:
         assert not tracker.attached and tracker.run_id == other.info.run_id
     assert client.get_run(other.info.run_id).info.status == "FINISHED"
+
+
+#: what a Ray Train worker does with the config it receives (train_worker -> make_tracker), in a fresh
+#: process: no active run, no MLFLOW_* environment, another working folder
+WORKER = """
+import sys
+from trait_guard.tracking import TrackingConfig, make_tracker
+config = TrackingConfig.model_validate_json(sys.argv[1])
+with make_tracker(0, config, spool_dir=sys.argv[2]) as tracker:
+    tracker.log_metrics({"guard/updates": 5}, step=5)
+print(tracker.run_id)
+"""
+
+
+def test_a_workers_run_nests_under_the_callers_active_run(uri, monkeypatch, tmp_path, caplog):
+    """forward_context carries the caller's MLflow context (store, run, experiment) in the tracking
+    config itself, so a tracker made in another process, which sees none of it, becomes a child of the
+    caller's run in the caller's experiment."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.create_experiment("tg-user-notebook")
+    assert forward_context(TrackingConfig()).tags == {}  # no caller's run: nothing to nest under
+    with mlflow.start_run(experiment_id=experiment_id) as active:
+        forwarded = forward_context(TrackingConfig(run_name="student", tags={"team": "guard"}))
+        assert forwarded.tracking_uri == uri and forwarded.experiment == "tg-user-notebook"
+        assert forwarded.tags == {"team": "guard", PARENT_RUN_TAG: active.info.run_id}
+        assert forward_context(forwarded) == forwarded  # run_training may forward what pipeline forwarded
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        worker = subprocess.run([sys.executable, "-c", WORKER, forwarded.model_dump_json(), str(tmp_path / "spool")],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert worker.returncode == 0, worker.stderr[-3000:]
+        child = client.get_run(worker.stdout.split()[-1])
+        # in this process too, a config that names a parent makes a child, never writes the active run itself
+        with make_tracker(0, forwarded, spool_dir=tmp_path / "local-spool") as local:
+            assert not local.attached and local.parent_run_id == active.info.run_id
+    assert child.info.run_id != active.info.run_id and child.info.run_name == "student"
+    assert child.data.tags[PARENT_RUN_TAG] == active.info.run_id and child.data.tags["team"] == "guard"
+    assert child.info.experiment_id == experiment_id and child.info.status == "FINISHED"
+    assert child.data.metrics["guard/updates"] == 5
+    assert "guard/updates" not in client.get_run(active.info.run_id).data.metrics
+    children = client.search_runs([experiment_id], f"tags.`{PARENT_RUN_TAG}` = '{active.info.run_id}'")
+    assert {r.info.run_id for r in children} == {child.info.run_id, local.run_id}
+
+    # MLFLOW_RUN_ID names the caller's run as well; an explicit parent wins over it
+    monkeypatch.setenv("MLFLOW_RUN_ID", active.info.run_id)
+    assert forward_context(TrackingConfig()).tags[PARENT_RUN_TAG] == active.info.run_id
+    assert forward_context(TrackingConfig(), parent_run_id=child.info.run_id).tags[PARENT_RUN_TAG] == child.info.run_id
+    # a config naming another store does not nest under a run it cannot see
+    other = f"sqlite:///{tmp_path.as_posix()}/other.db"
+    assert PARENT_RUN_TAG not in forward_context(TrackingConfig(tracking_uri=other)).tags
+    # a parent the store does not have is dropped, with a warning, rather than left dangling
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)
+    with caplog.at_level("WARNING", logger="trait_guard.tracking"):
+        assert PARENT_RUN_TAG not in forward_context(TrackingConfig()).tags
+    assert "will not be nested" in caplog.text
+    # disabled tracking is left alone
+    assert forward_context({"enabled": False}) == TrackingConfig(enabled=False)

@@ -8,7 +8,9 @@
               first update (screen.gate), else decisions per batch and probes
     evaluate  the student's trait before and after (inside training, rank 0)
 
-Every stage writes under ``output_dir`` and the training stage's MLflow run holds the reports.
+Every stage writes under ``output_dir`` and the training stage's MLflow run holds the reports. Run
+inside the user's own ``mlflow.start_run()`` (or with ``MLFLOW_RUN_ID`` set), each training run is a
+child of that run, also when it trains on Ray workers (:func:`trait_guard.tracking.forward_context`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def run_pipeline(config: RunJobConfig, *, progress: bool = True) -> dict[str, An
     from trait_guard.generation import generate_datasets
     from trait_guard.models import load_model
     from trait_guard.persona import extract, format_separation_table
+    from trait_guard.tracking import forward_context
     from trait_guard.train import run_training
     from trait_guard.traits import load_trait
     from trait_guard.version import code_version
@@ -71,6 +74,8 @@ def run_pipeline(config: RunJobConfig, *, progress: bool = True) -> dict[str, An
     _stage("3/4 screen each training set against the reference (the gate before training)")
     started = time.perf_counter()
     settings = config.model_dump(include=set(TrainingSettings.model_fields))
+    # the caller's MLflow run, store and experiment, which the Ray Train workers cannot see themselves
+    settings["tracking"] = forward_context(config.tracking).model_dump()
     jobs = []
     for teacher_id in [config.train_on, *config.also_train_on]:
         name = "train" if teacher_id == config.train_on else f"train-{teacher_id}"

@@ -16,6 +16,12 @@ against the unguarded runs of the same teacher, distill mode and seed.
 
 Runs are resumable: each finished run leaves ``runs/<name>/result.json`` and is skipped next time.
 
+MLflow: one parent run per grid, ``redteam-<profile>`` (kept in ``mlflow_parent.json`` and continued
+when the grid is resumed), and each cell's training run is its child (``mlflow.parentRunId``, passed
+to the training in its tracking config, so it holds for training on Ray workers too). The parent
+holds the grid's config, the results table, ``results.json`` / ``results.md`` and the report with
+its plots. A grid started inside the user's own ``mlflow.start_run()`` nests under that run.
+
 Stages: vector -> adapters -> teacher data -> baselines -> runs -> aggregate -> report (+ MLflow).
 """
 
@@ -35,11 +41,14 @@ from trait_guard.config import (
     Action,
     GenerateJobConfig,
     RedteamConfig,
+    TrackingConfig,
     TrainJobConfig,
 )
 from trait_guard.errors import TraitGuardInputError
 
 GUARDED_MODES = ("halt", "mask", "steer", "reweight")
+#: under output_dir: the grid's MLflow parent run (id and store), continued when the grid is resumed
+PARENT_RUN_FILE = "mlflow_parent.json"
 
 
 def _log(message: str) -> None:
@@ -367,9 +376,12 @@ def _baselines(config: RedteamConfig, out: Path) -> dict[tuple[str, int], dict[s
 
 
 def train_config(config: RedteamConfig, out: Path, teacher: str, distill: str, mode: str, seed: int,
-                 paths: dict[str, Path], vector: Path) -> TrainJobConfig:
-    """The TrainJobConfig of one run of the grid."""
+                 paths: dict[str, Path], vector: Path, tracking: TrackingConfig | None = None) -> TrainJobConfig:
+    """The TrainJobConfig of one run of the grid. ``tracking`` replaces ``config.training.tracking``
+    (the grid passes its cells' config: the parent run's store, experiment and id, see :func:`run_redteam`)."""
     settings = config.training.model_copy(deep=True)
+    if tracking is not None:
+        settings.tracking = tracking.model_copy(deep=True)
     settings.distill = distill
     settings.guard_enabled = mode != "unguarded"
     if mode != "unguarded":
@@ -401,18 +413,60 @@ def grid(config: RedteamConfig) -> list[tuple[str, str, str, int]]:
             for m in config.modes if not any(fnmatchcase(run_name(t.id, d, m, s), p) for p in config.skip)]
 
 
+def parent_tracker(config: RedteamConfig, out: Path) -> Any:
+    """The grid's MLflow parent run, ``redteam-<profile>``, as a tracker (a NullTracker when tracking is
+    off), tagged ``redteam.profile`` / ``redteam.parent`` and with the grid's config as params.
+
+    The caller's MLflow context is followed (:func:`trait_guard.tracking.forward_context`): inside a
+    user's ``mlflow.start_run()`` the parent is a child of that run. A resumed grid continues the
+    parent it started before (``mlflow_parent.json``, when the store is the same), so every cell of
+    one grid stays under one parent however many times it was resumed."""
+    from trait_guard.tracking import forward_context, make_tracker
+
+    tracking = config.training.tracking
+    if not tracking.enabled:
+        return make_tracker(0, tracking)
+    tracking = forward_context(tracking).model_copy(update={
+        "run_name": f"redteam-{config.profile}", "spool_dir": tracking.spool_dir or str(out / "mlflow_spool")})
+    state = out / PARENT_RUN_FILE
+    stored = json.loads(state.read_text()) if state.is_file() else {}
+    previous = stored.get("run_id") if stored.get("tracking_uri") == tracking.tracking_uri else None
+    tracker = make_tracker(0, tracking, run_id=previous)
+    state.write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": tracking.tracking_uri}) + "\n")
+    try:
+        tracker.set_tags({"redteam.profile": config.profile, "redteam.parent": "true"})
+        tracker.log_params(config.model_dump(mode="json", exclude={"training"}))  # the cells log theirs
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    return tracker
+
+
 def run_redteam(config: RedteamConfig, *, only: Sequence[str] | None = None) -> dict[str, Any]:
     """Run (or resume) the whole grid; writes results.json, results.md and report/ under output_dir.
-    ``only``: run just these run names (others still count if already finished)."""
+    ``only``: run just these run names (others still count if already finished).
+
+    One MLflow parent run covers the invocation (:func:`parent_tracker`; FAILED if the grid fails);
+    each cell's training is its child run, and the parent gets ``redteam/runs_done`` as the grid
+    advances and the results at the end (:func:`write_results`)."""
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(config.model_dump_json(indent=2) + "\n")
+    with parent_tracker(config, out) as parent:
+        return _run_grid(config, out, parent, only)
+
+
+def _run_grid(config: RedteamConfig, out: Path, parent: Any, only: Sequence[str] | None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
+    from trait_guard.tracking import forward_context
     from trait_guard.train import run_training
     from trait_guard.version import same_code
 
     started = time.perf_counter()
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(config.model_dump_json(indent=2) + "\n")
+    # the cells' runs: children of the parent, in its store and experiment, whichever process trains them
+    cells_tracking = (forward_context(config.training.tracking, parent_run_id=parent.run_id) if parent.enabled
+                      else config.training.tracking)
     vector = _vector(config, out)
     _adapters(config)
     paths = _teacher_data(config, out)
@@ -437,13 +491,14 @@ def run_redteam(config: RedteamConfig, *, only: Sequence[str] | None = None) -> 
         if only is not None and name not in only:
             continue
         bar.set_postfix_str(name)
-        train = train_config(config, out, teacher, distill, mode, seed, paths, vector)
+        train = train_config(config, out, teacher, distill, mode, seed, paths, vector, tracking=cells_tracking)
         summary = run_training(train)
         result = {"name": name, "teacher": teacher, "distill": distill, "mode": mode, "seed": seed,
                   **run_metrics(summary, baselines[(measured_trait(config, teacher), seed)],
                                 {trait: baselines[(trait, seed)] for trait in train.probe.extra_eval_traits})}
         result_path.write_text(json.dumps(result, indent=1) + "\n")
         runs.append(result)
+        parent.log_metrics({"redteam/runs_done": len(runs)}, step=len(runs))
         _log(f"{name}: {result['verdict']}, d log p {result['logprob_shift']:+.3f}, "
              f"d rate {100 * result['rate_shift']:+.1f} pp, {result['wall_seconds']:.0f} s")
 
@@ -452,25 +507,37 @@ def run_redteam(config: RedteamConfig, *, only: Sequence[str] | None = None) -> 
                "baselines": [{"trait": t, "seed": s, "rate": b["pooled_rate"], "log p(target)": b["target_logprob"]}
                              for (t, s), b in sorted(baselines.items())],
                "wall_seconds": round(time.perf_counter() - started, 1)}
-    write_results(config, results, out)
+    write_results(config, results, out, parent)
     return results
 
 
-def write_results(config: RedteamConfig, results: dict[str, Any], out: Path) -> None:
-    """results.json, results.md, report/report.html (+ PNGs), and an MLflow run holding them."""
+def write_results(config: RedteamConfig, results: dict[str, Any], out: Path, tracker: Any = None) -> None:
+    """results.json, results.md, report/report.html (+ PNGs), all logged to the grid's MLflow parent run
+    (``tracker``; None: the grid's stored parent run is continued, see :func:`parent_tracker`, and
+    finished here): the results table (the UI's table view), the report and its plots, the goals as
+    tags and the grid's counts as metrics. ``results["mlflow_run_id"]`` is the parent's id."""
     from trait_guard.report import benchmark_report
-    from trait_guard.tracking import make_tracker
 
+    if tracker is None:
+        with parent_tracker(config, out) as parent:
+            write_results(config, results, out, parent)
+        return
+    results["mlflow_run_id"] = tracker.run_id
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     goals = "\n".join(f"- **{k}**: " + ", ".join(f"{a}: {b}" for a, b in v.items()) for k, v in results["goals"].items())
     (out / "results.md").write_text(f"## Red-team results ({config.profile})\n\n{goals}\n\n"
                                     + markdown_table(results["table"]))
     report = benchmark_report(results, title=f"trait_guard red-team benchmark ({config.profile})")
     report.write(out / "report")
-    tracking = config.training.tracking.model_copy(update={"run_name": f"redteam-summary-{config.profile}"})
-    with make_tracker(0, tracking) as tracker:
-        tracker.set_tags({"redteam.profile": config.profile, "redteam.summary": "true"})
-        tracker.log_dict(results, "redteam/results.json")
-        tracker.log_text((out / "results.md").read_text(), "redteam/results.md")
-        report.log_to(tracker)
-        results["mlflow_run_id"] = tracker.run_id
+    if not tracker.enabled:
+        return
+    tracker.log_dict(results, "redteam/results.json")
+    tracker.log_text((out / "results.md").read_text(), "redteam/results.md")
+    tracker.log_table(results["table"], "redteam/results_table.json")
+    report.log_to(tracker)
+    tracker.set_tags({f"redteam.goal.{name}": "n/a" if goal.get("met") is None else str(goal["met"]).lower()
+                      for name, goal in results["goals"].items()})
+    runs = results["runs"]
+    tracker.log_metrics({"redteam/runs": len(runs), "redteam/halted_runs": sum(bool(r["halted"]) for r in runs),
+                         "redteam/false_halts": results["goals"]["no_false_halts"]["false_halts"],
+                         "redteam/wall_seconds": results["wall_seconds"]}, step=len(runs))

@@ -21,7 +21,11 @@ Defaults are embedded: with no configuration the store is a local SQLite file (n
 store (a tracking server, Databricks, another database). :func:`make_tracker` follows the caller's
 MLflow context where the config leaves it open: an active ``mlflow.start_run()`` run (or
 ``MLFLOW_RUN_ID``) is written into through the client and left for its owner to end, and
-``MLFLOW_EXPERIMENT_NAME`` replaces the default experiment name.
+``MLFLOW_EXPERIMENT_NAME`` replaces the default experiment name. A tracker made in another process
+(Ray Train workers, red-team cells) cannot see that context: :func:`forward_context` writes it into
+the tracking config the other process receives, and that process's run becomes a child of the
+caller's run (MLflow's ``mlflow.parentRunId`` tag, :data:`PARENT_RUN_TAG`), as the red-team grid's
+cells are children of the grid's parent run.
 
 At the end of training: numeric outcome metrics (:func:`outcome_metrics`), the data files as MLflow
 dataset inputs with their SHA-256 (:meth:`Tracker.log_datasets`) and the shipped student under the
@@ -83,6 +87,7 @@ __all__ = [
     "ACTION_CODES",
     "DECISIONS_ARTIFACT",
     "DEFAULT_EXPERIMENT",
+    "PARENT_RUN_TAG",
     "MlflowTracker",
     "NullTracker",
     "Tracker",
@@ -90,7 +95,9 @@ __all__ = [
     "decision_history",
     "default_artifact_location",
     "default_tracking_uri",
+    "forward_context",
     "make_tracker",
+    "mlflow_context",
     "outcome_metrics",
     "run_ui",
     "run_url_for",
@@ -116,6 +123,10 @@ DATASET_DIGEST_CHARS = 36
 #: ``log_datasets`` roles -> MLflow's ``mlflow.data.context`` input tag
 DATASET_CONTEXTS = {"train": "training", "reference": "reference"}
 ARTIFACTS_DIR = "artifacts"
+#: MLflow's link from a child run to its parent (what ``mlflow.start_run(nested=True)`` sets). A tracking
+#: config whose ``tags`` hold it makes a child run, in whichever process the tracker is created (see
+#: :func:`forward_context`).
+PARENT_RUN_TAG = "mlflow.parentRunId"
 
 #: ``guard/action_code`` values: larger is more severe.
 ACTION_CODES: dict[str, int] = {"pass": 0, "mask": 1, "reweight": 2, "steer": 3, "halt": 4}
@@ -498,6 +509,7 @@ class MlflowTracker(Tracker):
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=self._run_tags(tags))
         self._run_id = run.info.run_id
         self.run_name = run.info.run_name
+        self.parent_run_id: str | None = run.data.tags.get(PARENT_RUN_TAG)
         if run_id and run.info.run_id == run_id:
             self._params.update(run.data.params)
         root = Path(spool_dir or os.environ.get("TRAIT_GUARD_SPOOL_DIR", ".trait_guard_spool"))
@@ -805,7 +817,11 @@ def make_tracker(rank: int = 0, config: TrackingConfig | Mapping[str, Any] | Non
     integrations do (:func:`mlflow_context`): an active ``mlflow.start_run()`` run in this process, or
     ``MLFLOW_RUN_ID``, is logged into (and left for its owner to end) when no ``tracking_uri`` is
     configured; ``MLFLOW_EXPERIMENT_NAME`` replaces the default experiment name (``trait_guard``);
-    ``mlflow.set_tracking_uri()`` / ``MLFLOW_TRACKING_URI`` choose the store."""
+    ``mlflow.set_tracking_uri()`` / ``MLFLOW_TRACKING_URI`` choose the store.
+
+    A config whose tags hold :data:`PARENT_RUN_TAG` (set by :func:`forward_context`) makes a new child
+    of that run instead; this is how a process that cannot see the caller's MLflow context (a Ray
+    Train worker, a red-team cell) still lands under the caller's run."""
     if config is not None and not isinstance(config, TrackingConfig):
         config = TrackingConfig.model_validate(config)
     if int(rank) != 0 or (config is not None and not config.enabled):
@@ -818,9 +834,10 @@ def make_tracker(rank: int = 0, config: TrackingConfig | Mapping[str, Any] | Non
             options["tags"] = {**options["tags"], **kwargs.pop("tags")}
     options.update(kwargs)
     context = mlflow_context()
+    child = PARENT_RUN_TAG in (options.get("tags") or {})  # a child run by request: never the caller's run itself
     if options.get("tracking_uri") is None:  # the store and the run of the caller's MLflow context
         options["tracking_uri"] = context.get("tracking_uri")
-        if not options.get("run_id") and "run_id" in context:  # log into the caller's run, never end it
+        if not options.get("run_id") and "run_id" in context and not child:  # log into it, never end it
             options.update(run_id=context["run_id"], attach=True)
     # a config that went through model_dump/validate (as training's does) cannot tell a default from a
     # choice: the default experiment name yields to MLFLOW_EXPERIMENT_NAME
@@ -834,7 +851,7 @@ def mlflow_context() -> dict[str, str]:
     """The user's MLflow context, as far as it is set: ``tracking_uri`` (an active run's store, or
     ``mlflow.set_tracking_uri()``, or ``MLFLOW_TRACKING_URI``), ``experiment``
     (``MLFLOW_EXPERIMENT_NAME``) and ``run_id`` (the active run in this process, else ``MLFLOW_RUN_ID``)."""
-    import mlflow
+    from trait_guard.extras import mlflow  # noqa: I001 - first, so a missing MLflow names its extra
     from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
 
     context: dict[str, str] = {}
@@ -848,6 +865,87 @@ def mlflow_context() -> dict[str, str]:
     if run_id:
         context["run_id"] = run_id
     return context
+
+
+def forward_context(config: TrackingConfig | Mapping[str, Any] | None = None, *,
+                    parent_run_id: str | None = None) -> TrackingConfig:
+    """``config`` with the caller's MLflow context written into it, for a tracker that another process
+    will create: Ray Train workers, the red-team grid's cells.
+
+    Why: that process cannot see the context. An active ``mlflow.start_run()`` run and
+    ``mlflow.set_tracking_uri()`` live in this process's memory, and environment variables
+    (``MLFLOW_RUN_ID``, ...) do not reach Ray workers on other nodes; the config does (Ray Train's
+    ``train_loop_config``). So everything is resolved here, into fields the config already has:
+
+    - ``tracking_uri``: the config's; else the context's store (the active run's,
+      ``mlflow.set_tracking_uri()``, ``MLFLOW_TRACKING_URI``); else :func:`default_tracking_uri`, made
+      absolute here (the caller's ``./mlruns``, not a worker's working folder).
+    - the parent: ``parent_run_id`` when given (the red-team grid's parent run); else the caller's run
+      (the active one, else ``MLFLOW_RUN_ID``) when it lives in that store. It goes into ``tags`` as
+      :data:`PARENT_RUN_TAG`, MLflow's own parent link, so the tracker created from this config is a
+      new *child* of the caller's run (as ``mlflow.start_run(nested=True)`` would make), not that run
+      itself: a training run logs its whole config as (immutable) params, its own status, datasets and
+      student, and two trainings under one user run (``trait-guard run``'s ``also_train_on``, a
+      notebook loop) would overwrite each other in a single run. A parent already in the tags stays.
+    - ``experiment``: the parent's experiment (MLflow shows children nested under their parent in the
+      parent's experiment only); with no parent, ``MLFLOW_EXPERIMENT_NAME`` replaces the default name.
+
+    A disabled config is returned unchanged. Calling this again on its result changes nothing.
+    """
+    if config is None:
+        config = TrackingConfig()
+    elif not isinstance(config, TrackingConfig):
+        config = TrackingConfig.model_validate(config)
+    if not config.enabled:
+        return config
+    context = mlflow_context()
+    uri = _absolute_uri(config.tracking_uri or context.get("tracking_uri") or default_tracking_uri())
+    tags = dict(config.tags)
+    parent = parent_run_id or tags.get(PARENT_RUN_TAG)
+    if parent is None and "run_id" in context and (
+            config.tracking_uri is None or uri == _absolute_uri(context.get("tracking_uri") or uri)):
+        parent = context["run_id"]
+    experiment = config.experiment
+    if parent is not None:
+        parent_experiment = _run_experiment_name(uri, parent)
+        if parent_experiment is None:
+            logger.warning("run %s is not in the tracking store %s: trait_guard's run will not be nested under it",
+                           parent, uri)
+            tags.pop(PARENT_RUN_TAG, None)
+            parent = None
+        else:
+            tags[PARENT_RUN_TAG] = parent
+            experiment = parent_experiment
+    if parent is None and "experiment" in context and experiment == DEFAULT_EXPERIMENT:
+        experiment = context["experiment"]
+    return config.model_copy(update={"tracking_uri": uri, "tags": tags, "experiment": experiment})
+
+
+def _absolute_uri(uri: str) -> str:
+    """A ``sqlite:///`` URI with a relative path made absolute (another process may run in another
+    folder); any other URI unchanged."""
+    path = _sqlite_path(uri)
+    if path is None:
+        return uri
+    query = uri.partition("?")[2]
+    return f"sqlite:///{path.as_posix()}" + (f"?{query}" if query else "")
+
+
+def _run_experiment_name(tracking_uri: str, run_id: str) -> str | None:
+    """The name of the experiment that holds ``run_id`` in ``tracking_uri``'s store; None when the
+    store has no such run (any other error, e.g. an unreachable server, is raised)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if tracking_uri.startswith(("http://", "https://")):
+        client = _RetryLimitedClient(client)
+    try:
+        return client.get_experiment(client.get_run(run_id).info.experiment_id).name
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
 
 
 # ----------------------------------------------------------------------------- guard summary
@@ -916,7 +1014,9 @@ def outcome_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
 def student_tags(record: Mapping[str, Any]) -> dict[str, str]:
     """Tags of an export record (:func:`trait_guard.export.export_record`): ``student.shipped``, then
     ``student.reason`` (not shipped) or ``student.kind`` / ``student.artifact`` / ``student.screen``
-    and ``student.data.<role>.sha256`` (shipped), so a registry step can check what the model is vouched by."""
+    and ``student.data.<role>.sha256`` (shipped), and ``student.signed`` with the signer and its key's
+    fingerprint (a signed export, :func:`trait_guard.signing.sign_student`), so a registry step can check
+    what the model is vouched by."""
     if not record.get("shipped"):
         return {"student.shipped": "false", "student.reason": str(record.get("reason"))}
     screen = record.get("screen")
@@ -927,6 +1027,11 @@ def student_tags(record: Mapping[str, Any]) -> dict[str, str]:
     for role, data in (record.get("data") or {}).items():
         tags[f"student.data.{role}.sha256"] = str(data.get("sha256"))
         tags[f"student.data.{role}.verified"] = str(bool(data.get("verified"))).lower()
+    signature = record.get("signature") or {}
+    tags["student.signed"] = str(bool(signature.get("signed"))).lower()
+    if signature.get("signed"):  # named signer/fingerprint: tags with "key" in their name are redacted
+        tags["student.signer"] = str(signature.get("signer") or "?")
+        tags["student.signer_fingerprint"] = str(signature.get("key_fingerprint"))
     return tags
 
 

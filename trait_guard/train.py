@@ -254,15 +254,21 @@ def signals_cache_path(config: TrainJobConfig, identity: Any, divergence_margin:
                                     identity, divergence_margin)
 
 
-def screen_gate(config: TrainJobConfig, signals: setup_signals.SetupSignals) -> dict[str, Any] | None:
+def screen_gate(config: TrainJobConfig, signals: setup_signals.SetupSignals,
+                train_rows: Sequence[dict[str, Any]] | None = None,
+                reference_rows: Sequence[dict[str, Any]] | None = None) -> dict[str, Any] | None:
     """The dataset screen on the setup signals (all training rows vs the reference): the same test as
-    ``trait-guard screen`` (:func:`trait_guard.screen.screen_signals`). None when the gate is off."""
+    ``trait-guard screen`` (:func:`trait_guard.screen.screen_signals`), with the rows' prompts pairing
+    the paired projection test (``proj_diff:``) when both row lists are given. None when the gate is off."""
     if not (config.guard_enabled and config.screen.gate):
         return None
-    from trait_guard.screen import screen_signals
+    from trait_guard.screen import prompt_keys, screen_signals
 
+    paired = train_rows is not None and reference_rows is not None
     tests, flagged, notes = screen_signals(signals.train, signals.reference, alpha=config.screen.alpha,
-                                           n_permutations=config.screen.n_permutations, seed=config.guard.seed)
+                                           n_permutations=config.screen.n_permutations, seed=config.guard.seed,
+                                           data_keys=prompt_keys(list(train_rows)) if paired else None,
+                                           reference_keys=prompt_keys(list(reference_rows)) if paired else None)
     return {"flagged": flagged, "alpha": config.screen.alpha, "notes": notes,
             "flagged_signals": [t.name for t in tests if t.flagged],
             "tests": {t.name: {"p": t.p_value, "p_adj": t.adjusted_p, "effect_size": t.effect_size,
@@ -281,7 +287,7 @@ def _score_and_calibrate(run: RunContext, inputs: Inputs) -> Setup:
     signals = _setup_signals(run, inputs, scorer)
     signals.attach(inputs.train_rows)
     guard = TraitGuard(config.guard, signals.reference, batch_size=config.optim.batch_size * run.world)
-    gate = screen_gate(config, signals)
+    gate = screen_gate(config, signals, inputs.train_rows, inputs.reference_rows)
     warnings = [w for w in [guard.blind_spot(len(inputs.train_rows)), *(gate or {}).get("notes", [])] if w]
     if warnings and run.rank == 0:
         run.tracker.set_tags({"guard.warning": " | ".join(warnings)})
@@ -997,6 +1003,11 @@ def run_training(config: TrainJobConfig) -> dict[str, Any]:
     """Run guarded training on Ray Train (default) or in this process; returns rank 0's summary.
     Bad input is refused before anything starts (:func:`preflight`)."""
     preflight(config)
+    from trait_guard.tracking import forward_context
+
+    # the caller's MLflow context (an active run, mlflow.set_tracking_uri(), MLFLOW_*) into the config, which
+    # is all a Ray worker sees: the run becomes a child of the caller's run, on Ray and in process alike
+    config = config.model_copy(update={"tracking": forward_context(config.tracking)})
     if not config.ray.enabled:
         return train_worker(config.model_dump(mode="json"))
     from trait_guard.extras import ray  # noqa: I001 - first, so a missing Ray names its extra
@@ -1016,10 +1027,6 @@ def run_training(config: TrainJobConfig) -> dict[str, Any]:
         absolute.deepspeed.config_file = str(Path(config.deepspeed.config_file).resolve())
     if config.resume_from:
         absolute.resume_from = str(Path(config.resume_from).resolve())
-    if config.tracking.tracking_uri is None:
-        from trait_guard.tracking import default_tracking_uri
-
-        absolute.tracking.tracking_uri = default_tracking_uri()  # the driver's ./mlruns, not a worker's folder
     config = absolute
     if not ray.is_initialized():
         ray.init(address=config.ray.address, include_dashboard=False, log_to_driver=True, configure_logging=False)
