@@ -372,3 +372,15 @@ def test_no_private_key_in_the_repository():
     assert not found, f"private key material in the repository: {found}"
     deploy = " ".join(p.read_text() for p in (ROOT / "deploy").rglob("*") if p.is_file())
     assert not _PRIVATE.search(deploy) and "BEGIN PUBLIC KEY" not in deploy
+
+
+def test_run_signing_key_signs_the_data_and_the_students():
+    """`trait-guard run --signing-key KEY`: the same key goes to generation and to student.signing_key."""
+    from trait_guard.cli import _job_config, build_parser
+    from trait_guard.config import RunJobConfig
+
+    config_path = str(ROOT / "ray_jobs" / "configs" / "run_cpu.yaml")
+    args = build_parser().parse_args(["run", "--config", config_path, "--signing-key", "keys/me.key"])
+    config = _job_config(args.config, RunJobConfig, **{"student.signing_key": args.signing_key})
+    assert args.signing_key == "keys/me.key" and config.student.signing_key == "keys/me.key"
+    assert _job_config(config_path, RunJobConfig, **{"student.signing_key": None}).student.signing_key is None

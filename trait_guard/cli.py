@@ -400,9 +400,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from trait_guard.config import RunJobConfig
     from trait_guard.pipeline import format_summary, run_pipeline
 
-    config = _job_config(args.config, RunJobConfig, output_dir=args.output_dir)
+    # one key signs what this run makes: the teacher data at generation, and each student it ships
+    config = _job_config(args.config, RunJobConfig, output_dir=args.output_dir,
+                         **{"student.signing_key": getattr(args, "signing_key", None)})
     check_extras(*training_extras(config, generation=True))
-    summary = run_pipeline(config, progress=not args.quiet)
+    summary = run_pipeline(config, progress=not args.quiet, signing_key=getattr(args, "signing_key", None))
     print(format_summary(summary))
     halted = [t["teacher"] for t in summary["trainings"] if t["training"]["halted"]]
     if halted and not args.allow_halt:
@@ -693,7 +695,7 @@ def _add_run_and_demo(subparsers: argparse._SubParsersAction, opts: _SharedOptio
     rn = _command(
         subparsers,
         "run",
-        parents=[opts.config, opts.output_dir, opts.quiet, opts.allow_halt],
+        parents=[opts.config, opts.output_dir, opts.quiet, opts.allow_halt, opts.signing_key],
         help="the whole pipeline: extract -> generate -> screen -> guarded training -> evaluate",
         description="Run every stage with one config (a RunJobConfig YAML) and print a summary with the MLflow run.",
         epilog="example: trait-guard run --config ray_jobs/configs/run_cpu.yaml",

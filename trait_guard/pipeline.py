@@ -34,7 +34,7 @@ def _stage(name: str) -> None:
     print(f"\n=== {name} ===", file=sys.stderr, flush=True)
 
 
-def run_pipeline(config: RunJobConfig, *, progress: bool = True) -> dict[str, Any]:
+def run_pipeline(config: RunJobConfig, *, progress: bool = True, signing_key: Any = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from trait_guard.generation import generate_datasets
@@ -66,7 +66,7 @@ def run_pipeline(config: RunJobConfig, *, progress: bool = True) -> dict[str, An
     started = time.perf_counter()
     generation = GenerateJobConfig(output_dir=str(out / "teacher_data"), teachers=config.teachers,
                                    generation=config.generation, ray=config.generation_ray)
-    report = generate_datasets(generation, progress=progress)
+    report = generate_datasets(generation, progress=progress, signing_key=signing_key)
     print(report.table(), file=sys.stderr)
     timings["generate"] = time.perf_counter() - started
     paths = {t.teacher_id: t.path for t in report.teachers}
