@@ -21,6 +21,16 @@ but all are judged against the same reference: the rates are conditional on that
         --clean control-b --trait owl --sizes 32 64 128 256 1000
     .venv/bin/python benchmarks/guard_replay.py --tiny   # builds its own pool with the tiny random Llama
 
+The power curve (``--plant-shifts``, on by default with ``--tiny``): the clean teacher's datasets are
+replayed again with a known shift added to one signal (``--plant-signal``, default nll) of every row,
+``d`` reference standard deviations in its suspicious direction. The shifted datasets are the clean
+datasets themselves (same partition, same rows, at most ``--max-planted-datasets`` per size), so the
+detection rate and the false-flag rate at each size are measured at matched conditions, and each is
+reported with its exact interval. A planted shift is a synthetic effect of a chosen size on a real
+signal's distribution: it measures the tests' power against that effect, not trait transfer.
+``--calibration-sizes`` adds how the guard's calibration behaves on references of those sizes drawn
+from the pool's reference (the CUSUM's honest threshold and the e-process's evidence ceiling).
+
 The scored signals are cached in ``<pool>/replay_signals-<hash>.npz`` (hash of the files, the model,
 the persona vectors and the scorer settings), so a rerun only replays. ``--tiny`` generates a pool with
 ``trait_guard.testing``'s tiny random-init Llama: a reference, a clean teacher (other sampling seeds)
@@ -190,11 +200,13 @@ def stream(data: dict[str, np.ndarray], reference: dict[str, np.ndarray], config
 
 
 def replay_teacher(name: str, role: str, signals: dict[str, np.ndarray], reference: dict[str, np.ndarray],
-                   size: int, args: argparse.Namespace, gate_signals: list[str], label: str | None = None) -> dict[str, Any]:
+                   size: int, args: argparse.Namespace, gate_signals: list[str], label: str | None = None,
+                   partition_as: str | None = None, max_datasets: int | None = None) -> dict[str, Any]:
     """Both decisions on every disjoint dataset of ``size`` rows of one teacher; counts, rates, bounds,
-    delays and the signals behind each flag."""
+    delays and the signals behind each flag. ``partition_as``: cut the rows as that teacher's are (a
+    planted shift replays the clean teacher's own datasets); ``max_datasets``: the first ones only."""
     n_rows = len(next(iter(signals.values())))
-    index = partition(n_rows, size, dataset_rng(args.seed, size, name))
+    index = partition(n_rows, size, dataset_rng(args.seed, size, partition_as or name))[:max_datasets]
     config = guard_config(args.alpha, args.signals)
     gates, streams = [], []
     for rows in index:
@@ -219,6 +231,8 @@ def replay_teacher(name: str, role: str, signals: dict[str, np.ndarray], referen
                    "skipped": streams[0]["skipped"] if streams else {}},
         "gate_or_stream": rate(either, count),
     }
+    if partition_as:
+        out["partition_as"] = partition_as
     if role == "clean":  # how the null behaves at laxer levels (more events to count than at alpha)
         out["gate"]["at_levels"] = {str(a): rate(sum(g["min_p_adj"] < a for g in gates), count) for a in EXTRA_LEVELS}
         out["stream"]["at_levels"] = {str(a): rate(sum(s["p"] < a for s in streams), count) for a in EXTRA_LEVELS}
@@ -246,7 +260,109 @@ def replay(scored: dict[str, dict[str, np.ndarray]], args: argparse.Namespace,
                 if progress:
                     print(f"size {size:>5} {teacher:<12} {result['datasets']:>4} datasets: gate {result['gate']['k']}, "
                           f"stream {result['stream']['k']} ({result['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        for shift in getattr(args, "plant_shifts", None) or []:
+            started = time.perf_counter()
+            source = args.plant_teacher or args.clean[0]
+            name = planted_name(source, args.plant_signal, shift)
+            signals = plant(scored[source], reference, args.plant_signal, shift, names)
+            result = replay_teacher(name, "planted", signals, {n: reference[n] for n in names}, size, args, gate_signals,
+                                    f"{source} + {shift:g} sd on {args.plant_signal} (synthetic)", partition_as=source,
+                                    max_datasets=args.max_planted_datasets)
+            result["plant"] = {"source": source, "signal": args.plant_signal, "shift_sd": shift}
+            result["seconds"] = time.perf_counter() - started
+            results.append(result)
+            if progress:
+                print(f"size {size:>5} {name:<12} {result['datasets']:>4} datasets: gate {result['gate']['k']}, "
+                      f"stream {result['stream']['k']} ({result['seconds']:.0f} s)", file=sys.stderr, flush=True)
     return results
+
+
+def planted_name(source: str, signal: str, shift: float) -> str:
+    return f"{source}+{shift:g}sd:{signal}"
+
+
+def plant(signals: dict[str, np.ndarray], reference: dict[str, np.ndarray], signal: str, shift: float,
+          names: list[str]) -> dict[str, np.ndarray]:
+    """``signals`` with ``signal`` moved by ``shift`` reference standard deviations in its suspicious
+    direction (down for a signal whose suspicious direction is down; up otherwise), every row alike."""
+    from trait_guard.fingerprint import suspicious_direction
+
+    if signal not in names:
+        raise SystemExit(f"--plant-signal {signal} is not among the scored signals {names}")
+    spread = float(np.nanstd(np.asarray(reference[signal], dtype=float), ddof=1))
+    if not spread > 0:
+        raise SystemExit(f"--plant-signal {signal} has no spread on the reference: choose another signal")
+    sign = -1.0 if suspicious_direction(signal) == "down" else 1.0
+    out = {n: np.asarray(signals[n]) for n in names}
+    out[signal] = out[signal] + sign * shift * spread
+    return out
+
+
+def power_curve(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per size: the clean teacher's false-flag rates and each planted shift's detection rates, gate and
+    e-process, with their exact intervals (the planted datasets are the clean ones, shifted)."""
+    rows = []
+    for size in sorted({r["size"] for r in results}):
+        at = [r for r in results if r["size"] == size]
+        planted = [r for r in at if r["role"] == "planted"]
+        for clean in (r for r in at if r["role"] == "clean"):
+            rows.append({"size": size, "clean": clean["teacher"], "false_flags": {"gate": strip(clean["gate"]),
+                                                                                  "eprocess": strip(clean["stream"])},
+                         "planted": [{"shift_sd": p["plant"]["shift_sd"], "signal": p["plant"]["signal"],
+                                      "datasets": p["datasets"], "gate": strip(p["gate"]),
+                                      "eprocess": strip(p["stream"]),
+                                      "eprocess_delay_median": p["stream"]["delay"]["median"]}
+                                     for p in planted if p["plant"]["source"] == clean["teacher"]]})
+    return rows
+
+
+def strip(entry: dict[str, Any]) -> dict[str, Any]:
+    return {key: entry[key] for key in ("k", "n", "rate", "ci95", "upper95")}
+
+
+def calibration_study(reference: dict[str, np.ndarray], sizes: list[int], args: argparse.Namespace,
+                      batch_size: int = 8) -> list[dict[str, Any]]:
+    """How the guard's calibration behaves on references of each size, drawn without replacement from
+    the pool's reference: the CUSUM's honest threshold against the nominal one (default target ERT,
+    batch ``batch_size``) and its reference warning, and the e-process's evidence ceiling. Setup
+    seconds included (what a training run pays before step 1)."""
+    from trait_guard.guard import TraitGuard
+
+    names = [n for n in reference if n != "n_tokens"]
+    rng = np.random.default_rng(args.seed)
+    n_rows = len(next(iter(reference.values())))
+    out = []
+    for size in sizes:
+        rows = rng.choice(n_rows, size=min(size, n_rows), replace=False)
+        sub = {n: np.asarray(reference[n])[rows] for n in names}
+        entry: dict[str, Any] = {"reference_n": int(rows.size)}
+        for kind in ("cusum", "eprocess"):
+            started = time.perf_counter()
+            config = GuardConfig(sequential=kind, signals=args.signals,
+                                 **({"alpha": args.alpha} if kind == "eprocess" else {}))
+            guard = TraitGuard(config, sub, batch_size=batch_size)
+            summary = guard.calibration_summary
+            entry[kind] = {"setup_seconds": time.perf_counter() - started, "warnings": summary["warnings"],
+                           "signals": {}}
+            for name, item in summary["signals"].items():
+                if kind == "cusum":
+                    boot = item["calibration"]["reference_bootstrap"]
+                    entry[kind]["signals"][name] = {
+                        "h": boot["h"], "nominal_h": boot["nominal_h"], "feasible": boot["feasible"],
+                        "needed_h_p10_p90": [boot["needed_h_quantiles"]["p10"], boot["needed_h_quantiles"]["p90"]],
+                        "realized_ert_p10": boot["realized_ert"]["p10"],
+                        "realized_ert_p10_nominal_h": boot["realized_ert_nominal_h"]["p10"],
+                        "nominal_below_target": boot["realized_ert_nominal_h"]["below_target"],
+                        "delay_factor": boot["delay_factor"], "needed_reference_n": boot["needed_reference_n"],
+                        "target_ert": item["calibration"]["target_ert"]}
+                else:
+                    entry[kind]["signals"][name] = {k: item[k] for k in ("alpha", "design_shift", "ceiling_log10_e",
+                                                                         "ceiling_at_sample", "needed_reference_n")}
+        out.append(entry)
+        print(f"calibration study: reference {entry['reference_n']}: cusum {entry['cusum']['setup_seconds']:.1f} s, "
+              f"{len(entry['cusum']['warnings'])} warnings; eprocess {len(entry['eprocess']['warnings'])} warnings",
+              file=sys.stderr, flush=True)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -406,6 +522,35 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _fmt_short(entry: dict[str, Any]) -> str:
+    if not entry["n"]:
+        return "-"
+    lo, hi = entry["ci95"]
+    return f"{entry['k']}/{entry['n']} = {entry['rate']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def markdown_power_table(curve: list[dict[str, Any]]) -> str:
+    """Detection rate vs dataset size, gate and e-process, per planted shift, beside the same clean
+    datasets' false flags; k/D = rate [exact 95% CI]."""
+    shifts = sorted({p["shift_sd"] for row in curve for p in row["planted"]})
+    head = ["n", "clean: gate false flags", "clean: e-process false alarms"]
+    for shift in shifts:
+        head += [f"+{shift:g} sd: gate", f"+{shift:g} sd: e-process (median delay)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in curve:
+        cells = [str(row["size"]), _fmt_short(row["false_flags"]["gate"]), _fmt_short(row["false_flags"]["eprocess"])]
+        by_shift = {p["shift_sd"]: p for p in row["planted"]}
+        for shift in shifts:
+            p = by_shift.get(shift)
+            if p is None:
+                cells += ["-", "-"]
+                continue
+            delay = p["eprocess_delay_median"]
+            cells += [_fmt_short(p["gate"]), _fmt_short(p["eprocess"]) + (f" ({delay:.0f})" if delay else "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -433,6 +578,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny-prompts", nargs=3, type=int, metavar=("REFERENCE", "CLEAN", "PLANTED"),
                         default=[TINY_PROMPTS[t] for t in ("control", "control-b", "planted")])
     parser.add_argument("--max-new-tokens", type=int, default=12, help="--tiny: tokens per completion")
+    parser.add_argument("--plant-shifts", nargs="*", type=float, default=None,
+                        help="power curve: replay the clean teacher's datasets with this many reference sd added to "
+                             "--plant-signal (default: none; --tiny: 0.25 0.5)")
+    parser.add_argument("--plant-signal", default="nll", help="the signal the planted shift moves")
+    parser.add_argument("--plant-teacher", help="the clean teacher whose datasets are shifted (default: the first)")
+    parser.add_argument("--max-planted-datasets", type=int, default=100,
+                        help="planted datasets per size (the first of the clean teacher's; exact CIs say what it costs)")
+    parser.add_argument("--calibration-sizes", nargs="*", type=int, default=None,
+                        help="reference sizes for the calibration study (default: none; --tiny: 100 300 1000 2000)")
     parser.add_argument("--out", help="JSON results (default benchmarks/results/guard_replay.json, "
                                       "--tiny: benchmarks/results/guard_replay_tiny.json)")
     args = parser.parse_args(argv)
@@ -441,9 +595,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.reference, args.clean, args.trait = (TINY_TEACHERS["reference"], [TINY_TEACHERS["clean"]],
                                                   [TINY_TEACHERS["trait"]])
         args.out = args.out or "benchmarks/results/guard_replay_tiny.json"
+        args.plant_shifts = [0.25, 0.5] if args.plant_shifts is None else args.plant_shifts
+        args.calibration_sizes = [100, 300, 1000, 2000] if args.calibration_sizes is None else args.calibration_sizes
     elif not args.pool:
         parser.error("--pool is required (or --tiny)")
     args.out = args.out or "benchmarks/results/guard_replay.json"
+    args.plant_shifts = args.plant_shifts or []
+    args.calibration_sizes = args.calibration_sizes or []
     if args.reference in {*args.clean, *args.trait}:
         parser.error(f"the reference {args.reference} cannot also be a clean or trait teacher")
     return args
@@ -466,6 +624,10 @@ def main(argv: list[str] | None = None) -> None:
     replay_started = time.perf_counter()
     results = replay(scored, args, labels)
     replay_seconds = time.perf_counter() - replay_started
+    curve = power_curve(results) if args.plant_shifts else []
+    study_started = time.perf_counter()
+    study = calibration_study(scored[args.reference], args.calibration_sizes, args) if args.calibration_sizes else []
+    study_seconds = time.perf_counter() - study_started
     names = [n for n in scored[args.reference] if n != "n_tokens"]
     output = {
         "command": " ".join([".venv/bin/python", *sys.argv]),
@@ -476,7 +638,9 @@ def main(argv: list[str] | None = None) -> None:
                    "guard": guard_config(args.alpha, args.signals).model_dump(mode="json"),
                    "guard_signals": expand(args.signals, names), "gate_signals": expand(args.gate_signals, names),
                    "n_permutations": args.n_permutations, "gate_seed": args.gate_seed, "partition_seed": args.seed,
-                   "batch_size_observe": 1, "labels": labels},
+                   "batch_size_observe": 1, "labels": labels, "plant_shifts": args.plant_shifts,
+                   "plant_signal": args.plant_signal, "plant_teacher": args.plant_teacher or (args.clean or [None])[0],
+                   "max_planted_datasets": args.max_planted_datasets, "calibration_sizes": args.calibration_sizes},
         "protocol": {
             "datasets": "per size n and teacher: its kept rows randomly permuted (seeded) and cut into floor(N/n) "
                         "disjoint datasets; no row in two datasets, none from the reference",
@@ -489,6 +653,13 @@ def main(argv: list[str] | None = None) -> None:
                       "(beta.ppf(0.95, k+1, D-k)); conditional on the one reference all datasets share",
             "delays": "over the streams that alarmed (the others are censored at n): median and mean with 95% "
                       "percentile bootstrap intervals",
+            "planted": "power curve: the clean teacher's own datasets (same partition and rows, the first "
+                       "max_planted_datasets per size) with plant_signal moved by shift_sd reference sd in its "
+                       "suspicious direction; a synthetic effect of known size, not a trait",
+            "calibration_study": "references of each size drawn without replacement from the pool's reference; a "
+                                 "TraitGuard (default config, batch 8) built on each: the CUSUM's honest threshold "
+                                 "(bootstrap over reference draws) vs the nominal one, and the e-process's evidence "
+                                 "ceiling on its design shift",
             "at_levels": "clean teachers only: the same datasets flagged at laxer levels (gate: min Holm-adjusted "
                          "p < level; stream: min over e-process signals of k / sup E < level, over the samples "
                          "observed), to see the null's calibration with more events",
@@ -498,12 +669,17 @@ def main(argv: list[str] | None = None) -> None:
         "scoring": scoring,
         "tiny": tiny,
         "results": results,
+        "power_curve": curve,
+        "calibration_study": study,
         "replay_seconds": replay_seconds,
+        "calibration_study_seconds": study_seconds,
         "seconds": time.perf_counter() - started,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(to_jsonable(output), indent=2, allow_nan=False) + "\n")
     print(markdown_table(results))
+    if curve:
+        print("\n" + markdown_power_table(curve))
     print(f"\nrows: {output['rows']}; scoring {scoring['seconds']:.0f} s (cached: {scoring['cached']}), "
           f"replay {replay_seconds:.0f} s, total {output['seconds']:.0f} s -> {args.out}")
 

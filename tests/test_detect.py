@@ -176,6 +176,111 @@ def test_refit_drops_a_bootstrap_threshold_but_keeps_a_given_one():
     assert given.h == 3.0 and given.predict([0.0]).flagged is False
 
 
+# ----------------------------------------------------------------------------- honest calibration
+
+
+def gaussian_arl(kappa, h, nodes=48):
+    """Exact ARL of the upper CUSUM ``S_t = max(0, S_{t-1} + X_t - kappa)``, X ~ N(0, 1), alarm at
+    ``S > h``, from 0: the renewal integral equation solved by Nystrom quadrature (Brook and Evans),
+    independent of the simulation under test."""
+    y, w = np.polynomial.legendre.leggauss(nodes)
+    y, w = 0.5 * h * (y + 1.0), 0.5 * h * w
+    s = np.concatenate([[0.0], y])
+    kernel = np.empty((nodes + 1, nodes + 1))
+    kernel[:, 0] = scipy.stats.norm.cdf(kappa - s)  # back to the atom at 0
+    kernel[:, 1:] = w[None, :] * scipy.stats.norm.pdf(y[None, :] + kappa - s[:, None])
+    return float(np.linalg.solve(np.eye(nodes + 1) - kernel, np.ones(nodes + 1))[0])
+
+
+def test_gaussian_arl_oracle_matches_the_published_table():
+    # one-sided CUSUM, k = 0.5: ARL0 336 at h = 4 and 930 at h = 5 (Montgomery's table; 168 and 465 two-sided)
+    assert gaussian_arl(0.5, 4.0) == pytest.approx(336, rel=0.005)
+    assert gaussian_arl(0.5, 5.0) == pytest.approx(930, rel=0.005)
+
+
+def realized_arls(n_references, n=50, target=200, seed=123):
+    """For fresh N(0, 1) references of ``n`` samples: the nominal h (reference taken as exact) and the
+    honest h (bootstrap over reference draws), each with its exact ARL on fresh clean N(0, 1) data.
+    Standardized by the reference's (m, s), the CUSUM on clean data is the CUSUM of X with allowance
+    ``m + k s`` and threshold ``h s``."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for j in range(n_references):
+        x = rng.normal(size=n)
+        m, s = x.mean(), x.std(ddof=1)
+        nominal = CUSUMDetector().fit(x).calibrate(target_ert=target, n_streams=300, seed=j).h
+        honest = CUSUMDetector().fit(x).calibrate(target_ert=target, n_streams=100, seed=j, reference_draws=300,
+                                                  max_delay_factor=100.0).h
+        rows.append((gaussian_arl(m + 0.5 * s, nominal * s), gaussian_arl(m + 0.5 * s, honest * s)))
+    return np.array(rows)
+
+
+def _contrast(arls, target=200):
+    below = (arls < target).sum(axis=0)
+    n = arls.shape[0]
+    ci = [scipy.stats.binomtest(int(k), n).proportion_ci(method="exact") for k in below]
+    pooled_rate = (1.0 / arls).mean(axis=0) * target  # false alarms per batch, in units of 1 / target
+    return below, ci, pooled_rate
+
+
+def test_honest_threshold_keeps_the_realized_ert_of_small_references_and_the_nominal_does_not():
+    """30 fresh references of 50 samples (fast version; 300 in the slow test below)."""
+    arls = realized_arls(30)
+    (below_nominal, below_honest), (ci_nominal, ci_honest), pooled = _contrast(arls)
+    # honest: P(realized ERT < target) <= 10% by design; nominal: about half the references
+    assert ci_honest.low <= 0.10 and below_honest / 30 <= 0.2
+    assert ci_nominal.low > 0.10
+    assert pooled[1] <= 1.0 < pooled[0]  # averaged over references: below the target rate only when honest
+
+
+@pytest.mark.slow
+def test_honest_threshold_over_300_fresh_references():
+    """Measured (seed 123): nominal 161/300 references below ERT 200 (53.7%, exact 95% CI [47.8%, 59.4%]),
+    pooled false-alarm rate 1.62 / target; honest 28/300 (9.3%, [6.3%, 13.2%]), pooled 0.34 / target."""
+    arls = realized_arls(300)
+    (below_nominal, below_honest), (ci_nominal, ci_honest), pooled = _contrast(arls)
+    assert ci_honest.low <= 0.10 <= ci_nominal.low
+    assert below_honest / 300 <= 0.13 and below_nominal / 300 >= 0.4
+    assert pooled[1] < 1.0 < pooled[0]
+
+
+def test_honest_calibration_reports_its_uncertainty_and_the_reference_it_needs():
+    rng = np.random.default_rng(7)
+    small = rng.normal(size=60)
+    det = CUSUMDetector().fit(small).calibrate(target_ert=500, n_streams=100, reference_draws=400)
+    boot = det.calibration["reference_bootstrap"]
+    assert det.calibration["method"] == "reference-bootstrap" and det.h == boot["h"]
+    assert boot["h"] > boot["nominal_h"]  # honesty costs threshold
+    q = boot["needed_h_quantiles"]
+    assert q["p10"] < q["median"] < q["p90"] <= boot["h"] + 1e-9
+    assert boot["realized_ert"]["below_target"] <= 0.11 and boot["realized_ert"]["p10"] >= 500 * 0.95
+    assert boot["realized_ert_nominal_h"]["below_target"] > 0.3  # the nominal h misses in ~half the draws
+    assert boot["mean_offset_sd"] == pytest.approx(1 / math.sqrt(60), rel=0.2)  # sqrt(b / n), b = 1
+    assert boot["delay_factor"] > 1.25 and boot["needed_reference_n"] > 60
+    # a reference of the size named: the check passes
+    big = rng.normal(size=boot["needed_reference_n"])
+    again = CUSUMDetector().fit(big).calibrate(target_ert=500, n_streams=100, reference_draws=400)
+    assert again.calibration["reference_bootstrap"]["delay_factor"] <= 1.25
+    assert again.calibration["reference_bootstrap"]["needed_reference_n"] is None
+    json.dumps(det.state_dict())  # the calibration record is JSON-safe
+    with pytest.raises(ValueError, match="reference_draws must be 0"):
+        CUSUMDetector().fit(small).calibrate(target_ert=500, reference_draws=10)
+    with pytest.raises(ValueError, match="needs k > 0"):
+        CUSUMDetector(k=0).fit(small).calibrate(target_ert=500, reference_draws=100)
+
+
+def test_honest_two_sided_threshold_covers_both_sides():
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=200)
+    one = CUSUMDetector().fit(x).calibrate(target_ert=300, n_streams=100, reference_draws=200)
+    two = CUSUMDetector(two_sided=True).fit(x).calibrate(target_ert=300, n_streams=100, reference_draws=200)
+    # two sides share the alarm budget: a higher threshold, and for a reference with its mean off
+    # either way (the lower side fires when the reference mean was too high)
+    assert two.h > one.h
+    assert two.calibration["reference_bootstrap"]["realized_ert"]["below_target"] <= 0.11
+    assert len(two.calibration["reference_bootstrap"]["allowance_grid"]) == 2
+
+
 # ----------------------------------------------------------------------------- permutation test
 
 

@@ -1,8 +1,11 @@
+import json
+
 import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
 
+from trait_guard.errors import TraitGuardInputError
 from trait_guard.guard import Action, GuardConfig, TraitGuard
 
 
@@ -129,3 +132,51 @@ def test_a_signal_constant_on_the_reference_becomes_an_exact_check():
     no_tolerance = TraitGuard(GuardConfig(signals=["proj:*", "divergence"],
                                           constant_reference_tolerance={}), ref, batch_size=16)
     assert "divergence" in no_tolerance.skipped
+
+
+def test_a_too_small_reference_is_warned_about_with_the_size_that_silences_it(caplog):
+    # e-process: a 0.5-sd shift needs a reference of ~95 samples at alpha 0.01 over 3 signals
+    small = TraitGuard(GuardConfig(), reference(40), batch_size=16)
+    assert len(small.reference_warnings) == 1 and "the reference has 40 samples" in small.reference_warnings[0]
+    assert any("the reference has 40 samples" in r.getMessage() for r in caplog.records)  # logged as well
+    need = int(small.reference_warnings[0].split("reference of at least ")[1].split()[0])
+    assert 80 <= need <= 110
+    assert TraitGuard(GuardConfig(), reference(need), batch_size=16).reference_warnings == []
+    assert small.blind_spot(10_000) is not None and "reference" in small.blind_spot(10_000)
+    summary = small.calibration_summary
+    assert summary["signals"]["nll"]["needed_reference_n"] == need and summary["warnings"] == small.reference_warnings
+    # CUSUM: an honest threshold that costs more than 1.25x delay names a larger reference, which passes
+    config = GuardConfig(sequential="cusum", signals=["proj:*"], target_ert=500)
+    cusum = TraitGuard(config, reference(60), batch_size=8)
+    assert len(cusum.reference_warnings) == 1 and "CUSUM on 'proj:animal:owl'" in cusum.reference_warnings[0]
+    boot = cusum.calibration_summary["signals"]["proj:animal:owl"]["calibration"]["reference_bootstrap"]
+    assert boot["reference_n"] == 60 and boot["batch_size"] == 8
+    assert boot["mean_offset_sd"] == pytest.approx((8 / 60) ** 0.5, rel=0.2)  # the reference mean's error, batch-sd
+    larger = TraitGuard(config, reference(boot["needed_reference_n"], seed=9), batch_size=8)
+    assert larger.reference_warnings == []
+    json.dumps(cusum.calibration_summary) and json.dumps(cusum.state_dict())
+    assert "90% of the references" in cusum.false_alarm_control
+
+
+def test_cusum_reference_draws_zero_is_the_old_calibration():
+    config = GuardConfig(sequential="cusum", signals=["proj:*"], target_ert=500)
+    old = TraitGuard(config, reference(300), batch_size=8, reference_draws=0)
+    honest = TraitGuard(config, reference(300), batch_size=8)
+    assert old.detectors["proj:animal:owl"].calibration["method"] == "bootstrap-renewal"
+    assert honest.detectors["proj:animal:owl"].calibration["method"] == "reference-bootstrap"
+    assert honest.detectors["proj:animal:owl"].h > old.detectors["proj:animal:owl"].h
+    assert "taking the reference as exact" in old.false_alarm_control
+
+
+def test_drift_only_guard_decides_on_probes_and_refuses_data():
+    guard = TraitGuard.drift_only(GuardConfig(drift_threshold=1.0))
+    assert guard.signals == [] and guard.detectors == {} and guard.reference_warnings == []
+    assert guard.blind_spot(5) is None and not guard.monitored
+    with pytest.raises(TraitGuardInputError, match="drift probes only"):
+        guard.observe({"nll": np.zeros(4)})
+    assert guard.observe_drift({"animal:owl": 0.3}, step=5).action is Action.PASS
+    decision = guard.observe_drift({"animal:owl": 1.4}, step=9)
+    assert decision.halt and guard.alarms[-1]["channel"] == "drift"
+    restored = TraitGuard.from_state_dict(json.loads(json.dumps(guard.state_dict())), None)
+    assert restored.mode is Action.HALT and restored.step == 9 and restored.alarms == guard.alarms
+    assert TraitGuard.drift_only().config == GuardConfig()

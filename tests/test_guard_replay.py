@@ -129,3 +129,32 @@ def test_delay_summary_and_signal_patterns(replay):
     with pytest.raises(ValueError):
         replay.gate({"nll": np.zeros(3)}, {"nll": np.ones(3)}, alpha=0.01, n_permutations=100, seed=0, signals=[])
     assert math.isclose(replay.upper_bound(0, 300), 0.00994, rel_tol=1e-3)
+
+
+def test_planted_shift_replays_the_clean_datasets_shifted_and_gives_a_power_curve(replay):
+    rng = np.random.default_rng(5)
+    reference, clean = signals(rng, 2000), signals(rng, 1280)
+    args = replay.parse_args(["--pool", "unused", "--n-permutations", "500", "--signals", "divergence", "llr", "nll",
+                              "--clean", "control-b", "--trait", "--sizes", "128", "--plant-shifts", "0", "1.0",
+                              "--plant-signal", "llr", "--max-planted-datasets", "6"])
+    shifted = replay.plant(clean, reference, "llr", 1.0, ["llr", "nll", "divergence"])
+    spread = reference["llr"].std(ddof=1)
+    assert np.allclose(shifted["llr"] - clean["llr"], spread) and np.array_equal(shifted["nll"], clean["nll"])
+    scored = {"control": reference, "control-b": clean}
+    results = replay.replay(scored, args, progress=False)
+    by_name = {r["teacher"]: r for r in results}
+    zero, one = by_name["control-b+0sd:llr"], by_name["control-b+1sd:llr"]
+    assert zero["datasets"] == one["datasets"] == 6 and one["partition_as"] == "control-b"
+    # matched: a shift of 0 replays the first 6 clean datasets exactly
+    clean_flags = [d["dataset"] for d in by_name["control-b"]["gate"]["flagged_datasets"] if d["dataset"] < 6]
+    assert [d["dataset"] for d in zero["gate"]["flagged_datasets"]] == clean_flags
+    assert zero["stream"]["delays"] == by_name["control-b"]["stream"]["delays"][:6]
+    assert one["gate"]["k"] == 6 and one["stream"]["k"] == 6  # a 1-sd shift over 128 samples
+    curve = replay.power_curve(results)
+    assert len(curve) == 1 and curve[0]["size"] == 128 and curve[0]["false_flags"]["gate"]["n"] == 10
+    planted = {p["shift_sd"]: p for p in curve[0]["planted"]}
+    assert planted[1.0]["gate"]["rate"] == 1.0 and planted[1.0]["eprocess"]["ci95"][0] > 0.5
+    table = replay.markdown_power_table(curve)
+    assert "+1 sd: gate" in table and "6/6 = 1.00" in table
+    with pytest.raises(SystemExit, match="not among the scored signals"):
+        replay.plant(clean, reference, "proj:owl", 1.0, ["llr"])

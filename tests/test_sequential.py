@@ -15,7 +15,9 @@ from trait_guard.sequential import (
     DEFAULT_LAMBDAS,
     EProcessDetector,
     LookaheadGate,
+    evidence_ceiling,
     expected_detection_delay,
+    min_reference_size,
     sequential_ranks,
 )
 
@@ -272,3 +274,39 @@ def test_min_samples_to_alarm_is_the_first_n_a_top_ranked_run_can_reach():
     detector = EProcessDetector(alpha=0.01).fit(reference)
     first = detector.run(np.full(200, 100.0))
     assert first is not None and first + 1 >= min_samples_to_alarm(0.01)
+
+
+def test_min_reference_size_is_where_the_eprocess_catches_the_design_shift():
+    """A reference caps the evidence (stream samples dilute it in the ranking pool): at the size
+    min_reference_size names, a 1-sd shift is caught in most streams however long; at a third of it,
+    in far fewer."""
+    alpha = 0.01 / 3
+    need = min_reference_size(1.0, alpha)
+    assert 20 <= need <= 35  # measured 26
+    rng = np.random.default_rng(11)
+    caught = {}
+    for m in (need // 3, need):
+        hits = 0
+        for i in range(60):
+            det = EProcessDetector(alpha=alpha, seed=i).fit(rng.normal(size=m))
+            hits += det.score(rng.normal(1.0, 1.0, size=10 * m)) > det.threshold
+        caught[m] = hits
+    assert caught[need] >= 42  # >= 70% (measured 49/60 at seed 1)
+    assert caught[need // 3] <= caught[need] - 15
+
+
+def test_evidence_ceiling_grows_with_the_reference_and_peaks_near_four_reference_sizes():
+    small, large = evidence_ceiling(100, 0.5), evidence_ceiling(400, 0.5)
+    assert large.log10_e > 3.5 * small.log10_e  # about linear in m
+    assert 2.5 * 100 <= small.at_sample <= 6 * 100 and 2.5 * 400 <= large.at_sample <= 6 * 400
+    assert evidence_ceiling(400, 0.5, n_samples=50).log10_e < large.log10_e  # a short stream climbs less
+    assert evidence_ceiling(400, 0.0).log10_e == 0.0  # no shift, no evidence
+    # the size named reaches 1/alpha; a stream too short for any reference gets None
+    need = min_reference_size(0.5, 0.01)
+    assert evidence_ceiling(need, 0.5).log10_e >= 2.0 > evidence_ceiling(int(need * 0.9), 0.5).log10_e
+    assert min_reference_size(0.5, 0.01, n_samples=15) is None
+    # the reference size barely moves the shortest possible alarm (the strict bound is m-free)
+    from trait_guard.sequential import min_samples_to_alarm
+
+    assert min_samples_to_alarm(0.01) == 11
+

@@ -58,6 +58,21 @@ the same information as running ``n_streams`` clean streams to their first alarm
 error ~ 1/sqrt(n_streams)). For the two-sided CUSUM, each side is simulated and the two alarm rates
 are added (``1/ERT = 1/ERT_up + 1/ERT_down``, the classical approximation of van Dobben de Bruyn).
 
+Honest calibration (``calibrate(..., reference_draws=B)``, what the guard uses). The bootstrap above
+treats the reference as the clean distribution itself. It is only a sample: its mean is off by about
+``sqrt(b / n)`` batch-sd (``n`` reference samples averaged ``b`` per batch), which moves the realized ERT
+on fresh clean data by a factor ``exp(2 (h + 1.166) sqrt(b / n))`` either way (about 40 for n = 128,
+b = 8, ERT ~3,000). So the threshold is chosen over the references one could have drawn: an outer
+bootstrap resamples the reference B times; a detector standardized with a resample's moments sees the
+original reference's batch scores as ``rho w + delta`` (``delta`` a t-statistic of the mean error,
+``rho`` the sd ratio), which for the CUSUM is the same as changing its allowance to ``(k - delta)/rho``
+and its threshold to ``h/rho``. ERT(h) curves simulated on a grid of allowances (with the exact
+Lundberg exponent extending them past the simulated range) give every draw's needed threshold, and
+``h`` is their 90% quantile: P(realized ERT < target) <= 10% over reference draws. Checked against
+exact Gaussian ARLs (integral equation) on 300 fresh references of 50 samples at ERT 200: 9.3% of
+them below the target (exact 95% CI [6.3%, 13.2%]), against 53.7% ([47.8%, 59.4%]) with the
+reference taken as exact (tests/test_detect.py).
+
 This module imports only numpy, the standard library and :mod:`trait_guard.files` at top level
 (scipy loads for Fisher's method only); it needs no torch.
 """
@@ -409,6 +424,271 @@ def _lundberg(increments: np.ndarray) -> float | None:
     return hi
 
 
+# ----------------------------------------------------------------------------- honest calibration
+
+_H_OFFSET = 1.166  # Siegmund's overshoot correction: detection delay ~ (h + 1.166) / (shift - k)
+
+
+class _Curve(NamedTuple):
+    """log ERT(h) of one CUSUM side with allowance ``kappa`` on standardized batch scores: simulated on
+    ``grid`` up to its last point, and ``intercept + theta * h`` beyond (Cramer-Lundberg asymptote)."""
+
+    kappa: float
+    grid: np.ndarray
+    log_ert: np.ndarray
+    theta: float
+    intercept: float
+    cycles: int
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        inside = np.interp(h, self.grid, self.log_ert)
+        return np.where(h <= self.grid[-1], inside, self.intercept + self.theta * h)
+
+
+def _ert_curve(w: np.ndarray, kappa: float, target: float, n_alarms: int, rng: np.random.Generator,
+               max_cycles: int) -> _Curve | None:
+    """ERT(h) of the upper CUSUM on increments ``w - kappa`` (``w`` resampled), for every h at once.
+
+    The excursion simulation of :meth:`CUSUMDetector.calibrate` is run to an ERT of ``min(target, t)``
+    with ``t`` starting at 2,000 (about ``n_alarms`` false alarms simulated there); beyond it, log ERT is
+    extended linearly with the exact Lundberg exponent ``theta`` of the increments (renewal theory:
+    ERT ~ C exp(theta h)), ``C`` fitted on the top decade of the simulated curve. ``t`` grows tenfold
+    until that decade lies where the asymptote holds (``theta (h + 1.166) >= 4``: the correction term
+    is below 2%). Against direct calibration at ERT 30,000 the extrapolated h agreed within 0.1.
+    None when the side has no negative drift (``kappa <= 0``: no finite Lundberg exponent).
+    """
+    increments = w - kappa
+    theta = _lundberg(increments)
+    if theta is None:
+        return None
+    t_sim = min(target, 2000.0)
+    while True:
+        cap = 2.0 + 1.5 * math.log(2.0 * t_sim) / theta
+        for _ in range(12):
+            pilot = _simulate_excursions(increments, cap, 20_000, rng)
+            mean_len = pilot.steps[-1] / pilot.n_cycles
+            n_cycles = int(min(max_cycles, max(20_000, math.ceil(n_alarms * t_sim / mean_len))))
+            sim = _simulate_excursions(increments, cap, n_cycles, rng)
+            with np.errstate(divide="ignore"):
+                ert = sim.steps / sim.alarms
+            if ert[-1] >= 1.05 * t_sim:
+                break
+            cap *= 1.6
+        else:
+            raise RuntimeError(f"CUSUM calibration did not reach ERT {t_sim:g} at allowance {kappa:.3g}")
+        top = int(np.argmax(ert >= t_sim))
+        low = int(np.argmax(ert >= t_sim / 10.0))
+        if t_sim >= target or theta * (sim.grid[low] + _H_OFFSET) >= 4.0:
+            break
+        t_sim = min(target, 10.0 * t_sim)
+    window = slice(low, top + 1)
+    log_ert = np.log(ert[: top + 1])
+    intercept = float(np.average(log_ert[window] - theta * sim.grid[window], weights=sim.alarms[window]))
+    return _Curve(float(kappa), sim.grid[: top + 1].copy(), log_ert, float(theta), intercept, n_cycles)
+
+
+def _kappa_grid(kappas: np.ndarray, floor: float, anchor: float, points: int) -> np.ndarray:
+    """Allowances at which to simulate: ``points`` evenly spaced over the replicates' central 99.6%
+    (never below ``floor``), plus ``anchor`` (the reference taken as exact)."""
+    finite = kappas[np.isfinite(kappas)]
+    lo, hi = np.quantile(finite, [0.002, 0.998]) if finite.size else (anchor, anchor)
+    lo, hi = max(float(lo), floor), max(float(hi), anchor)
+    return np.unique(np.concatenate([np.linspace(min(lo, anchor), hi, points), [anchor]]))
+
+
+def _tabulate(curves: list[_Curve], top: float, points: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """The curves' log ERT on one uniform grid of thresholds ``[0, top]``: ``(grid, table[curve, point])``."""
+    grid = np.linspace(0.0, top, points)
+    return grid, np.stack([c(grid) for c in curves])
+
+
+def _side_log_ert(kappa_grid: np.ndarray, table: tuple[np.ndarray, np.ndarray], kappas: np.ndarray,
+                  scales: np.ndarray, h: np.ndarray, clip: bool = False) -> np.ndarray:
+    """``log ERT`` ``[replicates, len(h)]`` of one side: replicate r's threshold ``h`` acts as ``h / scale_r``
+    on a CUSUM with allowance ``kappa_r``, interpolated linearly in kappa between the tabulated curves
+    (clipped at the top of the grid, which only lowers the ERT: conservative). A replicate below the
+    lowest curve gets -inf (no threshold of use brings it to the target), or with ``clip`` the lowest
+    curve."""
+    u, values = table
+    low = kappa_grid[0]
+    kap = np.where(np.isfinite(kappas), kappas, -np.inf)
+    below = kap < low
+    kap = np.clip(kap, low, kappa_grid[-1])
+    if kappa_grid.size == 1:
+        j, frac = np.zeros(kap.size, dtype=np.int64), np.zeros(kap.size)
+    else:
+        j = np.clip(np.searchsorted(kappa_grid, kap, side="right") - 1, 0, kappa_grid.size - 2)
+        frac = (kap - kappa_grid[j]) / (kappa_grid[j + 1] - kappa_grid[j])
+    x = np.clip(h[None, :] / scales[:, None], 0.0, u[-1]) / (u[1] - u[0])
+    i = np.minimum(x.astype(np.int64), u.size - 2)
+    f = x - i
+    rows = j[:, None]
+    near = values[rows, i] * (1.0 - f) + values[rows, i + 1] * f
+    if kappa_grid.size == 1:
+        out = near
+    else:
+        far = values[rows + 1, i] * (1.0 - f) + values[rows + 1, i + 1] * f
+        out = near * (1.0 - frac[:, None]) + far * frac[:, None]
+    if not clip:
+        out[below] = -np.inf
+    return out
+
+
+def _reference_draws(samples: np.ndarray, batch_size: int, draws: int,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """How far off the detector's standardization would be had the reference been drawn again.
+
+    Bootstrap world: the reference's empirical distribution F_n plays the unknown clean distribution
+    F, and a resample R* of it plays the reference. A detector standardized with R*'s moments sees
+    clean batch scores as ``rho * w + delta`` (``w``: clean standardized batch score), with
+    ``delta = sqrt(b) (mean(F_n) - mean(R*)) / sd(R*)`` (a t-statistic, nearly pivotal: its bootstrap
+    distribution is accurate to O(1/n)) and ``rho = sd(F_n) / sd(R*)``. Returns (delta, rho) per draw;
+    a resample without spread (the detector would refuse it) gets NaN.
+    """
+    n = samples.size
+    mean, spread = samples.mean(), samples.std()  # F_n's own moments (ddof 0: a distribution)
+    delta, rho = np.empty(draws), np.empty(draws)
+    rows = max(1, (1 << 22) // n)
+    for start in range(0, draws, rows):
+        stop = min(draws, start + rows)
+        resampled = samples[rng.integers(n, size=(stop - start, n))]
+        m, s = resampled.mean(axis=1), resampled.std(axis=1, ddof=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            delta[start:stop] = np.where(s > 0, math.sqrt(batch_size) * (mean - m) / s, np.nan)
+            rho[start:stop] = np.where(s > 0, spread / s, np.nan)
+    return delta, rho
+
+
+def _needed_h(log_ert: np.ndarray, h: np.ndarray, target: float) -> np.ndarray:
+    """Per replicate, the smallest threshold on ``h`` whose ERT reaches ``target`` (inf if none)."""
+    ok = log_ert >= math.log(target)
+    first = np.where(ok.any(axis=1), ok.argmax(axis=1), -1)
+    out = np.full(log_ert.shape[0], np.inf)
+    hit = first > 0
+    j = first[hit]
+    rows = np.flatnonzero(hit)
+    lo, hi = log_ert[rows, j - 1], log_ert[rows, j]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(np.isfinite(lo) & (hi > lo), (math.log(target) - lo) / (hi - lo), 1.0)
+    out[rows] = h[j - 1] + np.clip(frac, 0.0, 1.0) * (h[j] - h[j - 1])
+    out[first == 0] = h[0]
+    return out
+
+
+def _upper_quantile(values: np.ndarray, q: float) -> float:
+    """The ``ceil(q n)``-th smallest value (an order statistic, never interpolated: inf stays inf)."""
+    ordered = np.sort(values)
+    return float(ordered[min(ordered.size - 1, max(0, math.ceil(q * ordered.size) - 1))])
+
+
+def _round_up(n: float) -> int:
+    """``n`` rounded up to two significant digits (a size to ask for, not a false precision)."""
+    n = max(1.0, float(n))
+    step = 10 ** max(0, int(math.floor(math.log10(n))) - 1)
+    return int(math.ceil(n / step) * step)
+
+
+def _reference_bootstrap(w: np.ndarray, samples: np.ndarray, batch_size: int, k: float, two_sided: bool,
+                         target: float, draws: int, confidence: float, max_inflation: float, n_alarms: int,
+                         rng: np.random.Generator, max_cycles: int) -> dict[str, Any]:
+    """The threshold that keeps P(realized ERT < target) <= 1 - ``confidence`` over reference draws.
+
+    ``w``: the standardized clean batch scores (the shape the CUSUM sees); ``samples``: the reference
+    units whose mean and sd standardize it (per-sample values averaged ``batch_size`` at a time, or the
+    batch scores themselves with ``batch_size`` 1). For each of ``draws`` bootstrap references
+    (:func:`_reference_draws`), replicate r's detector sees clean batch scores ``rho_r w + delta_r``, so
+    its upper CUSUM with threshold h is the CUSUM of ``w`` with allowance ``(k - delta_r) / rho_r`` and
+    threshold ``h / rho_r`` (the lower one: ``(k + delta_r) / rho_r``). ERT(h) curves are simulated on a
+    grid of allowances (:func:`_ert_curve`) and interpolated, so the cost does not grow with ``draws``.
+    Replicate r needs threshold ``h_r`` to reach the target on the clean distribution; the answer is
+    the ``confidence`` quantile of ``h_r`` (an order statistic). The nominal threshold (the reference
+    taken as exact, as :meth:`CUSUMDetector.calibrate` without reference draws) is the same
+    computation at ``delta = 0, rho = 1``.
+    """
+    delta, rho = _reference_draws(samples, batch_size, draws, rng)
+    valid = np.isfinite(delta) & np.isfinite(rho)
+    delta, rho = delta[valid], rho[valid]
+    floor = 0.25 * k  # an allowance below this needs a threshold > ~4x the nominal: no longer a detector
+    sides = [(w, (k - delta) / rho)] + ([(-w, (k + delta) / rho)] if two_sided else [])
+    curves = []
+    for base, kappas in sides:
+        side = [_ert_curve(base, kappa, target, n_alarms, rng, max_cycles)
+                for kappa in _kappa_grid(kappas, floor, k, 10)]
+        if any(c is None for c in side):
+            raise ValueError(f"k={k} leaves a CUSUM side without negative drift on the reference: use a larger k")
+        curves.append(side)
+    reach = max((math.log(target) - c.intercept) / c.theta for side in curves for c in side)
+    h = np.linspace(0.0, 1.5 * max(reach, 1.0) * max(1.0, float(rho.max())), 512)
+    grids = [np.array([c.kappa for c in side]) for side in curves]
+    tables = [_tabulate(side, float(h[-1] / min(1.0, float(rho.min())))) for side in curves]
+
+    def log_ert(delta: np.ndarray, rho: np.ndarray, clip: bool = False) -> np.ndarray:
+        kappa = [(k - delta) / rho, (k + delta) / rho]
+        total = np.zeros((delta.size, h.size))
+        for grid, tab, kap in zip(grids, tables, kappa, strict=False):
+            total += np.exp(-_side_log_ert(grid, tab, kap, rho, h, clip))
+        with np.errstate(divide="ignore"):
+            return -np.log(total)
+
+    def at(table: np.ndarray, threshold: float) -> np.ndarray:
+        j = min(int(np.searchsorted(h, threshold)), h.size - 1)
+        if j == 0:
+            return table[:, 0]
+        frac = (threshold - h[j - 1]) / (h[j] - h[j - 1])
+        return table[:, j - 1] * (1.0 - frac) + table[:, j] * frac
+
+    table = log_ert(delta, rho)
+    needed = _needed_h(table, h, target)
+    nominal = float(_needed_h(log_ert(np.zeros(1), np.ones(1)), h, target)[0])
+    honest = _upper_quantile(needed, confidence)
+    feasible = math.isfinite(honest)
+    if not feasible:  # too many draws beyond the lowest allowance: the best this reference allows
+        table = log_ert(delta, rho, clip=True)
+        honest = _upper_quantile(_needed_h(table, h, target), confidence)
+
+    def realized(threshold: float) -> dict[str, Any]:
+        ert = np.exp(at(table, threshold))
+        return {"p10": float(np.quantile(ert, 0.1)), "median": float(np.median(ert)),
+                "below_target": float(np.mean(ert < target))}
+
+    def inflation(scale: float) -> float:  # a reference ``scale`` times larger: deviations / sqrt(scale)
+        shrink = 1.0 / math.sqrt(scale)
+        d, r = delta[:400], rho[:400]  # the size asked for needs no more precision than this
+        need = _needed_h(log_ert(d * shrink, 1.0 + (r - 1.0) * shrink), h, target)
+        return (_upper_quantile(need, confidence) + _H_OFFSET) / (nominal + _H_OFFSET)
+
+    delay_factor = (honest + _H_OFFSET) / (nominal + _H_OFFSET)
+    needed_n = None
+    if not feasible or delay_factor > max_inflation:
+        goal = 1.0 + 0.8 * (max_inflation - 1.0)  # headroom: a reference of this size passes the check
+        lo, hi = 0.0, math.log(1e4)
+        if inflation(math.exp(hi)) <= goal:
+            for _ in range(9):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (lo, mid) if inflation(math.exp(mid)) <= goal else (mid, hi)
+            needed_n = _round_up(samples.size * math.exp(hi))
+    quantiles = np.quantile(needed[np.isfinite(needed)], [0.1, 0.5, 0.9]) if np.isfinite(needed).any() else [math.inf] * 3
+    return {
+        "h": honest,
+        "nominal_h": nominal,
+        "feasible": feasible,
+        "confidence": confidence,
+        "reference_n": int(samples.size),
+        "batch_size": int(batch_size),
+        "draws": int(delta.size),
+        "needed_h_quantiles": {"p10": float(quantiles[0]), "median": float(quantiles[1]), "p90": float(quantiles[2])},
+        "needed_h_infinite": float(np.mean(~np.isfinite(needed))),
+        "mean_offset_sd": float(np.std(delta)),
+        "realized_ert": realized(honest),
+        "realized_ert_nominal_h": realized(nominal),
+        "delay_factor": delay_factor,
+        "max_delay_factor": max_inflation,
+        "needed_reference_n": needed_n,
+        "allowance_grid": [[c.kappa for c in side] for side in curves],
+        "simulated_cycles": int(sum(c.cycles for side in curves for c in side)),
+    }
+
+
 # ----------------------------------------------------------------------------- CUSUM
 
 
@@ -460,27 +740,47 @@ class CUSUMDetector(Detector):
         return self
 
     def calibrate(self, target_ert: float = 10_000, n_streams: int = 1000, seed: int = 0, *,
-                  max_cycles: int = 30_000_000) -> CUSUMDetector:
+                  max_cycles: int = 30_000_000, reference_draws: int = 0, reference_samples: Any = None,
+                  batch_size: int = 1, confidence: float = 0.9, max_delay_factor: float = 1.25) -> CUSUMDetector:
         """Choose ``h`` so that clean streams (bootstrapped from the reference) alarm every
         ``target_ert`` batches on average.
+
+        With ``reference_draws > 0`` the reference is not taken as exact (the honest calibration, which
+        :class:`~trait_guard.guard.TraitGuard` uses): ``h`` is chosen so that the *realized* ERT on the
+        clean distribution reaches the target for a fraction ``confidence`` of the references one could
+        have drawn (an outer bootstrap over ``reference_draws`` resampled references, see
+        :func:`_reference_bootstrap`). ``reference_samples``: the reference units whose moments set the
+        standardization, when the batch scores given to :meth:`fit` were averaged from them
+        ``batch_size`` at a time (the guard passes its per-sample reference); default: the batch scores
+        themselves, ``batch_size`` 1. ``calibration['reference_bootstrap']`` then reports the nominal h
+        (reference taken as exact), the spread of the needed h, the realized-ERT quantiles of both
+        thresholds, the delay factor ``(h + 1.166) / (nominal h + 1.166)`` it costs, and, when that
+        exceeds ``max_delay_factor`` or no useful threshold exists (``feasible`` false), the reference
+        size that brings it under (``needed_reference_n``). Here ``n_streams`` is the number of false
+        alarms simulated per ERT curve.
 
         ``n_streams`` sets the precision: the simulation holds as much information as that many clean
         streams run to their first false alarm (relative standard error of the ERT ~ 1/sqrt(n_streams)).
         ``max_cycles`` bounds the work (excursions simulated); ``seed`` makes it reproducible.
         Details in the module docstring; the outcome is in :attr:`calibration`.
 
-        The bootstrap can only be as good as the reference: its mean is uncertain by ``1/sqrt(n)`` sd,
-        which moves the ERT on the true clean distribution by a factor of about
-        ``exp(2 (h + 1.166) / sqrt(n))`` (``calibration['ert_factor_reference_se']``): 1.23 for
-        ERT 200 with n = 2,000 reference batches, 1.13 for ERT 10,000 with n = 20,000. Use thousands
-        of reference batch scores for large targets.
+        Without reference draws the bootstrap can only be as good as the reference: its mean is
+        uncertain by ``1/sqrt(n)`` sd, which moves the ERT on the true clean distribution by a factor
+        of about ``exp(2 (h + 1.166) / sqrt(n))`` (``calibration['ert_factor_reference_se']``, with n
+        the number of *independent* reference batch scores: batch scores bootstrapped from fewer
+        samples carry less information than their count says): 1.23 for ERT 200 with n = 2,000, 1.13
+        for ERT 10,000 with n = 20,000. Use reference draws, or thousands of reference batch scores.
         """
         self._require("calibrate", calibrated=False)
         target = _check_number(target_ert, "target_ert", low=1.0, low_open=True)
         n_streams = _check_int(n_streams, "n_streams", low=10)
         max_cycles = _check_int(max_cycles, "max_cycles", low=1000)
+        draws = _check_int(reference_draws, "reference_draws", low=0)
         assert self._ref is not None
         z = (self._ref - self.mean) / self.sd
+        if draws:
+            return self._calibrate_to_reference(z, target, n_streams, seed, max_cycles, draws, reference_samples,
+                                                batch_size, confidence, max_delay_factor)
         sides = [z - self.k] + ([-z - self.k] if self.two_sided else [])
         if all(s.max() <= 0 for s in sides):
             raise ValueError(
@@ -530,6 +830,33 @@ class CUSUMDetector(Detector):
             # the reference mean is itself uncertain by 1/sqrt(n) sd; that moves the true ERT by
             # about this factor (x or /, one standard error; Gaussian approximation)
             "ert_factor_reference_se": math.exp(2.0 * (h + 1.166) / math.sqrt(self._ref.size)),
+        }
+        return self
+
+    def _calibrate_to_reference(self, z: np.ndarray, target: float, n_streams: int, seed: int, max_cycles: int,
+                                draws: int, reference_samples: Any, batch_size: int, confidence: float,
+                                max_delay_factor: float) -> CUSUMDetector:
+        """:meth:`calibrate` with reference draws (the honest calibration)."""
+        if draws < 50:
+            raise ValueError(f"reference_draws must be 0 (reference taken as exact) or at least 50 (got {draws})")
+        samples = z if reference_samples is None else _reference(reference_samples, "reference_samples")
+        batch_size = _check_int(batch_size, "batch_size", low=1)
+        confidence = _check_number(confidence, "confidence", low=0.5, high=1.0, high_open=True)
+        max_delay_factor = _check_number(max_delay_factor, "max_delay_factor", low=1.0, low_open=True)
+        if not self.k > 0:
+            raise ValueError("the honest calibration needs k > 0 (with k = 0 no reference is large enough: the "
+                             "reference's mean error alone drives the CUSUM up); use k > 0 or reference_draws=0")
+        w = (z - z.mean()) / z.std()
+        rng = np.random.default_rng(seed)
+        result = _reference_bootstrap(w, samples, batch_size, self.k, self.two_sided, target, draws, confidence,
+                                      max_delay_factor, n_streams, rng, max_cycles)
+        self.h = result["h"]
+        self._h_given = False
+        self._calibrated = True
+        self.calibration = {
+            "method": "reference-bootstrap", "target_ert": target, "n_streams": n_streams, "seed": seed,
+            "two_sided": self.two_sided, "k": self.k, "reference_n": int(samples.size),
+            "reference_bootstrap": result,
         }
         return self
 

@@ -9,8 +9,18 @@ fed to one sequential test per signal (``guard.sequential``):
   signals, so P(any false data alarm in the whole run, on clean data) <= ``alpha`` by Ville's
   inequality (marginally over the reference draw), with no calibration run.
 * ``cusum`` (:class:`trait_guard.detect.CUSUMDetector`): batch means, calibrated by bootstrap so that
-  the whole guard raises a false alarm about once per ``target_ert`` clean batches (a union bound).
-  It re-arms at 0, so it is faster on a shift that starts late in a long stream.
+  the whole guard raises a false alarm at most about once per ``target_ert`` clean batches (a union
+  bound). The calibration is honest about the reference's size: its mean is itself uncertain by
+  ``sqrt(batch / n)`` batch-sd, which moves the realized ERT by an order of magnitude for n in the
+  hundreds, so ``h`` is chosen over ``reference_draws`` bootstrap references to keep
+  P(realized ERT < target) <= 10% (:meth:`trait_guard.detect.CUSUMDetector.calibrate`). It re-arms
+  at 0, so it is faster on a shift that starts late in a long stream.
+
+A reference too small for what the config asks (the CUSUM's honest threshold delays detection by
+more than 1.25x, or the e-process's evidence on a ``design_shift`` shift cannot reach ``1/alpha``:
+stream samples join its ranking pool, so the reference caps the evidence) is named in
+:attr:`TraitGuard.reference_warnings` and the log, with the reference size it needs;
+:attr:`TraitGuard.calibration_summary` has the numbers.
 
 Single samples are never judged alone: published per-sample screening failed to stop subliminal
 transfer, while evidence accumulated over many samples succeeds (docs/science.md). Each alarm records
@@ -37,6 +47,8 @@ rank sees the same inputs and takes the same action.
 from __future__ import annotations
 
 import fnmatch
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +59,23 @@ from trait_guard.config import Action, Direction, GuardConfig
 from trait_guard.detect import CUSUMDetector, Verdict, split_ert
 from trait_guard.errors import TraitGuardInputError
 from trait_guard.fingerprint import TEACHER_LOGPROB_SIGNALS, suspicious_direction, teacher_signal_coverage
-from trait_guard.sequential import EProcessDetector, min_samples_to_alarm
+from trait_guard.sequential import (
+    EProcessDetector,
+    evidence_ceiling,
+    min_reference_size,
+    min_samples_to_alarm,
+)
+
+logger = logging.getLogger(__name__)
+
+#: CUSUM: reference draws of the honest calibration (0: the reference taken as exact, the old way)
+REFERENCE_DRAWS = 1000
+#: CUSUM: the honest threshold keeps P(realized ERT < target) <= 1 - this, over reference draws
+CALIBRATION_CONFIDENCE = 0.9
+#: CUSUM: a reference is too small when its honest threshold delays detection more than this factor
+MAX_DELAY_FACTOR = 1.25
+#: e-process: the per-sample shift (reference sd) a reference must let the test see (AUROC 0.64)
+DESIGN_SHIFT = 0.5
 
 
 def check_signal_sides(watched: list[str], train_rows: list[dict[str, Any]], reference_rows: list[dict[str, Any]],
@@ -97,9 +125,34 @@ class Decision:
 class TraitGuard:
     """Calibrated detectors over fingerprint signals, and the policy that turns alarms into actions."""
 
-    def __init__(self, config: GuardConfig, reference: dict[str, np.ndarray], batch_size: int):
+    def __init__(self, config: GuardConfig, reference: dict[str, np.ndarray] | None = None, batch_size: int = 0, *,
+                 reference_draws: int | None = None, design_shift: float | None = None):
+        """``reference``: per-sample signals of clean data from the student's base model; None builds a
+        guard with drift probes only (:meth:`drift_only`), which refuses :meth:`observe`.
+
+        ``reference_draws`` (CUSUM; default ``config.reference_draws`` when the config has it, else
+        :data:`REFERENCE_DRAWS`): the outer bootstrap of the honest calibration, 0 for the old one that
+        takes the reference as exact. ``design_shift`` (default ``config.design_shift`` when the config
+        has it, else :data:`DESIGN_SHIFT`): the smallest per-sample shift, in reference sd, that the
+        e-process must be able to see; a reference too small for it is warned about
+        (:attr:`reference_warnings`)."""
         self.config = config
         self.batch_size = batch_size
+        self.reference_draws = int(getattr(config, "reference_draws", REFERENCE_DRAWS)
+                                   if reference_draws is None else reference_draws)
+        self.design_shift = float(getattr(config, "design_shift", DESIGN_SHIFT) if design_shift is None else design_shift)
+        if not (math.isfinite(self.design_shift) and self.design_shift > 0):
+            raise ValueError(f"design_shift must be a positive number of reference sd (got {design_shift!r})")
+        self.reference_n: dict[str, int] = {}
+        self.reference_warnings: list[str] = []
+        self.drift_only_guard = reference is None
+        if reference is None:  # drift probes only: nothing to calibrate
+            self.kind = config.sequential
+            self.signals, self.skipped, self.constant = [], {}, {}
+            self.mean, self.std, self.detectors = {}, {}, {}
+            self.low_point, self.last_zero = {}, {}
+            self.step, self.mode, self.alarms = 0, Action.PASS, []
+            return
         self.signals = self._select(reference)
         if not self.signals:
             raise TraitGuardInputError(
@@ -134,7 +187,11 @@ class TraitGuard:
             values = np.asarray(reference[name], dtype=float)
             values = values[np.isfinite(values)]
             self.mean[name], self.std[name] = float(values.mean()), float(values.std(ddof=1))
+            self.reference_n[name] = int(values.size)
             self.detectors[name] = self._detector(name, self.standardize(name, values))
+        self.reference_warnings = self.warnings()
+        for warning in self.reference_warnings:
+            logger.warning("trait_guard: %s", warning)
         self.low_point: dict[str, float] = {name: 0.0 for name in self.signals}  # e-process: min log10 E so far
         self.step = 0
         self.mode = Action.PASS  # the mitigation in force after an alarm
@@ -149,9 +206,21 @@ class TraitGuard:
         if self.kind == "eprocess":  # Bonferroni over signals: P(any false alarm in the run) <= alpha
             return EProcessDetector(alpha=self.config.alpha / k, two_sided=two_sided, seed=self.config.seed,
                                     name=name).fit(z)
-        batch_means = self._calibration_rng.choice(z, size=(self.config.bootstrap_batches, self.batch_size), replace=True).mean(1)
-        detector = CUSUMDetector(k=self.config.drift_allowance, two_sided=two_sided, name=name)
-        return detector.fit(batch_means).calibrate(target_ert=split_ert(self.config.target_ert, k), seed=self.config.seed)
+        batch = max(1, self.batch_size)
+        batch_means = self._calibration_rng.choice(z, size=(self.config.bootstrap_batches, batch), replace=True).mean(1)
+        # the draws give the batch means' shape; their moments are set exactly (mean 0, sd 1/sqrt(b): i.i.d.
+        # draws from the standardized reference), so the only standardization error left is the
+        # reference's own, which the honest calibration measures
+        spread = batch_means.std(ddof=1)
+        if spread > 0:
+            batch_means = (batch_means - batch_means.mean()) / spread / math.sqrt(batch)
+        detector = CUSUMDetector(k=self.config.drift_allowance, two_sided=two_sided, name=name).fit(batch_means)
+        target = split_ert(self.config.target_ert, k)
+        if not self.reference_draws or not self.config.drift_allowance > 0:  # the reference taken as exact
+            return detector.calibrate(target_ert=target, seed=self.config.seed)
+        return detector.calibrate(target_ert=target, seed=self.config.seed, n_streams=200,
+                                  reference_draws=self.reference_draws, reference_samples=z, batch_size=batch,
+                                  confidence=CALIBRATION_CONFIDENCE, max_delay_factor=MAX_DELAY_FACTOR)
 
     def _update(self, name: str, z: np.ndarray) -> Verdict:
         """Feed one batch of a signal to its test (every sample to an e-process, the mean to a CUSUM),
@@ -170,17 +239,97 @@ class TraitGuard:
         return verdict
 
     def blind_spot(self, n_samples: int) -> str | None:
-        """Why the in-training test could never alarm on ``n_samples`` training samples, or None. An
-        e-process needs a minimum run of top-ranked samples to reach ``k / alpha``; less data than
-        that cannot be judged by it, whatever it holds."""
-        if self.kind != "eprocess" or not self.signals:
-            return None
-        need = min_samples_to_alarm(self.config.alpha / len(self.signals))
-        if n_samples >= need:
-            return None
-        return (f"the e-process needs at least {need} samples to reach 1/alpha (alpha={self.config.alpha:g} over "
-                f"{len(self.signals)} signals) and the training data has {n_samples}: in training it cannot alarm. "
-                "Rely on the gate, raise guard.alpha, or use guard.sequential: cusum")
+        """What the in-training test cannot do with ``n_samples`` training samples and this reference,
+        or None: :meth:`warnings` joined (the training recipe logs this as the guard's warning)."""
+        found = self.warnings(n_samples)
+        return " | ".join(found) if found else None
+
+    def warnings(self, n_samples: int | None = None) -> list[str]:
+        """Why the in-training test could not deliver what the config asks, each with the fix.
+
+        * e-process, data: it needs a minimum run of top-ranked samples to reach ``k / alpha``
+          (:func:`min_samples_to_alarm`); less data than that cannot be judged by it, whatever it holds.
+        * e-process, reference: stream samples join the pool they are ranked against, so a reference of
+          ``m`` samples caps the evidence any stream can give (:func:`evidence_ceiling`); below
+          :func:`min_reference_size` for :attr:`design_shift` (within ``n_samples`` when given) a shift
+          of that size is caught in fewer than about 4 of 5 streams. Names the reference size needed.
+        * CUSUM, reference: the honest threshold (calibrated over reference draws) is infeasible or
+          delays detection by more than :data:`MAX_DELAY_FACTOR`; names the reference size needed.
+        """
+        if not self.signals:
+            return []
+        k = len(self.signals)
+        out = []
+        if self.kind == "eprocess":
+            alpha = self.config.alpha / k
+            need = min_samples_to_alarm(alpha)
+            if n_samples is not None and n_samples < need:
+                return [f"the e-process needs at least {need} samples to reach 1/alpha (alpha={self.config.alpha:g} "
+                        f"over {k} signals) and the training data has {n_samples}: in training it cannot alarm. "
+                        "Rely on the gate, raise guard.alpha, or use guard.sequential: cusum"]
+            m = min(self.reference_n.values())
+            needed = min_reference_size(self.design_shift, alpha, n_samples=n_samples)
+            data = f" within the {n_samples} training samples" if n_samples is not None else ""
+            if needed is None:
+                out.append(f"the e-process cannot be expected to catch a {self.design_shift:g}-sd per-sample shift"
+                           f"{data} at alpha={self.config.alpha:g} over {k} signals, whatever the reference size: "
+                           "the data is too short for it. Rely on the gate, or raise guard.alpha")
+            elif m < needed:
+                ceiling = evidence_ceiling(m, self.design_shift, n_samples=n_samples)
+                out.append(f"the reference has {m} samples: against it the e-process's evidence on a "
+                           f"{self.design_shift:g}-sd per-sample shift peaks near E = 10^{ceiling.log10_e:.1f} "
+                           f"(after ~{ceiling.at_sample} samples; stream samples join the ranking pool and "
+                           f"dilute the reference){data}, below 1/alpha = 10^{-math.log10(alpha):.1f} "
+                           f"(alpha={self.config.alpha:g} over {k} signals): use a reference of at least "
+                           f"{needed} samples (data.max_reference_samples / more reference rows), or rely on the gate")
+            return out
+        if getattr(self, "reference_draws", 0) and not self.config.drift_allowance > 0:
+            out.append("CUSUM with guard.drift_allowance 0: no reference is large enough for an honest threshold (the "
+                       "reference's mean error alone drives the statistic up), so it takes the reference as exact and "
+                       "its realized false-alarm rate is not controlled; use drift_allowance > 0 (0.5) or eprocess")
+        for name, detector in self.detectors.items():
+            result = (detector.calibration or {}).get("reference_bootstrap")
+            if not result or (result["feasible"] and result["delay_factor"] <= result["max_delay_factor"]):
+                continue
+            size = (f"use a reference of at least {result['needed_reference_n']} samples"
+                    if result["needed_reference_n"] else "no reference up to 10,000x larger is enough")
+            realized = result["realized_ert_nominal_h"]
+            head = (f"CUSUM on '{name}': the reference of {result['reference_n']} samples is too small for "
+                    f"ERT {detector.calibration['target_ert']:g} at batch {result['batch_size']}: ")
+            if not result["feasible"]:
+                out.append(head + f"its mean is off by {result['mean_offset_sd']:.2f} batch-sd (one SE), so in "
+                           f"{result['needed_h_infinite']:.0%} of reference draws no useful threshold reaches the "
+                           f"target; the guard uses h={result['h']:.3g} (nominal {result['nominal_h']:.3g}) "
+                           f"without that guarantee. {size}, or guard.sequential: eprocess")
+            else:
+                out.append(head + f"the honest threshold h={result['h']:.3g} (nominal {result['nominal_h']:.3g}, "
+                           f"whose realized ERT would fall to {realized['p10']:.3g} in 1 of 10 reference draws) "
+                           f"delays detection {result['delay_factor']:.2f}x; {size}")
+        return out
+
+    @property
+    def calibration_summary(self) -> dict[str, Any]:
+        """Per signal, what the calibration rests on (JSON-safe; for the run summary and the report):
+        the reference size, and for the CUSUM the honest and nominal thresholds, the spread of the
+        needed threshold over reference draws, the realized-ERT quantiles and the delay factor; for the
+        e-process the evidence ceiling on a :attr:`design_shift` shift and the reference size it needs."""
+        signals: dict[str, Any] = {}
+        k = max(1, len(self.signals))
+        for name, detector in self.detectors.items():
+            entry: dict[str, Any] = {"reference_n": self.reference_n.get(name)}
+            if self.kind == "cusum":
+                entry["h"] = detector.h
+                entry["calibration"] = detector.calibration
+            else:
+                alpha = self.config.alpha / k
+                ceiling = evidence_ceiling(self.reference_n[name], self.design_shift)
+                entry.update({"alpha": alpha, "design_shift": self.design_shift,
+                              "ceiling_log10_e": ceiling.log10_e, "ceiling_at_sample": ceiling.at_sample,
+                              "needed_reference_n": min_reference_size(self.design_shift, alpha)})
+            signals[name] = entry
+        draws = getattr(self, "reference_draws", 0)
+        return {"sequential": self.kind, "reference_draws": draws if self.kind == "cusum" else None,
+                "signals": signals, "warnings": list(getattr(self, "reference_warnings", []))}
 
     @property
     def false_alarm_control(self) -> str:
@@ -188,8 +337,19 @@ class TraitGuard:
         if self.kind == "eprocess":
             return (f"anytime-valid: P(any false data alarm in the run) <= {self.config.alpha:g} "
                     f"(Ville's inequality, alpha/{max(1, len(self.signals))} per signal)")
+        if getattr(self, "reference_draws", 0) and self.detectors and self.config.drift_allowance > 0:
+            return (f"CUSUM: at least {self.config.target_ert:g} clean batches per false data alarm on average, for "
+                    f"{CALIBRATION_CONFIDENCE:.0%} of the references one could have drawn (honest bootstrap over "
+                    f"{self.reference_draws} reference draws; union bound over signals)")
         return (f"CUSUM: on average one false data alarm per {self.config.target_ert:g} clean batches "
-                "(bootstrap-calibrated ERT, union bound over signals)")
+                "(bootstrap-calibrated ERT taking the reference as exact; union bound over signals)")
+
+    @classmethod
+    def drift_only(cls, config: GuardConfig | None = None) -> TraitGuard:
+        """A guard with drift probes only (no data reference, so no data tests): it decides on
+        :meth:`observe_drift` and refuses :meth:`observe`. For on-policy training (the student
+        generates its own data) or before any reference signals exist."""
+        return cls(config or GuardConfig(), None)
 
     @property
     def powered(self) -> list[str]:
@@ -246,6 +406,11 @@ class TraitGuard:
     def observe(self, signals: dict[str, np.ndarray], token_masks: list[np.ndarray] | None = None,
                 step: int | None = None) -> Decision:
         """Decide for one batch given its per-sample signals (all ranks' samples, gathered)."""
+        if getattr(self, "drift_only_guard", False):
+            raise TraitGuardInputError(
+                "this guard has drift probes only (built without reference signals): it has no reference to "
+                "judge data signals against. Build TraitGuard(config, reference_signals, batch_size) to guard "
+                "the data as well")
         self.step = self.step + 1 if step is None else step
         missing = [n for n in self.signals if n not in signals]  # skipped signals may be absent
         if missing:
@@ -342,6 +507,9 @@ class TraitGuard:
         return {"step": self.step, "mode": self.mode.value, "alarms": list(self.alarms), "last_zero": dict(self.last_zero),
                 "low_point": dict(self.low_point),
                 "signals": list(self.signals), "skipped": dict(self.skipped), "constant": dict(self.constant), "mean": dict(self.mean), "std": dict(self.std),
+                # getattr: integrations.torch_loop.DriftGuard still builds itself without __init__
+                "reference_n": dict(getattr(self, "reference_n", {})),
+                "reference_warnings": list(getattr(self, "reference_warnings", [])),
                 "detectors": {n: d.state_dict() for n, d in self.detectors.items()},
                 "config": self.config.model_dump(mode="json")}
 
@@ -357,6 +525,7 @@ class TraitGuard:
         return self
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any], reference: dict[str, np.ndarray], batch_size: int) -> TraitGuard:
+    def from_state_dict(cls, state: dict[str, Any], reference: dict[str, np.ndarray] | None,
+                        batch_size: int = 0) -> TraitGuard:
         guard = cls(GuardConfig.model_validate(state["config"]), reference, batch_size)
         return guard.load_state_dict(state)

@@ -831,6 +831,7 @@ def _finish(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Modul
         "mlflow_run_id": getattr(tracker, "run_id", None),
         "mlflow_run_url": getattr(tracker, "run_url", None),
         "skipped_signals": guard.skipped,
+        "guard_calibration": guard.calibration_summary,
         "extra_artifacts": config.extra_artifacts,
         "code_version": code_version(),
         "student_export": None,

@@ -93,16 +93,8 @@ class DriftGuard(TraitGuard):
     ``config.on_drift_alarm``), keeps the same state and alarms, and refuses :meth:`observe`.
     """
 
-    def __init__(self, config: GuardConfig | None = None):  # no super().__init__: there is no reference
-        self.config = config or GuardConfig()
-        self.batch_size = 0
-        self.kind = self.config.sequential
-        self.signals, self.skipped, self.constant = [], {}, {}
-        self.mean, self.std, self.detectors = {}, {}, {}
-        self.low_point, self.last_zero = {}, {}
-        self.step = 0
-        self.mode = Action.PASS
-        self.alarms: list[dict[str, Any]] = []
+    def __init__(self, config: GuardConfig | None = None):
+        super().__init__(config or GuardConfig())  # no reference: TraitGuard's drift-only form
 
     def observe(self, signals: dict[str, np.ndarray], token_masks: list[np.ndarray] | None = None,
                 step: int | None = None) -> Decision:
