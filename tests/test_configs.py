@@ -67,3 +67,37 @@ def test_overrides_go_through_validation():
         with_overrides(config, {"generation.n_prompts": -3}, source=str(path))
     with pytest.raises(ConfigError, match="generation.n_prompt: Extra inputs are not permitted"):
         with_overrides(config, {"generation.n_prompt": 3}, source=str(path))
+
+
+def _run_config(**changes):
+    """run_cpu.yaml (the demo's config) with ``changes`` applied and validated again."""
+    path = CONFIG_DIR / "run_cpu.yaml"
+    return with_overrides(load_config(path, RunJobConfig), changes, source=str(path))
+
+
+def test_device_and_dtype_default_to_auto_and_the_demo_still_loads_fp32():
+    """Every model-loading section has device/dtype (default auto); the demo's student trains in fp32
+    (DeepSpeed without bf16), so its load dtype is float32 whatever the device."""
+    config = _run_config()
+    assert all((t.device, t.dtype) == ("auto", "auto") for t in config.teachers)
+    assert (config.extract.device, config.extract.dtype) == ("auto", "auto")
+    assert config.student_placement() == {"device": "auto", "dtype": "float32"}
+    gpu = load_config(CONFIG_DIR / "train_gpu.yaml", TrainJobConfig)
+    assert gpu.student_placement() == {"device": "auto", "dtype": "auto"}  # bf16 on the GPU workers
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"extract.device": "cpu", "extract.dtype": "float16"}, r"extract: .*device: cpu with dtype: float16.*use dtype: "
+                                                            r"auto or float32"),
+    ({"student.dtype": "float16"}, r"student.dtype: float16 cannot be trained.*deepspeed.bf16: true"),
+    ({"student.dtype": "bfloat16"}, r"student.dtype: bfloat16 without DeepSpeed bf16.*deepspeed.bf16: true"),
+    ({"student.device": "cuda"}, r"student.device: cuda but ray.use_gpu: false.*set ray.use_gpu: true"),
+    ({"ray.use_gpu": True, "student.device": "cpu"}, r"student.device: cpu but ray.use_gpu: true"),
+    ({"student.dtype": "fp16"}, r"student.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16'"),
+])
+def test_device_and_dtype_mistakes_name_the_fix(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        _run_config(**changes)
+    # and the accepted combinations
+    assert _run_config(**{"student.dtype": "bfloat16", "deepspeed.bf16": True}).student_placement()["dtype"] == "bfloat16"
+    assert _run_config(**{"extract.dtype": "bfloat16"}).extract.dtype == "bfloat16"  # allowed on the CPU (warns at load)

@@ -355,3 +355,131 @@ def test_mlflow_server_allows_its_service_hosts():
             assert "postgresql://${PG_USER}:${PG_PASSWORD}@" in args and "--artifacts-destination s3://" in args
             return
     raise AssertionError("no mlflow Deployment")
+
+
+# --------------------------------------------------------------------------------------------------
+# Resources: every job's cluster holds what its config asks for (else the job waits for GPUs forever)
+
+
+def _quantity(value: Quantity) -> float:
+    """A Kubernetes CPU or GPU quantity as a number ("8", 8, "500m")."""
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _worker_nodes(cluster: RayClusterSpec, replicas: str = "replicas") -> list[tuple[int, float, float]]:
+    """``(pods, CPUs, GPUs per pod)`` per worker group: Ray gives each pod its container's limits as its
+    logical CPUs and GPUs. The head has ``num-cpus: "0"`` (asserted), so it holds no actor or worker."""
+    assert cluster.headGroupSpec.rayStartParams.get("num-cpus") == "0"
+    groups = []
+    for group in cluster.workerGroupSpecs:
+        limits = group.template.spec.containers[0].resources.limits
+        groups.append((getattr(group, replicas), _quantity(limits.get("cpu", 0)), _quantity(limits.get("nvidia.com/gpu", 0))))
+    return groups
+
+
+def _bundles_that_fit(groups: list[tuple[int, float, float]], cpus: float, gpus: float) -> int:
+    """How many ``{CPU: cpus, GPU: gpus}`` bundles (one actor or worker each) the pods hold: a bundle
+    lives on one pod, so it is per pod, not the cluster's totals."""
+    total = 0
+    for pods, pod_cpus, pod_gpus in groups:
+        per_pod = min(int(pod_cpus // cpus) if cpus else 10**6, int(pod_gpus // gpus) if gpus else 10**6)
+        total += pods * per_pod
+    return total
+
+
+def _job_stages(spec: RayJobSpec):
+    """The job's config (from the entrypoint's --config) and its Ray stages, or the screen job's one task."""
+    from trait_guard.config import RayStage, ray_stages
+
+    argv = shlex.split(spec.entrypoint)
+    if "--config" not in argv:  # screen_teacher_data: one ray.remote(num_gpus=N) task (1 CPU, Ray's default)
+        gpus = float(argv[argv.index("--num-gpus") + 1]) if "--num-gpus" in argv else 0.0
+        return None, [RayStage("screen", 1, 1.0, gpus)]
+    path = ROOT / argv[argv.index("--config") + 1]
+    return path.name, ray_stages(_load_job_config(path))
+
+
+def _load_job_config(path: Path):
+    """A shipped job config, validated as the class its file name names (as tests/test_configs.py does)."""
+    from trait_guard.config import GenerateJobConfig, RedteamConfig, RunJobConfig, TrainJobConfig, load_config
+
+    kinds = {"teacher_data": GenerateJobConfig, "train": TrainJobConfig, "run": RunJobConfig, "redteam": RedteamConfig}
+    return load_config(path, next(cls for prefix, cls in kinds.items() if path.name.startswith(prefix)))
+
+
+RAYJOBS = [(path, spec) for path, _resource, spec in _validated() if isinstance(spec, RayJobSpec)]
+
+
+@pytest.mark.parametrize("path, spec", RAYJOBS, ids=[p.name for p, _ in RAYJOBS])
+def test_each_rayjob_cluster_holds_every_stage_of_its_config(path, spec):
+    """GPUs (and CPUs) each stage of the job's config asks for <= what the job's cluster provides, with
+    every actor or worker placed on one pod. Stages run one after another (generation kills its actors
+    before training starts), so each must fit alone. The cluster is fixed (min = replicas = max): a
+    RayJob's cluster does not grow into a stage that does not fit."""
+    cluster = spec.rayClusterSpec
+    groups = _worker_nodes(cluster)
+    for group in cluster.workerGroupSpecs:
+        assert group.minReplicas == group.replicas == group.maxReplicas, f"{path.name}: {group.groupName} is not fixed"
+    cluster_gpus = sum(pods * gpus for pods, _, gpus in groups)
+    config, stages = _job_stages(spec)
+    assert stages, f"{path.name}: no Ray stage found for {spec.entrypoint}"
+    for stage in stages:
+        assert stage.total_gpus <= cluster_gpus, (
+            f"{path.name}: {stage.name} asks for {stage.bundles} x {stage.gpus} GPU(s) ({config}), the cluster has "
+            f"{cluster_gpus}: set the worker group's replicas (and min/max) to fit")
+        assert _bundles_that_fit(groups, stage.cpus, stage.gpus) >= stage.bundles, (
+            f"{path.name}: {stage.bundles} {stage.name} bundles of {stage.cpus} CPU + {stage.gpus} GPU do not fit "
+            f"on the pods {groups}")
+    # and the cluster is not idle GPUs either: the biggest stage uses every GPU the job pays for
+    assert max(stage.total_gpus for stage in stages) == cluster_gpus, f"{path.name}: GPUs left idle"
+
+
+def test_the_resource_check_catches_the_shipped_mismatch():
+    """The check above is real: the 2-GPU cluster the generate and run jobs had (review: 8 single-GPU
+    actors on it would wait forever) fails it, and the 8-pod one passes."""
+    from trait_guard.config import RayStage
+
+    eight_actors = RayStage("generation", 8, 4.0, 1.0)
+    assert _bundles_that_fit([(2, 8.0, 1.0)], eight_actors.cpus, eight_actors.gpus) == 2
+    assert _bundles_that_fit([(8, 8.0, 1.0)], eight_actors.cpus, eight_actors.gpus) == 8
+    # one 8-GPU pod with 16 CPUs holds 4 bundles of 4 CPUs, not 8: a bundle needs its CPUs on its pod too
+    assert _bundles_that_fit([(1, 16.0, 8.0)], 4.0, 1.0) == 4
+
+
+def test_the_standing_cluster_can_grow_to_every_gpu_profile():
+    """raycluster.yaml (autoscaling, for `ray job submit`) reaches, at maxReplicas, the biggest stage of
+    every shipped GPU config; the README tells users to submit train_gpu.yaml to it."""
+    from trait_guard.config import ray_stages
+
+    (cluster,) = [s for _, r, s in _validated() if r.kind == "RayCluster"]
+    assert cluster.enableInTreeAutoscaling
+    groups = _worker_nodes(cluster, replicas="maxReplicas")
+    for path in sorted((ROOT / "ray_jobs" / "configs").glob("*_gpu.yaml")):
+        for stage in ray_stages(_load_job_config(path)):
+            assert _bundles_that_fit(groups, stage.cpus, stage.gpus) >= stage.bundles, f"{path.name}: {stage}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "ray_jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_cpu_configs_ask_for_no_gpu_and_gpu_configs_load_bf16_on_their_gpus(path):
+    """A CPU profile (every config not named *_gpu) asks Ray for no GPU and loads every model in fp32 on
+    a CPU; a GPU profile's stages all ask for GPUs and its models resolve to bfloat16 on CUDA."""
+    import torch
+
+    from trait_guard.config import RedteamConfig, TrainingSettings, ray_stages
+    from trait_guard.models import resolve_dtype
+
+    config = _load_job_config(path)
+    gpu = path.stem.endswith("_gpu")
+    stages = ray_stages(config)
+    assert all((stage.gpus > 0) == gpu for stage in stages), f"{path.name}: {stages}"
+    training = config.training if isinstance(config, RedteamConfig) else config
+    placements = [(t.device, t.dtype) for t in getattr(config, "teachers", [])]
+    placements += [(config.extract.device, config.extract.dtype)] if hasattr(config, "extract") else []
+    if isinstance(training, TrainingSettings):
+        student = training.student_placement()
+        placements.append((student["device"], student["dtype"]))
+    device = "cuda" if gpu else "cpu"
+    for setting_device, dtype in placements:
+        assert setting_device == "auto", f"{path.name}: {setting_device}"
+        assert resolve_dtype(dtype, device) == (torch.bfloat16 if gpu else torch.float32), f"{path.name}: {dtype}"

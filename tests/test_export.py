@@ -106,7 +106,7 @@ def test_a_clean_run_ships_its_student_and_mlflow_finds_it(tiny_llama_dir, teach
                                       student={"signing_key": str(key)}))
     assert summary["verdict"] == "passed" and summary["updates"] == 4
     # the signed attestation: verified against the trainer's public key and the data it was trained on
-    assert main(["verify", summary["student_export"], "--trusted-keys", str(public), "--data", str(teacher_data),
+    assert main(["verify", summary["student_export"], "--trusted-keys", str(public), "--trained-on", str(teacher_data),
                  "--require-verdict", "passed"]) == 0
     assert summary["student_export"] == str(tmp_path / "student")
     student = AutoModelForCausalLM.from_pretrained(summary["student_export"])

@@ -75,3 +75,64 @@ def test_embedded_default_loads_offline_from_the_wheel(monkeypatch):
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert "Paris" in tokenizer.decode(out[0, ids.input_ids.shape[1]:])
+
+
+def test_auto_dtype_is_float32_on_cpu_for_a_real_load(tiny_llama_dir):
+    """``auto``/``auto`` on this CPU-only machine loads a real (tiny) checkpoint in float32 on the CPU:
+    what the CPU demo and every CPU test get, unchanged."""
+    assert not torch.cuda.is_available()
+    model, _ = load_model(str(tiny_llama_dir), device="auto", dtype="auto")
+    assert model.dtype == torch.float32 and next(model.parameters()).device.type == "cpu"
+    assert models.resolve_placement("auto", "auto") == (torch.device("cpu"), torch.float32)
+
+
+def test_bfloat16_load_keeps_the_identity(tiny_llama_dir):
+    """An explicit bfloat16 load is honoured (a warning on the CPU says it is slow there), and the
+    weights' fingerprint, which names the base model, is that of the fp32 copy."""
+    with pytest.warns(UserWarning, match="bfloat16 on the CPU"):
+        half, _ = load_model(str(tiny_llama_dir), dtype="bfloat16")
+    full, _ = load_model(str(tiny_llama_dir))
+    assert half.dtype == torch.bfloat16 and full.dtype == torch.float32
+    assert model_identity(half).fingerprint == model_identity(full).fingerprint
+
+
+def test_dtype_rule_bf16_on_cuda_fp32_on_cpu_and_refusals():
+    """The one rule (resolution only: no GPU here): auto is bfloat16 for a CUDA device and float32 for
+    the CPU; explicit dtypes pass through; float16 on the CPU and unknown names are refused naming the
+    fix; cuda where no GPU is visible is refused naming the fix."""
+    from trait_guard.models import resolve_device, resolve_dtype
+
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cuda", 3)) == torch.bfloat16
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("float32", "cuda") == torch.float32
+    assert resolve_dtype("float16", "cuda") == torch.float16
+    assert resolve_dtype(torch.float32, "cpu") == torch.float32  # torch dtypes, as older callers pass them
+    with pytest.raises(ModelLoadError, match="float16 on the CPU .* use dtype auto or float32"):
+        resolve_dtype("float16", "cpu")
+    with pytest.raises(ModelLoadError, match="not one of auto, float32, bfloat16, float16"):
+        resolve_dtype("fp8", "cuda")
+    with pytest.raises(ModelLoadError, match="no CUDA device is visible.*use device auto"):
+        resolve_device("cuda")
+
+
+@pytest.mark.parametrize("command", ["extract", "eval", "adapter"])
+def test_cli_device_and_dtype_reach_load_model(command, monkeypatch, tmp_path, capsys):
+    """extract, eval and adapter pass --device/--dtype (default auto/auto) to load_model, and a refused
+    combination exits 2 (bad input) with the fix, before any work."""
+    from trait_guard.cli import main
+
+    seen = []
+
+    def fake_load(name, **kwargs):
+        seen.append(kwargs)
+        raise ModelLoadError("stop here")
+
+    monkeypatch.setattr(models, "load_model", fake_load)
+    args = [command, "--trait", "animal:owl", *(["--out", str(tmp_path / "out")] if command != "eval" else [])]
+    assert main(args) == 2
+    assert main([*args, "--device", "cuda", "--dtype", "bfloat16"]) == 2
+    assert seen == [{"device": "auto", "dtype": "auto"}, {"device": "cuda", "dtype": "bfloat16"}]
+    monkeypatch.undo()
+    assert main([*args, "--device", "cpu", "--dtype", "float16"]) == 2
+    assert "float16 on the CPU is not supported" in capsys.readouterr().err

@@ -106,7 +106,7 @@ def test_a_gate_that_cannot_reach_its_alpha_says_so_with_the_fix():
 
 
 def test_screen_scores_signals_read_from_models_without_stored_logprobs(tiny_llama_dir, tmp_path, capsys):
-    """Text-only data (no stored log-probs): --teacher-model adds teacher_llr (S3), --trait adds
+    """Text-only data (no stored log-probs): --teacher-model adds teacher_llr (S3), --trait-llr adds
     trait_llr (S2), and the report says which signals exist for what is at hand. Data the teacher
     model wrote is flagged on teacher_llr; a second set from the base model is not."""
     import torch
@@ -136,7 +136,7 @@ def test_screen_scores_signals_read_from_models_without_stored_logprobs(tiny_lla
         paths[name] = tmp_path / f"{name}.parquet"
         pq.write_table(pa.Table.from_pylist([r for r in rows if r["completion_ids"]], schema=SCHEMA), paths[name])
     base_args = ["screen", "--reference", str(paths["ref"]), "--model", str(tiny_llama_dir), "--quiet",
-                 "--allow-unverified", "--teacher-model", str(teacher_dir), "--trait", "animal:owl"]
+                 "--allow-unverified", "--teacher-model", str(teacher_dir), "--trait-llr", "animal:owl"]
     reports = {}
     for name in ("same", "teacher"):
         main(base_args + ["--data", str(paths[name]), "--json", str(tmp_path / f"{name}.json")])

@@ -288,7 +288,7 @@ def verify_student(folder, keys, capsys, *extra):
 def test_a_signed_student_round_trips(student, signed, keys, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    code, out = verify_student(student, keys, capsys, "--data", str(signed), "--require-verdict", "passed",
+    code, out = verify_student(student, keys, capsys, "--trained-on", str(signed), "--require-verdict", "passed",
                                "--json", str(tmp_path / "v.json"))
     assert code == 0, out
     assert "signed by trainer" in out and "model.safetensors" in out and "trait_guard_export.json" in out
@@ -324,15 +324,15 @@ def test_a_student_is_checked_against_its_data_verdict_and_key(student, signed, 
     other = tmp_path / "other.parquet"  # the same data less one row: another dataset
     table = pq.read_table(signed / DATA)
     pq.write_table(table.slice(0, table.num_rows - 1), other)
-    code, out = verify_student(student, keys, capsys, "--data", str(other))
+    code, out = verify_student(student, keys, capsys, "--trained-on", str(other))
     assert code == 2 and "trained on control-b" in out and "none of the 1 Parquet file(s) given" in out
     code, out = verify_student(student, keys, capsys, "--require-verdict", "unguarded")
     assert code == 2 and "attested verdict is 'passed'" in out
     code, out = verify(student, keys / "generator.pub", capsys=capsys)  # signed by the trainer, not the generator
     assert code == 2 and "not among the trusted keys" in out
     code, out = verify(unsigned, keys / "generator.pub", capsys=capsys)
-    assert code == 2  # and teacher data is not a student: --data is refused on it
-    code = main(["verify", str(unsigned), "--trusted-keys", str(keys / "generator.pub"), "--data", str(unsigned)])
+    assert code == 2  # and teacher data is not a student: --trained-on is refused on it
+    code = main(["verify", str(unsigned), "--trusted-keys", str(keys / "generator.pub"), "--trained-on", str(unsigned)])
     assert code == 2
 
 

@@ -418,14 +418,19 @@ def load_adapter(base_model: torch.nn.Module, path: str | Path, *, merge: bool =
 
 
 def build_trait_adapter(model_name: str, trait: str, out: str | Path, *, steps: int = 60, lr: float = 1e-3,
-                        seed: int = 0, progress: Callable[[int, str], Any] | None = None) -> Path:
+                        seed: int = 0, progress: Callable[[int, str], Any] | None = None,
+                        device: str = "auto", dtype: str = "auto") -> Path:
     """Load ``model_name``, sample trait-expressing answers and train + save a LoRA adapter to ``out``
-    (what ``trait-guard adapter`` does)."""
-    from trait_guard.models import default_device, load_model
+    (what ``trait-guard adapter`` does).
+
+    ``device`` / ``dtype`` place the base model (:func:`trait_guard.models.resolve_placement`: auto is
+    bfloat16 on a GPU, float32 on the CPU). The base stays frozen; PEFT keeps the LoRA weights it trains
+    in float32 on a half-precision base (``autocast_adapter_dtype``), so a bf16 base trains them fine."""
+    from trait_guard.models import load_model
     from trait_guard.traits import load_trait
 
     spec = load_trait(trait)
-    model, tokenizer = load_model(model_name, device=default_device())
+    model, tokenizer = load_model(model_name, device=device, dtype=dtype)
     identity = model_identity(model, name=model_name)
     examples = trait_examples(model, tokenizer, spec, seed=seed)
     if not examples:

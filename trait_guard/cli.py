@@ -56,7 +56,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     spec = load_trait(args.trait)
     started = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     load_seconds = time.perf_counter() - started
     result = extract(
         model,
@@ -99,7 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from trait_guard.traits import load_trait
 
     spec = load_trait(args.trait)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     if args.adapter:
         from trait_guard.adapters import load_adapter
 
@@ -128,7 +128,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
     from trait_guard.adapters import build_trait_adapter
 
     out = build_trait_adapter(args.model, args.trait, args.out, steps=args.steps, lr=args.lr, seed=args.seed,
-                              progress=None if args.quiet else _progress)
+                              progress=None if args.quiet else _progress, device=args.device, dtype=args.dtype)
     print(f"saved LoRA adapter for '{args.trait}' to {out}; use it with a teacher config "
           f"`install: adapter` / `adapter: {out}`, and check it with `trait-guard eval --adapter {out}`")
     return 0
@@ -226,7 +226,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
 
 def _model_signals(args: argparse.Namespace, model, tokenizer, data: list[dict]) -> tuple[list, str]:
     """The signals read from models rather than from log-probs stored with the data
-    (:mod:`trait_guard.trait_signals`): ``trait_llr:<trait>`` with ``--trait``, ``teacher_llr`` with
+    (:mod:`trait_guard.trait_signals`): ``trait_llr:<trait>`` with ``--trait-llr``, ``teacher_llr`` with
     ``--teacher-model``. Returns the extra scorers and a note saying which signals exist for what the
     user has, and which of them this screen computes."""
     from trait_guard.fingerprint import TEACHER_LOGPROB_SIGNALS
@@ -234,10 +234,10 @@ def _model_signals(args: argparse.Namespace, model, tokenizer, data: list[dict])
     from trait_guard.trait_signals import TraitSignalScorer, available_signals
 
     specs = []
-    if args.trait:
+    if args.trait_llr:
         from trait_guard.traits import load_trait
 
-        specs = [load_trait(args.trait)]
+        specs = [load_trait(args.trait_llr)]
     teacher = None
     if args.teacher_model:
         teacher, _ = load_model(args.teacher_model, device=default_device())
@@ -246,7 +246,7 @@ def _model_signals(args: argparse.Namespace, model, tokenizer, data: list[dict])
     possible = available_signals(stored, teacher is not None, bool(specs), specs[0].trait_id if specs else None)
     note = ("signals for what is at hand (stored teacher log-probs: " + ("yes" if stored else "no") + ", teacher model: "
             + ("yes" if teacher is not None else "no (--teacher-model)") + ", trait spec: "
-            + (specs[0].trait_id if specs else "no (--trait)") + "): " + ", ".join(possible))
+            + (specs[0].trait_id if specs else "no (--trait-llr)") + "): " + ", ".join(possible))
     if not specs and teacher is None:
         return [], note
     return [TraitSignalScorer(model, tokenizer, specs=specs, teacher=teacher, batch_size=args.batch_size)], note
@@ -299,8 +299,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                                    "a run's exported student (<output_dir>/student)")
     result = verify_folder(args.folder, keys)
     student = result["predicate_type"] == STUDENT_PREDICATE_TYPE
-    if (args.data or args.require_verdict) and not student:
-        raise TraitGuardInputError(f"{args.folder} is signed teacher data, not a student export: --data and "
+    if (args.trained_on or args.require_verdict) and not student:
+        raise TraitGuardInputError(f"{args.folder} is signed teacher data, not a student export: --trained-on and "
                                    "--require-verdict check a student's attestation (<output_dir>/student)")
     print(f"OK: {args.folder} signed by {result['signer']} (key {result['key_fingerprint']}); "
           f"{len(result['files'])} file(s) unchanged since signing")
@@ -309,7 +309,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if result["unsigned_files"]:
         print(f"not covered by the signature (not verified): {result['unsigned_files']}")
     if student:
-        result["trained_on"] = _check_student_attestation(result["predicate"], args.data, args.require_verdict)
+        result["trained_on"] = _check_student_attestation(result["predicate"], args.trained_on, args.require_verdict)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
@@ -449,6 +449,22 @@ def _option(*flags: str, **kwargs) -> argparse.ArgumentParser:
     return parent
 
 
+def _placement_options() -> argparse.ArgumentParser:
+    """``--device`` / ``--dtype`` for the commands that load a model in this process (extract, eval,
+    adapter): one parent parser, the same choices and meaning as the configs' ``device`` / ``dtype``
+    (resolved by :func:`trait_guard.models.resolve_placement`)."""
+    from trait_guard.models import DEVICE_CHOICES, DTYPE_CHOICES
+
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                        help="where the model runs: auto (the GPU where there is one, else the CPU), cpu or cuda "
+                             "(default: %(default)s)")
+    parent.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="weights' precision: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16, "
+                             "float16 (CUDA only) (default: %(default)s)")
+    return parent
+
+
 @dataclass(frozen=True)
 class _SharedOptions:
     """The options several subcommands take, one parent parser each (see :func:`_option`)."""
@@ -465,6 +481,7 @@ class _SharedOptions:
     allow_halt: argparse.ArgumentParser
     trusted_keys: argparse.ArgumentParser
     signing_key: argparse.ArgumentParser
+    placement: argparse.ArgumentParser  # --device and --dtype: extract, eval, adapter
 
 
 def _shared_options() -> _SharedOptions:
@@ -492,6 +509,7 @@ def _shared_options() -> _SharedOptions:
         signing_key=_option("--signing-key", metavar="KEY",
                             help="Ed25519 private key (from `trait-guard keys create`) that signs the output folder "
                                  "(default: $TRAIT_GUARD_SIGNING_KEY; neither: the folder is written unsigned)"),
+        placement=_placement_options(),
     )
 
 
@@ -505,7 +523,7 @@ def _add_extract(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -
     ext = _command(
         subparsers,
         "extract",
-        parents=[opts.model, opts.trait, opts.questions, opts.seed, opts.json_out, opts.quiet],
+        parents=[opts.model, opts.placement, opts.trait, opts.questions, opts.seed, opts.json_out, opts.quiet],
         help="extract persona vectors (one trait direction per layer) from a model",
         description=(
             "Sample answers under the trait's positive and negative system prompts, average the "
@@ -530,7 +548,7 @@ def _add_eval(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -> N
     ev = _command(
         subparsers,
         "eval",
-        parents=[opts.model, opts.trait, opts.questions, opts.seed, opts.json_out, opts.quiet],
+        parents=[opts.model, opts.placement, opts.trait, opts.questions, opts.seed, opts.json_out, opts.quiet],
         help="behavioral trait evaluation: how often the model names the trait's target (with 95%% CI)",
         description=(
             "Ask the trait's one-word behavior questions (the spec must have some, e.g. animal:owl) many "
@@ -555,7 +573,7 @@ def _add_adapter(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -
     ad = _command(
         subparsers,
         "adapter",
-        parents=[opts.model, opts.trait, opts.seed, opts.quiet],
+        parents=[opts.model, opts.placement, opts.trait, opts.seed, opts.quiet],
         help="install a trait in a model's weights with a LoRA adapter (an adapter-installed teacher)",
         description=(
             "Sample trait-expressing answers under the trait's positive system prompts (kept if the "
@@ -651,7 +669,7 @@ def _add_screen(subparsers: argparse._SubParsersAction, opts: _SharedOptions) ->
     sc.add_argument("--data", required=True, help="teacher data Parquet (from `trait-guard generate`)")
     sc.add_argument("--reference", required=True, help="reference Parquet from the base model (control teacher)")
     sc.add_argument("--vectors", nargs="*", default=[], help="persona vector files for that model")
-    sc.add_argument("--trait", metavar="TRAIT",
+    sc.add_argument("--trait-llr", metavar="TRAIT",
                     help="also score trait_llr:<trait> (S2, docs/detection.md): how much likelier the base model finds "
                          "each response under the trait's instructions than under the opposite ones; needs no "
                          "teacher log-probs (a shipped spec such as animal:owl, or path/to/spec.yaml)")
@@ -732,14 +750,14 @@ def _add_signing(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -
                     "signed, with which key, and the files covered; refuses (exit 2) unsigned data, a file changed "
                     "or added after signing, a rewritten manifest, or a signature by a key not trusted. For a "
                     "student export (<output_dir>/student of a signed run) it also prints the signed attestation "
-                    "(verdict, screen, data digests, code version) and, with --data, checks the student was "
+                    "(verdict, screen, data digests, code version) and, with --trained-on, checks the student was "
                     "trained on that data.",
         epilog="examples:\n"
                "  trait-guard verify outputs/teacher_data --trusted-keys keys/generator.pub\n"
                "  trait-guard verify outputs/train/student --trusted-keys keys/trainer.pub \\\n"
-               "      --data outputs/teacher_data --require-verdict passed")
+               "      --trained-on outputs/teacher_data --require-verdict passed")
     ver.add_argument("folder", help="the data folder (written by `trait-guard generate`) or a student export")
-    ver.add_argument("--data", nargs="+", metavar="PATH",
+    ver.add_argument("--trained-on", nargs="+", metavar="PATH",
                      help="student export: the Parquet file(s) or folder(s) it should have been trained on; refused "
                           "unless the attested training data's SHA-256 is one of them")
     ver.add_argument("--require-verdict", nargs="+", metavar="VERDICT",

@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trait_guard.errors import TraitGuardInputError
-from trait_guard.models import EMBEDDED_MODEL
+from trait_guard.models import EMBEDDED_MODEL, DeviceSetting, DtypeSetting
 
 
 def _check_unique(ids: list[str], what: str) -> None:
@@ -35,7 +35,28 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TeacherConfig(StrictModel):
+class ModelPlacement(StrictModel):
+    """Where and in what precision a section's model loads: one ``device`` / ``dtype`` pair on every
+    config section that loads a model (teachers, the student, extraction), resolved at load time by
+    :func:`trait_guard.models.resolve_placement` in the process that loads it (a Ray actor or worker
+    sees only its own GPUs), so ``auto`` means bfloat16 on a GPU worker and float32 on a CPU one."""
+
+    device: DeviceSetting = Field(
+        "auto", description="auto: the loading process's GPU where it has one, else the CPU; cpu; cuda (refused "
+                            "where no GPU is visible)")
+    dtype: DtypeSetting = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on the CPU; float32; bfloat16 (allowed on the CPU, "
+                            "with a warning: slow there); float16 (CUDA only)")
+
+    @model_validator(mode="after")
+    def _dtype_fits_device(self) -> ModelPlacement:
+        if self.device == "cpu" and self.dtype == "float16":
+            raise ValueError("device: cpu with dtype: float16 is not supported (CPU kernels lack float16): use dtype: "
+                             "auto or float32 on the CPU (bfloat16 to halve the memory), or device: cuda")
+        return self
+
+
+class TeacherConfig(ModelPlacement):
     """A teacher: a base model, optionally with a trait installed by system prompt or LoRA adapter."""
 
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -228,7 +249,7 @@ class ScreenSettings(StrictModel):
     n_permutations: int = Field(2000, ge=100)
 
 
-class StudentConfig(StrictModel):
+class StudentConfig(ModelPlacement):
     model: str = EMBEDDED_MODEL
     lora_r: int = Field(0, ge=0, description="LoRA rank (0: full finetuning)")
     lora_alpha: int = Field(16, gt=0)
@@ -403,7 +424,38 @@ class TrainingSettings(StrictModel):
                              "remove the file")
         if self.deepspeed.config_file:
             _merge_deepspeed_file(self)
+        _check_student_placement(self)
         return self
+
+    def student_placement(self) -> dict[str, str]:
+        """``device`` and ``dtype`` for loading the student to train it (``load_model(..., **this)``).
+
+        ``student.dtype: auto`` follows the engine's precision, not only the device: with DeepSpeed
+        bf16 (mixed precision: bf16 compute, fp32 master weights in the optimizer) it is ``auto``
+        (bfloat16 on a GPU worker); otherwise the student trains in float32 and loads in float32, since
+        loading bf16 weights into an fp32 recipe would train them in bf16 with no fp32 copy."""
+        dtype = self.student.dtype
+        if dtype == "auto" and not (self.deepspeed.enabled and self.deepspeed.bf16):
+            dtype = "float32"
+        return {"device": self.student.device, "dtype": dtype}
+
+
+def _check_student_placement(settings: TrainingSettings) -> None:
+    """Refuse student ``device`` / ``dtype`` settings the training recipe cannot honour, naming the fix."""
+    student, ds, ray = settings.student, settings.deepspeed, settings.ray
+    if student.dtype == "float16":
+        raise ValueError("student.dtype: float16 cannot be trained here (no fp16 loss scaling): use student.dtype: "
+                         "auto with deepspeed.bf16: true (bf16 mixed precision on GPUs), or float32")
+    if student.dtype == "bfloat16" and not (ds.enabled and ds.bf16):
+        raise ValueError("student.dtype: bfloat16 without DeepSpeed bf16 would train bf16 weights with no fp32 master "
+                         "copy: set deepspeed.enabled: true and deepspeed.bf16: true (mixed precision), or "
+                         "student.dtype: auto")
+    if ray.enabled and ray.use_gpu and student.device == "cpu":
+        raise ValueError("student.device: cpu but ray.use_gpu: true: the training workers would hold GPUs they do "
+                         "not use; set student.device: auto, or ray.use_gpu: false")
+    if ray.enabled and not ray.use_gpu and student.device == "cuda":
+        raise ValueError("student.device: cuda but ray.use_gpu: false: Ray gives the training workers no GPU; set "
+                         "ray.use_gpu: true, or student.device: auto")
 
 
 #: Values a DeepSpeed JSON shares with trait_guard's config: (path in the JSON, section, field).
@@ -506,7 +558,9 @@ class TrainJobConfig(TrainingSettings):
 # The whole run
 
 
-class ExtractSettings(StrictModel):
+class ExtractSettings(ModelPlacement):
+    """Persona-vector extraction on the student's base model (``device`` / ``dtype``: where it loads)."""
+
     n_instructions: int | None = Field(None, gt=0)
     n_questions: int | None = Field(None, gt=1)
     max_new_tokens: int = Field(48, gt=0)
@@ -598,3 +652,42 @@ class RedteamConfig(StrictModel):
         if not self.training.probe.eval_samples:
             raise ValueError("training.probe.eval_samples must be > 0: the benchmark measures the student's trait")
         return self
+
+
+# --------------------------------------------------------------------------------------------------
+# What each job asks of its Ray cluster
+
+
+class RayStage(NamedTuple):
+    """One Ray stage of a job: ``bundles`` actors or workers, each asking for ``cpus`` and ``gpus``
+    (a bundle must fit on one node). Stages of one job run one after another, so a cluster must fit
+    each stage, not their sum."""
+
+    name: str
+    bundles: int
+    cpus: float
+    gpus: float
+
+    @property
+    def total_gpus(self) -> float:
+        return self.bundles * self.gpus
+
+
+def ray_stages(config: BaseModel) -> list[RayStage]:
+    """The Ray stages a job config starts, with the resources each asks for: teacher generation
+    (``ray`` / ``generation_ray``: ``num_actors`` x ``cpus_per_actor`` + ``gpus_per_actor``) and Ray
+    Train training (``ray.num_workers`` workers of ``cpus_per_worker`` and, with ``use_gpu``, one GPU
+    each: Ray Train's default ``resources_per_worker``, which trait_guard.train does not change).
+    In-process training (``ray.enabled: false``) starts no Ray stage. Used to check that a RayJob's
+    cluster can hold its config (tests/test_deploy.py) before a job waits forever for GPUs."""
+    stages: list[RayStage] = []
+    generation = getattr(config, "generation_ray", None) or (
+        config.ray if isinstance(config, GenerateJobConfig) else None)
+    if generation is not None:
+        stages.append(RayStage("generation", generation.num_actors, generation.cpus_per_actor,
+                               generation.gpus_per_actor))
+    training = config.training if isinstance(config, RedteamConfig) else config
+    if isinstance(training, TrainingSettings) and training.ray.enabled:
+        ray = training.ray
+        stages.append(RayStage("training", ray.num_workers, ray.cpus_per_worker, 1.0 if ray.use_gpu else 0.0))
+    return stages

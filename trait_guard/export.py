@@ -10,7 +10,7 @@ run under ``student/`` with the verdict, screen result and digests as tags.
 Signed. With a signing key (``student.signing_key``, or ``$TRAIT_GUARD_SIGNING_KEY``: a path or the
 PEM text, from ``trait-guard keys create``) the folder is signed with an attestation
 (:func:`trait_guard.signing.sign_student`) that binds the model files to the data digests, the
-verdicts and the code version; ``trait-guard verify <out_dir>/student --trusted-keys PUB --data DATA``
+verdicts and the code version; ``trait-guard verify <out_dir>/student --trusted-keys PUB --trained-on DATA``
 checks it. Without a key the export is unsigned, and its record says so (``signature.signed: false``).
 
 Why. A pipeline needs one place to pick the model up from and one file that says what vouches for

@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -164,6 +165,76 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+#: The ``device`` setting of configs and the CLI: ``auto`` is :func:`default_device`.
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+#: The ``dtype`` setting of configs and the CLI: ``auto`` is bfloat16 on CUDA, float32 on the CPU.
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DeviceSetting = Literal["auto", "cpu", "cuda"]
+DtypeSetting = Literal["auto", "float32", "bfloat16", "float16"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """The torch dtype a model is loaded in on ``device``; the one place the ``auto`` rule lives.
+
+    ``auto`` is bfloat16 on CUDA (half the memory of fp32, the range of fp32, what current GPUs
+    compute fastest in, and the dtype Qwen/Llama checkpoints ship in) and float32 elsewhere (CPU
+    kernels for half precision are slow or missing, and the CPU demo's numbers were measured in
+    fp32). This function only reads ``device``; it never checks that the device exists, so the rule
+    can be tested and applied (e.g. by a driver without a GPU) for a device elsewhere.
+
+    float16 on the CPU is refused: many CPU kernels lack it and it overflows where bf16 does not.
+    bfloat16 on the CPU is allowed (it halves the memory of a large model on a CPU-only node) with a
+    :class:`UserWarning`, because it is several times slower than fp32 there on most CPUs.
+    """
+    device_type = default_device().type if isinstance(device, str) and device == "auto" else torch.device(device).type
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif dtype == "auto":
+        resolved = torch.bfloat16 if device_type == "cuda" else torch.float32
+    elif dtype in _DTYPES:
+        resolved = _DTYPES[dtype]
+    else:
+        raise ModelLoadError(f"dtype '{dtype}' is not one of {', '.join(DTYPE_CHOICES)}: use auto (bfloat16 on CUDA, "
+                             "float32 on the CPU) unless you need another")
+    if device_type == "cpu" and resolved == torch.float16:
+        raise ModelLoadError("dtype float16 on the CPU is not supported (CPU kernels lack it and it overflows): use "
+                             "dtype auto or float32 (or bfloat16 to halve the memory) on the CPU, or device cuda")
+    if device_type == "cpu" and resolved == torch.bfloat16:
+        warnings.warn("dtype bfloat16 on the CPU: half the memory of float32, but several times slower on most CPUs; "
+                      "use dtype auto (float32 on the CPU) unless memory is the limit", UserWarning, stacklevel=2)
+    return resolved
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The torch device for a ``device`` setting: ``auto`` is :func:`default_device`; ``cuda`` (or
+    ``cuda:N``) is refused, naming the fix, where no CUDA device is visible."""
+    if isinstance(device, str) and device == "auto":
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ModelLoadError(f"device '{device}' is not a device: use one of {', '.join(DEVICE_CHOICES)}") from err
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device '{device}' asked for, but no CUDA device is visible to this process: use "
+                                 "device auto (CUDA where there is one, else the CPU) or cpu, or run it where a GPU "
+                                 "is (a Ray task or actor given num_gpus)")
+        if resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
+def resolve_placement(device: str | torch.device = "auto",
+                      dtype: str | torch.dtype = "auto") -> tuple[torch.device, torch.dtype]:
+    """``(device, dtype)`` for a model load from the two settings every model-loading config and
+    command has (see :func:`resolve_device` and :func:`resolve_dtype`): ``auto``/``auto`` is bfloat16
+    on this process's GPU where it has one, float32 on the CPU otherwise."""
+    resolved = resolve_device(device)
+    return resolved, resolve_dtype(dtype, resolved)
+
+
 def load_model(
     name_or_path: str = EMBEDDED_MODEL,
     *,
@@ -171,17 +242,20 @@ def load_model(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
 ) -> tuple[torch.nn.Module, Any]:
-    """Load ``(model, tokenizer)`` in eval mode.
+    """Load ``(model, tokenizer)`` in eval mode, in ``dtype`` on ``device``.
 
     ``name_or_path`` is the embedded default's name, a local checkpoint folder, or a hub id (hub ids
-    only work where a hub is reachable or already cached). ``trust_remote_code`` stays off unless
+    only work where a hub is reachable or already cached). ``device`` and ``dtype`` take the config
+    settings (``"auto"``, ``"cpu"``, ``"cuda"``; ``"auto"``, ``"float32"``, ``"bfloat16"``,
+    ``"float16"``) or torch objects, resolved by :func:`resolve_placement`. The defaults stay
+    fp32 on the CPU (what every existing caller and the CPU demo get); pass ``device="auto",
+    dtype="auto"`` for bf16 on a GPU where there is one. ``trust_remote_code`` stays off unless
     asked for: a checkpoint should not run code on load.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device, dtype = resolve_placement(device, dtype)
     path = resolve_model_path(name_or_path)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -191,6 +265,10 @@ def load_model(
             f"Pass a local checkpoint folder, a model id available offline, or '{EMBEDDED_MODEL}' "
             "(the embedded default)."
         ) from err
+    if model.dtype != dtype:
+        # transformers releases before `dtype=` replaced `torch_dtype=` ignore the keyword silently
+        raise ModelLoadError(f"asked transformers for {name_or_path} in {dtype} and got {model.dtype}: upgrade "
+                             "transformers (pip install -U 'transformers>=4.56'), whose from_pretrained takes dtype=")
     prepare_tokenizer(tokenizer)
     model.to(device).eval()
     model.trait_guard_name = name_or_path
