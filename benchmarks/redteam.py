@@ -7,7 +7,13 @@ guarded (halt / mask / steer / reweight), sampled-token and logit distillation, 
 Writes <output_dir>/results.json (every run and every cell), results.md (the table),
 report/report.html (+ PNG plots), one MLflow run per training run and a summary run holding the
 report. Interrupted? Run the same command again: finished runs are kept (runs/<name>/result.json).
---only runs a subset by run name (e.g. owl-logits-unguarded-s0), for a quick look.
+--only runs a subset: run names or fnmatch patterns (owl-logits-unguarded-s0, '*-s[0-2]' for replicates
+0-2); a piece prepares only its own replicates' adapters and data. --plan prints the pieces of about
+--piece-hours each (whole replicates, estimated from the CPU profile's step time) with their --only
+patterns, and exits without running anything:
+
+    python benchmarks/redteam.py --config ray_jobs/configs/redteam_cpu.yaml --plan
+    python benchmarks/redteam.py --config ray_jobs/configs/redteam_cpu.yaml --only '*-s0' '*-s1' '*-s2'
 """
 
 from __future__ import annotations
@@ -23,12 +29,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a RedteamConfig YAML (ray_jobs/configs/redteam_*.yaml)")
     parser.add_argument("--output-dir", help="override output_dir")
-    parser.add_argument("--only", nargs="+", metavar="RUN", help="run only these run names")
+    parser.add_argument("--only", nargs="+", metavar="RUN", help="run only these run names / fnmatch patterns")
+    parser.add_argument("--plan", action="store_true", help="print the grid's pieces and their --only patterns")
+    parser.add_argument("--piece-hours", type=float, default=3.0, help="the length of a piece for --plan")
     args = parser.parse_args(argv)
 
     # setup
     config = with_overrides(load_config(args.config, RedteamConfig), {"output_dir": args.output_dir or None},
                             source=args.config)
+    if args.plan:
+        from trait_guard.redteam import plan_pieces
+
+        for i, piece in enumerate(plan_pieces(config, args.piece_hours)):
+            patterns = " ".join(f"'{p}'" for p in piece["only"])
+            print(f"piece {i}: {piece['runs']} runs, ~{piece['hours']:.1f} h: --only {patterns}")
+        return 0
     # run
     results = run_redteam(config, only=args.only)
     # report

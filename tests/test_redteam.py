@@ -176,7 +176,12 @@ def test_tiny_grid_end_to_end(tiny_llama_dir, tmp_path):
         if run["mode"] == "unguarded":
             assert not run["halted"] and run["alarms"] == 0 and not run["gated"]
         assert (out / "runs" / run["name"] / "report" / "report.html").is_file()
-    assert len(list((out / "signals_cache").glob("signals-*.npz"))) == 2  # one per teacher: scored once, reused
+    # one per teacher and replicate (each replicate has its own data): scored once, reused across modes
+    assert len(list((out / "signals_cache").glob("signals-*.npz"))) == 2 * 2
+    for run in results["runs"]:  # every run records its replicate's design; the replicates share no prompt
+        assert run["replicate_design"]["student_seed"] == run["seed"]
+    assert (out / "teacher_data" / "s1" / "reference" / "reference.parquet").is_file()
+    assert len({r["replicate_design"]["prompt_seed"] for r in results["runs"]}) == 2
     assert {c["mode"] for c in results["cells"]} == {"unguarded", "halt"}
     assert "excess_over_control" in next(c for c in results["cells"] if c["teacher"] == "owl")
     table = (out / "results.md").read_text()
@@ -252,3 +257,192 @@ def test_excess_compares_the_same_trait():
     paths = {t: f"{t}.parquet" for t in ("owl", "eagle", "control", "reference")}
     made = train_config(config, Path("out"), "control", "logits", "unguarded", 0, paths, Path("v.safetensors"))
     assert made.probe.extra_eval_traits == ["animal:eagle"] and made.trait == "animal:owl"
+
+
+# ----------------------------------------------------------------------------- replicates and statistics
+
+
+def test_replicates_draw_disjoint_prompts_and_fresh_seeds():
+    """Every replicate has its own prompts (no id or text shared), sampling seeds and adapter seed."""
+    from trait_guard.families import get_family
+    from trait_guard.redteam import (
+        replicate_adapter,
+        replicate_design,
+        replicate_generation,
+        replicate_teachers,
+    )
+
+    teachers = [*TEACHERS, {"id": "owl-adapter", "trait": "animal:owl", "install": "adapter", "adapter": "ad/owl"}]
+    config = _config(teachers=teachers, seeds=[0, 1, 2, 3])
+    family = get_family("numbers")
+    drawn = {}
+    for r in config.seeds:
+        for role in (False, True):
+            generation = replicate_generation(config, r, reference=role)
+            drawn[(r, role)] = family.prompts(40, generation.seed)
+    ids = [{p.prompt_id for p in prompts} for prompts in drawn.values()]
+    texts = [{p.user for p in prompts} for prompts in drawn.values()]
+    for i in range(len(ids)):
+        for j in range(i + 1, len(ids)):
+            assert not ids[i] & ids[j] and not texts[i] & texts[j]
+    designs = [replicate_design(config, r) for r in config.seeds]
+    seeds = [s for d in designs for s in [*d["sampling_seeds"].values(), *d["adapter_seeds"].values()]]
+    assert len(seeds) == len(set(seeds)) == 4 * (3 + 1 + 1)  # 3 teachers + reference, 1 adapter, per replicate
+    assert config.generation.seed not in {d["prompt_seed"] for d in designs}  # never the old shared draw
+    assert replicate_design(config, 2) == designs[2]  # deterministic: a resumed grid rebuilds the same unit
+    teachers_2, reference_2 = replicate_teachers(config, 2)
+    adapter = next(t for t in teachers_2 if t.id == "owl-adapter")
+    assert adapter.adapter == replicate_adapter(config.teachers[2], 2) == str(Path("ad/owl/s2"))
+    assert reference_2.sampling_seed == designs[2]["sampling_seeds"]["reference"]
+    assert {t.sampling_seed for t in teachers_2} == {designs[2]["sampling_seeds"][t.id] for t in config.teachers}
+
+
+def test_stale_results_and_only_patterns():
+    from trait_guard.redteam import replicate_design, selected, stale_reason
+    from trait_guard.version import code_version
+
+    config = _config()
+    design = replicate_design(config, 1)
+    fresh = {"code_version": code_version(), "replicate_design": design}
+    assert stale_reason(fresh, design) is None
+    assert "other code" in stale_reason({**fresh, "code_version": {"source_sha256": "0" * 64}}, design)
+    assert "design" in stale_reason({**fresh, "replicate_design": None}, design)  # from before replicates
+    assert "design" in stale_reason(fresh, replicate_design(config, 2))
+    assert selected("owl-logits-halt-s3", None) and selected("owl-logits-halt-s3", ["owl-logits-halt-s3"])
+    assert selected("owl-logits-halt-s3", ["*-s[3-9]"]) and not selected("owl-logits-halt-s13", ["*-s[3-9]"])
+    assert not selected("owl-adapter-logits-halt-s3", ["owl-logits-*"])
+
+
+def test_cpu_profile_pieces_fit_three_hours():
+    from trait_guard.redteam import estimate_run_seconds, grid, plan_pieces
+
+    config = load_config(Path(__file__).parents[1] / "ray_jobs/configs/redteam_cpu.yaml", RedteamConfig)
+    runs = grid(config)
+    for main in (("owl-adapter", "logits", "unguarded"), ("owl-adapter", "logits", "halt"),
+                 ("control", "logits", "unguarded"), ("control", "logits", "halt")):
+        assert sum((t, d, m) == main for t, d, m, _ in runs) >= 10  # >= 10 independent replicates
+    assert config.training.probe.panel_every_n_steps > 0  # the panel curve is on
+    assert estimate_run_seconds(config) == 12 * 10.0 + 60.0
+    pieces = plan_pieces(config, 3.0)
+    assert all(p["hours"] <= 3.0 for p in pieces)
+    assert sorted(s for p in pieces for s in p["replicates"]) == config.seeds
+    assert sum(p["runs"] for p in pieces) == len(runs)
+    assert plan_pieces(config, 0.1)[0]["replicates"] == [0]  # a piece is at least one replicate
+
+
+def test_one_sample_test_covers_the_true_mean():
+    import numpy as np
+
+    from trait_guard.redteam import one_sample_test
+
+    rng = np.random.default_rng(0)
+    values = [0.2, 0.9, 0.4, 0.7, 0.3]
+    test = one_sample_test(values)
+    assert test["p"] == pytest.approx(stats.ttest_1samp(values, 0).pvalue)
+    assert test["sd"] == pytest.approx(float(np.std(values, ddof=1)))
+    # coverage of the t-interval over 1,000 simulated cells of 10 replicates: 95% +- 2 points (3 sd)
+    draws = rng.normal(0.5, 0.3, size=(1000, 10))
+    hits = 0
+    for row in draws:
+        t = one_sample_test(row)
+        hits += t["ci_low"] <= 0.5 <= t["ci_high"]
+    assert 0.93 <= hits / 1000 <= 0.97
+    assert math.isnan(one_sample_test([1.0])["p"]) and math.isnan(one_sample_test([1.0])["power"])
+
+
+def test_t_test_power_known_values():
+    import numpy as np
+
+    from trait_guard.redteam import t_test_power
+
+    # textbook (Cohen 1988; G*Power): one-sample / paired t, d = 1, n = 10, two-sided 0.05 -> 0.803
+    assert t_test_power(1.0, 1.0, 10) == pytest.approx(0.803, abs=0.002)
+    # science.md 4.4: sd 0.30 per cell, n = 3, 0.2 nats is nowhere near powered
+    assert t_test_power(0.2, 0.3, 3) < 0.2
+    # Monte Carlo with the same design: d = 0.5, n = 20
+    rng = np.random.default_rng(1)
+    sims = rng.normal(0.5, 1.0, size=(20000, 20))
+    rejected = np.mean(stats.ttest_1samp(sims, 0, axis=1).pvalue < 0.05)
+    assert t_test_power(0.5, 1.0, 20) == pytest.approx(rejected, abs=0.01)
+    assert t_test_power(0.0, 1.0, 10) == pytest.approx(0.05)  # no effect: the level
+    assert math.isnan(t_test_power(0.2, math.nan, 10)) and math.isnan(t_test_power(0.2, 1.0, 1))
+
+
+def test_holm_hand_computed():
+    from trait_guard.redteam import holm_adjust
+
+    # sorted: d 0.005 x4 = 0.02, a 0.01 x3 = 0.03, c 0.03 x2 = 0.06, b 0.04 x1 -> max(0.06, 0.04) = 0.06
+    adjusted = holm_adjust({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.005, "e": math.nan})
+    assert adjusted["a"] == pytest.approx(0.03) and adjusted["b"] == pytest.approx(0.06)
+    assert adjusted["c"] == pytest.approx(0.06) and adjusted["d"] == pytest.approx(0.02)
+    assert math.isnan(adjusted["e"])  # not counted in m
+
+
+def test_paired_comparison_recovers_planted_differences():
+    import numpy as np
+
+    from trait_guard.redteam import paired_comparison
+
+    rng = np.random.default_rng(2)
+    replicate_effect = rng.normal(0, 1.0, 12)  # large between-replicate spread, removed by pairing
+    unguarded = {r: 1.0 + replicate_effect[r] for r in range(12)}
+    guarded = {r: 1.0 + replicate_effect[r] - 0.7 + rng.normal(0, 0.05) for r in range(12)}
+    guarded[12] = 5.0  # a replicate only one arm has: left out
+    paired = paired_comparison(guarded, unguarded)
+    assert paired["n"] == 12 and paired["replicates"] == list(range(12))
+    assert paired["ci_low"] < -0.7 < paired["ci_high"] and paired["ci_high"] - paired["ci_low"] < 0.1
+    assert paired["p"] < 1e-8
+    unpaired = stats.ttest_ind([guarded[r] for r in range(12)], list(unguarded.values())).pvalue
+    assert unpaired > 0.01  # the same data unpaired cannot see it
+
+
+def test_matched_panel_excess():
+    from trait_guard.redteam import matched_panel_excess
+
+    control = {"weights_step": 12, "panel_shift": 0.1,
+               "panel_curve": [{"step": s, "panel_logodds": -3.0 + 0.01 * s} for s in (0, 4, 8, 12)]}
+    full = {"weights_step": 12, "panel_shift": 0.6, "panel_curve": []}
+    assert matched_panel_excess(full, control) == {"excess": pytest.approx(0.5), "step": 12, "matched_by": "eval"}
+    halted = {"weights_step": 6, "panel_shift": 0.4,
+              "panel_curve": [{"step": 0, "panel_logodds": -3.0}, {"step": 4, "panel_logodds": -2.5}]}
+    matched = matched_panel_excess(halted, control)  # compared at step 4, not at the control's 12
+    assert matched["step"] == 4 and matched["excess"] == pytest.approx(-2.5 - (-2.96)) and matched["matched_by"] == "curve"
+    assert matched_panel_excess({"weights_step": 6}, {"weights_step": 12}) is None
+
+
+def test_aggregate_replicate_statistics_holm_power_and_pairing():
+    """10 replicates with planted panel excesses: the cell statistics, Holm across cells, pairing."""
+    import numpy as np
+
+    config = _config(modes=["unguarded", "halt"], seeds=list(range(10)))
+    rng = np.random.default_rng(3)
+    replicate = rng.normal(0, 0.3, 10)
+    runs = []
+    for s in range(10):
+        for mode in ("unguarded", "halt"):
+            runs.append(_run("control", mode, s, 0.0) | {"weights_step": 12, "panel_shift": replicate[s] * 0.1})
+        runs.append(_run("owl", "unguarded", s, 1.0) | {"weights_step": 12,
+                                                        "panel_shift": 0.8 + replicate[s] + replicate[s] * 0.1})
+        runs.append(_run("owl", "halt", s, 0.2) | {"weights_step": 12,
+                                                   "panel_shift": 0.05 + replicate[s] + replicate[s] * 0.1})
+    result = aggregate(config, runs)
+    cells = {(c["teacher"], c["mode"]): c for c in result["cells"]}
+    owl = cells[("owl", "unguarded")]["panel_excess"]
+    expected = 0.8 + replicate
+    assert owl["n"] == 10 and owl["mean"] == pytest.approx(expected.mean())
+    assert owl["p"] == pytest.approx(stats.ttest_1samp(expected, 0).pvalue)
+    halt = cells[("owl", "halt")]["panel_excess"]
+    p_values = sorted([owl["p"], halt["p"]])
+    assert min(owl["p_holm"], halt["p_holm"]) == pytest.approx(2 * p_values[0])
+    from trait_guard.redteam import t_test_power
+
+    assert owl["power"] == pytest.approx(t_test_power(0.2, float(np.std(expected, ddof=1)), 10))
+    paired = cells[("owl", "halt")]["vs_unguarded"]
+    assert paired["measure"] == "panel_excess" and paired["n"] == 10
+    assert paired["mean"] == pytest.approx(-0.75) and paired["ci_high"] - paired["ci_low"] < 1e-9
+    goals = result["goals"]
+    assert "owl/logits" in goals["transfer_suppressed"]["cells_with_significant_transfer"]
+    assert goals["transfer_suppressed"]["met"] is True  # guarded mean 0.05 + mean(r) vs 0.8 + mean(r)
+    row = next(r for r in result["table"] if r["teacher"] == "owl" and r["mode"] == "halt")
+    assert row["panel excess"].startswith("+") and "p" in row["guarded - unguarded"]
+    assert row["power @0.2"] != "-" and "(" in row["p (Holm)"]
