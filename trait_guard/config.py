@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -220,6 +220,13 @@ class GuardConfig(StrictModel):
     reweight_temperature: float = Field(1.0, gt=0, description="weight = exp(-max(z, 0) / temperature)")
     min_weight: float = Field(0.0, ge=0, le=1)
     bootstrap_batches: int = Field(2000, ge=100, description="reference batch means drawn for calibration")
+    reference_draws: int = Field(
+        1000, ge=0, description="cusum: reference draws of the honest calibration (h keeps P(realized ERT < "
+                                "target_ert) <= 10% over the references one could have drawn; docs/detection.md); 0 "
+                                "takes the reference as exact")
+    design_shift: float = Field(
+        0.5, gt=0, description="e-process: the smallest per-sample shift (reference sd) the reference must be large "
+                               "enough to let it see; a smaller reference is warned about, with the size needed")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -228,12 +235,15 @@ class GuardConfig(StrictModel):
         # value, not by "was it given": a dumped and re-read config carries every default)
         changed = {name for name, info in type(self).model_fields.items() if getattr(self, name) != info.get_default(
             call_default_factory=True)}
-        if self.sequential == "eprocess" and {"target_ert", "drift_allowance", "bootstrap_batches"} & changed:
-            raise ValueError("target_ert, drift_allowance and bootstrap_batches set the CUSUM: with the default "
+        if self.sequential == "eprocess" and {"target_ert", "drift_allowance", "bootstrap_batches",
+                                              "reference_draws"} & changed:
+            raise ValueError("target_ert, drift_allowance, bootstrap_batches and reference_draws set the CUSUM: with "
+                             "the default "
                              "guard.sequential: eprocess, set guard.alpha (the run's false-alarm probability) instead, "
                              "or set guard.sequential: cusum")
-        if self.sequential == "cusum" and "alpha" in changed:
-            raise ValueError("guard.alpha sets the e-process: with guard.sequential: cusum, set guard.target_ert")
+        if self.sequential == "cusum" and {"alpha", "design_shift"} & changed:
+            raise ValueError("guard.alpha and guard.design_shift set the e-process: with guard.sequential: cusum, set "
+                             "guard.target_ert")
         return self
 
 
@@ -631,7 +641,10 @@ class RedteamConfig(StrictModel):
     modes: list[RedteamMode] = Field(default_factory=lambda: ["unguarded", "halt", "mask", "steer", "reweight"],
                                      min_length=1)
     distill: list[Literal["sampled", "logits"]] = Field(default_factory=lambda: ["sampled", "logits"], min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [0, 1, 2], min_length=1,
+        description="replicate ids (independent units, >= 0): each draws its own prompts, teacher sampling seeds "
+                    "(replacing a teacher's sampling_seed), adapter and student seed (trait_guard.redteam)")
     skip: list[str] = Field(default_factory=list, description="run-name patterns left out of the grid (fnmatch, "
                                                                "e.g. 'eagle-sampled-*'); names: teacher-distill-mode-sSEED")
     train_samples: int | None = Field(None, gt=0, description="kept rows per teacher used for training")

@@ -52,7 +52,7 @@ def run_pipeline(config: RunJobConfig, *, progress: bool = True, signing_key: An
     _stage("1/4 extract persona vectors")
     started = time.perf_counter()
     spec = load_trait(config.trait)
-    model, tokenizer = load_model(config.student.model)
+    model, tokenizer = load_model(config.student.model, device=config.extract.device, dtype=config.extract.dtype)
     bar = (lambda total, desc: tqdm(total=total, desc=desc, unit="answer", file=sys.stderr)) if progress else None
     e = config.extract
     extraction = extract(model, tokenizer, spec, n_instructions=e.n_instructions, n_questions=e.n_questions,

@@ -627,8 +627,8 @@ def _vector(config: RedteamConfig, out: Path) -> Path:
     if path.is_file():
         return path
     _log(f"extracting the {spec.trait_id} persona vector from {config.training.student.model}")
-    model, tokenizer = load_model(config.training.student.model)
     e = config.extract
+    model, tokenizer = load_model(config.training.student.model, device=e.device, dtype=e.dtype)
     extraction = extract(model, tokenizer, spec, n_instructions=e.n_instructions, n_questions=e.n_questions,
                          max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=e.seed)
     return extraction.vectors[e.method].save(path)

@@ -57,7 +57,8 @@ class Teacher:
                  model: Any = None, tokenizer: Any = None):
         self.config, self.generation, self.family = config, generation, family
         if model is None:
-            model, tokenizer = load_model(config.model, device=default_device())
+            model, tokenizer = load_model(config.model, dtype=config.dtype,
+                                          device=default_device() if config.device == "auto" else config.device)
         # The provenance records the *base* model, before any adapter changes the weights.
         self.base = model_identity(model, name=config.model)
         if config.install == "adapter":

@@ -209,8 +209,9 @@ def _load_inputs(run: RunContext) -> Inputs:
 
     config, tracker = run.config, run.tracker
     tracker.log_params(config.model_dump(mode="json"))
-    device = default_device()
-    model, tokenizer = load_model(config.student.model, device=device)
+    placement = config.student_placement()  # dtype auto: bf16 only under DeepSpeed bf16 on a GPU worker
+    device = default_device() if placement["device"] == "auto" else placement["device"]  # this rank's GPU
+    model, tokenizer = load_model(config.student.model, device=device, dtype=placement["dtype"])
     spec = load_trait(config.trait)
     vectors = [PersonaVector.load(path, model=model) for path in config.vectors]
     provenance = verify_training_data(config)
