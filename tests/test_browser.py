@@ -90,6 +90,21 @@ def _column_header(driver, title):
     return next((h for h in driver.find_elements(By.CSS_SELECTOR, "[role=columnheader]") if h.text == title), None)
 
 
+def _click_column_header(driver, title):
+    """Click the header of column ``title``, again if the table re-rendered between finding and
+    clicking it (ag-grid replaces header elements as runs load: a stale element)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def click():
+        try:
+            _column_header(driver, title).click()
+            return True
+        except StaleElementReferenceException:
+            return False
+
+    _wait_until(click, f"a clickable {title} column header")
+
+
 def _column_values(driver, title):
     """The numbers in the runs table's column ``title``, top to bottom."""
     from selenium.webdriver.common.by import By
@@ -183,12 +198,12 @@ def test_guarded_run_is_reviewable_in_the_mlflow_ui(tiny_llama_dir, tmp_path):
             _wait_until(lambda: _column_values(driver, "guard/updates") == [updates + 10, updates],
                         "the runs' guard/updates values in the column")
             # a click on its header sorts by it (descending first), a second click ascending
-            _column_header(driver, "guard/updates").click()
+            _click_column_header(driver, "guard/updates")
             _wait_until(lambda: "guard%2Fupdates" in driver.current_url and "orderByAsc=false" in driver.current_url,
                         "the sort key guard/updates, descending, in the page's URL")
             _wait_until(lambda: _table_order(driver, names) == ["more-updates", "owl-student"],
                         "runs sorted by guard/updates, descending")
-            _column_header(driver, "guard/updates").click()
+            _click_column_header(driver, "guard/updates")
             _wait_until(lambda: _table_order(driver, names) == ["owl-student", "more-updates"],
                         "runs sorted by guard/updates, ascending (the reverse of the default order)")
             assert _column_values(driver, "guard/updates") == [updates, updates + 10]

@@ -20,7 +20,7 @@ from mlflow_server import MlflowServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = pytest.mark.slow  # the two-node test is also marked ray; the Postgres one starts no Ray
 
 
 def _wait(predicate, timeout: float, what: str):
@@ -53,6 +53,7 @@ def _stop(process: subprocess.Popen) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
+@pytest.mark.ray
 def test_ray_job_submit_on_a_two_node_cluster(tiny_llama_dir, tmp_path):
     gcs_port, dashboard_port = free_port(), free_port()
     # Ray 2.60 token authentication, as on a real cluster: every node and client uses the same token
