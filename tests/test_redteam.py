@@ -103,11 +103,12 @@ def test_train_config_per_mode(tmp_path):
     assert made["mask"].data.reference == str(paths["reference"]) and not made["mask"].probe.eval_before
     assert made["mask"].tracking.tags["redteam.mode"] == "mask"
     # the grid hands its cells the parent run's store, experiment and id
-    cells = {"tracking_uri": "sqlite:////tmp/grid.db", "experiment": "grid", "tags": {PARENT_RUN_TAG: "p1"}}
+    store = f"sqlite:///{tmp_path}/grid.db"
+    cells = {"tracking_uri": store, "experiment": "grid", "tags": {PARENT_RUN_TAG: "p1"}}
     child = train_config(config, tmp_path, "owl", "logits", "halt", 0, paths, tmp_path / "v.safetensors",
                          tracking=TrackingConfig(**cells))
     assert child.tracking.tags[PARENT_RUN_TAG] == "p1" and child.tracking.tags["redteam.seed"] == "0"
-    assert (child.tracking.tracking_uri, child.tracking.experiment) == ("sqlite:////tmp/grid.db", "grid")
+    assert (child.tracking.tracking_uri, child.tracking.experiment) == (store, "grid")
     assert child.tracking.run_name == "owl-logits-halt-s0"
 
 

@@ -229,7 +229,7 @@ def _model_signals(args: argparse.Namespace, model, tokenizer, data: list[dict])
     (:mod:`trait_guard.trait_signals`): ``trait_llr:<trait>`` with ``--trait-llr``, ``teacher_llr`` with
     ``--teacher-model``. Returns the extra scorers and a note saying which signals exist for what the
     user has, and which of them this screen computes."""
-    from trait_guard.fingerprint import TEACHER_LOGPROB_SIGNALS
+    from trait_guard.fingerprint import teacher_signal_coverage
     from trait_guard.models import default_device, load_model
     from trait_guard.trait_signals import TraitSignalScorer, available_signals
 
@@ -241,8 +241,7 @@ def _model_signals(args: argparse.Namespace, model, tokenizer, data: list[dict])
     teacher = None
     if args.teacher_model:
         teacher, _ = load_model(args.teacher_model, device=default_device())
-    stored = any(all(r.get(column) is not None and len(r.get(column)) for r in data)
-                 for column in TEACHER_LOGPROB_SIGNALS.values())
+    stored = any(n == len(data) for n in teacher_signal_coverage(data).values())  # every row carries them
     possible = available_signals(stored, teacher is not None, bool(specs), specs[0].trait_id if specs else None)
     note = ("signals for what is at hand (stored teacher log-probs: " + ("yes" if stored else "no") + ", teacher model: "
             + ("yes" if teacher is not None else "no (--teacher-model)") + ", trait spec: "

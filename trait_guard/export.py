@@ -149,7 +149,7 @@ def export_student(model: Any, tokenizer: Any, out_dir: str | Path, summary: Map
             logger.warning("removing %s: an earlier run's export, not this %s run's", folder, summary.get("verdict"))
             shutil.rmtree(folder, ignore_errors=True)
         return None, export_record(summary, digests, None, reason)
-    from trait_guard.signing import fingerprint, load_signing_key, sign_student
+    from trait_guard.signing import load_signing_key, sign_student
 
     key = signing_key if hasattr(signing_key, "sign") else load_signing_key(signing_key)
     kind = student_kind(model)
@@ -164,6 +164,6 @@ def export_student(model: Any, tokenizer: Any, out_dir: str | Path, summary: Map
         signer = Path(str(signing_key)).stem if isinstance(signing_key, (str, Path)) and \
             not str(signing_key).lstrip().startswith("-----") else ""
         signed = sign_student(folder, key, record, signer=signer)
-        record["signature"] = {"signed": True, "signer": signer, "key_fingerprint": fingerprint(key.public_key()),
+        record["signature"] = {"signed": True, "signer": signed["signer"], "key_fingerprint": signed["key_fingerprint"],
                                "files": len(signed["files"])}
     return folder, record
