@@ -417,3 +417,9 @@ def probe_projections(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[
         model(**batch.model_inputs())
     return {v.trait: v.project(gather_positions(acts[v.layer][0], batch.last_prompt_index)).cpu().numpy()
             for v in vectors}
+
+
+def probe_shifts(current: dict[str, Any], base: dict[str, Any]) -> dict[str, float]:
+    """Per trait, how far the probe projections moved from ``base`` (step 0), in base standard
+    deviations: (mean now - mean at base) / sd at base (sd floored at 1e-6)."""
+    return {k: float((current[k].mean() - base[k].mean()) / max(float(base[k].std()), 1e-6)) for k in current}

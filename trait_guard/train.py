@@ -51,7 +51,7 @@ from trait_guard.checkpoint import (
 )
 from trait_guard.config import Action, TrainJobConfig
 from trait_guard.errors import TraitGuardInputError
-from trait_guard.persona import probe_projections
+from trait_guard.persona import probe_projections, probe_shifts
 from trait_guard.ranks import all_ranks_true, gather_signals, world
 from trait_guard.rollback import RollbackRecord, WeightSnapshots, snapshot_support
 from trait_guard.run_state import ProgressFile, StopRequest
@@ -745,8 +745,7 @@ def _probe(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Module
     try:
         model.eval()
         current = probe_projections(model, inputs.tokenizer, setup.probes, inputs.vectors)
-        shifts = {k: float((current[k].mean() - setup.probe_base[k].mean()) / max(setup.probe_base[k].std(), 1e-6))
-                  for k in current}
+        shifts = probe_shifts(current, setup.probe_base)
         metrics.update({f"probe/shift/{k}": v for k, v in shifts.items()})
         panel_every = run.config.probe.panel_every_n_steps
         if run.rank == 0 and panel_every and step % panel_every == 0 and setup.panel_before is not None:

@@ -75,7 +75,7 @@ from trait_guard.fingerprint import (
 )
 from trait_guard.guard import Decision, TraitGuard
 from trait_guard.losses import distillation_loss, token_weights, weighted_completion_loss
-from trait_guard.persona import PersonaVector, probe_projections
+from trait_guard.persona import PersonaVector, probe_projections, probe_shifts
 from trait_guard.rollback import RollbackRecord, WeightSnapshots
 from trait_guard.sequential import GateStep, LookaheadGate
 
@@ -141,8 +141,7 @@ class DriftProbe:
         current = self.measure()
         if self.base is None:
             self.base = current
-        return {k: float((current[k].mean() - self.base[k].mean()) / max(float(self.base[k].std()), 1e-6))
-                for k in current}
+        return probe_shifts(current, self.base)
 
 
 class GatedRows:
