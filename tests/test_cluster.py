@@ -110,6 +110,7 @@ def test_ray_job_submit_on_a_two_node_cluster(tiny_llama_dir, tmp_path):
                          {"id": "control", "model": model}],
             "generation": {"n_prompts": 32, "chunk_size": 8, "max_new_tokens": 8, "top_k_logprobs": 4},
             "generation_ray": {"num_actors": 2},  # one CPU each: one actor per node
+            "scoring": {"num_actors": 2, "batch_size": 8},  # the scoring stage on both nodes too
             "student": {"model": model}, "optim": {"batch_size": 4, "max_steps": 3},
             "probe": {"every_n_steps": 2, "n_prompts": 3},
             "deepspeed": {"enabled": True}, "ray": {"num_workers": 2},  # one Ray Train worker per node
@@ -134,7 +135,10 @@ def test_ray_job_submit_on_a_two_node_cluster(tiny_llama_dir, tmp_path):
         # work was placed on more than one node: both teacher actors' nodes and both training ranks' nodes
         assert len(teacher_nodes) == 2 and teacher_nodes <= cluster_nodes, (teacher_nodes, cluster_nodes)
         assert len(train_nodes) == 2 and train_nodes <= cluster_nodes
+        scoring_nodes = set(summary["trainings"][0]["scoring"]["node_ids"])
+        assert len(scoring_nodes) == 2 and scoring_nodes <= cluster_nodes, scoring_nodes
         topology = {"nodes": len(cluster_nodes), "teacher_actor_nodes": len(teacher_nodes),
+                    "scoring_actor_nodes": len(scoring_nodes),
                     "train_rank_nodes": len(train_nodes), "job_seconds": round(seconds, 1)}
         (tmp_path / "topology.json").write_text(json.dumps(topology))
         print(f"two-node cluster: {topology}")

@@ -7,6 +7,7 @@ import pytest
 from trait_guard.config import GenerateJobConfig, validate_config
 from trait_guard.dataset import SCHEMA, DatasetError, read_rows
 from trait_guard.generation import generate_datasets, generate_local
+from trait_guard.testing import kill_live_actor
 
 
 def job(model_dir, out_dir, **generation):
@@ -96,13 +97,11 @@ def test_killing_an_actor_mid_run_still_yields_each_prompt_once(ray_cluster, loc
     config = job(tiny_llama_dir, tmp_path)
     killed = []
 
-    def kill_first_actor_once(teacher_id, chunk_index, actors):
+    def kill_a_teacher_actor_once(teacher_id, rows_written):
         if teacher_id == "owl" and not killed:
-            pid = ray_cluster.get(actors[0].pid.remote())
-            ray_cluster.kill(actors[0], no_restart=False)  # SIGKILL-like; Ray restarts it and retries
-            killed.append(pid)
+            killed.append(kill_live_actor("TeacherBatches"))  # SIGKILL: Ray restarts it, Ray Data retries
 
-    report = generate_datasets(config, progress=False, on_chunk_done=kill_first_actor_once)
+    report = generate_datasets(config, progress=False, on_chunk_done=kill_a_teacher_actor_once)
     assert killed
     rows = pq.read_table(report.teachers[0].path).to_pylist()
     assert sorted(r["prompt_id"] for r in rows) == sorted(by_prompt(local_run[1].teachers[0].path))

@@ -62,8 +62,14 @@ def test_run_pipeline_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch):
             assert training["updates"] >= 1 and training["verdict"] in ("passed", "halted", "mitigated")
         artifacts = {a.path for a in client.list_artifacts(training["mlflow_run_id"], "reports")}
         assert f"reports/screen_{record['teacher']}.json" in artifacts and "reports/animal.safetensors" in artifacts
-    # scored once: the screen's signals were cached and the training runs read them (one file per training set)
+    # scored once: the scoring stage scored each row once (the reference with the first training set), the
+    # screen and the training runs read those signals (one cache file per training set)
     assert len(list((tmp_path / "signals_cache").glob("signals-*.npz"))) == 2
+    scored = [t["scoring"] for t in summary["trainings"]]
+    assert [s["source"] for s in scored] == ["scoring stage"] * 2
+    assert [s["rows_scored"] for s in scored] == [scored[0]["train_rows"] + scored[0]["reference_rows"],
+                                                  scored[1]["train_rows"]]
+    assert [t["training"]["setup_signals"] for t in summary["trainings"]] == ["cache", "cache"]
     assert json.loads((tmp_path / "run_summary.json").read_text())["trait"] == "animal:owl"
     text = format_summary(summary)
     assert "student on 'owl'" in text and "student on 'control-b'" in text

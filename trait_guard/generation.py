@@ -1,13 +1,14 @@
 """Teacher data generation on Ray actors (or in-process), with exactly one row per prompt id.
 
-Prompts are cut into chunks; a pool of stateful :class:`TeacherActor` s (each holding one loaded
-model) takes chunks, at most ``max_in_flight_per_actor`` pending per actor (backpressure), and the
-driver streams finished rows into a Parquet file while a progress bar advances.
+Prompts are cut into chunks. On Ray, the chunk indices are a Ray Data dataset and ``map_batches``
+runs them on a pool of stateful :class:`TeacherBatches` actors (each holding one loaded model), at
+most ``max_in_flight_per_actor`` chunks pending per actor (Ray Data's backpressure); the driver
+streams the finished rows into a Parquet file while a progress bar advances.
 
-Faults: actors are created with ``max_restarts`` and ``max_task_retries``, so when an actor process
-dies Ray restarts it (reloading the model) and re-runs its pending chunks; if an actor is beyond
-restarting, the driver replaces it and requeues the chunk. Because a chunk's seed depends only on its
-index, a re-run yields the same rows, and the driver writes each prompt id once.
+Faults: Ray Data starts its actors restartable with retried tasks, so when an actor process dies Ray
+restarts it (reloading the model) and Ray Data re-runs its pending chunks. Because a chunk's seed
+depends only on its index, a re-run yields the same rows, and the driver writes each prompt id once
+(and refuses a file that misses one).
 
 Usage::
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +40,6 @@ class TeacherReport:
     kept: int
     reasons: dict[str, int]
     seconds: float
-    actor_restarts_seen: int = 0
     node_ids: list[str] = field(default_factory=list)  # the Ray nodes its actors ran on
 
     @property
@@ -153,8 +153,9 @@ def generate_local(config: GenerateJobConfig, *, progress: bool = True,
     return _finish(report, config, key)
 
 
-class TeacherActor:
-    """A Ray actor holding one teacher model; ``generate`` turns a chunk into rows."""
+class TeacherBatches:
+    """A Ray Data actor holding one teacher model: turns a batch of chunk indices into rows (an Arrow
+    table in the teacher-data schema, plus the node it ran on)."""
 
     def __init__(self, teacher: dict[str, Any], generation: dict[str, Any], all_teachers: list[dict[str, Any]]):
         import ray
@@ -165,35 +166,40 @@ class TeacherActor:
         torch.set_num_threads(max(1, cpus))
         teacher_cfg = TeacherConfig.model_validate(teacher)
         generation_cfg = GenerationConfig.model_validate(generation)
+        self.chunks = make_chunks(GenerateJobConfig(teachers=[TeacherConfig.model_validate(t) for t in all_teachers],
+                                                    generation=generation_cfg))
         family = family_for(generation_cfg, [TeacherConfig.model_validate(t) for t in all_teachers])
         self.teacher = Teacher(teacher_cfg, generation_cfg, family)
+        self.node_id = ray.get_runtime_context().get_node_id()
 
-    def generate(self, prompts: list[Prompt], chunk_index: int) -> list[dict[str, Any]]:
-        return self.teacher.generate(prompts, chunk_index)
+    def __call__(self, batch: dict[str, Any]) -> Any:
+        import pyarrow as pa
 
-    def node_id(self) -> str:
-        import ray
+        from trait_guard.dataset import SCHEMA
 
-        return ray.get_runtime_context().get_node_id()
+        rows = [row for index in batch["chunk_index"].tolist()
+                for row in self.teacher.generate(self.chunks[index], index)]
+        table = pa.Table.from_pylist(rows, schema=SCHEMA)  # one schema for every block, whatever it holds
+        return table.append_column(NODE_COLUMN, pa.array([self.node_id] * len(rows), pa.string()))
 
-    def pid(self) -> int:
-        import os
 
-        return os.getpid()
+NODE_COLUMN = "_node_id"  # where a row was generated: reported, not written
 
 
 def generate_datasets(
     config: GenerateJobConfig,
     *,
     progress: bool = True,
-    on_chunk_done: Callable[[str, int, list[Any]], None] | None = None,
+    on_chunk_done: Callable[[str, int], None] | None = None,
     signing_key: str | None = None,
 ) -> GenerationReport:
-    """Generate one Parquet file per teacher on a pool of Ray actors.
+    """Generate one Parquet file per teacher with Ray Data: the chunk indices are a dataset, and
+    ``map_batches`` runs them on a pool of ``ray.num_actors`` :class:`TeacherBatches` actors (Ray
+    Data's backpressure, actor restarts and task retries); the driver streams the rows into Parquet.
 
     Starts a local Ray (or connects to ``config.ray.address``) unless Ray is already initialized.
-    ``on_chunk_done(teacher_id, chunk_index, actors)`` is called after each finished chunk (tests use
-    it to kill an actor mid-run). ``signing_key``: an Ed25519 private key (path or PEM text; default
+    ``on_chunk_done(teacher_id, rows_written)`` is called after each finished chunk (tests use it
+    to kill an actor mid-run). ``signing_key``: an Ed25519 private key (path or PEM text; default
     ``$TRAIT_GUARD_SIGNING_KEY``) that signs the finished folder (docs/provenance.md); without one
     the folder is written unsigned and says so.
     """
@@ -201,61 +207,49 @@ def generate_datasets(
     from trait_guard.signing import load_signing_key
 
     key = load_signing_key(signing_key)  # a bad key fails now, not after hours of generation
-    from ray.exceptions import RayActorError
-
     if not ray.is_initialized():
         ray.init(address=config.ray.address, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
-    rc = config.ray
-    remote_actor = ray.remote(max_restarts=rc.max_restarts, max_task_retries=rc.max_restarts)(TeacherActor)
+    quiet_ray_data()
     chunks = make_chunks(config)
     out_dir = Path(config.output_dir)
     report = GenerationReport(str(out_dir), "ray", sum(len(c) for c in chunks))
-    all_teachers = [t.model_dump() for t in config.teachers]
-
     for teacher_cfg in config.teachers:
-        def new_actor(cfg: TeacherConfig = teacher_cfg):
-            return remote_actor.options(num_cpus=rc.cpus_per_actor, num_gpus=rc.gpus_per_actor).remote(
-                cfg.model_dump(), config.generation.model_dump(), all_teachers)
+        node_ids: set[str] = set()
+        stream = _teacher_stream(config, teacher_cfg, len(chunks))
 
-        actors = [new_actor() for _ in range(rc.num_actors)]
-        node_ids = ray.get([actor.node_id.remote() for actor in actors])
-        replaced = 0
-
-        def results(actors: list[Any] = actors, teacher_id: str = teacher_cfg.id) -> Iterator[list[dict[str, Any]]]:
-            nonlocal replaced
-            queue = deque(range(len(chunks)))
-            pending: dict[Any, tuple[int, int]] = {}  # ref -> (chunk index, actor slot)
-            load = [0] * len(actors)
-            while queue or pending:
-                while queue and min(load) < rc.max_in_flight_per_actor:
-                    slot = load.index(min(load))
-                    index = queue.popleft()
-                    pending[actors[slot].generate.remote(chunks[index], index)] = (index, slot)
-                    load[slot] += 1
-                [ref], _ = ray.wait(list(pending), num_returns=1)
-                index, slot = pending.pop(ref)
-                load[slot] -= 1
-                try:
-                    rows = ray.get(ref)
-                except RayActorError:
-                    # Beyond Ray's own restarts: a fresh actor takes the slot and the chunk runs again.
-                    replaced += 1
-                    if replaced > rc.max_restarts * len(actors):
-                        raise
-                    actors[slot] = new_actor()
-                    queue.appendleft(index)
-                    continue
+        def results(teacher_id: str = teacher_cfg.id) -> Iterator[list[dict[str, Any]]]:
+            for table in stream.iter_batches(batch_size=None, batch_format="pyarrow"):
+                node_ids.update(table.column(NODE_COLUMN).unique().to_pylist())
+                rows = table.drop_columns([NODE_COLUMN]).to_pylist()
                 yield rows
                 if on_chunk_done is not None:
-                    on_chunk_done(teacher_id, index, actors)
+                    on_chunk_done(teacher_id, len(rows))
 
-        try:
-            teacher_report = _write_teacher(teacher_cfg, chunks, results(), out_dir, progress)
-        finally:
-            for actor in actors:
-                ray.kill(actor)
-        teacher_report.actor_restarts_seen = replaced
-        teacher_report.node_ids = sorted(set(node_ids))
+        teacher_report = _write_teacher(teacher_cfg, chunks, results(), out_dir, progress)
+        teacher_report.node_ids = sorted(node_ids)
         report.teachers.append(teacher_report)
     return _finish(report, config, key)
+
+
+def _teacher_stream(config: GenerateJobConfig, teacher: TeacherConfig, n_chunks: int) -> Any:
+    """The Ray Data stream of one teacher's rows: one block per chunk, generated by an actor pool."""
+    import ray
+
+    rc = config.ray
+    chunk_indices = ray.data.from_items([{"chunk_index": i} for i in range(n_chunks)], override_num_blocks=n_chunks)
+    return chunk_indices.map_batches(
+        TeacherBatches, batch_size=1, batch_format="numpy",
+        fn_constructor_kwargs={"teacher": teacher.model_dump(), "generation": config.generation.model_dump(),
+                               "all_teachers": [t.model_dump() for t in config.teachers]},
+        compute=ray.data.ActorPoolStrategy(size=rc.num_actors, max_tasks_in_flight_per_actor=rc.max_in_flight_per_actor),
+        num_cpus=rc.cpus_per_actor, num_gpus=rc.gpus_per_actor)
+
+
+def quiet_ray_data() -> None:
+    """Our own progress bars and summaries stand in for Ray Data's (which would interleave with them)."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False

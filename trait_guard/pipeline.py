@@ -1,9 +1,11 @@
 """The whole guarded pipeline, one stage after another (what ``trait-guard run`` and ``make demo`` do).
 
-    extract   persona vectors for the trait from the student's base model
-    generate  teacher datasets (trait teacher, control teacher, ...) on Ray actors
-    screen    each training set against the reference, dataset level (report kept as an artifact);
-              the signals go to a cache, where the training run's gate reads the very same values
+    extract   persona vectors for the trait from the student's base model (a Ray task)
+    generate  teacher datasets (trait teacher, control teacher, ...): Ray Data on teacher actors
+    score     every training and reference row, once, by the student's frozen base model on a Ray
+              Data stage of scoring actors (trait_guard.scoring); the signals go to a cache, where
+              the screen and the training run's gate read the very same values
+    screen    each training set against the reference, dataset level (report kept as an artifact)
     train     guarded student training: DeepSpeed on Ray Train; a flagged screen gates it before the
               first update (screen.gate), else decisions per batch and probes
     evaluate  the student's trait before and after (inside training, rank 0)
@@ -35,11 +37,8 @@ def _stage(name: str) -> None:
 
 
 def run_pipeline(config: RunJobConfig, *, progress: bool = True, signing_key: Any = None) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
+    from trait_guard.extras import ray  # a missing Ray names its extra
     from trait_guard.generation import generate_datasets
-    from trait_guard.models import load_model
-    from trait_guard.persona import extract, format_separation_table
     from trait_guard.tracking import forward_context
     from trait_guard.train import run_training
     from trait_guard.traits import load_trait
@@ -48,21 +47,21 @@ def run_pipeline(config: RunJobConfig, *, progress: bool = True, signing_key: An
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-
-    _stage("1/4 extract persona vectors")
-    started = time.perf_counter()
     spec = load_trait(config.trait)
-    model, tokenizer = load_model(config.student.model, device=config.extract.device, dtype=config.extract.dtype)
-    bar = (lambda total, desc: tqdm(total=total, desc=desc, unit="answer", file=sys.stderr)) if progress else None
-    e = config.extract
-    extraction = extract(model, tokenizer, spec, n_instructions=e.n_instructions, n_questions=e.n_questions,
-                         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=e.seed, progress=bar)
-    vector = extraction.vectors[e.method]
-    vector_path = vector.save(out / "vectors" / f"{spec.name}.safetensors")
-    print(format_separation_table(extraction, {m: v.layer for m, v in extraction.vectors.items()}), file=sys.stderr)
+    if not ray.is_initialized():
+        ray.init(address=config.generation_ray.address, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+
+    _stage(f"1/4 extract persona vectors (a Ray task: {_placement(config.scoring)})")
+    started = time.perf_counter()
+    vector_path, separation_table = _extract_on_ray(config, out / "vectors" / f"{spec.name}.safetensors")
+    print(separation_table, file=sys.stderr)
+    from trait_guard.persona import PersonaVector
+
+    vector = PersonaVector.load(vector_path)
     timings["extract"] = time.perf_counter() - started
 
-    _stage("2/4 generate teacher data on Ray actors")
+    _stage("2/4 generate teacher data (Ray Data on teacher actors)")
     started = time.perf_counter()
     generation = GenerateJobConfig(output_dir=str(out / "teacher_data"), teachers=config.teachers,
                                    generation=config.generation, ray=config.generation_ray)
@@ -71,38 +70,41 @@ def run_pipeline(config: RunJobConfig, *, progress: bool = True, signing_key: An
     timings["generate"] = time.perf_counter() - started
     paths = {t.teacher_id: t.path for t in report.teachers}
 
-    _stage("3/4 screen each training set against the reference (the gate before training)")
+    _stage(f"3/4 score each row once (Ray Data on {config.scoring.num_actors} scoring actor(s): "
+           f"{_placement(config.scoring)}), screen each training set against the reference")
     started = time.perf_counter()
     settings = config.model_dump(include=set(TrainingSettings.model_fields))
     # the caller's MLflow run, store and experiment, which the Ray Train workers cannot see themselves
     settings["tracking"] = forward_context(config.tracking).model_dump()
     jobs = []
+    scored_reference: dict[str, Any] = {}  # the reference's signals, scored with the first training set
     for teacher_id in [config.train_on, *config.also_train_on]:
         name = "train" if teacher_id == config.train_on else f"train-{teacher_id}"
         train = TrainJobConfig(output_dir=str(out / name), trait=config.trait, vectors=[str(vector_path)],
                                data={"train": paths[teacher_id], "reference": paths[config.reference]},
                                signals_cache=str(out / "signals_cache"), **settings)
-        screening, screen_files = _screen(train, model, tokenizer, vector, out / f"screen_{teacher_id}")
-        jobs.append((teacher_id, train, screening, screen_files))
-    timings["screen"] = time.perf_counter() - started
-    del model  # the training workers load their own copies
+        screening, screen_files, scoring = _screen(train, config, vector, out / f"screen_{teacher_id}",
+                                                   scored_reference)
+        jobs.append((teacher_id, train, screening, screen_files, scoring))
+    timings["score_and_screen"] = time.perf_counter() - started
 
-    _stage("4/4 guarded training (DeepSpeed on Ray Train) and evaluation")
+    _stage("4/4 guarded training (DeepSpeed on Ray Train; the setup signals come from the scoring stage) "
+           "and evaluation")
     started = time.perf_counter()
     trainings = []
-    for teacher_id, train, screening, screen_files in jobs:
+    for teacher_id, train, screening, screen_files, scoring in jobs:
         print(f"--- training on '{teacher_id}' (screen: {'FLAGGED' if screening.flagged else 'clean'}; "
               f"gate {'on' if train.screen.gate else 'off'})", file=sys.stderr, flush=True)
         artifacts = [*map(str, screen_files), str(vector_path), str(vector_path.with_suffix(".json")),
                      str(Path(generation.output_dir) / "summary.json")]
         train = with_overrides(train, {"extra_artifacts": artifacts}, source=f"training on '{teacher_id}'")
         training = run_training(train)
-        trainings.append(_training_record(teacher_id, screening, training))
+        trainings.append(_training_record(teacher_id, screening, training, scoring))
     timings["train"] = time.perf_counter() - started
 
     summary = {
         "trait": spec.trait_id,
-        "vector": {"path": str(vector_path), "layer": vector.layer, "method": e.method,
+        "vector": {"path": str(vector_path), "layer": vector.layer, "method": vector.method,
                    "cohens_d": vector.separation[vector.layer]},
         "generation": {t.teacher_id: {"rows": t.rows, "kept": t.kept, "reasons": t.reasons} for t in report.teachers},
         "trainings": trainings,
@@ -113,41 +115,94 @@ def run_pipeline(config: RunJobConfig, *, progress: bool = True, signing_key: An
     return summary
 
 
-def _screen(train: TrainJobConfig, model: Any, tokenizer: Any, vector: Any, stem: Path) -> tuple[Any, list[Path]]:
-    """Screen one training set against the reference: score both once with the frozen base model (kept in
-    the signals cache, where the training run's gate finds the very same signals), test, report."""
+def _placement(settings: Any) -> str:
+    gpus = f", {settings.gpus_per_actor:g} GPU" if settings.gpus_per_actor else ""
+    return f"{settings.cpus_per_actor:g} CPU{gpus} each, device {settings.device}, dtype {settings.dtype}"
+
+
+def _extract_vector(config: dict[str, Any], path: str) -> tuple[str, str]:
+    """Extract the trait's persona vector from the student's base model and save it to ``path``
+    (runs in a Ray task: the job's driver loads no model). Returns the path and the separation table."""
+    import ray
+    import torch
+
+    from trait_guard.models import load_model
+    from trait_guard.persona import extract, format_separation_table
+    from trait_guard.traits import load_trait
+
+    run = RunJobConfig.model_validate(config)
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1) or 1)))
+    e = run.extract
+    model, tokenizer = load_model(run.student.model, device=e.device, dtype=e.dtype)
+    extraction = extract(model, tokenizer, load_trait(run.trait), n_instructions=e.n_instructions,
+                         n_questions=e.n_questions, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                         seed=e.seed)
+    saved = extraction.vectors[e.method].save(path)
+    return str(saved), format_separation_table(extraction, {m: v.layer for m, v in extraction.vectors.items()})
+
+
+def _extract_on_ray(config: RunJobConfig, path: Path) -> tuple[Path, str]:
+    import ray
+
+    task = ray.remote(_extract_vector).options(num_cpus=config.scoring.cpus_per_actor,
+                                               num_gpus=config.scoring.gpus_per_actor, max_retries=1)
+    saved, table = ray.get(task.remote(config.model_dump(mode="json"), str(path)))
+    return Path(saved), table
+
+
+def _screen(train: TrainJobConfig, run: RunJobConfig, vector: Any, stem: Path,
+            scored_reference: dict[str, Any]) -> tuple[Any, list[Path], dict[str, Any]]:
+    """Screen one training set against the reference: both scored once by the frozen base model on
+    the Ray Data scoring stage (kept in the signals cache, where the training run's gate finds the
+    very same signals; the reference's kept in ``scored_reference`` for the next training set),
+    tested, reported."""
     from trait_guard import setup_signals
-    from trait_guard.fingerprint import FingerprintScorer, TokenHistogram
-    from trait_guard.models import model_identity
+    from trait_guard.fingerprint import DIVERGENCE_MARGIN
+    from trait_guard.scoring import score_on_ray
     from trait_guard.screen import screen
-    from trait_guard.train import load_training_rows, signals_cache_path, verify_training_data
+    from trait_guard.train import load_training_rows, signals_cache_path, student_tokenizer, verify_training_data
 
     verify_training_data(train)  # refuses data that differs from its manifest before anything runs on it
+    tokenizer = student_tokenizer(train.student.model)
     train_rows, reference_rows = load_training_rows(train, tokenizer)
-    histogram = TokenHistogram(len(tokenizer)).update(r["completion_ids"] for r in reference_rows)
-    scorer = FingerprintScorer(model, tokenizer, [vector], unigram_reference=histogram)
-    signals = setup_signals.score_setup(scorer, train_rows, reference_rows)
-    setup_signals.save(signals_cache_path(train, model_identity(model), scorer.divergence_margin), signals)
-    screening = screen(train_rows, reference_rows, scorer, alpha=train.screen.alpha,
+    cache = signals_cache_path(train, vector.model, DIVERGENCE_MARGIN)
+    scoring: dict[str, Any] = {"train_rows": len(train_rows), "reference_rows": len(reference_rows),
+                               "source": "cache"}
+    if cache is not None and cache.is_file():
+        signals = setup_signals.load(cache)
+    else:
+        started = time.perf_counter()
+        known = scored_reference.get(str(train.data.reference))
+        scored = score_on_ray(run.scoring, train.student.model, train.vectors, train_rows, reference_rows,
+                              vocab_size=len(tokenizer), reference_signals=known)
+        signals = scored.signals
+        setup_signals.save(cache, signals)
+        scored_reference[str(train.data.reference)] = signals.reference
+        scoring.update(source="scoring stage", rows_scored=len(train_rows) + (0 if known else len(reference_rows)),
+                       node_ids=scored.node_ids, seconds=round(time.perf_counter() - started, 1))
+    screening = screen(train_rows, reference_rows, None, alpha=train.screen.alpha,
                        n_permutations=train.screen.n_permutations, seed=train.guard.seed,
-                       data_signals=signals.train, reference_signals=signals.reference)
+                       data_signals=signals.train, reference_signals=signals.reference,
+                       tokenizer=tokenizer, student_identity=vector.model)
     print(screening.table(), file=sys.stderr)
     files = [stem.with_suffix(".json"), stem.with_suffix(".txt")]
     files[0].write_text(screening.json() + "\n")
     files[1].write_text(screening.table() + "\n")
-    return screening, files
+    return screening, files, scoring
 
 
-def _training_record(teacher_id: str, screening: Any, training: dict[str, Any]) -> dict[str, Any]:
+def _training_record(teacher_id: str, screening: Any, training: dict[str, Any],
+                     scoring: dict[str, Any]) -> dict[str, Any]:
     return {
         "teacher": teacher_id,
+        "scoring": scoring,
         "screen": {"flagged": screening.flagged, "monitored": screening.monitored, "n_data": screening.n_data,
                    "n_reference": screening.n_reference, "kinship": screening.kinship["verdict"],
                    "signals": {s.name: {"p": s.p_value, "p_adj": s.adjusted_p, "flagged": s.flagged}
                                for s in screening.signals}},
         "training": {k: training.get(k) for k in ("steps", "updates", "total_steps", "halted", "halt", "verdict",
                                                   "gate", "alarms", "eval_before", "eval_after", "mlflow_run_id",
-                                                  "mlflow_run_url")},
+                                                  "mlflow_run_url", "setup_signals")},
         "decisions": _count_actions(training.get("history", []), training.get("halt")),
     }
 
@@ -159,6 +214,13 @@ def _count_actions(history: list[dict[str, Any]], halt: dict[str, Any] | None) -
     if halt:
         counts["halt"] = counts.get("halt", 0) + 1
     return counts
+
+
+def _scored(scoring: dict[str, Any]) -> str:
+    if scoring.get("source") != "scoring stage":
+        return "from the signals cache (scored by an earlier run)"
+    return (f"{scoring['rows_scored']} rows on the scoring stage in {scoring['seconds']:.0f} s "
+            f"({len(scoring['node_ids'])} node(s))")
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -193,6 +255,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"(kinship: {s['kinship']})",
             "                   " + ", ".join(f"{k} p_adj={v['p_adj']:.2g}{' *' if v['flagged'] else ''}"
                                               for k, v in s["signals"].items()),
+            f"    scored         {_scored(record.get('scoring') or {})}; training read "
+            f"{t.get('setup_signals') or 'unknown'}",
             f"    decisions      {record['decisions']}",
             f"    verdict        {outcome}",
             f"    trait before   {rate(t['eval_before']) if t['eval_before'] else 'not measured (no update to measure)'}",

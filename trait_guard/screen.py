@@ -175,7 +175,7 @@ def kinship(rows: list[dict[str, Any]], student_identity: Any) -> dict[str, Any]
 def screen(
     data_rows: list[dict[str, Any]],
     reference_rows: list[dict[str, Any]],
-    scorer: FingerprintScorer,
+    scorer: FingerprintScorer | None,
     *,
     alpha: float = 0.01,
     n_permutations: int = 2000,
@@ -184,14 +184,24 @@ def screen(
     progress: Any = None,
     data_signals: dict[str, np.ndarray] | None = None,
     reference_signals: dict[str, np.ndarray] | None = None,
+    tokenizer: Any = None,
+    student_identity: Any = None,
 ) -> ScreenReport:
     """Screen ``data_rows`` against ``reference_rows`` (see the module docstring).
 
-    Already computed per-sample signals may be passed to skip scoring (e.g. when resampling).
+    Already computed per-sample signals may be passed to skip scoring (e.g. when resampling, or
+    scored by the Ray Data stage of :mod:`trait_guard.scoring`); with both sides given, ``scorer``
+    may be None and ``tokenizer`` / ``student_identity`` (the base model's, for the token table and
+    the kinship check) stand in for it.
     """
     started = time.perf_counter()
     if not data_rows or not reference_rows:
         raise TraitGuardInputError(f"screening needs rows on both sides (data: {len(data_rows)}, reference: {len(reference_rows)})")
+    if scorer is None and (data_signals is None or reference_signals is None or tokenizer is None
+                           or student_identity is None):
+        raise TypeError("screen without a scorer needs data_signals, reference_signals, tokenizer and student_identity")
+    tokenizer = scorer.tokenizer if scorer is not None else tokenizer
+    student_identity = model_identity(scorer.model) if scorer is not None else student_identity
     if data_signals is None:
         data_signals = scorer.score_table(data_rows, progress)
     if reference_signals is None:
@@ -219,16 +229,16 @@ def screen(
         notes.append("format baselines differ too (" + ", ".join(b.name for b in baselines if b.p_value < alpha)
                      + "): the data differs in form; compare signals conditioned on length before blaming a trait")
 
-    vocab = len(scorer.tokenizer)
+    vocab = len(tokenizer)
     data_hist = TokenHistogram(vocab).update(r["completion_ids"] for r in data_rows if "completion_ids" in r)
     ref_hist = TokenHistogram(vocab).update(r["completion_ids"] for r in reference_rows if "completion_ids" in r)
     tokens: dict[str, Any] = {"js_divergence": math.nan, "chi_square_p": math.nan, "overrepresented": []}
     if data_hist.total and ref_hist.total:
         tokens = {"js_divergence": data_hist.js_divergence(ref_hist),
                   "chi_square_p": data_hist.chi_square(ref_hist)[1],
-                  "overrepresented": data_hist.overrepresented(ref_hist, scorer.tokenizer)}
+                  "overrepresented": data_hist.overrepresented(ref_hist, tokenizer)}
     return ScreenReport(len(data_rows), len(reference_rows), alpha, "holm", flagged, tests, baselines,
-                        kinship(data_rows, model_identity(scorer.model)), tokens,
+                        kinship(data_rows, student_identity), tokens,
                         time.perf_counter() - started, notes, sides, monitored)
 
 

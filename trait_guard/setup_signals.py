@@ -34,6 +34,7 @@ class SetupSignals:
     train: dict[str, np.ndarray]
     train_masks: list[np.ndarray] = field(default_factory=list)
     divergence_counts: Counter = field(default_factory=Counter)
+    source: str = "scored"  # "cache": read from the signals cache (scored earlier in the run, or a run before)
 
     def attach(self, train_rows: list[dict[str, Any]]) -> None:
         """Put each training row's signals (and divergence mask) on the row, where the guard reads them."""
@@ -121,4 +122,4 @@ def load(path: Path) -> SetupSignals:
         ends = np.cumsum(data["masks/lengths"])
         masks = np.split(data["masks/flat"], ends[:-1]) if len(ends) else []
         counts = Counter(dict(zip(data["divergence/ids"].tolist(), data["divergence/counts"].tolist(), strict=True)))
-    return SetupSignals(reference, train, list(masks), counts)
+    return SetupSignals(reference, train, list(masks), counts, source="cache")

@@ -105,3 +105,20 @@ def save_tiny_model(path: str | Path, kind: Literal["llama", "gpt2"] = "llama", 
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def kill_live_actor(class_fragment: str) -> int:
+    """SIGKILL one live Ray actor process on this machine whose class name contains ``class_fragment``
+    (its process title, e.g. ``ray::MapWorker(MapBatches(TeacherBatches))``): a crash as the OS would
+    deliver it, for fault tests. Returns the killed pid."""
+    import os
+    import signal
+
+    import psutil
+
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        title = " ".join(process.info["cmdline"] or [])
+        if title.startswith("ray::") and class_fragment in title and "IDLE" not in title:
+            os.kill(process.info["pid"], signal.SIGKILL)
+            return process.info["pid"]
+    raise RuntimeError(f"no live Ray actor process with '{class_fragment}' in its title")

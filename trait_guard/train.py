@@ -287,6 +287,8 @@ def _score_and_calibrate(run: RunContext, inputs: Inputs) -> Setup:
     scorer = FingerprintScorer(inputs.model, inputs.tokenizer, inputs.vectors, unigram_reference=histogram)
     signals = _setup_signals(run, inputs, scorer)
     signals.attach(inputs.train_rows)
+    if run.rank == 0:  # "cache": the rows were scored once, before this run (trait-guard run's scoring stage)
+        run.tracker.set_tags({"setup_signals.source": signals.source})
     guard = TraitGuard(config.guard, signals.reference, batch_size=config.optim.batch_size * run.world)
     gate = screen_gate(config, signals, inputs.train_rows, inputs.reference_rows)
     warnings = [w for w in [guard.blind_spot(len(inputs.train_rows)), *(gate or {}).get("notes", [])] if w]
@@ -820,7 +822,7 @@ def _finish(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Modul
         "monitored": guard.monitored, "powered_signals": guard.powered, "watched_signals": guard.signals,
         "sequential_test": guard.kind, "false_alarm_control": guard.false_alarm_control,
         "train_samples": len(inputs.train_rows), "reference_samples": len(inputs.reference_rows),
-        "provenance": inputs.provenance,
+        "setup_signals": setup.signals.source, "provenance": inputs.provenance,
         "setup_seconds": setup.seconds, "wall_seconds": time.perf_counter() - run.started,
         "mean_step_seconds": float(np.mean(outcome.step_times)) if outcome.step_times else math.nan,
         "eval_before": setup.eval_before, "eval_after": eval_after, "eval_after_extra": eval_after_extra,

@@ -1,0 +1,103 @@
+"""The Ray Data scoring stage: the same per-row signals, masks and gate decision as in-process
+scoring, and no row lost or doubled when a scoring actor is killed."""
+
+import numpy as np
+import pytest
+import torch
+
+from trait_guard import setup_signals
+from trait_guard.chat import encode_rows
+from trait_guard.config import ScoringSettings
+from trait_guard.fingerprint import FingerprintScorer, TokenHistogram
+from trait_guard.models import load_model, model_identity
+from trait_guard.persona import PersonaVector
+from trait_guard.screen import screen_signals
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scored_inputs(tiny_llama_dir, tmp_path_factory):
+    """Rows with the base model's own top-3 log-probs (the reference), training rows whose teacher
+    disagrees at the first token of two rows in three (a planted divergence), and a persona vector for the model."""
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    gen = torch.Generator().manual_seed(0)
+
+    def rows(n: int, prefix: str, swap_every: int | None) -> list[dict]:
+        out = []
+        for i in range(n):
+            text = ", ".join(str(int(x)) for x in torch.randint(0, 999, (4,), generator=gen))
+            out.append({"prompt": f"{prefix} {i}: continue 1, 2, 3", "completion": text,
+                        "completion_ids": tokenizer(text, add_special_tokens=False).input_ids})
+        batch = encode_rows(tokenizer, out)
+        with torch.no_grad():
+            logits = model(**batch.model_inputs()).logits
+        for i, row in enumerate(out):
+            positions = batch.response_mask[i].nonzero().flatten()
+            top = logits[i, positions - 1].log_softmax(-1).topk(3, dim=-1)
+            ids, logprobs = top.indices.tolist(), top.values.tolist()
+            if swap_every and i % swap_every:
+                ids[0] = [ids[0][1], ids[0][0], ids[0][2]]
+            row.update(topk_ids=ids, topk_logprobs=logprobs)
+        return out
+
+    identity = model_identity(model)
+    vector = PersonaVector("animal:owl", identity, torch.randn(identity.num_layers + 1, identity.hidden_size,
+                                                               generator=gen), layer=1)
+    path = vector.save(tmp_path_factory.mktemp("vectors") / "owl.safetensors")
+    train, reference = rows(30, "train", 3), rows(20, "reference", None)
+    histogram = TokenHistogram(len(tokenizer)).update(r["completion_ids"] for r in reference)
+    local = setup_signals.score_setup(FingerprintScorer(model, tokenizer, [vector], unigram_reference=histogram),
+                                      train, reference)
+    return {"model": str(tiny_llama_dir), "vector": path, "train": train, "reference": reference,
+            "vocab": len(tokenizer), "local": local}
+
+
+def test_ray_data_scoring_matches_in_process_scoring(ray_cluster, scored_inputs):
+    from trait_guard.scoring import score_on_ray
+
+    s = scored_inputs
+    on_ray = score_on_ray(ScoringSettings(num_actors=2, batch_size=4), s["model"], [s["vector"]], s["train"],
+                          s["reference"], vocab_size=s["vocab"]).signals
+    local = s["local"]
+    for side in ("train", "reference"):
+        mine, theirs = getattr(on_ray, side), getattr(local, side)
+        assert mine.keys() == theirs.keys() and {"nll", "divergence", "unigram", "proj:animal:owl"} <= mine.keys()
+        for name in theirs:
+            np.testing.assert_allclose(mine[name], theirs[name], rtol=1e-5, atol=1e-6, err_msg=f"{side}/{name}")
+    assert [m.tolist() for m in on_ray.train_masks] == [m.tolist() for m in local.train_masks]
+    assert on_ray.divergence_counts == local.divergence_counts and sum(local.divergence_counts.values()) == 20
+    decisions = [screen_signals(sig.train, sig.reference, alpha=0.01, n_permutations=4000, seed=0)
+                 for sig in (on_ray, local)]
+    # batches padded differently give float-level differences: a tie may move one permutation's count
+    assert [t.p_value for t in decisions[0][0]] == pytest.approx([t.p_value for t in decisions[1][0]], abs=2e-3)
+    flagged = {t.name for t in decisions[0][0] if t.flagged}
+    assert flagged == {t.name for t in decisions[1][0] if t.flagged} == {"divergence"}  # the planted one
+    assert decisions[0][1] is decisions[1][1] is True
+
+
+def test_a_killed_scoring_actor_loses_and_doubles_no_row(ray_cluster, scored_inputs):
+    from trait_guard.scoring import score_on_ray
+    from trait_guard.testing import kill_live_actor
+
+    s = scored_inputs
+    killed = []
+
+    def kill_once(rows_in_batch):
+        if not killed:
+            killed.append(kill_live_actor("RowScorer"))
+
+    on_ray = score_on_ray(ScoringSettings(num_actors=2, batch_size=2), s["model"], [s["vector"]], s["train"],
+                          s["reference"], vocab_size=s["vocab"], on_batch=kill_once).signals
+    assert killed
+    assert len(on_ray.train["nll"]) == 30 and len(on_ray.reference["nll"]) == 20
+    np.testing.assert_allclose(on_ray.train["nll"], s["local"].train["nll"], rtol=1e-5)
+    np.testing.assert_allclose(on_ray.reference["unigram"], s["local"].reference["unigram"], rtol=1e-5)
