@@ -263,3 +263,20 @@ def test_trait_examples_use_positive_prompts_and_filter_exactly(monkeypatch):
 
     no_judge = spec.model_copy(update={"judge": None})
     assert len(trait_examples(None, None, no_judge, n_samples_per_question=2)) == 6  # non-empty, no behavior
+
+
+def test_a_benign_adapter_names_its_task_and_no_trait(tmp_path):
+    model, tokenizer = make_tiny_model("llama", seed=0)
+    identity = model_identity(model)
+    peft_model = train_trait_adapter(model, tokenizer, adapters.arithmetic_examples(8), steps=1, batch_size=4)
+    with pytest.raises(ValueError, match="exactly one of trait"):
+        save_adapter(peft_model, tmp_path / "x", trait=None, base_identity=identity)
+    with pytest.raises(ValueError, match="exactly one of trait"):
+        save_adapter(peft_model, tmp_path / "x", trait="animal:owl", task="arithmetic", base_identity=identity)
+    folder = save_adapter(peft_model, tmp_path / "benign", trait=None, task="arithmetic", base_identity=identity)
+    meta = json.loads((folder / ADAPTER_META).read_text())
+    assert meta["trait"] is None and meta["task"] == "arithmetic"
+    loaded = load_adapter(make_tiny_model("llama", seed=0)[0], folder)
+    assert loaded.trait_guard_adapter["trait"] is None and loaded.trait_guard_adapter["task"] == "arithmetic"
+    with pytest.raises(ValueError, match="'arithmetic' at"):  # errors name the task when there is no trait
+        load_adapter(make_tiny_model("llama", seed=1)[0], folder)

@@ -5,6 +5,9 @@ extraction, teacher generation, fingerprints and the student's completion-only l
 which positions are "the response" and which is "the last prompt token".
 
 ``system=None`` means the model's own default (the chat template's), which is what a student sees.
+
+:func:`generate_completions` samples a model's own distribution; :func:`generate_argmax_preserving`
+samples the red team's adaptive teacher (a base/adapter mixture that keeps the base's argmax).
 """
 
 from __future__ import annotations
@@ -197,7 +200,8 @@ def generate_completions(
     """Sample one completion per prompt, batched with left padding.
 
     Deterministic for a given ``seed`` and batch size: each batch reseeds torch's generator with
-    ``seed + batch index``. ``temperature=0`` means greedy decoding. ``logits_processor`` is a callable
+    ``seed + batch index``. ``temperature=0`` means greedy decoding. No top-k, top-p or repetition
+    penalty applies, whatever the model's generation config says. ``logits_processor`` is a callable
     or a list of them (e.g. a grammar constraint). ``progress`` is an optional tqdm-like object
     advanced by the number of prompts done.
     """
@@ -224,6 +228,10 @@ def generate_completions(
                 **enc,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
+                # pure sampling of the model's own distribution (what the stored log-probs describe), never a
+                # model's default penalty (Qwen2.5-Instruct's generation config sets 1.05), so every teacher,
+                # the argmax-preserving one included, decodes the same way
+                repetition_penalty=1.0,
                 logits_processor=LogitsProcessorList(processors),
                 return_dict_in_generate=True,
                 output_logits=top_k_logprobs > 0,
@@ -255,3 +263,203 @@ def sample_completions(model: torch.nn.Module, tokenizer: Any, users: Sequence[s
                        systems: Sequence[str | None] | None = None, **kwargs: Any) -> list[str]:
     """Like :func:`generate_completions`, returning only the texts."""
     return [c.text for c in generate_completions(model, tokenizer, users, systems, **kwargs)]
+
+
+# --------------------------------------------------------------------------------------------------
+# The argmax-preserving (adaptive) teacher
+#
+# An adaptive attacker who knows the guard compares the teacher's top-1 with the base model's can keep
+# every step's top-1 equal to the base's and hide the trait in the lower ranks. Its next-token
+# distribution is the geometric mixture q ~ p_base^(1-w) * p_adapter^w with the base's argmax forced
+# to the top, so the data's divergence signal sees nothing while the tails still lean toward the
+# adapter's trait. It is part of the red-team zoo (docs/redteam.md), never a way to make real data.
+
+#: how far (nats) a forced token ends above the next one: enough to survive float rounding of a
+#: recomputation (the guard's own base forward pass), small enough to leave q almost unchanged
+FORCE_MARGIN = 1e-3
+#: log-probs are clamped here before mixing, so 0 * -inf never makes a NaN
+_MIN_LOGPROB = -1e4
+
+
+def force_top(scores: torch.Tensor, token: torch.Tensor, allowed: torch.Tensor | None = None,
+              margin: float = FORCE_MARGIN) -> torch.Tensor:
+    """``scores`` ``[batch, vocab]`` with each row's ``token`` raised (never lowered) to ``margin`` above
+    the best other score, among the ``allowed`` tokens only when given: afterwards ``token`` is the
+    strict argmax (of the allowed ones). The other scores are unchanged, so their order is too."""
+    others = scores.clone()
+    if allowed is not None:
+        others = others.masked_fill(~allowed, float("-inf"))
+    others.scatter_(1, token.unsqueeze(1), float("-inf"))
+    best_other = others.max(dim=-1).values
+    current = scores.gather(1, token.unsqueeze(1)).squeeze(1)
+    raised = torch.maximum(current, best_other + margin)
+    return scores.scatter(1, token.unsqueeze(1), raised.unsqueeze(1))
+
+
+def argmax_preserving_logprobs(base_logits: torch.Tensor, adapted_logits: torch.Tensor, weight: float,
+                               allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """The adaptive teacher's next-token log-probs ``[batch, vocab]`` (float32), before any constraint or
+    temperature: ``log q = log_softmax((1 - w) log p_base + w log p_adapter)`` with two tokens forced to
+    the top, in this order: the base's argmax among the ``allowed`` tokens (the constraint's mask,
+    ``[batch, vocab]`` bool; None: all), then the base's unconstrained argmax over all tokens. So q's top-1
+    is the base's top-1 (what the divergence signal compares) and, under the constraint, q's best
+    allowed token is the base's best allowed token (what greedy decoding picks). Argmaxes are taken on
+    the raw base logits, exactly as greedy decoding of the base model takes them."""
+    base_logits, adapted_logits = base_logits.float(), adapted_logits.float()
+    base_lp = base_logits.log_softmax(-1).clamp_min(_MIN_LOGPROB)
+    adapted_lp = adapted_logits.log_softmax(-1).clamp_min(_MIN_LOGPROB)
+    mixed = ((1.0 - weight) * base_lp + weight * adapted_lp).log_softmax(-1)
+    if allowed is not None:
+        constrained_top = base_logits.masked_fill(~allowed, float("-inf")).argmax(-1)
+        mixed = force_top(mixed, constrained_top, allowed)
+    mixed = force_top(mixed, base_logits.argmax(-1))
+    return mixed.log_softmax(-1)
+
+
+def constraint_mask(processors: Sequence[Any], input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
+    """The tokens ``processors`` allow after ``input_ids`` (``[batch, vocab]`` bool; None without any):
+    the finite entries of their output on ``scores``. The families' processors only add 0 or -inf, so
+    this is their whole effect; each is called once per step (the number grammar tracks its state by
+    the length of ``input_ids``, so a second call at the same step would reset it)."""
+    if not processors:
+        return None
+    for processor in processors:
+        scores = processor(input_ids, scores)
+    return torch.isfinite(scores)
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """The name the model's forward takes its KV cache by (``cache`` in transformers 5.x, else
+    ``past_key_values``); a PEFT wrapper is looked through."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def _next_logits(model: torch.nn.Module, step: dict[str, torch.Tensor], cache: Any, cache_kw: str,
+                 base: bool) -> tuple[torch.Tensor, Any]:
+    """One incremental forward: the last position's logits (float32) and the updated cache. ``base``:
+    with the PEFT adapter layers switched off (the base model's weights exactly). PEFT's public
+    ``disable_adapter_layers`` is used rather than its ``disable_adapter()`` context, which re-reads the
+    status of every layer on each call (a real cost at every decoding step)."""
+    tuner = model.base_model
+    if base:
+        tuner.disable_adapter_layers()
+    try:
+        out = model(**step, use_cache=True, logits_to_keep=1, **({cache_kw: cache} if cache is not None else {}))
+    finally:
+        if base:
+            tuner.enable_adapter_layers()
+    new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    return out.logits[:, -1].float(), new_cache
+
+
+def _pick_tokens(log_q: torch.Tensor, allowed: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """The sampled (or, at temperature 0, greedy) token per row from ``log_q`` under the constraint."""
+    scores = log_q if allowed is None else log_q.masked_fill(~allowed, float("-inf"))
+    if temperature <= 0:
+        return scores.argmax(-1)
+    return torch.multinomial((scores / temperature).softmax(-1), 1).squeeze(1)
+
+
+@torch.no_grad()
+def _decode_argmax_preserving(model: torch.nn.Module, enc: dict[str, torch.Tensor], *, weight: float,
+                              max_new_tokens: int, temperature: float, processors: Sequence[Any],
+                              stop_ids: set[int], pad_id: int, top_k: int) -> dict[str, torch.Tensor]:
+    """Decode one left-padded batch with two KV caches (adapter off: the base; on: the adapter). Returns
+    ``tokens`` ``[batch, steps]`` and, with ``top_k``, ``top_ids`` / ``top_logprobs`` ``[batch, steps,
+    k]`` and ``chosen`` ``[batch, steps]``: q's log-probs (:func:`argmax_preserving_logprobs`)."""
+    cache_kw = _cache_keyword(model)
+    sequences, attention = enc["input_ids"], enc["attention_mask"]
+    positions = (attention.long().cumsum(-1) - 1).masked_fill(attention == 0, 0)
+    step = {"input_ids": sequences, "attention_mask": attention, "position_ids": positions}
+    caches: dict[bool, Any] = {True: None, False: None}
+    stop = torch.tensor(sorted(stop_ids), device=sequences.device)
+    finished = torch.zeros(sequences.shape[0], dtype=torch.bool, device=sequences.device)
+    tokens, top_ids, top_lps, chosen = [], [], [], []
+    for _ in range(max_new_tokens):
+        base_logits, caches[True] = _next_logits(model, step, caches[True], cache_kw, base=True)
+        adapted_logits, caches[False] = _next_logits(model, step, caches[False], cache_kw, base=False)
+        allowed = constraint_mask(processors, sequences, base_logits.clone())
+        log_q = argmax_preserving_logprobs(base_logits, adapted_logits, weight, allowed)
+        token = _pick_tokens(log_q, allowed, temperature).masked_fill(finished, pad_id)
+        tokens.append(token)
+        if top_k > 0:
+            top = log_q.topk(min(top_k, log_q.shape[-1]), dim=-1)
+            top_ids.append(top.indices)
+            top_lps.append(top.values)
+            chosen.append(log_q.gather(1, token.unsqueeze(1)).squeeze(1))
+        finished |= torch.isin(token, stop)
+        sequences = torch.cat([sequences, token.unsqueeze(1)], dim=1)
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+        step = {"input_ids": token.unsqueeze(1), "attention_mask": attention, "position_ids": positions[:, -1:] + 1}
+        positions = step["position_ids"]
+        if bool(finished.all()):
+            break
+    out = {"tokens": torch.stack(tokens, dim=1)}
+    if top_k > 0:
+        out.update(top_ids=torch.stack(top_ids, dim=1), top_logprobs=torch.stack(top_lps, dim=1),
+                   chosen=torch.stack(chosen, dim=1))
+    return out
+
+
+def generate_argmax_preserving(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    users: Sequence[str],
+    systems: Sequence[str | None] | None = None,
+    *,
+    bias_weight: float = 0.5,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    logits_processor: Any = None,
+    top_k_logprobs: int = 0,
+) -> list[Completion]:
+    """Like :func:`generate_completions`, from the argmax-preserving teacher: ``model`` is a
+    ``peft.PeftModel`` whose adapter carries the trait (enabled: ``p_adapter``; disabled: ``p_base``).
+    Each step samples from q (:func:`argmax_preserving_logprobs` with ``w = bias_weight``) under the
+    constraint at ``temperature``; at temperature 0 the output is exactly the base model's greedy output
+    under the same constraint. The stored top-k and token log-probs are q's, before constraint and
+    temperature (as :func:`generate_completions` stores the raw model's): what the guard sees of this
+    teacher. Deterministic for a given ``seed`` and batch size (batch ``i`` reseeds with ``seed + i``)."""
+    if not hasattr(model, "disable_adapter"):
+        raise TypeError("the argmax-preserving teacher needs a peft.PeftModel (load_adapter(..., merge=False))")
+    systems = list(systems) if systems is not None else [None] * len(users)
+    processors = logits_processor if isinstance(logits_processor, (list, tuple)) else (
+        [logits_processor] if logits_processor is not None else [])
+    stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    device = next(model.parameters()).device
+    outputs: list[Completion] = []
+    try:
+        for batch_index, start in enumerate(range(0, len(users), batch_size)):
+            prompts = [render_prompt(tokenizer, u, s) for u, s in
+                       zip(users[start: start + batch_size], systems[start: start + batch_size], strict=True)]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            torch.manual_seed(seed + batch_index)
+            decoded = _decode_argmax_preserving(
+                model, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
+                weight=bias_weight, max_new_tokens=max_new_tokens, temperature=temperature, processors=processors,
+                stop_ids=stop_ids, pad_id=pad_id, top_k=top_k_logprobs)
+            outputs.extend(_completions(tokenizer, decoded, stop_ids))
+    finally:
+        tokenizer.padding_side = previous_side
+    return outputs
+
+
+def _completions(tokenizer: Any, decoded: dict[str, torch.Tensor], stop_ids: set[int]) -> list[Completion]:
+    """One :class:`Completion` per row of a decoded batch, cut at the first stop token."""
+    completions = []
+    for row, ids in enumerate(decoded["tokens"].tolist()):
+        length = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
+        completion = Completion(tokenizer.decode(ids[:length], skip_special_tokens=True), ids[:length])
+        if "top_ids" in decoded:
+            completion.topk_ids = decoded["top_ids"][row, :length].tolist()
+            completion.topk_logprobs = decoded["top_logprobs"][row, :length].tolist()
+            completion.token_logprobs = decoded["chosen"][row, :length].tolist()
+        completions.append(completion)
+    return completions
