@@ -713,8 +713,11 @@ def _add_run_and_demo(subparsers: argparse._SubParsersAction, opts: _SharedOptio
         subparsers,
         "run",
         parents=[opts.config, opts.output_dir, opts.quiet, opts.allow_halt, opts.signing_key],
-        help="the whole pipeline: extract -> generate -> screen -> guarded training -> evaluate",
-        description="Run every stage with one config (a RunJobConfig YAML) and print a summary with the MLflow run.",
+        help="the whole pipeline: extract -> generate -> score -> screen -> guarded training -> evaluate",
+        description="Run every stage with one config (a RunJobConfig YAML) and print a summary with the MLflow run. "
+                    "Extraction runs in a Ray task, generation and scoring are Ray Data stages on actors of their own "
+                    "(generation_ray, scoring: num_actors, cpus_per_actor, gpus_per_actor, device, dtype), and each "
+                    "row is scored once: the screen, the gate and training read the same signals.",
         epilog="example: trait-guard run --config ray_jobs/configs/run_cpu.yaml",
     )
     rn.set_defaults(func=cmd_run)

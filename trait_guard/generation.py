@@ -216,20 +216,21 @@ def generate_datasets(
     report = GenerationReport(str(out_dir), "ray", sum(len(c) for c in chunks))
     for teacher_cfg in config.teachers:
         node_ids: set[str] = set()
-        stream = _teacher_stream(config, teacher_cfg, len(chunks))
-
-        def results(teacher_id: str = teacher_cfg.id) -> Iterator[list[dict[str, Any]]]:
-            for table in stream.iter_batches(batch_size=None, batch_format="pyarrow"):
-                node_ids.update(table.column(NODE_COLUMN).unique().to_pylist())
-                rows = table.drop_columns([NODE_COLUMN]).to_pylist()
-                yield rows
-                if on_chunk_done is not None:
-                    on_chunk_done(teacher_id, len(rows))
-
-        teacher_report = _write_teacher(teacher_cfg, chunks, results(), out_dir, progress)
+        rows = _stream_rows(_teacher_stream(config, teacher_cfg, len(chunks)), node_ids,
+                            lambda n, t=teacher_cfg.id: on_chunk_done(t, n) if on_chunk_done else None)
+        teacher_report = _write_teacher(teacher_cfg, chunks, rows, out_dir, progress)
         teacher_report.node_ids = sorted(node_ids)
         report.teachers.append(teacher_report)
     return _finish(report, config, key)
+
+
+def _stream_rows(stream: Any, node_ids: set[str], after_chunk: Callable[[int], None]) -> Iterator[list[dict[str, Any]]]:
+    """The stream's rows, one list per chunk, as they finish (``node_ids`` collects where they ran)."""
+    for table in stream.iter_batches(batch_size=None, batch_format="pyarrow"):
+        node_ids.update(table.column(NODE_COLUMN).unique().to_pylist())
+        rows = table.drop_columns([NODE_COLUMN]).to_pylist()
+        yield rows
+        after_chunk(len(rows))
 
 
 def _teacher_stream(config: GenerateJobConfig, teacher: TeacherConfig, n_chunks: int) -> Any:

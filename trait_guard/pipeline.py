@@ -160,7 +160,12 @@ def _screen(train: TrainJobConfig, run: RunJobConfig, vector: Any, stem: Path,
     from trait_guard.fingerprint import DIVERGENCE_MARGIN
     from trait_guard.scoring import score_on_ray
     from trait_guard.screen import screen
-    from trait_guard.train import load_training_rows, signals_cache_path, student_tokenizer, verify_training_data
+    from trait_guard.train import (
+        load_training_rows,
+        signals_cache_path,
+        student_tokenizer,
+        verify_training_data,
+    )
 
     verify_training_data(train)  # refuses data that differs from its manifest before anything runs on it
     tokenizer = student_tokenizer(train.student.model)
