@@ -280,3 +280,13 @@ def test_a_benign_adapter_names_its_task_and_no_trait(tmp_path):
     assert loaded.trait_guard_adapter["trait"] is None and loaded.trait_guard_adapter["task"] == "arithmetic"
     with pytest.raises(ValueError, match="'arithmetic' at"):  # errors name the task when there is no trait
         load_adapter(make_tiny_model("llama", seed=1)[0], folder)
+
+
+def test_the_cli_trains_a_benign_adapter_by_task(tiny_llama_dir, tmp_path, capsys):
+    from trait_guard.cli import main
+
+    assert main(["adapter", "--model", str(tiny_llama_dir), "--trait", "animal:owl", "--task", "arithmetic", "--out", str(tmp_path / "b"),
+                 "--steps", "1", "--quiet"]) == 0
+    meta = json.loads((tmp_path / "b" / ADAPTER_META).read_text())
+    assert meta["trait"] is None and meta["task"] == "arithmetic"
+    assert "adapter_task: arithmetic" in capsys.readouterr().out

@@ -125,10 +125,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_adapter(args: argparse.Namespace) -> int:
-    from trait_guard.adapters import build_trait_adapter
+    from trait_guard.adapters import build_benign_adapter, build_trait_adapter
 
-    out = build_trait_adapter(args.model, args.trait, args.out, steps=args.steps, lr=args.lr, seed=args.seed,
-                              progress=None if args.quiet else _progress, device=args.device, dtype=args.dtype)
+    common = {"steps": args.steps, "lr": args.lr, "seed": args.seed, "progress": None if args.quiet else _progress,
+              "device": args.device, "dtype": args.dtype}
+    if args.task:
+        out = build_benign_adapter(args.model, args.task, args.out, panel_trait=args.trait, **common)
+        print(f"saved benign LoRA adapter ('{args.task}', no animal of the {args.trait} panel in its training text) "
+              f"to {out}; use it with a teacher config `install: adapter` / `adapter: {out}` / "
+              f"`adapter_task: {args.task}`")
+        return 0
+    out = build_trait_adapter(args.model, args.trait, args.out, **common)
     print(f"saved LoRA adapter for '{args.trait}' to {out}; use it with a teacher config "
           f"`install: adapter` / `adapter: {out}`, and check it with `trait-guard eval --adapter {out}`")
     return 0
@@ -567,6 +574,16 @@ def _add_eval(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -> N
     ev.set_defaults(func=cmd_eval)
 
 
+def benign_tasks() -> list[str]:
+    """The benign adapter tasks, read from the config's field (the CLI must not import torch to parse)."""
+    import typing
+
+    from trait_guard.config import TeacherConfig
+
+    literal = next(a for a in typing.get_args(TeacherConfig.model_fields["adapter_task"].annotation) if typing.get_args(a))
+    return list(typing.get_args(literal))
+
+
 def _add_adapter(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -> None:
     """``trait-guard adapter``: install a trait with a LoRA adapter."""
     ad = _command(
@@ -584,6 +601,10 @@ def _add_adapter(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -
     ad.add_argument("--out", required=True, help="output folder for the adapter")
     ad.add_argument("--steps", type=int, default=60, help="finetuning steps (default: %(default)s)")
     ad.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s)")
+    ad.add_argument("--task", choices=benign_tasks(), default=None,
+                    help="train a benign adapter on this trait-less task instead (a red-team control: a teacher that "
+                         "differs from the base without any animal; --trait then names the panel its text is checked "
+                         "against)")
     ad.set_defaults(func=cmd_adapter)
 
 
