@@ -14,13 +14,20 @@ pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.slow]
 
 def test_run_pipeline_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch):
     """Run inside the user's own MLflow run: the trainings, on Ray Train workers (other processes, which
-    see no active run), are logged as children of it, in its experiment."""
+    see no active run), are logged as children of it, in its experiment. The driver loads no model."""
     ray = pytest.importorskip("ray")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     client = mlflow.MlflowClient(uri)
     study_experiment = client.create_experiment("my-study")
+    from trait_guard import models
+
+    def no_model_in_the_driver(*args, **kwargs):
+        raise AssertionError("the pipeline's driver loaded a model: extraction, generation, scoring and training "
+                             "belong in Ray tasks, actors and workers")
+
+    monkeypatch.setattr(models, "load_model", no_model_in_the_driver)  # this process only, not the Ray workers
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         config = validate_config({

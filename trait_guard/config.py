@@ -608,6 +608,15 @@ class ScoringSettings(ModelPlacement):
     batch_size: int = Field(16, gt=0, description="rows per scoring call (one forward batch)")
 
 
+class ModelTaskSettings(StrictModel):
+    """The resources of a job's model-loading Ray tasks (the red-team's persona-vector extraction,
+    adapter training and base-model evaluations): each one ``ray.remote`` task of ``cpus`` CPUs and
+    ``gpus`` GPUs, never the job's driver (trait_guard.remote)."""
+
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0, description="GPUs per task (1 on a GPU cluster: the model loads on it)")
+
+
 class RunJobConfig(TrainingSettings):
     """``trait-guard run`` / ``make demo``: extract -> generate -> screen -> guarded training -> evaluate."""
 
@@ -667,6 +676,7 @@ class RedteamConfig(StrictModel):
     reference: TeacherConfig = Field(description="the guard's reference: the student base model's own data")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     generation_ray: RayConfig = Field(default_factory=RayConfig)
+    model_tasks: ModelTaskSettings = Field(default_factory=ModelTaskSettings)
     adapter_steps: int = Field(60, gt=0, description="steps for an adapter teacher's adapter when it must be trained")
     modes: list[RedteamMode] = Field(default_factory=lambda: ["unguarded", "halt", "mask", "steer", "reweight"],
                                      min_length=1)
@@ -746,6 +756,9 @@ def ray_stages(config: BaseModel) -> list[RayStage]:
     scoring = getattr(config, "scoring", None)
     if isinstance(scoring, ScoringSettings):
         stages.append(RayStage("scoring", scoring.num_actors, scoring.cpus_per_actor, scoring.gpus_per_actor))
+    tasks = getattr(config, "model_tasks", None)
+    if isinstance(tasks, ModelTaskSettings):
+        stages.append(RayStage("model tasks", 1, tasks.cpus, tasks.gpus))
     training = config.training if isinstance(config, RedteamConfig) else config
     if isinstance(training, TrainingSettings) and training.ray.enabled:
         ray = training.ray

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from trait_guard.config import (
+    ExtractSettings,
     GenerateJobConfig,
     RunJobConfig,
     TrainingSettings,
@@ -120,21 +121,19 @@ def _placement(settings: Any) -> str:
     return f"{settings.cpus_per_actor:g} CPU{gpus} each, device {settings.device}, dtype {settings.dtype}"
 
 
-def _extract_vector(config: dict[str, Any], path: str) -> tuple[str, str]:
-    """Extract the trait's persona vector from the student's base model and save it to ``path``
-    (runs in a Ray task: the job's driver loads no model). Returns the path and the separation table."""
-    import ray
-    import torch
-
+def extract_and_save(config: dict[str, Any], path: str) -> tuple[str, str]:
+    """Extract the trait's persona vector from the student's base model (``config``: a RunJobConfig or
+    RedteamConfig as a dict, its ``extract`` settings) and save it to ``path``. Runs in a Ray task
+    (:func:`trait_guard.remote.run_in_task`): a job's driver loads no model. Returns the path and the
+    separation table."""
     from trait_guard.models import load_model
     from trait_guard.persona import extract, format_separation_table
     from trait_guard.traits import load_trait
 
-    run = RunJobConfig.model_validate(config)
-    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1) or 1)))
-    e = run.extract
-    model, tokenizer = load_model(run.student.model, device=e.device, dtype=e.dtype)
-    extraction = extract(model, tokenizer, load_trait(run.trait), n_instructions=e.n_instructions,
+    e = ExtractSettings.model_validate(config["extract"])
+    student = config["training"]["student"]["model"] if "training" in config else config["student"]["model"]
+    model, tokenizer = load_model(student, device=e.device, dtype=e.dtype)
+    extraction = extract(model, tokenizer, load_trait(config["trait"]), n_instructions=e.n_instructions,
                          n_questions=e.n_questions, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                          seed=e.seed)
     saved = extraction.vectors[e.method].save(path)
@@ -142,11 +141,10 @@ def _extract_vector(config: dict[str, Any], path: str) -> tuple[str, str]:
 
 
 def _extract_on_ray(config: RunJobConfig, path: Path) -> tuple[Path, str]:
-    import ray
+    from trait_guard.remote import run_in_task
 
-    task = ray.remote(_extract_vector).options(num_cpus=config.scoring.cpus_per_actor,
-                                               num_gpus=config.scoring.gpus_per_actor, max_retries=1)
-    saved, table = ray.get(task.remote(config.model_dump(mode="json"), str(path)))
+    saved, table = run_in_task(extract_and_save, config.model_dump(mode="json"), str(path),
+                               cpus=config.scoring.cpus_per_actor, gpus=config.scoring.gpus_per_actor)
     return Path(saved), table
 
 

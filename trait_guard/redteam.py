@@ -786,10 +786,10 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _vector(config: RedteamConfig, out: Path) -> Path:
+    """The watched trait's persona vector: ``config.vector``, or extracted once (in a Ray task)."""
     if config.vector:
         return Path(config.vector)
-    from trait_guard.models import load_model
-    from trait_guard.persona import extract
+    from trait_guard.pipeline import extract_and_save
     from trait_guard.traits import load_trait
 
     spec = load_trait(config.trait)
@@ -797,11 +797,16 @@ def _vector(config: RedteamConfig, out: Path) -> Path:
     if path.is_file():
         return path
     _log(f"extracting the {spec.trait_id} persona vector from {config.training.student.model}")
-    e = config.extract
-    model, tokenizer = load_model(config.training.student.model, device=e.device, dtype=e.dtype)
-    extraction = extract(model, tokenizer, spec, n_instructions=e.n_instructions, n_questions=e.n_questions,
-                         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=e.seed)
-    return extraction.vectors[e.method].save(path)
+    saved, _ = _in_task(config, extract_and_save, config.model_dump(mode="json"), str(path))
+    return Path(saved)
+
+
+def _in_task(config: RedteamConfig, function: Any, *args: Any, **kwargs: Any) -> Any:
+    """``function`` in a Ray task with the grid's ``model_tasks`` resources (the driver loads no model)."""
+    from trait_guard.remote import run_in_task
+
+    return run_in_task(function, *args, cpus=config.model_tasks.cpus, gpus=config.model_tasks.gpus,
+                       address=config.generation_ray.address, **kwargs)
 
 
 def _adapters(config: RedteamConfig, replicate: int, needed: Sequence[str] | None = None) -> None:
@@ -821,12 +826,13 @@ def _adapters(config: RedteamConfig, replicate: int, needed: Sequence[str] | Non
         if teacher.adapter_task:
             _log(f"training the benign {teacher.adapter_task} adapter of teacher {teacher.id}, replicate {replicate} "
                  f"(seed {seed}, {config.adapter_steps} steps)")
-            build_benign_adapter(teacher.model, teacher.adapter_task, path, steps=config.adapter_steps, seed=seed,
-                                 panel_trait=config.trait)
+            _in_task(config, build_benign_adapter, teacher.model, teacher.adapter_task, path,
+                     steps=config.adapter_steps, seed=seed, panel_trait=config.trait)
         elif teacher.trait:
             _log(f"training the {teacher.trait} adapter of teacher {teacher.id}, replicate {replicate} "
                  f"(seed {seed}, {config.adapter_steps} steps)")
-            build_trait_adapter(teacher.model, teacher.trait, path, steps=config.adapter_steps, seed=seed)
+            _in_task(config, build_trait_adapter, teacher.model, teacher.trait, path, steps=config.adapter_steps,
+                     seed=seed)
         else:
             raise TraitGuardInputError(f"teacher {teacher.id}: adapter {path} (replicate {replicate}) does not exist "
                                        "and the teacher names no `trait` or `adapter_task` to train it for; set one "
@@ -867,22 +873,29 @@ def _teacher_data(config: RedteamConfig, out: Path, replicate: int,
 def _baselines(config: RedteamConfig, out: Path, seeds: Sequence[int]) -> dict[tuple[str, int], dict[str, Any]]:
     """The base model's evaluation per (measured trait, seed) for ``seeds`` (all stored ones are
     returned): the 'before' of every run."""
-    from trait_guard.train import behavior_eval
-
     path = out / "baselines.json"
     stored = json.loads(path.read_text()) if path.is_file() else {}
     traits = sorted({measured_trait(config, t.id) for t in config.teachers})
     wanted = [(trait, seed) for trait in traits for seed in seeds if f"{trait}|{seed}" not in stored]
     if wanted:
-        from trait_guard.models import default_device, load_model
-        from trait_guard.traits import load_trait
-
-        model, tokenizer = load_model(config.training.student.model, device=default_device())
-        for trait, seed in wanted:
-            _log(f"evaluating the base model on {trait}, seed {seed}")
-            stored[f"{trait}|{seed}"] = behavior_eval(model, tokenizer, load_trait(trait), config.training.probe, seed)
-            path.write_text(json.dumps(stored, indent=1) + "\n")
+        _log(f"evaluating the base model on {len(wanted)} (trait, seed) pair(s) in a Ray task")
+        stored.update(_in_task(config, base_model_evals, config.training.student.model,
+                               config.training.probe.model_dump(mode="json"), wanted))
+        path.write_text(json.dumps(stored, indent=1) + "\n")
     return {(k.split("|")[0], int(k.split("|")[1])): v for k, v in stored.items()}
+
+
+def base_model_evals(model_name: str, probe: dict[str, Any], wanted: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    """The base model's behavioral evaluation per (trait, seed), keyed ``trait|seed`` (runs in a Ray task)."""
+    from trait_guard.config import ProbeConfig
+    from trait_guard.models import default_device, load_model
+    from trait_guard.train import behavior_eval
+    from trait_guard.traits import load_trait
+
+    model, tokenizer = load_model(model_name, device=default_device())
+    settings = ProbeConfig.model_validate(probe)
+    return {f"{trait}|{seed}": behavior_eval(model, tokenizer, load_trait(trait), settings, seed)
+            for trait, seed in wanted}
 
 
 def train_config(config: RedteamConfig, out: Path, teacher: str, distill: str, mode: str, seed: int,
