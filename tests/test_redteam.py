@@ -480,7 +480,7 @@ def test_teacher_roles_and_shared_adapters():
 
 
 def test_adapters_train_each_folder_once_with_its_recipe(tmp_path, monkeypatch):
-    from trait_guard import adapters
+    from trait_guard import adapters, redteam
     from trait_guard.redteam import _adapters, replicate_design
 
     teachers = [{**t, "adapter": str(tmp_path / t["adapter"])} if "adapter" in t else t for t in ZOO]
@@ -496,6 +496,8 @@ def test_adapters_train_each_folder_once_with_its_recipe(tmp_path, monkeypatch):
 
     monkeypatch.setattr(adapters, "build_trait_adapter", fake("trait"))
     monkeypatch.setattr(adapters, "build_benign_adapter", fake("benign"))
+    # which adapters, recipes and seeds: in this process (the grid runs each in a Ray task, model_tasks)
+    monkeypatch.setattr(redteam, "_in_task", lambda config, function, *args, **kwargs: function(*args, **kwargs))
     _adapters(config, 1, needed=["owl-argmax", "control"])  # a piece that runs the adaptive teacher only
     seeds = replicate_design(config, 1)["adapter_seeds"]
     assert calls == [("trait", "animal:owl", "ad/owl/s1", seeds["owl-adapter"])]

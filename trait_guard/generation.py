@@ -248,9 +248,13 @@ def _teacher_stream(config: GenerateJobConfig, teacher: TeacherConfig, n_chunks:
 
 
 def quiet_ray_data() -> None:
-    """Our own progress bars and summaries stand in for Ray Data's (which would interleave with them)."""
+    """Our own progress bars and summaries stand in for Ray Data's (which would interleave with them);
+    its errors still show."""
+    import logging
+
     import ray
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
