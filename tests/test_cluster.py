@@ -85,6 +85,10 @@ def test_ray_job_submit_on_a_two_node_cluster(tiny_llama_dir, tmp_path):
                 return False
 
         _wait(dashboard_up, 120, "the head node's dashboard")
+        # The worker node shares the head's temp dir, so its agent may unpack the job's working_dir over the
+        # one the head's driver runs in, removing the driver's cwd mid-job (seen once: transformers, first
+        # imported late, failed on os.getcwd()). A real cluster's nodes have their own disks; run_pipeline
+        # resolves its output folder and loads the tokenizer before the first stage.
         worker = _ray_node(["--address", f"127.0.0.1:{gcs_port}", "--node-ip-address", "127.0.0.1",
                             "--num-cpus", "1"], tmp_path / "worker.log", env)
 

@@ -41,14 +41,15 @@ def run_pipeline(config: RunJobConfig, *, progress: bool = True, signing_key: An
     from trait_guard.extras import ray  # a missing Ray names its extra
     from trait_guard.generation import generate_datasets
     from trait_guard.tracking import forward_context
-    from trait_guard.train import run_training
+    from trait_guard.train import run_training, student_tokenizer
     from trait_guard.traits import load_trait
     from trait_guard.version import code_version
 
-    out = Path(config.output_dir)
+    out = Path(config.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     spec = load_trait(config.trait)
+    tokenizer = student_tokenizer(config.student.model)  # the driver's only model file: a wrong model fails now
     if not ray.is_initialized():
         ray.init(address=config.generation_ray.address, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
@@ -84,7 +85,7 @@ def run_pipeline(config: RunJobConfig, *, progress: bool = True, signing_key: An
         train = TrainJobConfig(output_dir=str(out / name), trait=config.trait, vectors=[str(vector_path)],
                                data={"train": paths[teacher_id], "reference": paths[config.reference]},
                                signals_cache=str(out / "signals_cache"), **settings)
-        screening, screen_files, scoring = _screen(train, config, vector, out / f"screen_{teacher_id}",
+        screening, screen_files, scoring = _screen(train, config, vector, tokenizer, out / f"screen_{teacher_id}",
                                                    scored_reference)
         jobs.append((teacher_id, train, screening, screen_files, scoring))
     timings["score_and_screen"] = time.perf_counter() - started
@@ -148,7 +149,7 @@ def _extract_on_ray(config: RunJobConfig, path: Path) -> tuple[Path, str]:
     return Path(saved), table
 
 
-def _screen(train: TrainJobConfig, run: RunJobConfig, vector: Any, stem: Path,
+def _screen(train: TrainJobConfig, run: RunJobConfig, vector: Any, tokenizer: Any, stem: Path,
             scored_reference: dict[str, Any]) -> tuple[Any, list[Path], dict[str, Any]]:
     """Screen one training set against the reference: both scored once by the frozen base model on
     the Ray Data scoring stage (kept in the signals cache, where the training run's gate finds the
@@ -158,15 +159,9 @@ def _screen(train: TrainJobConfig, run: RunJobConfig, vector: Any, stem: Path,
     from trait_guard.fingerprint import DIVERGENCE_MARGIN
     from trait_guard.scoring import score_on_ray
     from trait_guard.screen import screen
-    from trait_guard.train import (
-        load_training_rows,
-        signals_cache_path,
-        student_tokenizer,
-        verify_training_data,
-    )
+    from trait_guard.train import load_training_rows, signals_cache_path, verify_training_data
 
     verify_training_data(train)  # refuses data that differs from its manifest before anything runs on it
-    tokenizer = student_tokenizer(train.student.model)
     train_rows, reference_rows = load_training_rows(train, tokenizer)
     cache = signals_cache_path(train, vector.model, DIVERGENCE_MARGIN)
     scoring: dict[str, Any] = {"train_rows": len(train_rows), "reference_rows": len(reference_rows),
