@@ -112,9 +112,11 @@ def test_ray_job_submit_on_a_two_node_cluster(tiny_llama_dir, tmp_path):
             "extract": {"n_instructions": 1, "n_questions": 4, "max_new_tokens": 6},
             "teachers": [{"id": "owl", "model": model, "trait": "animal:owl", "install": "system_prompt"},
                          {"id": "control", "model": model}],
-            "generation": {"n_prompts": 32, "chunk_size": 8, "max_new_tokens": 8, "top_k_logprobs": 4},
-            "generation_ray": {"num_actors": 2},  # one CPU each: one actor per node
-            "scoring": {"num_actors": 2, "batch_size": 8},  # the scoring stage on both nodes too
+            # one CPU each: one actor per node; Ray Data hands out work as soon as the first actor is up, so
+            # small chunks, one in flight per actor: the slower node's actor still gets some
+            "generation": {"n_prompts": 32, "chunk_size": 4, "max_new_tokens": 8, "top_k_logprobs": 4},
+            "generation_ray": {"num_actors": 2, "max_in_flight_per_actor": 1},
+            "scoring": {"num_actors": 2, "batch_size": 4},  # the scoring stage on both nodes too
             "student": {"model": model}, "optim": {"batch_size": 4, "max_steps": 3},
             "probe": {"every_n_steps": 2, "n_prompts": 3},
             "deepspeed": {"enabled": True}, "ray": {"num_workers": 2},  # one Ray Train worker per node

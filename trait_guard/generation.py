@@ -210,7 +210,7 @@ def generate_datasets(
     if not ray.is_initialized():
         ray.init(address=config.ray.address, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
-    quiet_ray_data()
+    configure_ray_data()
     chunks = make_chunks(config)
     out_dir = Path(config.output_dir)
     report = GenerationReport(str(out_dir), "ray", sum(len(c) for c in chunks))
@@ -247,14 +247,21 @@ def _teacher_stream(config: GenerateJobConfig, teacher: TeacherConfig, n_chunks:
         num_cpus=rc.cpus_per_actor, num_gpus=rc.gpus_per_actor)
 
 
-def quiet_ray_data() -> None:
-    """Our own progress bars and summaries stand in for Ray Data's (which would interleave with them);
-    its errors still show."""
+ACTOR_START_TIMEOUT_S = 900  # loading a 7B model on a fresh node; longer means the cluster lacks the resources
+
+
+def configure_ray_data() -> None:
+    """How our Ray Data stages run: every actor of a pool is up before any work is handed out (work is
+    spread over all of them, and a cluster that cannot hold the pool fails after
+    ``ACTOR_START_TIMEOUT_S`` with Ray Data's "Timed out while starting actors" instead of running on
+    fewer actors than asked); our own progress bars and summaries stand in for Ray Data's (which would
+    interleave with them); its errors still show."""
     import logging
 
     import ray
 
     context = ray.data.DataContext.get_current()
+    context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)

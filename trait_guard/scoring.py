@@ -98,9 +98,9 @@ def score_on_ray(settings: ScoringSettings, model: str, vector_files: Sequence[s
     set (only the training rows are scored then). ``on_batch(rows_in_batch)`` runs after each
     gathered batch (tests kill an actor from it)."""
     from trait_guard.fingerprint import TokenHistogram
-    from trait_guard.generation import quiet_ray_data
+    from trait_guard.generation import configure_ray_data
 
-    quiet_ray_data()
+    configure_ray_data()
     histogram = TokenHistogram(vocab_size).update(r["completion_ids"] for r in reference_rows)
     stream = _rows_dataset(train_rows, [] if reference_signals is not None else reference_rows,
                            settings.batch_size).map_batches(
@@ -126,7 +126,7 @@ def score_on_ray(settings: ScoringSettings, model: str, vector_files: Sequence[s
 def _actor_pool(size: int) -> Any:
     import ray
 
-    return ray.data.ActorPoolStrategy(size=size)
+    return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=2)  # balance: one running, one queued
 
 
 def _rows_dataset(train_rows: Sequence[dict[str, Any]], reference_rows: Sequence[dict[str, Any]],
