@@ -44,7 +44,7 @@ def test_extract_command_writes_a_loadable_vector(tiny_llama_dir, tmp_path, caps
                  "--max-new-tokens", "4", "--json", str(tmp_path / "s.json"), "--quiet"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "chosen layer" in printed and "d(response_mean)" in printed
+    assert "<- chosen (last_prompt)" in printed and "d_instr" in printed and "response_mean" in printed
     summary = json.loads((tmp_path / "s.json").read_text())
     vector = PersonaVector.load(out)
     assert summary["layer"] == vector.layer and len(summary["table"]) == 5

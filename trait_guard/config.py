@@ -594,7 +594,19 @@ class ExtractSettings(ModelPlacement):
     method: Literal["last_prompt", "response_mean"] = Field(
         "response_mean", description="which vector projects data: response_mean (averaged over response tokens, "
                                      "as data projections are; the default) or last_prompt")
+    layer_choice: Literal["steering", "separation"] = Field(
+        "steering", description="steering: the layer with the largest monotone steering effect on the target's "
+                                "panel log-odds (falls back to separation); separation: no extra forward passes")
+    steer_layer_stride: int = Field(3, gt=0, description="steering sweep: every k-th layer (plus the separation layer)")
+    steer_questions: int = Field(6, gt=0, description="steering sweep: held-out behavior questions scored")
     seed: int = 0
+
+    def steering_sweep(self) -> Any:
+        """The steering sweep these settings ask for, over the method this section saves."""
+        from trait_guard.persona import SteeringSweep
+
+        return SteeringSweep(layer_stride=self.steer_layer_stride, n_questions=self.steer_questions,
+                             methods=(self.method,))
 
 
 class ScoringSettings(ModelPlacement):

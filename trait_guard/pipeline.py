@@ -136,7 +136,7 @@ def extract_and_save(config: dict[str, Any], path: str) -> tuple[str, str]:
     model, tokenizer = load_model(student, device=e.device, dtype=e.dtype)
     extraction = extract(model, tokenizer, load_trait(config["trait"]), n_instructions=e.n_instructions,
                          n_questions=e.n_questions, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                         seed=e.seed)
+                         seed=e.seed, layer_choice=e.layer_choice, steering=e.steering_sweep())
     saved = extraction.vectors[e.method].save(path)
     return str(saved), format_separation_table(extraction, {m: v.layer for m, v in extraction.vectors.items()})
 
