@@ -72,14 +72,6 @@ def test_files_without_provenance_are_refused(tmp_path):
         read_rows(tmp_path / "missing.parquet")
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.ray
 def test_ray_data_generation_gives_each_prompt_once_identical_to_local_despite_a_killed_actor(
         ray_cluster, local_run, tiny_llama_dir, tmp_path):

@@ -17,14 +17,6 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def scored_inputs(tiny_llama_dir, tmp_path_factory):
     """Rows with the base model's own top-3 log-probs (the reference), training rows whose teacher
     disagrees at the first token of two rows in three (a planted divergence), and a persona vector for the model."""
