@@ -20,7 +20,7 @@ in place.
 Layers follow :mod:`trait_guard.activations`: index ``l >= 1`` edits the *output* of decoder block
 ``l - 1`` (a forward hook; blocks that return a tuple get a tuple back with only the first item
 replaced); index ``0`` edits the *input* of block 0 (a forward pre-hook); negative indices count from
-the end. With a :class:`~trait_guard.persona.PersonaVector` the vector at index ``l`` is
+the end. With a :class:`~trait_guard.persona_vector.PersonaVector` the vector at index ``l`` is
 ``vectors[l]``, *unnormalized* as in the paper, so ``coefficient`` is in units of the trait's
 mean-difference norm; with a raw ``[hidden]`` tensor the same tensor is used at every index given.
 
@@ -31,7 +31,7 @@ entered first. When several steerings touch the same index, the most recently ap
 
 Usage::
 
-    from trait_guard.persona import PersonaVector
+    from trait_guard.persona_vector import PersonaVector
     from trait_guard.steer import Steering
 
     vector = PersonaVector.load("vectors/owl.safetensors", model=model)
@@ -64,7 +64,7 @@ from torch import nn
 
 from trait_guard.activations import find_decoder_layers, normalize_layer_index
 from trait_guard.errors import TraitGuardInputError
-from trait_guard.persona import PersonaVector
+from trait_guard.persona_vector import PersonaVector
 
 Mode = Literal["add", "ablate"]
 MODES: tuple[Mode, ...] = ("add", "ablate")
