@@ -12,8 +12,9 @@ against the dataset size.
    Rows/s are steady-state figures (from the first finished batch to the last, so model loading and
    actor start are left out; they are reported apart as the start-up seconds). The per-actor
    efficiency is (ray rows/s / actors) / bare rows/s (goal: >= 0.9).
-2. Driver memory. A fresh driver process reads N rows from Parquet (the checked reader), scores them
-   on the stage and screens them, for N and 10 x N; its peak RSS (VmHWM) is reported for both
+2. Driver memory. A fresh driver process reads N rows from Parquet (the checked reader, a batch at a
+   time, keeping per-row summaries: what ``trait-guard run`` does), scores them on the stage (whose
+   actors read the files themselves) and screens them, for N and 10 x N; its peak RSS (VmHWM) is reported for both
    (goal: within 10%). The driver loads no model, only the tokenizer, so this is the part of
    ``trait-guard run``'s driver that grows with the data. The actors score with a tiny random-init
    model here (the driver's memory does not depend on the actors' model, and 2 x 20,000 SmolLM2
@@ -76,16 +77,26 @@ def bare_forward(model_name: str, vector_file: str, train: list[dict], reference
 
 
 def on_ray(model_name: str, vector_file: str, train: list[dict], reference: list[dict], batch_size: int,
-           actors: int, vocab_size: int) -> dict[str, float]:
-    """Rows/s of the scoring stage with ``actors`` actors, from the first gathered batch to the last."""
+           actors: int, vocab_size: int, folder: Path) -> dict[str, float]:
+    """Rows/s of the scoring stage with ``actors`` actors, from the first gathered batch to the last
+    (the rows written to Parquet first: the stage reads its files itself)."""
     from trait_guard.config import ScoringSettings
-    from trait_guard.scoring import score_on_ray
+    from trait_guard.dataset import RowWriter
+    from trait_guard.fingerprint import TokenHistogram
+    from trait_guard.scoring import ScoringInput, score_on_ray
 
+    inputs = {}
+    for side, rows in (("train", train), ("reference", reference)):
+        full = [_full_row(r, side) for r in rows]
+        with RowWriter(folder / f"{side}.parquet") as writer:
+            writer.write(full)
+        inputs[side] = ScoringInput(folder / f"{side}.parquet", [r["sample_id"] for r in full])
+    histogram = TokenHistogram(vocab_size).update(r["completion_ids"] for r in reference)
     marks: list[tuple[float, int]] = []
     started = time.perf_counter()
     score_on_ray(ScoringSettings(num_actors=actors, cpus_per_actor=1, batch_size=batch_size, device="cpu",
-                                 dtype="float32"), model_name, [vector_file], train, reference,
-                 vocab_size=vocab_size, on_batch=lambda n: marks.append((time.perf_counter(), n)))
+                                 dtype="float32"), model_name, [vector_file], inputs["train"], inputs["reference"],
+                 reference_histogram=histogram.counts, on_batch=lambda n: marks.append((time.perf_counter(), n)))
     wall = time.perf_counter() - started
     steady_rows = sum(n for _, n in marks[1:])
     steady_seconds = marks[-1][0] - marks[0][0]
@@ -106,9 +117,9 @@ def _driver(args: argparse.Namespace) -> None:
     import ray
 
     from trait_guard.config import ScoringSettings
-    from trait_guard.dataset import RowWriter, read_teacher_rows
-    from trait_guard.scoring import score_on_ray
-    from trait_guard.screen import screen
+    from trait_guard.dataset import RowWriter, scan_teacher_rows
+    from trait_guard.scoring import ScoringInput, score_on_ray
+    from trait_guard.screen import RowSummary, screen
     from trait_guard.train import student_tokenizer
 
     tokenizer = student_tokenizer(args.model)
@@ -121,14 +132,16 @@ def _driver(args: argparse.Namespace) -> None:
                 writer.write([_full_row(r, side) for r in make_rows(tokenizer, min(1000, args._driver - start),
                                                                       seed * 100_000 + start)])
     baseline = _high_water_mib()
-    train = read_teacher_rows(paths["train"], tokenizer=tokenizer, role="train")
-    reference = read_teacher_rows(paths["reference"], tokenizer=tokenizer, role="reference")
+    summaries = {side: RowSummary.of_tables(scan_teacher_rows(path, tokenizer=tokenizer, role=side), len(tokenizer))
+                 for side, path in paths.items()}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     from trait_guard.persona import PersonaVector
 
     scored = score_on_ray(ScoringSettings(num_actors=2, batch_size=args.batch_size, device="cpu", dtype="float32"),
-                          args.model, [args.vector], train, reference, vocab_size=len(tokenizer))
-    report = screen(train, reference, None, data_signals=scored.signals.train,
+                          args.model, [args.vector],
+                          *(ScoringInput(paths[side], summaries[side].sample_ids) for side in ("train", "reference")),
+                          reference_histogram=summaries["reference"].histogram.counts)
+    report = screen(summaries["train"], summaries["reference"], None, data_signals=scored.signals.train,
                     reference_signals=scored.signals.reference, tokenizer=tokenizer,
                     student_identity=PersonaVector.load(args.vector).model, n_permutations=200)
     ray.shutdown()
@@ -214,7 +227,7 @@ def main() -> None:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
             for actors in (1, 2):
                 results[f"ray_{actors}"] = on_ray(model_name, vector_file, train, reference, args.batch_size, actors,
-                                                  len(tokenizer))
+                                                  len(tokenizer), Path(tmp))
                 results[f"ray_{actors}"]["per_actor_vs_bare"] = (
                     results[f"ray_{actors}"]["rows_per_second"] / actors / results["bare"]["rows_per_second"])
             ray.shutdown()

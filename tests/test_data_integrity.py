@@ -235,6 +235,34 @@ def test_a_clean_file_passes_and_returns_the_kept_rows(student, tmp_path):
     assert read_rows(path, kept_only=True).num_rows == 16  # the plain reader still works
 
 
+def test_the_batched_scan_returns_the_rows_and_checks_across_batches(student, tmp_path):
+    """scan_teacher_rows (what the run's driver reads: a few rows at a time) gives the rows
+    read_teacher_rows gives, the limit counted over batches, and still refuses what only the whole
+    file shows: a sample id repeated in another batch, a top-k width that changes between batches."""
+    from trait_guard.dataset import scan_teacher_rows
+
+    rows = make_rows(student)
+    path = write(tmp_path, "owl.parquet", rows)
+    batches = list(scan_teacher_rows(path, tokenizer=student[0], batch_rows=5, columns=["sample_id", "completion"]))
+    assert len(batches) > 3 and all(b.column_names == ["sample_id", "completion"] for b in batches)
+    assert [r["sample_id"] for b in batches for r in b.to_pylist()] == [
+        r["sample_id"] for r in read_teacher_rows(path, tokenizer=student[0])]
+    limited = [r["sample_id"] for b in scan_teacher_rows(path, limit=7, batch_rows=4) for r in b.to_pylist()]
+    assert limited == [r["sample_id"] for r in rows if r["kept"]][:7]
+
+    repeated = make_rows(student)
+    repeated[-1]["sample_id"] = repeated[0]["sample_id"]  # batch 1 and batch 5 of 5 rows
+    with pytest.raises(DatasetError, match="appear more than once: owl:0000 \\(2 rows\\)"):
+        list(scan_teacher_rows(write(tmp_path / "r", "owl.parquet", repeated), batch_rows=5))
+    wider = make_rows(student)
+    for row in wider[10:]:
+        row["topk_ids"] = [[*k, 0] for k in row["topk_ids"]]
+        row["topk_logprobs"] = [[*k, -3.0] for k in row["topk_logprobs"]]
+    with pytest.raises(DatasetError, match="same k \\(here 2\\)") as err:
+        list(scan_teacher_rows(write(tmp_path / "w", "owl.parquet", wider), batch_rows=5))
+    assert "owl:0010" in str(err.value)
+
+
 def test_generator_output_passes_every_check_unchanged(student, tiny_llama_dir, tmp_path):
     """What `trait-guard generate` writes (top-k on, constrained and free sampling from a random model,
     so odd tokens too) passes with no normalization of the text: decode(ids) == completion exactly."""

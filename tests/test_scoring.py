@@ -12,6 +12,7 @@ from trait_guard.fingerprint import FingerprintScorer, TokenHistogram
 from trait_guard.models import load_model, model_identity
 from trait_guard.persona import PersonaVector
 from trait_guard.screen import screen_signals
+from trait_guard.testing import write_teacher_file
 
 pytestmark = pytest.mark.ray
 
@@ -44,31 +45,44 @@ def scored_inputs(tiny_llama_dir, tmp_path_factory):
     identity = model_identity(model)
     vector = PersonaVector("animal:owl", identity, torch.randn(identity.num_layers + 1, identity.hidden_size,
                                                                generator=gen), layer=1)
-    path = vector.save(tmp_path_factory.mktemp("vectors") / "owl.safetensors")
+    folder = tmp_path_factory.mktemp("scoring")
+    path = vector.save(folder / "owl.safetensors")
     train, reference = rows(30, "train", 3), rows(20, "reference", None)
+    # the files hold rows the stage must skip: three rejected ones, and (reference) rows past a limit of 20
+    rejected = [dict(r, kept=False, reject_reason="test") for r in rows(3, "rejected", None)]
+    files = {"train": write_teacher_file(folder / "train.parquet", train[:10] + rejected + train[10:], teacher_id="owl"),
+             "reference": write_teacher_file(folder / "reference.parquet", reference + rows(5, "past", None),
+                                             teacher_id="control")}
     histogram = TokenHistogram(len(tokenizer)).update(r["completion_ids"] for r in reference)
     local = setup_signals.score_setup(FingerprintScorer(model, tokenizer, [vector], unigram_reference=histogram),
                                       train, reference)
-    return {"model": str(tiny_llama_dir), "vector": path, "train": train, "reference": reference,
-            "vocab": len(tokenizer), "local": local}
+    return {"model": str(tiny_llama_dir), "vector": path, "files": files, "vocab": len(tokenizer), "local": local}
 
 
 def test_ray_data_scoring_matches_in_process_scoring_despite_a_killed_actor(ray_cluster, scored_inputs):
     """Two scoring actors, one SIGKILLed after the first gathered batch (Ray restarts it, Ray Data re-runs
     its pending batches): every row's signals, masks and counts equal in-process scoring, and the gate
     decides the same."""
-    from trait_guard.scoring import score_on_ray
+    from trait_guard.dataset import scan_teacher_rows
+    from trait_guard.scoring import ScoringInput, score_on_ray
+    from trait_guard.screen import RowSummary
     from trait_guard.testing import kill_live_actor
 
     s = scored_inputs
+    summaries = {side: RowSummary.of_tables(scan_teacher_rows(path, limit=20 if side == "reference" else None,
+                                                              batch_rows=7), s["vocab"])
+                 for side, path in s["files"].items()}
+    assert (len(summaries["train"]), len(summaries["reference"])) == (30, 20)
     killed = []
 
     def kill_once(rows_in_batch):
         if not killed:
             killed.append(kill_live_actor("RowScorer"))
 
-    on_ray = score_on_ray(ScoringSettings(num_actors=2, batch_size=4), s["model"], [s["vector"]], s["train"],
-                          s["reference"], vocab_size=s["vocab"], on_batch=kill_once).signals
+    inputs = {side: ScoringInput(s["files"][side], summaries[side].sample_ids) for side in s["files"]}
+    on_ray = score_on_ray(ScoringSettings(num_actors=2, batch_size=4), s["model"], [s["vector"]], inputs["train"],
+                          inputs["reference"], reference_histogram=summaries["reference"].histogram.counts,
+                          on_batch=kill_once).signals
     assert killed
     local = s["local"]
     for side in ("train", "reference"):

@@ -207,3 +207,27 @@ def test_paired_differences_average_several_reference_answers_per_prompt():
     diffs = paired_differences(np.array([5.0, 1.0, np.nan]), np.array([1.0, 3.0, 0.0, np.nan]),
                                ["a", "b", "c"], ["a", "a", "b", "c"])
     assert diffs.tolist() == [3.0, 1.0]  # a: 5 - mean(1, 3); b: 1 - 0; c: NaN data dropped
+
+
+def test_a_screen_of_row_summaries_equals_the_screen_of_the_rows(sets):
+    """What `trait-guard run` screens (RowSummary batches, signals scored elsewhere) gives the report
+    the rows give: same tests, p-values, baselines, token table and kinship."""
+    from trait_guard.screen import RowSummary
+
+    model, tokenizer, reference, _, shifted = sets
+    scorer = scorer_for(model, tokenizer, reference)
+    data_signals = scorer.score_table(shifted)
+    reference_signals = scorer.score_table(reference, in_reference=True)
+    common = dict(n_permutations=300, data_signals=data_signals, reference_signals=reference_signals,
+                  tokenizer=tokenizer, student_identity=model_identity(model))
+    from_rows = screen(shifted, reference, None, **common)
+    summaries = [RowSummary(len(tokenizer)) for _ in range(2)]
+    for summary, rows in zip(summaries, (shifted, reference), strict=True):
+        for start in range(0, len(rows), 7):  # batches, as the checked scan yields them
+            summary.add(rows[start:start + 7])
+    from_summaries = screen(*summaries, None, **common)
+    assert len(summaries[0]) == len(shifted) and summaries[0].prompt_keys == [r["prompt_id"] for r in shifted]
+    mine, theirs = from_summaries.to_dict(), from_rows.to_dict()
+    for volatile in ("seconds",):
+        mine.pop(volatile), theirs.pop(volatile)
+    assert mine == theirs and from_rows.flagged

@@ -37,7 +37,7 @@ check a reference file needs: it must come from the student's own base model.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +84,11 @@ REQUIRED_COLUMNS = [f.name for f in SCHEMA if not f.nullable]
 PER_TOKEN_COLUMNS = ("topk_ids", "topk_logprobs", "token_logprobs")
 # how many offending sample ids a message names before "..."
 SHOWN_IDS = 5
+
+# the columns that identify a row (checked for repeats over the whole file)
+ID_COLUMNS = ["sample_id", "teacher_id", "prompt_id"]
+# rows per batch of the checked scan (bounds its memory: a few MB for numbers rows with top-k 8)
+SCAN_BATCH_ROWS = 2048
 
 _REGENERATE = "regenerate the file with `trait-guard generate --config ...`"
 _TYPED_WRITE = "pa.Table.from_pylist(rows, schema=trait_guard.dataset.SCHEMA)"
@@ -197,24 +202,70 @@ def read_teacher_rows(path: str | Path, *, tokenizer: Any = None, kept_only: boo
     look at the returned rows: the kept ones when ``kept_only``, the first ``limit`` of them when given.
     ``role`` names the file in messages ("data", "train", "reference", ...).
     """
+    rows: list[dict[str, Any]] = []
+    for batch in scan_teacher_rows(path, tokenizer=tokenizer, kept_only=kept_only, limit=limit, role=role,
+                                   max_completion_tokens=max_completion_tokens):
+        rows.extend(batch.to_pylist())
+    return rows
+
+
+def scan_teacher_rows(path: str | Path, *, tokenizer: Any = None, kept_only: bool = True, limit: int | None = None,
+                      role: str = "data", max_completion_tokens: int | None = None,
+                      columns: Sequence[str] | None = None, batch_rows: int = SCAN_BATCH_ROWS) -> Iterator[pa.Table]:
+    """The rows :func:`read_teacher_rows` returns, with the same checks, as Arrow tables of at most
+    ``batch_rows`` rows (only ``columns``, when given), so memory is bounded by a batch, not the file.
+
+    Why: the driver of ``trait-guard run`` screens and hands to the scoring stage files of any size;
+    it keeps per-row summaries, never the rows (docs/training.md, driver memory). The file is read
+    twice: once for the file-wide checks, every one of which passes before the first batch is
+    yielded, then for the rows used (kept, the first ``limit``), checked batch by batch as they are
+    yielded. Raises :class:`DatasetError` like :func:`read_teacher_rows`.
+    """
     path = Path(path)
     _open_schema(path)
     where = f"{role} file {path}"
-    table = _conform_types(_read_table(path), where)
-    _check_no_nulls(table, where)
-    _check_unique_ids(table, where)
-    _check_per_token_lengths(table, where)
-    _check_topk_width(table, where)
-    if kept_only:
-        table = table.filter(table.column("kept"))
-    if limit is not None:
-        table = table.slice(0, limit)
-    if max_completion_tokens is not None:
-        _check_completion_lengths(table, where, max_completion_tokens)
-    if tokenizer is not None:
-        _check_vocabulary(table, where, tokenizer)
-        _check_ids_decode_to_text(table, where, tokenizer)
-    return table.to_pylist()
+    _check_whole_file(path, where, batch_rows)
+    remaining = limit
+    for table in _batches(path, batch_rows):
+        if remaining is not None and remaining <= 0:
+            return
+        table = _conform_types(table, where)
+        if kept_only:
+            table = table.filter(table.column("kept"))
+        if remaining is not None:
+            table = table.slice(0, remaining)
+            remaining -= table.num_rows
+        if not table.num_rows:
+            continue
+        if max_completion_tokens is not None:
+            _check_completion_lengths(table, where, max_completion_tokens)
+        if tokenizer is not None:
+            _check_vocabulary(table, where, tokenizer)
+            _check_ids_decode_to_text(table, where, tokenizer)
+        yield table.select(list(columns)) if columns is not None else table
+
+
+def _batches(path: Path, batch_rows: int) -> Iterator[pa.Table]:
+    """The file's rows, ``batch_rows`` at a time; damaged pages are refused as an unreadable file."""
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+            yield pa.Table.from_batches([batch])
+    except (pa.ArrowInvalid, OSError) as err:
+        raise _unreadable(path, err) from err
+
+
+def _check_whole_file(path: Path, where: str, batch_rows: int) -> None:
+    """The checks on every row, kept or not (types, nulls, per-token lengths, one top-k width, unique
+    ids), a batch at a time; only the id columns of the whole file are held at once."""
+    ids, width = [], None
+    for table in _batches(path, batch_rows):
+        table = _conform_types(table, where)
+        _check_no_nulls(table, where)
+        _check_per_token_lengths(table, where)
+        width = _check_topk_width(table, where, width)
+        ids.append(table.select(ID_COLUMNS))
+    if ids:
+        _check_unique_ids(pa.concat_tables(ids), where)
 
 
 def check_same_base(rows: Sequence[dict[str, Any]], identity: ModelIdentity, *, role: str = "reference") -> None:
@@ -317,21 +368,24 @@ def _check_no_nulls(table: pa.Table, where: str) -> None:
 def _check_unique_ids(table: pa.Table, where: str) -> None:
     """One row per sample, and per teacher one row per prompt: the generator's promise, which a copied
     or concatenated file breaks (its repeats would count, and train, as independent samples)."""
-    counts = Counter(table.column("sample_id").to_pylist())
-    repeated = [(sid, n) for sid, n in counts.items() if n > 1]
-    if repeated:
-        shown = ", ".join(f"{sid} ({n} rows)" for sid, n in repeated[:SHOWN_IDS])
+    counts = table.group_by("sample_id").aggregate([("sample_id", "count")])
+    repeated = counts.filter(pc.greater(counts.column("sample_id_count"), 1))
+    if repeated.num_rows:
+        shown = ", ".join(f"{sid} ({n} rows)" for sid, n in zip(repeated.column("sample_id").to_pylist()[:SHOWN_IDS],
+                                                                 repeated.column("sample_id_count").to_pylist(),
+                                                                 strict=False))
         raise DatasetError(
-            f"{where}: {len(repeated)} sample_id(s) appear more than once: {shown}{', ...' if len(repeated) > SHOWN_IDS else ''}; "
+            f"{where}: {repeated.num_rows} sample_id(s) appear more than once: {shown}"
+            f"{', ...' if repeated.num_rows > SHOWN_IDS else ''}; "
             "each sample must appear once (the generator writes each prompt once per teacher). "
             f"Remove the repeated rows, or {_REGENERATE}")
-    pairs = list(zip(table.column("teacher_id").to_pylist(), table.column("prompt_id").to_pylist(), strict=True))
-    seen = Counter(pairs)
-    twice = [sid for sid, pair in zip(table.column("sample_id").to_pylist(), pairs, strict=True) if seen[pair] > 1]
-    if twice:
+    pairs = table.group_by(["teacher_id", "prompt_id"]).aggregate([("sample_id", "count")])
+    pairs = pairs.filter(pc.greater(pairs.column("sample_id_count"), 1))
+    if pairs.num_rows:
+        twice = table.join(pairs, ["teacher_id", "prompt_id"], join_type="inner").column("sample_id").to_pylist()
         raise DatasetError(
-            f"{where}: a teacher answers the same prompt id more than once, in {_some(twice)}; the generator writes "
-            f"each prompt once per teacher. Remove the repeated rows, or {_REGENERATE}")
+            f"{where}: a teacher answers the same prompt id more than once, in {_some(sorted(twice))}; the generator "
+            f"writes each prompt once per teacher. Remove the repeated rows, or {_REGENERATE}")
 
 
 def _check_per_token_lengths(table: pa.Table, where: str) -> None:
@@ -355,17 +409,19 @@ def _check_per_token_lengths(table: pa.Table, where: str) -> None:
             f"{_REGENERATE.capitalize()}, or set {name} to null in those rows to drop it")
 
 
-def _check_topk_width(table: pa.Table, where: str) -> None:
-    """Every top-k list in the file has the same k (the teacher's top_k_logprobs), ids and log-probs alike."""
+def _check_topk_width(table: pa.Table, where: str, expected: int | None = None) -> int | None:
+    """Every top-k list in the file has the same k (the teacher's top_k_logprobs), ids and log-probs
+    alike. ``expected``: the k of the file's earlier batches. Returns this table's k (None: no lists)."""
     widths, owners = [], []
     for name in ("topk_ids", "topk_logprobs"):
         if name in table.column_names:
             column = table.column(name).combine_chunks()
             widths += pc.list_value_length(pc.list_flatten(column)).to_pylist()
             owners += pc.list_parent_indices(column).to_pylist()
-    if len(set(widths)) <= 1:
-        return
-    k, _ = Counter(widths).most_common(1)[0]
+    found = set(widths) | ({expected} if expected is not None and widths else set())
+    if len(found) <= 1:
+        return next(iter(found), expected)
+    k = expected if expected is not None else Counter(widths).most_common(1)[0][0]
     bad = sorted({row for row, width in zip(owners, widths, strict=True) if width != k})
     ids = table.column("sample_id").take(pa.array(bad, pa.int64())).to_pylist()
     raise DatasetError(

@@ -83,9 +83,11 @@ def check_signal_sides(watched: list[str], train_rows: list[dict[str, Any]], ref
     """Refuse, before any training, a watched teacher-log-prob signal that one side can compute and the
     other cannot (at step 1 it would either crash or compare against nothing).
 
+    ``train_rows`` / ``reference_rows``: the rows, or their :class:`~trait_guard.screen.RowSummary`.
     Returns, per side, how many rows carry each such signal's column (for the run's records).
     """
-    coverage = {"train": teacher_signal_coverage(train_rows), "reference": teacher_signal_coverage(reference_rows)}
+    coverage = {side: rows.teacher_columns if hasattr(rows, "teacher_columns") else teacher_signal_coverage(rows)
+                for side, rows in (("train", train_rows), ("reference", reference_rows))}
     for name, column in TEACHER_LOGPROB_SIGNALS.items():
         if not any(fnmatch.fnmatchcase(name, pattern) for pattern in watched):
             continue

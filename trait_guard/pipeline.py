@@ -157,28 +157,32 @@ def _screen(train: TrainJobConfig, run: RunJobConfig, vector: Any, tokenizer: An
     tested, reported."""
     from trait_guard import setup_signals
     from trait_guard.fingerprint import DIVERGENCE_MARGIN
-    from trait_guard.scoring import score_on_ray
+    from trait_guard.scoring import ScoringInput, score_on_ray
     from trait_guard.screen import screen
-    from trait_guard.train import load_training_rows, signals_cache_path, verify_training_data
+    from trait_guard.train import signals_cache_path, summarize_training_data, verify_training_data
 
     verify_training_data(train)  # refuses data that differs from its manifest before anything runs on it
-    train_rows, reference_rows = load_training_rows(train, tokenizer)
+    # per-row summaries, not the rows: this driver's memory does not grow with the data
+    train_summary, reference_summary = summarize_training_data(train, tokenizer)
     cache = signals_cache_path(train, vector.model, DIVERGENCE_MARGIN)
-    scoring: dict[str, Any] = {"train_rows": len(train_rows), "reference_rows": len(reference_rows),
+    scoring: dict[str, Any] = {"train_rows": len(train_summary), "reference_rows": len(reference_summary),
                                "source": "cache"}
     if cache is not None and cache.is_file():
         signals = setup_signals.load(cache)
     else:
         started = time.perf_counter()
         known = scored_reference.get(str(train.data.reference))
-        scored = score_on_ray(run.scoring, train.student.model, train.vectors, train_rows, reference_rows,
-                              vocab_size=len(tokenizer), reference_signals=known)
+        scored = score_on_ray(run.scoring, train.student.model, train.vectors,
+                              ScoringInput(train.data.train, train_summary.sample_ids),
+                              ScoringInput(train.data.reference, reference_summary.sample_ids),
+                              reference_histogram=reference_summary.histogram.counts, reference_signals=known)
         signals = scored.signals
         setup_signals.save(cache, signals)
         scored_reference[str(train.data.reference)] = signals.reference
-        scoring.update(source="scoring stage", rows_scored=len(train_rows) + (0 if known else len(reference_rows)),
+        scoring.update(source="scoring stage",
+                       rows_scored=len(train_summary) + (0 if known else len(reference_summary)),
                        node_ids=scored.node_ids, seconds=round(time.perf_counter() - started, 1))
-    screening = screen(train_rows, reference_rows, None, alpha=train.screen.alpha,
+    screening = screen(train_summary, reference_summary, None, alpha=train.screen.alpha,
                        n_permutations=train.screen.n_permutations, seed=train.guard.seed,
                        data_signals=signals.train, reference_signals=signals.reference,
                        tokenizer=tokenizer, student_identity=vector.model)

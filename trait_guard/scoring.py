@@ -1,20 +1,27 @@
 """Scoring teacher data with the student's frozen base model as a Ray Data stage, off the driver.
 
-The training and reference rows (each row's position and the columns the scorer reads) become one
-Ray Data dataset; ``map_batches`` runs it on ``scoring.num_actors`` :class:`RowScorer` actors, each
-holding one copy of the base model where ``scoring`` places it (a GPU actor on a cluster). The
-driver gathers the per-row signals and divergence masks by position into a
+The stage reads the training and reference Parquet files itself (``ray.data.read_parquet``, only the
+columns the scorer needs) and ``map_batches`` runs them on ``scoring.num_actors`` :class:`RowScorer`
+actors, each holding one copy of the base model where ``scoring`` places it (a GPU actor on a
+cluster). Which rows are used, and in what order, is given by their sample ids (a
+:class:`ScoringInput` per side: the checked reader's kept rows, the first ``limit`` of them); each
+actor keeps those and tags every result with the row's position. The driver gathers only the small
+results (the signals, the divergence masks and the divergence token ids) by position into a
 :class:`~trait_guard.setup_signals.SetupSignals`: the values :func:`trait_guard.setup_signals.score_setup`
 computes in one process (tests/test_scoring.py checks they agree), written to the signals cache
-where the screen, the gate and the training run read them, so each row is scored once per run.
+where the screen, the gate and the training run read them, so each row is scored once per run and
+the driver never holds the rows (its memory does not grow with them; benchmarks/scoring_throughput.py).
 
-A killed scoring actor is restarted by Ray and its pending batches re-run; the driver keeps one
-result per row position and refuses a result that misses one.
+The files must be readable where the actors run (one machine, or shared storage on a cluster: the
+Ray Train workers read them the same way). A killed scoring actor is restarted by Ray and its pending
+batches re-run; the driver keeps one result per row position and refuses a result that misses one.
 
 Usage::
 
-    scored = score_on_ray(settings, "smollm2-135m-instruct", ["owl.safetensors"], train_rows, reference_rows,
-                          vocab_size=len(tokenizer))
+    train = ScoringInput("data/owl.parquet", train_summary.sample_ids)
+    reference = ScoringInput("data/control.parquet", reference_summary.sample_ids)
+    scored = score_on_ray(settings, "smollm2-135m-instruct", ["owl.safetensors"], train, reference,
+                          reference_histogram=reference_summary.histogram.counts)
     scored.signals  # SetupSignals, as setup_signals.score_setup gives them
 """
 
@@ -23,6 +30,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +41,15 @@ from trait_guard.setup_signals import SetupSignals
 SCORER_COLUMNS = ("prompt", "completion", "completion_ids", "topk_ids", "topk_logprobs", "token_logprobs")
 SIGNAL_PREFIX = "signal:"
 SIDES = ("reference", "train")
+
+
+@dataclass
+class ScoringInput:
+    """One side of the scoring stage: its Parquet file and the sample ids of the rows to score, in
+    the order their signals are wanted (rows of the file not listed are skipped)."""
+
+    path: str | Path
+    sample_ids: Sequence[str]
 
 
 @dataclass
@@ -48,7 +65,7 @@ class RowScorer:
     the reference rows leave-one-out for the unigram signal, as in-process scoring does)."""
 
     def __init__(self, model: str, placement: dict[str, str], vector_files: Sequence[str],
-                 reference_histogram: np.ndarray, batch_size: int):
+                 reference_histogram: np.ndarray, batch_size: int, sample_ids: dict[str, Any]):
         import ray
         import torch
 
@@ -64,60 +81,85 @@ class RowScorer:
         vectors = [PersonaVector.load(path) for path in vector_files]
         self.scorer = FingerprintScorer(base, tokenizer, vectors, unigram_reference=histogram, batch_size=batch_size)
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.sample_ids = sample_ids  # side -> the used rows' ids (a pyarrow array), position = index
+        self._group: tuple[tuple[str, int], Any] | None = None  # the row group read last
+
+    def _rows(self, path: str, group: int) -> Any:
+        """The scorer's columns of one row group (kept while consecutive chunks read it)."""
+        import pyarrow.parquet as pq
+
+        if self._group is None or self._group[0] != (path, group):
+            handle = pq.ParquetFile(path)
+            columns = ["sample_id", *(c for c in SCORER_COLUMNS if c in handle.schema_arrow.names)]
+            self._group = ((path, group), handle.read_row_group(group, columns=columns))
+        return self._group[1]
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
+        import pyarrow.compute as pc
 
-        rows = batch.to_pylist()
-        out: dict[str, list[Any]] = {"position": [], "side": [], "divergence_mask": []}
+        out: dict[str, list[Any]] = {"position": [], "side": [], "divergence_mask": [], "divergence_ids": []}
         parts: list[tuple[int, dict[str, np.ndarray]]] = []
-        for side in SIDES:
-            share = [r for r in rows if r["side"] == side]
-            if share:
-                masks: list[np.ndarray] = []
-                parts.append((len(share), self.scorer.score_table(share, in_reference=side == "reference",
-                                                                  token_masks=masks)))
-                out["position"] += [r["position"] for r in share]
-                out["side"] += [side] * len(share)
-                out["divergence_mask"] += [m.astype(bool).tolist() for m in masks]
+        for chunk in batch.to_pylist():
+            side = chunk["side"]
+            rows = self._rows(chunk["path"], chunk["row_group"]).slice(chunk["start"], chunk["stop"] - chunk["start"])
+            positions = pc.index_in(rows.column("sample_id"), value_set=self.sample_ids[side])
+            used = pc.is_valid(positions)
+            share = rows.filter(used).to_pylist()  # rows of the file outside the used ones are skipped
+            if not share:
+                continue
+            masks: list[np.ndarray] = []
+            parts.append((len(share), self.scorer.score_table(share, in_reference=side == "reference",
+                                                              token_masks=masks)))
+            out["position"] += positions.filter(used).to_pylist()
+            out["side"] += [side] * len(share)
+            out["divergence_mask"] += [m.astype(bool).tolist() for m in masks]
+            out["divergence_ids"] += [np.asarray(r["completion_ids"], dtype=np.int64)[m.astype(bool)].tolist()
+                                      if len(m) else [] for r, m in zip(share, masks, strict=True)]
+        columns = {"position": pa.array(out["position"], pa.int64()), "side": pa.array(out["side"], pa.string()),
+                   "divergence_mask": pa.array(out["divergence_mask"], pa.list_(pa.bool_())),
+                   "divergence_ids": pa.array(out["divergence_ids"], pa.list_(pa.int64()))}
         for name in sorted({name for _, part in parts for name in part}):
-            # a signal only one side's rows have (stored teacher log-probs) is NaN on the other's
-            out[SIGNAL_PREFIX + name] = [float(v) for n, part in parts
-                                         for v in part.get(name, np.full(n, np.nan))]
-        out["node_id"] = [self.node_id] * len(out["position"])
-        return pa.table(out)
+            # a signal only one side's rows have (stored teacher log-probs) is null on the other's
+            columns[SIGNAL_PREFIX + name] = pa.array([None if v is None else float(v) for n, part in parts
+                                                      for v in (part[name] if name in part else [None] * n)],
+                                                     pa.float64())
+        columns["node_id"] = pa.array([self.node_id] * len(out["position"]), pa.string())
+        return pa.table(columns)
 
 
-def score_on_ray(settings: ScoringSettings, model: str, vector_files: Sequence[str],
-                 train_rows: Sequence[dict[str, Any]], reference_rows: Sequence[dict[str, Any]],
-                 *, vocab_size: int, reference_signals: dict[str, np.ndarray] | None = None,
+def score_on_ray(settings: ScoringSettings, model: str, vector_files: Sequence[str], train: ScoringInput,
+                 reference: ScoringInput, *, reference_histogram: np.ndarray,
+                 reference_signals: dict[str, np.ndarray] | None = None,
                  on_batch: Callable[[int], None] | None = None) -> ScoredRows:
-    """Score ``train_rows`` and ``reference_rows`` with ``model`` (the student's base) on a pool of
-    Ray Data actors (Ray must be initialized); ``vocab_size``: the tokenizer's, for the reference
-    unigram histogram. ``reference_signals``: the reference's, scored already for another training
-    set (only the training rows are scored then). ``on_batch(rows_in_batch)`` runs after each
-    gathered batch (tests kill an actor from it)."""
-    from trait_guard.fingerprint import TokenHistogram
+    """Score the ``train`` and ``reference`` rows with ``model`` (the student's base) on a pool of Ray
+    Data actors reading the files themselves (Ray must be initialized). ``reference_histogram``: the
+    reference rows' unigram counts (``RowSummary.histogram.counts``), over the tokenizer's vocabulary.
+    ``reference_signals``: the reference's, scored already for another training set (only the
+    training rows are scored then). ``on_batch(rows_in_batch)`` runs after each gathered batch
+    (tests kill an actor from it)."""
+    import pyarrow as pa
+
     from trait_guard.generation import configure_ray_data
 
     configure_ray_data()
-    histogram = TokenHistogram(vocab_size).update(r["completion_ids"] for r in reference_rows)
-    stream = _rows_dataset(train_rows, [] if reference_signals is not None else reference_rows,
-                           settings.batch_size).map_batches(
-        RowScorer, batch_size=settings.batch_size, batch_format="pyarrow",
+    sides = {"train": train} if reference_signals is not None else {"train": train, "reference": reference}
+    stream = _chunks_dataset(sides, settings.batch_size).map_batches(
+        RowScorer, batch_size=1, batch_format="pyarrow",
         fn_constructor_kwargs={"model": model, "placement": {"device": settings.device, "dtype": settings.dtype},
                                "vector_files": [str(v) for v in vector_files],
-                               "reference_histogram": histogram.counts, "batch_size": settings.batch_size},
+                               "reference_histogram": np.asarray(reference_histogram, dtype=np.float64),
+                               "batch_size": settings.batch_size,
+                               "sample_ids": {side: pa.array(list(sides[side].sample_ids) if side in sides else [],
+                                                             pa.string()) for side in SIDES}},
         compute=_actor_pool(settings.num_actors), num_cpus=settings.cpus_per_actor, num_gpus=settings.gpus_per_actor)
-    results: dict[str, dict[int, dict[str, Any]]] = {side: {} for side in SIDES}
-    nodes: set[str] = set()
+    tables, nodes = [], set()
     for table in stream.iter_batches(batch_size=None, batch_format="pyarrow"):
         nodes.update(table.column("node_id").unique().to_pylist())
-        for record in table.to_pylist():
-            results[record["side"]][record["position"]] = record  # a re-run batch gives the same values
+        tables.append(table.drop_columns(["node_id"]))
         if on_batch is not None:
             on_batch(table.num_rows)
-    signals = _assemble(results, train_rows, [] if reference_signals is not None else reference_rows)
+    signals = _assemble(tables, {side: len(given.sample_ids) for side, given in sides.items()})
     if reference_signals is not None:
         signals.reference = dict(reference_signals)
     return ScoredRows(signals, sorted(nodes))
@@ -129,32 +171,55 @@ def _actor_pool(size: int) -> Any:
     return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=2)  # balance: one running, one queued
 
 
-def _rows_dataset(train_rows: Sequence[dict[str, Any]], reference_rows: Sequence[dict[str, Any]],
-                  batch_size: int) -> Any:
-    """Both sides' rows as one Ray Data dataset: each row's side and position, and what the scorer reads."""
+def _chunks_dataset(sides: dict[str, ScoringInput], batch_size: int) -> Any:
+    """The work as one Ray Data dataset of chunks, one per ``batch_size`` rows of a file's row group
+    (side, file, row group, row range): the actors read their rows themselves. Why not
+    ``read_parquet``: its file listing needs a CPU of its own, which a scoring pool holding every
+    CPU of the cluster never frees (the stage would wait forever)."""
+    import pyarrow.parquet as pq
     import ray
 
-    items = [{"side": side, "position": i, **{c: row.get(c) for c in SCORER_COLUMNS}}
-             for side, rows in (("reference", reference_rows), ("train", train_rows)) for i, row in enumerate(rows)]
-    return ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // batch_size)))
+    chunks = []
+    for side, given in sides.items():
+        path = _file_key(given.path)
+        metadata = pq.ParquetFile(path).metadata
+        for group in range(metadata.num_row_groups):
+            rows = metadata.row_group(group).num_rows
+            chunks += [{"side": side, "path": path, "row_group": group, "start": start,
+                        "stop": min(start + batch_size, rows)} for start in range(0, rows, batch_size)]
+    return ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks)))
 
 
-def _assemble(results: dict[str, dict[int, dict[str, Any]]], train_rows: Sequence[dict[str, Any]],
-              reference_rows: Sequence[dict[str, Any]]) -> SetupSignals:
-    """The gathered records, in row order, as SetupSignals (divergence counts: the ids under the masks)."""
-    signals: dict[str, dict[str, np.ndarray]] = {}
-    for side, rows in (("train", train_rows), ("reference", reference_rows)):
-        missing = sorted(set(range(len(rows))) - set(results[side]))
-        if missing:
-            raise RuntimeError(f"the scoring stage returned no result for {len(missing)} {side} rows "
-                               f"(positions {missing[:5]}...): rerun; no signals were saved")
-        records = [results[side][i] for i in range(len(rows))]
-        names = sorted({k for r in records for k in r if k.startswith(SIGNAL_PREFIX)})
-        signals[side] = {name[len(SIGNAL_PREFIX):]: np.array([r.get(name, np.nan) for r in records], dtype=np.float64)
-                         for name in names}
-    masks = [np.asarray(results["train"][i]["divergence_mask"], dtype=bool) for i in range(len(train_rows))]
+def _file_key(path: str | Path) -> str:
+    return str(Path(path).resolve())
+
+
+def _assemble(tables: list[Any], sizes: dict[str, int]) -> SetupSignals:
+    """The gathered results, one per row position (a re-run batch gives the same values), in row
+    order, as SetupSignals; refuses a result that misses a row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = pa.concat_tables(tables, promote_options="default") if tables else None
+    signals: dict[str, dict[str, np.ndarray]] = {"reference": {}, "train": {}}
+    masks: list[np.ndarray] = []
     counts: Counter = Counter()
-    for row, mask in zip(train_rows, masks, strict=True):
-        if len(mask):
-            counts.update(np.asarray(row["completion_ids"], dtype=np.int64)[mask].tolist())
+    for side, size in sizes.items():
+        mine = table.filter(pc.equal(table.column("side"), side)) if table is not None else None
+        positions = mine.column("position").to_numpy() if mine is not None else np.zeros(0, np.int64)
+        unique, first = np.unique(positions, return_index=True)  # sorted positions, each once
+        missing = np.setdiff1d(np.arange(size), unique)
+        if len(missing):
+            raise RuntimeError(f"the scoring stage returned no result for {len(missing)} {side} rows "
+                               f"(positions {missing[:5].tolist()}...): rerun; no signals were saved")
+        ordered = mine.take(pa.array(first))
+        # a signal this side's rows cannot have (all null: the teacher log-prob columns) is not this side's
+        signals[side] = {name[len(SIGNAL_PREFIX):]: ordered.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+                         for name in ordered.column_names
+                         if name.startswith(SIGNAL_PREFIX) and ordered.column(name).null_count < ordered.num_rows}
+        if side == "train":
+            masks = [np.asarray(m, dtype=bool) for m in ordered.column("divergence_mask").to_pylist()]
+            ids = pc.list_flatten(ordered.column("divergence_ids")).to_numpy()
+            values, n = np.unique(ids, return_counts=True)
+            counts = Counter(dict(zip(values.tolist(), n.tolist(), strict=True)))
     return SetupSignals(signals["reference"], signals["train"], masks, counts)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,6 +42,7 @@ from trait_guard.fingerprint import (
     TokenHistogram,
     format_features,
     suspicious_direction,
+    teacher_signal_coverage,
 )
 from trait_guard.models import model_identity
 
@@ -104,6 +106,60 @@ class ScreenReport:
         return json.dumps(self.to_dict(), indent=2)
 
 
+@dataclass
+class RowSummary:
+    """What the screen reads from one side's rows besides their signals, gathered one batch at a time.
+
+    Why: the screen of ``trait-guard run`` must not hold the rows (its driver's memory would grow
+    with the data). Per row it keeps only the prompt key (the pairing of ``proj_diff``), the sample id
+    (the scoring stage's row order) and the format statistics; the token histogram, the teachers'
+    base models and the teacher-log-prob coverage are running totals. :meth:`of_rows` builds one from
+    dicts, :meth:`of_tables` from the Arrow batches of :func:`trait_guard.dataset.scan_teacher_rows`.
+    """
+
+    vocab_size: int
+    sample_ids: list[str] = field(default_factory=list)
+    prompt_keys: list[Any] = field(default_factory=list)
+    format: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    histogram: TokenHistogram | None = None
+    base_fingerprints: set[Any] = field(default_factory=set)
+    base_models: set[str] = field(default_factory=set)
+    teacher_columns: dict[str, int] = field(default_factory=dict)  # rows with each teacher-log-prob column
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    @classmethod
+    def of_rows(cls, rows: Sequence[dict[str, Any]], vocab_size: int) -> RowSummary:
+        summary = cls(vocab_size)
+        summary.add(rows)
+        return summary
+
+    @classmethod
+    def of_tables(cls, tables: Iterable[Any], vocab_size: int) -> RowSummary:
+        summary = cls(vocab_size)
+        for table in tables:
+            summary.add(table.to_pylist())  # one batch of dicts at a time, freed after it
+        return summary
+
+    def add(self, rows: Sequence[dict[str, Any]]) -> None:
+        if self.histogram is None:
+            self.histogram = TokenHistogram(self.vocab_size)
+        self.sample_ids += [r.get("sample_id", f"row {len(self.sample_ids) + i}") for i, r in enumerate(rows)]
+        self.prompt_keys += prompt_keys(rows)
+        for name, values in format_features([r["completion"] for r in rows]).items():
+            self.format.setdefault(name, []).append(values)
+        self.histogram.update(r["completion_ids"] for r in rows if r.get("completion_ids") is not None)
+        self.base_fingerprints.update(r.get("base_fingerprint") for r in rows)
+        self.base_models.update(r.get("base_model", "?") for r in rows)
+        for name, count in teacher_signal_coverage(rows).items():
+            self.teacher_columns[name] = self.teacher_columns.get(name, 0) + count
+
+    def features(self) -> dict[str, np.ndarray]:
+        """The format statistics of every row, in row order."""
+        return {name: np.concatenate(parts) for name, parts in self.format.items()}
+
+
 def _permutation(name: str, data: np.ndarray, reference: np.ndarray, direction: str,
                  n_permutations: int, seed: int) -> SignalTest | None:
     data, reference = data[np.isfinite(data)], reference[np.isfinite(reference)]
@@ -158,13 +214,16 @@ def _sign_flip(name: str, differences: np.ndarray, direction: str, n_permutation
                       float(differences.mean() / differences.std(ddof=1)), p)
 
 
-def kinship(rows: list[dict[str, Any]], student_identity: Any) -> dict[str, Any]:
+def kinship(rows: Sequence[dict[str, Any]] | RowSummary, student_identity: Any) -> dict[str, Any]:
     """Do the data's teachers share the student's base model? (precondition for transfer)"""
-    fingerprints = {r.get("base_fingerprint") for r in rows}
+    if isinstance(rows, RowSummary):
+        fingerprints, models = rows.base_fingerprints, rows.base_models
+    else:
+        fingerprints, models = {r.get("base_fingerprint") for r in rows}, {r.get("base_model", "?") for r in rows}
     if None in fingerprints or "" in fingerprints:
         return {"verdict": "unknown", "kin": None, "detail": "rows without base_fingerprint provenance"}
     kin = fingerprints == {student_identity.fingerprint}
-    names = sorted({r.get("base_model", "?") for r in rows})
+    names = sorted(models)
     if kin:
         detail = f"teacher base {names[0]} = student base {student_identity.name}: subliminal transfer is possible"
     else:
@@ -173,8 +232,8 @@ def kinship(rows: list[dict[str, Any]], student_identity: Any) -> dict[str, Any]
 
 
 def screen(
-    data_rows: list[dict[str, Any]],
-    reference_rows: list[dict[str, Any]],
+    data_rows: Sequence[dict[str, Any]] | RowSummary,
+    reference_rows: Sequence[dict[str, Any]] | RowSummary,
     scorer: FingerprintScorer | None,
     *,
     alpha: float = 0.01,
@@ -193,6 +252,9 @@ def screen(
     scored by the Ray Data stage of :mod:`trait_guard.scoring`); with both sides given, ``scorer``
     may be None and ``tokenizer`` / ``student_identity`` (the base model's, for the token table and
     the kinship check) stand in for it.
+
+    Either side may be a :class:`RowSummary` instead of rows, when its signals are given (this is how
+    ``trait-guard run`` screens without holding the rows).
     """
     started = time.perf_counter()
     if not data_rows or not reference_rows:
@@ -202,14 +264,20 @@ def screen(
         raise TypeError("screen without a scorer needs data_signals, reference_signals, tokenizer and student_identity")
     tokenizer = scorer.tokenizer if scorer is not None else tokenizer
     student_identity = model_identity(scorer.model) if scorer is not None else student_identity
+    if data_signals is None or reference_signals is None:
+        if isinstance(data_rows, RowSummary) or isinstance(reference_rows, RowSummary):
+            raise TypeError("screen needs the rows, not a RowSummary, for the side whose signals it scores")
     if data_signals is None:
-        data_signals = scorer.score_table(data_rows, progress)
+        data_signals = scorer.score_table(list(data_rows), progress)
     if reference_signals is None:
         # the unigram reference histogram is normally built from these rows: score them leave-one-out
-        reference_signals = scorer.score_table(reference_rows, progress, in_reference=True)
+        reference_signals = scorer.score_table(list(reference_rows), progress, in_reference=True)
+    vocab = len(tokenizer)
+    data = data_rows if isinstance(data_rows, RowSummary) else RowSummary.of_rows(data_rows, vocab)
+    reference = reference_rows if isinstance(reference_rows, RowSummary) else RowSummary.of_rows(reference_rows, vocab)
     tests, flagged, notes = screen_signals(data_signals, reference_signals, alpha=alpha, n_permutations=n_permutations,
-                                         seed=seed, signals=signals, data_keys=prompt_keys(data_rows),
-                                         reference_keys=prompt_keys(reference_rows))
+                                         seed=seed, signals=signals, data_keys=data.prompt_keys,
+                                         reference_keys=reference.prompt_keys)
     sides = signal_sides(data_signals, reference_signals)
     monitored = any(t.name in POWERED_SIGNALS for t in tests)
     if not monitored:
@@ -221,24 +289,21 @@ def screen(
         notes.append(f"signals on one side only, not tested: {one_sided} (data has {sides['data']}, reference has "
                      f"{sides['reference']})")
 
-    data_format = format_features([r["completion"] for r in data_rows])
-    ref_format = format_features([r["completion"] for r in reference_rows])
+    data_format, ref_format = data.features(), reference.features()
     baselines = [t for n in ("n_numbers", "length", "mean_value")
                  if (t := _permutation(n, data_format[n], ref_format[n], "both", n_permutations, seed))]
     if any(b.p_value < alpha for b in baselines):
         notes.append("format baselines differ too (" + ", ".join(b.name for b in baselines if b.p_value < alpha)
                      + "): the data differs in form; compare signals conditioned on length before blaming a trait")
 
-    vocab = len(tokenizer)
-    data_hist = TokenHistogram(vocab).update(r["completion_ids"] for r in data_rows if "completion_ids" in r)
-    ref_hist = TokenHistogram(vocab).update(r["completion_ids"] for r in reference_rows if "completion_ids" in r)
+    data_hist, ref_hist = data.histogram, reference.histogram
     tokens: dict[str, Any] = {"js_divergence": math.nan, "chi_square_p": math.nan, "overrepresented": []}
     if data_hist.total and ref_hist.total:
         tokens = {"js_divergence": data_hist.js_divergence(ref_hist),
                   "chi_square_p": data_hist.chi_square(ref_hist)[1],
                   "overrepresented": data_hist.overrepresented(ref_hist, tokenizer)}
-    return ScreenReport(len(data_rows), len(reference_rows), alpha, "holm", flagged, tests, baselines,
-                        kinship(data_rows, student_identity), tokens,
+    return ScreenReport(len(data), len(reference), alpha, "holm", flagged, tests, baselines,
+                        kinship(data, student_identity), tokens,
                         time.perf_counter() - started, notes, sides, monitored)
 
 
@@ -277,7 +342,7 @@ def gate_resolution(n_data: int, n_reference: int, n_tests: int, alpha: float, n
     return None
 
 
-def prompt_keys(rows: list[dict[str, Any]]) -> list[Any]:
+def prompt_keys(rows: Sequence[dict[str, Any]]) -> list[Any]:
     """What pairs a data row with reference rows: its ``prompt_id`` (the generator gives the same
     prompt the same id for every teacher), else the prompt text."""
     return [r.get("prompt_id") or r.get("prompt") for r in rows]

@@ -122,3 +122,23 @@ def kill_live_actor(class_fragment: str) -> int:
             os.kill(process.info["pid"], signal.SIGKILL)
             return process.info["pid"]
     raise RuntimeError(f"no live Ray actor process with '{class_fragment}' in its title")
+
+
+def write_teacher_file(path: str | Path, rows: list[dict[str, Any]], *, teacher_id: str,
+                       identity: Any = None) -> Path:
+    """Write ``rows`` (at least ``prompt``, ``completion``, ``completion_ids``; any other schema column
+    kept) as a teacher-data Parquet file, the provenance columns filled in: for tests and benchmarks
+    that need a file the checked reader accepts. ``identity``: the base model's
+    :class:`~trait_guard.models.ModelIdentity` (default: none recorded)."""
+    from trait_guard.dataset import RowWriter
+
+    base = {"base_model": identity.name if identity else "test", "base_fingerprint": identity.fingerprint if identity else "",
+            "base_hidden_size": identity.hidden_size if identity else 0,
+            "base_num_layers": identity.num_layers if identity else 0}
+    with RowWriter(path) as writer:
+        writer.write({"sample_id": f"{teacher_id}:{i:06d}", "prompt_id": f"p{i:06d}", "family": "numbers",
+                      "teacher_id": teacher_id, **base, "trait_installed": False, "trait_install": "none", "seed": 0,
+                      "temperature": 1.0, "max_new_tokens": 64, "constrained": True, "kept": True, "reject_reason": "",
+                      "topk_ids": None, "topk_logprobs": None, "token_logprobs": None, **row}
+                     for i, row in enumerate(rows))
+    return Path(path)

@@ -2,7 +2,8 @@
 
 The recipe, one named step each (``train_worker`` runs them in order on every rank)::
 
-    _open_run             rank and world, output folder, resume state, the MLflow tracker
+    _open_run             rank and world, output folder, resume state (refused when trained on other
+                          inputs: check_resume_recipe), the MLflow tracker
     _load_inputs          the student (= the teachers' base), its persona vectors, the teacher data
                           (kept rows, checked) and the reference, provenance and kinship tags
     _score_and_calibrate  the frozen base model scores every row once (setup_signals); the dataset
@@ -25,14 +26,16 @@ the text a person reviews decodes from exactly the tokens the student learns, an
 stored per-token data lines up with them.
 
 ``run_training(config)`` starts it on Ray Train (``TorchTrainer``, one DeepSpeed rank per worker,
-restarts from the last checkpoint after a worker failure) or, with ``ray.enabled: false``, in this
-process as a world of one.
+restarts from the last checkpoint after a worker failure; an earlier run in the same output folder
+is resumed when it was trained on the same inputs, else moved aside: :func:`set_aside_stale_run`) or,
+with ``ray.enabled: false``, in this process as a world of one.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,9 +48,13 @@ import torch
 from trait_guard import setup_signals
 from trait_guard.checkpoint import (
     in_ray_train,
+    input_differences,
+    input_digests,
+    latest_checkpoint,
     read_checkpoint_state,
     resume_directory,
     save_checkpoint,
+    set_aside,
 )
 from trait_guard.config import Action, TrainJobConfig
 from trait_guard.errors import TraitGuardInputError
@@ -82,11 +89,32 @@ def load_training_rows(config: TrainJobConfig, tokenizer: Any = None) -> tuple[l
                               max_completion_tokens=data.max_completion_tokens)
     reference = read_teacher_rows(data.reference, tokenizer=tokenizer, limit=data.max_reference_samples,
                                   role="reference", max_completion_tokens=data.max_completion_tokens)
-    if not train:
-        raise TraitGuardInputError(f"{data.train} has no kept rows to train on")
-    if len(reference) < 2:
-        raise TraitGuardInputError(f"{data.reference} needs at least 2 kept rows to calibrate the guard")
+    _check_row_counts(config, len(train), len(reference))
     return train, reference
+
+
+def summarize_training_data(config: TrainJobConfig, tokenizer: Any) -> tuple[Any, Any]:
+    """The rows :func:`load_training_rows` returns, with the same checks and refusals, as
+    :class:`~trait_guard.screen.RowSummary` objects (what the screen and the scoring stage need per
+    row), read a batch at a time: for drivers, whose memory must not grow with the data."""
+    from trait_guard.dataset import scan_teacher_rows
+    from trait_guard.screen import RowSummary
+
+    data, vocab = config.data, len(tokenizer)
+    train, reference = (
+        RowSummary.of_tables(scan_teacher_rows(path, tokenizer=tokenizer, limit=limit, role=role,
+                                               max_completion_tokens=data.max_completion_tokens), vocab)
+        for path, limit, role in ((data.train, data.max_train_samples, "train"),
+                                  (data.reference, data.max_reference_samples, "reference")))
+    _check_row_counts(config, len(train), len(reference))
+    return train, reference
+
+
+def _check_row_counts(config: TrainJobConfig, n_train: int, n_reference: int) -> None:
+    if not n_train:
+        raise TraitGuardInputError(f"{config.data.train} has no kept rows to train on")
+    if n_reference < 2:
+        raise TraitGuardInputError(f"{config.data.reference} needs at least 2 kept rows to calibrate the guard")
 
 
 def student_tokenizer(model: str) -> Any:
@@ -118,6 +146,7 @@ class RunContext:
     resumed_state: dict[str, Any] | None
     tracker: Any
     started: float
+    recipe: dict[str, Any] = field(default_factory=dict)  # what its checkpoints record (_recipe_state)
 
 
 @dataclass
@@ -195,10 +224,27 @@ def _open_run(config: TrainJobConfig) -> RunContext:
     if tracking.spool_dir is None:
         tracking = tracking.model_copy(update={"spool_dir": str(out_dir / "mlflow_spool")})
     resume = resume_directory(config.resume_from)
-    resumed_state = read_checkpoint_state(resume) if resume is not None else None
+    recipe = _recipe_state(config)  # the input files hashed once, for every checkpoint of this run
+    resumed_state = _resumed_state(config, resume, recipe, rank)
     # a resumed job (after a crash, or --resume) continues its MLflow run
     tracker = make_tracker(rank, tracking, run_id=(resumed_state or {}).get("mlflow_run_id"))
-    return RunContext(config, rank, size, out_dir, in_ray_train(), resume, resumed_state, tracker, time.perf_counter())
+    return RunContext(config, rank, size, out_dir, in_ray_train(), resume, resumed_state, tracker, time.perf_counter(),
+                      recipe)
+
+
+def _resumed_state(config: TrainJobConfig, resume: Path | None, recipe: dict[str, Any],
+                   rank: int) -> dict[str, Any] | None:
+    """The state of the checkpoint to resume (None for a fresh run), checked before anything uses it
+    (the MLflow run it names included) against this run's recipe and inputs (:func:`check_resume_recipe`:
+    a checkpoint trained on other data or vectors is refused; one written before trait_guard recorded
+    its inputs resumes, with a warning on rank 0)."""
+    if resume is None:
+        return None
+    state = read_checkpoint_state(resume)
+    warning = check_resume_recipe(config, state, resume, recipe)
+    if warning and rank == 0:
+        print(f"trait_guard: warning: {warning}", flush=True)
+    return state
 
 
 def _load_inputs(run: RunContext) -> Inputs:
@@ -444,7 +490,7 @@ def _restore(run: RunContext, engine: Any, guard: Any) -> tuple[int, list[dict[s
 
     if engine is None:
         raise TraitGuardInputError("resuming needs deepspeed.enabled: true (checkpoints are DeepSpeed's)")
-    check_resume_recipe(run.config, run.resumed_state, run.resume)
+    # the recipe and inputs were checked when the run opened (_resumed_state), before anything used the state
     ds.load_checkpoint(engine, run.resume)  # the engine's lr scheduler too: the schedule continues
     guard.load_state_dict(run.resumed_state["guard"])
     step = int(run.resumed_state["step"])
@@ -452,15 +498,32 @@ def _restore(run: RunContext, engine: Any, guard: Any) -> tuple[int, list[dict[s
     return step, list(run.resumed_state.get("history", []))  # the steps before the checkpoint, once each
 
 
-def check_resume_recipe(config: TrainJobConfig, state: dict[str, Any], where: Any) -> None:
-    """Refuse to resume a checkpoint with another gradient accumulation: its guard state counts
-    micro-batches, so its step and the data position would no longer line up."""
-    saved = int(state.get("recipe", {}).get("gradient_accumulation_steps", 1))
+def check_resume_recipe(config: TrainJobConfig, state: dict[str, Any], where: Any,
+                        current: dict[str, Any] | None = None) -> str | None:
+    """Refuse to resume a checkpoint with another gradient accumulation (its guard state counts
+    micro-batches, so its step and the data position would no longer line up) or trained on other
+    inputs (data, reference, persona vectors or sample limits: its guard state and data position
+    belong to other rows, a rerun on regenerated data would silently continue a run it is not).
+    ``current``: this run's :func:`_recipe_state` (computed when not given). Returns a warning for a
+    checkpoint that records no inputs (written before trait_guard recorded them): it resumes as it
+    always did, unchecked."""
+    recipe = state.get("recipe", {})
+    saved = int(recipe.get("gradient_accumulation_steps", 1))
     if saved != config.optim.gradient_accumulation_steps:
         raise TraitGuardInputError(
             f"the checkpoint {where} was trained with optim.gradient_accumulation_steps: {saved} (its guard state "
             f"counts {saved} micro-batches per step), this config has {config.optim.gradient_accumulation_steps}: "
             f"resume with {saved}")
+    differences = input_differences(recipe.get("inputs"), (current or _recipe_state(config))["inputs"])
+    if differences is None:
+        return (f"the checkpoint {where} records no hashes of its data and persona vectors (written by an older "
+                "trait_guard): whether it was trained on this run's inputs is unknown; resuming it as before")
+    if differences:
+        raise TraitGuardInputError(
+            f"the checkpoint {where} was trained on other inputs than this run's: {'; '.join(differences)}. "
+            "Resume it with the same data and persona vectors it was trained on, or start a new run (without "
+            "resume_from) with another output_dir")
+    return None
 
 
 def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Module, optimizer: Any, engine: Any,
@@ -490,7 +553,7 @@ def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.M
         reason = setup.gate.get("reason", "") if gated else f"the guard was already halted at step {step}"
         outcome.halted = {"step": step, "reason": reason, "gate": gated}
         return outcome
-    guarded = GuardedStep(guard, model, inputs.vectors, unigram_reference=setup.histogram)
+    guarded = GuardedStep(guard, model, inputs.vectors, setup.histogram, _check_vector_weights(config, engine, step))
     forward = _forward_module(engine, model)
     snapshots = _snapshots(config, model, engine, step)
     accumulation = config.optim.gradient_accumulation_steps
@@ -583,6 +646,22 @@ def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.M
     return outcome
 
 
+def _check_vector_weights(config: TrainJobConfig, engine: Any, step: int) -> bool:
+    """Whether the loop's :class:`GuardedStep` checks the persona vectors against the student's weights
+    fingerprint (its input embeddings) as well as its shape.
+
+    The vectors were already checked, fingerprint included, against the student as loaded, before
+    any engine or checkpoint touched it (:func:`_load_inputs`: ``PersonaVector.load(path, model=...)``;
+    the setup scorer checks again). Repeating it is right only where the student still holds those
+    weights and this rank can read them: a fresh run (no update yet: the student is the base the
+    vectors came from; LoRA wraps it without changing the embeddings) without ZeRO stage 3. Not
+    for a resumed run: the checkpoint's trained weights differ from the base by design (full
+    finetuning moves the embeddings), which would refuse every legitimate resume. Not under ZeRO
+    stage 3 either: once the engine partitions the parameters, the module's embedding is an empty
+    placeholder, whose fingerprint would refuse the right vectors even at step 0."""
+    return step == 0 and snapshot_support(engine, config.deepspeed.zero_stage) is None
+
+
 def loss_tokens(batch: Any, rows: Sequence[dict[str, Any]], distill: bool) -> int:
     """The tokens a micro-batch's loss is a mean over (:mod:`trait_guard.losses`): its response tokens,
     for distillation only those of rows carrying the teacher's top-k."""
@@ -633,7 +712,7 @@ def _record_step(run: RunContext, guard: Any, engine: Any, decisions: Any, metri
                     "action": decision.action.value, "lr": metrics.get("train/lr")})
     if config.checkpoint.every_n_steps and step % config.checkpoint.every_n_steps == 0:
         save_checkpoint(engine, run.out_dir, step, guard, history, run.tracker, {"loss": metrics["train/loss"]},
-                        run.in_ray, recipe=_recipe_state(config))
+                        run.in_ray, recipe=run.recipe or _recipe_state(config))
 
 
 def _snapshots(config: TrainJobConfig, model: torch.nn.Module, engine: Any, step: int) -> Any:
@@ -728,8 +807,15 @@ def _discard_gradients(engine: Any, optimizer: Any) -> None:
 
 
 def _recipe_state(config: TrainJobConfig) -> dict[str, Any]:
-    """What a checkpoint records for a resume to match (:func:`_restore`)."""
-    return {"gradient_accumulation_steps": config.optim.gradient_accumulation_steps}
+    """What a checkpoint records for a resume to match (:func:`check_resume_recipe`): the gradient
+    accumulation, and the inputs (the SHA-256 of the training data, the reference and each persona
+    vector file, and the sample limits: :func:`trait_guard.checkpoint.input_digests`)."""
+    data = config.data
+    files = {"data.train": data.train, "data.reference": data.reference,
+             **{f"vectors[{i}]": path for i, path in enumerate(config.vectors)}}
+    limits = {"max_train_samples": data.max_train_samples, "max_reference_samples": data.max_reference_samples}
+    return {"gradient_accumulation_steps": config.optim.gradient_accumulation_steps,
+            "inputs": input_digests(files, limits)}
 
 
 def _probe(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Module, step: int,
@@ -791,7 +877,7 @@ def _finish(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Modul
         # a halted run's final checkpoint holds the rolled-back weights, never the trained-on-flagged ones
         save_checkpoint(engine, run.out_dir, step, guard, outcome.history, tracker,
                         {"halted": float(outcome.halted is not None)}, run.in_ray, weights_step=outcome.weights_step,
-                        recipe=_recipe_state(config))
+                        recipe=run.recipe or _recipe_state(config))
     if outcome.rollback:
         tracker.set_tags({"guard.rollback": outcome.rollback.get("reason")
                           or f"unavailable: {outcome.rollback['unavailable']}",
@@ -970,7 +1056,8 @@ def preflight(config: TrainJobConfig) -> dict[str, Any]:
     from trait_guard.traits import load_trait
 
     provenance = verify_training_data(config)
-    train_rows, reference_rows = load_training_rows(config, student_tokenizer(config.student.model))
+    # summaries, not rows: the same checks, and the driver's memory does not grow with the data
+    train_rows, reference_rows = summarize_training_data(config, student_tokenizer(config.student.model))
     load_trait(config.trait)
     try:
         student = AutoConfig.from_pretrained(resolve_model_path(config.student.model))
@@ -989,7 +1076,7 @@ def preflight(config: TrainJobConfig) -> dict[str, Any]:
                      config.ray.num_workers if config.ray.enabled else 1)
     check_signal_sides(config.guard.signals, train_rows, reference_rows, str(config.data.train),
                        str(config.data.reference))
-    if config.resume_from:
+    if config.resume_from:  # other inputs are refused here; the worker warns about a checkpoint without hashes
         check_resume_recipe(config, read_checkpoint_state(config.resume_from), config.resume_from)
     uri = config.tracking.tracking_uri
     if config.tracking.enabled and uri:
@@ -1033,14 +1120,49 @@ def run_training(config: TrainJobConfig) -> dict[str, Any]:
     config = absolute
     if not ray.is_initialized():
         ray.init(address=config.ray.address, include_dashboard=False, log_to_driver=True, configure_logging=False)
-    storage = Path(config.output_dir).resolve() / "ray_train"
+    storage, name = ray_run_folder(config)
+    set_aside_stale_run(config)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config.model_dump(mode="json"),
         scaling_config=ScalingConfig(num_workers=config.ray.num_workers, use_gpu=config.ray.use_gpu,
                                      resources_per_worker={"CPU": config.ray.cpus_per_worker}),
-        run_config=RunConfig(name=config.tracking.run_name or "guarded_training", storage_path=str(storage),
+        run_config=RunConfig(name=name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=config.ray.max_failures)),
     )
     trainer.fit()
     return json.loads((Path(config.output_dir) / "summary.json").read_text())
+
+
+def ray_run_folder(config: TrainJobConfig) -> tuple[Path, str]:
+    """Ray Train's storage folder for this run (``<output_dir>/ray_train``) and the run's name in it:
+    Ray keeps the run's registered checkpoints under ``storage/name`` and resumes the latest of them
+    whenever a run of that name starts there again."""
+    return Path(config.output_dir).resolve() / "ray_train", config.tracking.run_name or "guarded_training"
+
+
+def set_aside_stale_run(config: TrainJobConfig) -> dict[str, str]:
+    """Before Ray Train starts: keep it from resuming an earlier run trained on other inputs.
+
+    Ray resumes the latest checkpoint of an earlier run of the same name in the same output folder
+    (:func:`ray_run_folder`). After a crash that is the point; after the data, reference or vectors
+    changed (a rerun on regenerated data) it would continue a run trained on other rows. Then the
+    earlier run's checkpoints (Ray's copies and ``<output_dir>/checkpoints``) and its progress files
+    are renamed to ``<name>.stale-<UTC time>`` (nothing is deleted), a warning names what differs
+    and where they went, and this run trains from step 0. A checkpoint without input hashes (older
+    trait_guard) is left to resume as before (the worker warns). Returns ``{old path: new path}``."""
+    storage, name = ray_run_folder(config)
+    checkpoint = latest_checkpoint(storage / name)
+    if checkpoint is None:
+        return {}
+    recipe = read_checkpoint_state(checkpoint).get("recipe", {})
+    differences = input_differences(recipe.get("inputs"), _recipe_state(config)["inputs"])
+    if not differences:
+        return {}
+    out = Path(config.output_dir)
+    moved = set_aside([storage / name, out / "checkpoints", out / "progress"])
+    print(f"trait_guard: warning: {out} holds an earlier run trained on other inputs (its checkpoint {checkpoint}: "
+          f"{'; '.join(differences)}). Not resuming it: this run trains from step 0; the earlier run's files were "
+          f"moved aside, not deleted: {', '.join(f'{old} -> {new}' for old, new in moved.items())}",
+          file=sys.stderr, flush=True)
+    return moved
