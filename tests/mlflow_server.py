@@ -21,6 +21,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: all held open while the next is chosen (consecutive
+    :func:`free_port` calls can return the same port, and two Ray components then collide)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 class MlflowServer:
     """``mlflow server`` in a child process on 127.0.0.1 with a SQLite store and served artifacts.
 

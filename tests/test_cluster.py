@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow_server import MlflowServer, free_port
+from mlflow_server import MlflowServer, free_port, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -33,11 +33,13 @@ def _wait(predicate, timeout: float, what: str):
     raise TimeoutError(f"{what} not ready after {timeout} s")
 
 
-def _ray_node(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    """`ray start ... --block`: the node lives as long as this process (terminating it stops the node)."""
-    ports = ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-             "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
-             "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port())]
+def _ray_node(args: list[str], log: Path, env: dict[str, str], avoid: set[int] = frozenset()) -> subprocess.Popen:
+    """`ray start ... --block`: the node lives as long as this process (terminating it stops the node).
+    Its component ports are distinct from each other and from ``avoid`` (ports chosen but not yet bound)."""
+    chosen = [port for port in free_ports(6 + len(avoid)) if port not in avoid][:6]
+    ports = [item for flag, port in zip(("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                         "--metrics-export-port", "--runtime-env-agent-port", "--node-manager-port",
+                                         "--object-manager-port"), chosen, strict=True) for item in (flag, str(port))]
     return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args, *ports],
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
@@ -55,7 +57,7 @@ def _stop(process: subprocess.Popen) -> None:
 
 @pytest.mark.ray
 def test_ray_job_submit_on_a_two_node_cluster(tiny_llama_dir, tmp_path):
-    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_port, dashboard_port = free_ports(2)
     # Ray 2.60 token authentication, as on a real cluster: every node and client uses the same token
     # (generated once into ~/.ray/auth_token when missing)
     # The nodes' `python` is this environment's, as a cluster image's would be.
@@ -67,7 +69,7 @@ def test_ray_job_submit_on_a_two_node_cluster(tiny_llama_dir, tmp_path):
     head = _ray_node(["--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port), "--num-cpus", "1",
                       "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                       "--dashboard-port", str(dashboard_port), "--temp-dir", ray_temp],
-                     tmp_path / "head.log", env)
+                     tmp_path / "head.log", env, avoid={gcs_port, dashboard_port})
     worker = None
     try:
         import urllib.error

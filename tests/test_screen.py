@@ -212,6 +212,9 @@ def test_paired_differences_average_several_reference_answers_per_prompt():
 def test_a_screen_of_row_summaries_equals_the_screen_of_the_rows(sets):
     """What `trait-guard run` screens (RowSummary batches, signals scored elsewhere) gives the report
     the rows give: same tests, p-values, baselines, token table and kinship."""
+    import pyarrow as pa
+
+    from trait_guard.dataset import SCHEMA
     from trait_guard.screen import RowSummary
 
     model, tokenizer, reference, _, shifted = sets
@@ -221,10 +224,10 @@ def test_a_screen_of_row_summaries_equals_the_screen_of_the_rows(sets):
     common = dict(n_permutations=300, data_signals=data_signals, reference_signals=reference_signals,
                   tokenizer=tokenizer, student_identity=model_identity(model))
     from_rows = screen(shifted, reference, None, **common)
-    summaries = [RowSummary(len(tokenizer)) for _ in range(2)]
-    for summary, rows in zip(summaries, (shifted, reference), strict=True):
-        for start in range(0, len(rows), 7):  # batches, as the checked scan yields them
-            summary.add(rows[start:start + 7])
+    # Arrow batches of the schema's types, as the checked scan yields them
+    summaries = [RowSummary.of_tables((pa.Table.from_pylist(rows[start:start + 7], schema=SCHEMA)
+                                       for start in range(0, len(rows), 7)), len(tokenizer))
+                 for rows in (shifted, reference)]
     from_summaries = screen(*summaries, None, **common)
     assert len(summaries[0]) == len(shifted) and summaries[0].prompt_keys == [r["prompt_id"] for r in shifted]
     mine, theirs = from_summaries.to_dict(), from_rows.to_dict()

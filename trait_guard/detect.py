@@ -1070,7 +1070,7 @@ class PermutationTest(Detector):
         else:
             rng = np.random.default_rng(self.seed)
             small = min(n, m)  # sum the smaller group of each permutation
-            rows = max(1, (1 << 22) // size)
+            rows = max(1, (1 << 20) // size)
             count, left = 0, self.n_permutations
             while left:
                 r = min(rows, left)

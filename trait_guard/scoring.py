@@ -41,6 +41,8 @@ from trait_guard.setup_signals import SetupSignals
 SCORER_COLUMNS = ("prompt", "completion", "completion_ids", "topk_ids", "topk_logprobs", "token_logprobs")
 SIGNAL_PREFIX = "signal:"
 SIDES = ("reference", "train")
+# chunks of work per scoring actor: enough to balance the pool and re-run little after a crash
+CHUNKS_PER_ACTOR = 16
 
 
 @dataclass
@@ -144,7 +146,7 @@ def score_on_ray(settings: ScoringSettings, model: str, vector_files: Sequence[s
 
     configure_ray_data()
     sides = {"train": train} if reference_signals is not None else {"train": train, "reference": reference}
-    stream = _chunks_dataset(sides, settings.batch_size).map_batches(
+    stream = _chunks_dataset(sides, settings.batch_size, settings.num_actors).map_batches(
         RowScorer, batch_size=1, batch_format="pyarrow",
         fn_constructor_kwargs={"model": model, "placement": {"device": settings.device, "dtype": settings.dtype},
                                "vector_files": [str(v) for v in vector_files],
@@ -171,22 +173,25 @@ def _actor_pool(size: int) -> Any:
     return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=2)  # balance: one running, one queued
 
 
-def _chunks_dataset(sides: dict[str, ScoringInput], batch_size: int) -> Any:
-    """The work as one Ray Data dataset of chunks, one per ``batch_size`` rows of a file's row group
-    (side, file, row group, row range): the actors read their rows themselves. Why not
+def _chunks_dataset(sides: dict[str, ScoringInput], batch_size: int, actors: int) -> Any:
+    """The work as one Ray Data dataset of chunks (side, file, row group, row range), about
+    ``CHUNKS_PER_ACTOR`` per actor and never fewer than ``batch_size`` rows nor more than a row group:
+    the actors read their rows themselves. A bounded number of chunks keeps the driver's share
+    (Ray's record of every block and task) independent of the data's size. Why not
     ``read_parquet``: its file listing needs a CPU of its own, which a scoring pool holding every
     CPU of the cluster never frees (the stage would wait forever)."""
     import pyarrow.parquet as pq
     import ray
 
+    files = {side: pq.ParquetFile(_file_key(given.path)).metadata for side, given in sides.items()}
+    total = sum(metadata.num_rows for metadata in files.values())
+    size = max(batch_size, -(-total // (CHUNKS_PER_ACTOR * actors)))
     chunks = []
-    for side, given in sides.items():
-        path = _file_key(given.path)
-        metadata = pq.ParquetFile(path).metadata
+    for side, metadata in files.items():
         for group in range(metadata.num_row_groups):
             rows = metadata.row_group(group).num_rows
-            chunks += [{"side": side, "path": path, "row_group": group, "start": start,
-                        "stop": min(start + batch_size, rows)} for start in range(0, rows, batch_size)]
+            chunks += [{"side": side, "path": _file_key(sides[side].path), "row_group": group, "start": start,
+                        "stop": min(start + size, rows)} for start in range(0, rows, size)]
     return ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks)))
 
 

@@ -38,6 +38,7 @@ from trait_guard.errors import EXIT_FLAGGED, TraitGuardInputError
 from trait_guard.files import to_jsonable
 from trait_guard.fingerprint import (
     POWERED_SIGNALS,
+    TEACHER_LOGPROB_SIGNALS,
     FingerprintScorer,
     TokenHistogram,
     format_features,
@@ -47,6 +48,8 @@ from trait_guard.fingerprint import (
 from trait_guard.models import model_identity
 
 FLAGGED_EXIT_CODE = EXIT_FLAGGED  # kept for callers of the old name
+# the format statistics tested as baselines (kept out of the verdict)
+FORMAT_BASELINES = ("n_numbers", "length", "mean_value")
 
 
 @dataclass
@@ -111,53 +114,82 @@ class RowSummary:
     """What the screen reads from one side's rows besides their signals, gathered one batch at a time.
 
     Why: the screen of ``trait-guard run`` must not hold the rows (its driver's memory would grow
-    with the data). Per row it keeps only the prompt key (the pairing of ``proj_diff``), the sample id
-    (the scoring stage's row order) and the format statistics; the token histogram, the teachers'
-    base models and the teacher-log-prob coverage are running totals. :meth:`of_rows` builds one from
-    dicts, :meth:`of_tables` from the Arrow batches of :func:`trait_guard.dataset.scan_teacher_rows`.
+    with the data). Per row it keeps only the sample id (the scoring stage's row order), the prompt
+    key (the pairing of ``proj_diff``), both as Arrow strings, and the three format baselines; the
+    token histogram, the teachers' base models and the teacher-log-prob coverage are running totals.
+    :meth:`of_rows` builds one from dicts, :meth:`of_tables` from the Arrow batches of
+    :func:`trait_guard.dataset.scan_teacher_rows` (read column by column, no dict per row).
     """
 
     vocab_size: int
-    sample_ids: list[str] = field(default_factory=list)
-    prompt_keys: list[Any] = field(default_factory=list)
-    format: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    histogram: TokenHistogram | None = None
+    histogram: TokenHistogram = field(init=False)
     base_fingerprints: set[Any] = field(default_factory=set)
     base_models: set[str] = field(default_factory=set)
     teacher_columns: dict[str, int] = field(default_factory=dict)  # rows with each teacher-log-prob column
+    _ids: list[Any] = field(default_factory=list)  # Arrow string arrays, one per batch
+    _keys: list[Any] = field(default_factory=list)
+    _format: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.histogram = TokenHistogram(self.vocab_size)
 
     def __len__(self) -> int:
-        return len(self.sample_ids)
+        return sum(len(ids) for ids in self._ids)
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [i for ids in self._ids for i in ids.to_pylist()]
+
+    @property
+    def prompt_keys(self) -> list[Any]:
+        return [k for keys in self._keys for k in keys.to_pylist()]
 
     @classmethod
     def of_rows(cls, rows: Sequence[dict[str, Any]], vocab_size: int) -> RowSummary:
+        import pyarrow as pa
+
         summary = cls(vocab_size)
-        summary.add(rows)
+        summary._add(pa.array([r.get("sample_id", f"row {i}") for i, r in enumerate(rows)], pa.string()),
+                     pa.array([str(k) if k is not None else None for k in prompt_keys(rows)], pa.string()),
+                     [r["completion"] for r in rows], [r["completion_ids"] for r in rows if r.get("completion_ids") is not None],
+                     {r.get("base_fingerprint") for r in rows}, {r.get("base_model", "?") for r in rows},
+                     teacher_signal_coverage(rows))
         return summary
 
     @classmethod
     def of_tables(cls, tables: Iterable[Any], vocab_size: int) -> RowSummary:
+        import pyarrow.compute as pc
+
         summary = cls(vocab_size)
         for table in tables:
-            summary.add(table.to_pylist())  # one batch of dicts at a time, freed after it
+            keys = pc.if_else(pc.greater(pc.utf8_length(table.column("prompt_id")), 0), table.column("prompt_id"),
+                              table.column("prompt")) if "prompt" in table.column_names else table.column("prompt_id")
+            ids = table.column("completion_ids").combine_chunks()
+            coverage = {name: int(pc.sum(pc.fill_null(pc.greater(pc.list_value_length(table.column(column)), 0),
+                                                      False)).as_py() or 0) if column in table.column_names else 0
+                        for name, column in TEACHER_LOGPROB_SIGNALS.items()}
+            summary._add(table.column("sample_id").combine_chunks(), keys.combine_chunks(),
+                         table.column("completion").to_pylist(), [pc.list_flatten(ids).to_numpy()],
+                         set(table.column("base_fingerprint").unique().to_pylist()),
+                         set(table.column("base_model").unique().to_pylist()), coverage)
         return summary
 
-    def add(self, rows: Sequence[dict[str, Any]]) -> None:
-        if self.histogram is None:
-            self.histogram = TokenHistogram(self.vocab_size)
-        self.sample_ids += [r.get("sample_id", f"row {len(self.sample_ids) + i}") for i, r in enumerate(rows)]
-        self.prompt_keys += prompt_keys(rows)
-        for name, values in format_features([r["completion"] for r in rows]).items():
-            self.format.setdefault(name, []).append(values)
-        self.histogram.update(r["completion_ids"] for r in rows if r.get("completion_ids") is not None)
-        self.base_fingerprints.update(r.get("base_fingerprint") for r in rows)
-        self.base_models.update(r.get("base_model", "?") for r in rows)
-        for name, count in teacher_signal_coverage(rows).items():
+    def _add(self, ids: Any, keys: Any, completions: list[str], token_ids: Iterable[Any], fingerprints: set[Any],
+             models: set[str], coverage: dict[str, int]) -> None:
+        self._ids.append(ids)
+        self._keys.append(keys)
+        features = format_features(completions)
+        for name in FORMAT_BASELINES:
+            self._format.setdefault(name, []).append(features[name])
+        self.histogram.update(token_ids)
+        self.base_fingerprints |= fingerprints
+        self.base_models |= models
+        for name, count in coverage.items():
             self.teacher_columns[name] = self.teacher_columns.get(name, 0) + count
 
     def features(self) -> dict[str, np.ndarray]:
-        """The format statistics of every row, in row order."""
-        return {name: np.concatenate(parts) for name, parts in self.format.items()}
+        """The format baselines of every row, in row order."""
+        return {name: np.concatenate(parts) for name, parts in self._format.items()}
 
 
 def _permutation(name: str, data: np.ndarray, reference: np.ndarray, direction: str,
@@ -206,8 +238,9 @@ def _sign_flip(name: str, differences: np.ndarray, direction: str, n_permutation
     d = sign * differences
     observed = d.mean()
     rng = np.random.default_rng(seed)
-    flips = rng.choice(np.array([-1.0, 1.0]), size=(n_permutations, len(d)))
-    null = (flips * d).mean(axis=1)
+    rows = max(1, (1 << 20) // len(d))  # flips drawn in blocks of ~1M values: memory bounded at any size
+    null = np.concatenate([(rng.choice(np.array([-1.0, 1.0]), size=(min(rows, n_permutations - start), len(d))) * d)
+                           .mean(axis=1) for start in range(0, n_permutations, rows)])
     exceed = np.abs(null) >= abs(observed) - 1e-12 if direction == "both" else null >= observed - 1e-12
     p = float((1 + exceed.sum()) / (1 + n_permutations))
     return SignalTest(name, direction, float(differences.mean()), 0.0,
@@ -290,7 +323,7 @@ def screen(
                      f"{sides['reference']})")
 
     data_format, ref_format = data.features(), reference.features()
-    baselines = [t for n in ("n_numbers", "length", "mean_value")
+    baselines = [t for n in FORMAT_BASELINES
                  if (t := _permutation(n, data_format[n], ref_format[n], "both", n_permutations, seed))]
     if any(b.p_value < alpha for b in baselines):
         notes.append("format baselines differ too (" + ", ".join(b.name for b in baselines if b.p_value < alpha)
