@@ -9,7 +9,8 @@ readable by pyarrow, pandas and Ray Data. :class:`RowWriter` writes them; :func:
 with its required columns checked.
 
 Checked reading. Screening, training, ``trait-guard run`` and the red-team benchmark all read teacher
-data through :func:`read_teacher_rows`, which refuses, before any model is loaded:
+data through :func:`read_teacher_rows` (or :func:`scan_teacher_rows`, the same checks a batch at a
+time, for drivers whose memory must not grow with the file), which refuses, before any model is loaded:
 
 - a missing, truncated or corrupt file (named as such, never a pyarrow traceback);
 - a column whose type is not the one :data:`SCHEMA` gives it (integers where text belongs, ...);

@@ -63,8 +63,10 @@ class ScoredRows:
 
 
 class RowScorer:
-    """A Ray Data actor holding the student's frozen base model: scores a batch of rows (both sides,
-    the reference rows leave-one-out for the unigram signal, as in-process scoring does)."""
+    """A Ray Data actor holding the student's frozen base model: reads each chunk's rows from its
+    Parquet file, keeps the used ones and scores them (the reference rows leave-one-out for the
+    unigram signal, as in-process scoring does); returns their positions, signals, divergence masks
+    and divergence token ids."""
 
     def __init__(self, model: str, placement: dict[str, str], vector_files: Sequence[str],
                  reference_histogram: np.ndarray, batch_size: int, sample_ids: dict[str, Any]):
