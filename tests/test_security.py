@@ -60,3 +60,29 @@ def test_secrets_are_redacted_from_params_and_values(monkeypatch):
     assert flat["tracking.tracking_uri"] == f"http://alice:{REDACTED}@mlflow:5000"
     assert "wJalrXUtnFEMIK7MDENG" not in flat["storage.endpoint"] and flat["optim.lr"] == "0.1"
     assert redact_secrets("nothing secret here") == "nothing secret here"
+
+
+def test_redaction_survives_another_thread_removing_environment_variables(monkeypatch):
+    """MLflow's telemetry thread deletes its own environment variable while params are logged; reading
+    os.environ meanwhile raised KeyError and failed a demo run. Redaction must ride it out and still redact."""
+    import os
+    import threading
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter2-very-secret")
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            for i in range(50):
+                os.environ[f"_TG_CHURN_{i}"] = "x"
+            for i in range(50):
+                os.environ.pop(f"_TG_CHURN_{i}", None)
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    try:
+        results = {redact_secrets("key hunter2-very-secret in a param") for _ in range(3000)}
+    finally:
+        stop.set()
+        thread.join()
+    assert results == {f"key {REDACTED} in a param"}

@@ -125,12 +125,24 @@ def flatten_params(params: Mapping[str, Any] | BaseModel | Any, prefix: str = ""
 _URI_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@/\s]+@")
 
 
+def environment_snapshot() -> dict[str, str]:
+    """A copy of the environment that tolerates variables removed while it is read: another thread
+    may delete one meanwhile (MLflow's telemetry thread removes its own ``_MLFLOW_TELEMETRY_*``), and
+    iterating ``os.environ`` then raises KeyError or RuntimeError (a demo run failed on it)."""
+    for _ in range(100):
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):
+            continue
+    return dict(os.environ)  # the environment changed under 100 reads in a row: let that error show
+
+
 def redact_secrets(text: str) -> str:
     """``text`` with the password of a ``scheme://user:password@host`` URI and the value of every
     secret-named environment variable (``AWS_SECRET_ACCESS_KEY``, ``MLFLOW_TRACKING_TOKEN``, ...;
     values of 8+ characters) replaced by ``***``: a config value may carry a secret under a plain key."""
     text = _URI_PASSWORD.sub(lambda m: m.group(1) + REDACTED + "@", text)
-    for name, value in os.environ.items():
+    for name, value in environment_snapshot().items():
         if len(value) >= 8 and is_secret_key(name) and value in text:
             text = text.replace(value, REDACTED)
     return text
