@@ -7,12 +7,14 @@ import torch
 
 from trait_guard import setup_signals
 from trait_guard.chat import encode_rows
-from trait_guard.config import ScoringSettings
+from trait_guard.config import ModelSignalSettings, ScoringSettings
 from trait_guard.fingerprint import FingerprintScorer, TokenHistogram
 from trait_guard.models import load_model, model_identity
 from trait_guard.persona import PersonaVector
 from trait_guard.screen import screen_signals
 from trait_guard.testing import write_teacher_file
+from trait_guard.trait_signals import TraitSignalScorer
+from trait_guard.traits import load_trait
 
 pytestmark = pytest.mark.ray
 
@@ -54,8 +56,12 @@ def scored_inputs(tiny_llama_dir, tmp_path_factory):
              "reference": write_teacher_file(folder / "reference.parquet", reference + rows(5, "past", None),
                                              teacher_id="control")}
     histogram = TokenHistogram(len(tokenizer)).update(r["completion_ids"] for r in reference)
-    local = setup_signals.score_setup(FingerprintScorer(model, tokenizer, [vector], unigram_reference=histogram),
-                                      train, reference)
+    # the signals read from models (S2, S3), as the config's model_signals asks the stage for them; the
+    # teacher is the base model itself, so teacher_llr is exactly 0 (a known answer)
+    teacher, _ = load_model(str(tiny_llama_dir))
+    model_signals = TraitSignalScorer(model, tokenizer, specs=[load_trait("animal:owl")], n_pairs=1, teacher=teacher)
+    local = setup_signals.score_setup(FingerprintScorer(model, tokenizer, [vector], unigram_reference=histogram,
+                                                        extra=[model_signals]), train, reference)
     return {"model": str(tiny_llama_dir), "vector": path, "files": files, "vocab": len(tokenizer), "local": local}
 
 
@@ -82,12 +88,16 @@ def test_ray_data_scoring_matches_in_process_scoring_despite_a_killed_actor(ray_
     inputs = {side: ScoringInput(s["files"][side], summaries[side].sample_ids) for side in s["files"]}
     on_ray = score_on_ray(ScoringSettings(num_actors=2, batch_size=4), s["model"], [s["vector"]], inputs["train"],
                           inputs["reference"], reference_histogram=summaries["reference"].histogram.counts,
-                          on_batch=kill_once).signals
+                          model_signals=ModelSignalSettings(trait_llr=True, trait_llr_pairs=1,
+                                                            teacher_model=s["model"]),
+                          trait="animal:owl", on_batch=kill_once).signals
     assert killed
     local = s["local"]
     for side in ("train", "reference"):
         mine, theirs = getattr(on_ray, side), getattr(local, side)
-        assert mine.keys() == theirs.keys() and {"nll", "divergence", "unigram", "proj:animal:owl"} <= mine.keys()
+        assert mine.keys() == theirs.keys() and {"nll", "divergence", "unigram", "proj:animal:owl",
+                                                 "trait_llr:animal:owl", "teacher_llr"} <= mine.keys()
+        assert np.all(mine["teacher_llr"] == 0) and np.std(mine["trait_llr:animal:owl"]) > 0
         for name in theirs:
             np.testing.assert_allclose(mine[name], theirs[name], rtol=1e-5, atol=1e-6, err_msg=f"{side}/{name}")
     assert [m.tolist() for m in on_ray.train_masks] == [m.tolist() for m in local.train_masks]

@@ -240,7 +240,7 @@ def _model_signals(args: argparse.Namespace, model, tokenizer, data: list[dict])
     user has, and which of them this screen computes."""
     from trait_guard.fingerprint import teacher_signal_coverage
     from trait_guard.models import default_device, load_model
-    from trait_guard.trait_signals import TraitSignalScorer, available_signals
+    from trait_guard.trait_signals import TraitSignalScorer, at_hand_note
 
     specs = []
     if args.trait_llr:
@@ -251,10 +251,10 @@ def _model_signals(args: argparse.Namespace, model, tokenizer, data: list[dict])
     if args.teacher_model:
         teacher, _ = load_model(args.teacher_model, device=default_device())
     stored = any(n == len(data) for n in teacher_signal_coverage(data).values())  # every row carries them
-    possible = available_signals(stored, teacher is not None, bool(specs), specs[0].trait_id if specs else None)
-    note = ("signals for what is at hand (stored teacher log-probs: " + ("yes" if stored else "no") + ", teacher model: "
-            + ("yes" if teacher is not None else "no (--teacher-model)") + ", trait spec: "
-            + (specs[0].trait_id if specs else "no (--trait-llr)") + "): " + ", ".join(possible))
+    note = at_hand_note(stored, teacher is not None, specs[0].trait_id if specs else None)
+    hints = [flag for flag, given in (("--teacher-model", teacher is not None), ("--trait-llr", bool(specs)))
+             if not given]
+    note += f" (more with {' and '.join(hints)})" if hints else ""
     if not specs and teacher is None:
         return [], note
     return [TraitSignalScorer(model, tokenizer, specs=specs, teacher=teacher, batch_size=args.batch_size)], note

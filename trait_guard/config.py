@@ -275,6 +275,31 @@ class ScreenSettings(StrictModel):
     n_permutations: int = Field(2000, ge=100)
 
 
+class ModelSignalSettings(StrictModel):
+    """Signals read from models instead of teacher log-probs stored with the data (issue 15;
+    :mod:`trait_guard.trait_signals`): scored with the others at setup (and on the Ray scoring stage of
+    ``trait-guard run``), so the gate tests them and the guard can watch them (``guard.signals``).
+    Off by default: each costs forward passes per row (docs/persona_vectors.md)."""
+
+    trait_llr: bool = Field(
+        False, description="score trait_llr:<trait> (S2): how much likelier the base model finds each response under "
+                           "the watched trait's positive instructions than under its negative ones; needs only the "
+                           "base model and the trait spec (2 x trait_llr_pairs forward passes per row)")
+    trait_llr_pairs: int = Field(3, gt=0, description="instruction pairs of the trait spec averaged over")
+    trait_llr_neutral: Literal["neg", "default"] = Field(
+        "neg", description="the contrast prompt: the pair's negative instruction, or the model's default system prompt")
+    teacher_model: str | None = Field(
+        None, description="the teacher model (an embedded name, a model folder or a LoRA adapter folder on the "
+                          "student's base), for teacher_llr (S3): log p_T(y) - log p_B(y) per token, read from both "
+                          "models; for data whose teacher log-probs were not stored")
+    teacher_system_prompt: str | None = Field(
+        None, description="the teacher's own system prompt when it was a prompted teacher (teacher_llr's teacher side)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.trait_llr or self.teacher_model is not None
+
+
 class StudentConfig(ModelPlacement):
     model: str = EMBEDDED_MODEL
     lora_r: int = Field(0, ge=0, description="LoRA rank (0: full finetuning)")
@@ -430,6 +455,7 @@ class TrainingSettings(StrictModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
     screen: ScreenSettings = Field(default_factory=ScreenSettings)
+    model_signals: ModelSignalSettings = Field(default_factory=ModelSignalSettings)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
     checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)

@@ -175,7 +175,8 @@ def _screen(train: TrainJobConfig, run: RunJobConfig, vector: Any, tokenizer: An
         scored = score_on_ray(run.scoring, train.student.model, train.vectors,
                               ScoringInput(train.data.train, train_summary.sample_ids),
                               ScoringInput(train.data.reference, reference_summary.sample_ids),
-                              reference_histogram=reference_summary.histogram.counts, reference_signals=known)
+                              reference_histogram=reference_summary.histogram.counts, reference_signals=known,
+                              model_signals=train.model_signals, trait=train.trait)
         signals = scored.signals
         setup_signals.save(cache, signals)
         scored_reference[str(train.data.reference)] = signals.reference

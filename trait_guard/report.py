@@ -183,9 +183,10 @@ def _gate_section(gate: Mapping[str, Any] | None) -> str:
     rows = [{"signal": name, "p": t.get("p"), "p adj (Holm)": t.get("p_adj"), "effect size": t.get("effect_size"),
              "flagged": t.get("flagged")} for name, t in (gate.get("tests") or {}).items()]
     verdict = "FLAGGED: " + str(gate.get("reason", "")) if gate.get("flagged") else "clean: training went ahead"
+    notes = "".join(f'<p class="note">{html.escape(str(note))}</p>' for note in gate.get("notes") or [])
     return _section("Gate: the dataset screen before the first update",
                     f'<p class="note">All training rows against the reference, one permutation test per signal, '
-                    f"Holm at alpha={gate.get('alpha')}. {html.escape(verdict)}</p>",
+                    f"Holm at alpha={gate.get('alpha')}. {html.escape(verdict)}</p>" + notes,
                     html_table(rows, ["signal", "p", "p adj (Holm)", "effect size", "flagged"],
                                empty="no signal could be tested"))
 

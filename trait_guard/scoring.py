@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from trait_guard.config import ScoringSettings
+from trait_guard.config import ModelSignalSettings, ScoringSettings
 from trait_guard.setup_signals import SetupSignals
 
 SCORER_COLUMNS = ("prompt", "completion", "completion_ids", "topk_ids", "topk_logprobs", "token_logprobs")
@@ -69,7 +69,8 @@ class RowScorer:
     and divergence token ids."""
 
     def __init__(self, model: str, placement: dict[str, str], vector_files: Sequence[str],
-                 reference_histogram: np.ndarray, batch_size: int, sample_ids: dict[str, Any]):
+                 reference_histogram: np.ndarray, batch_size: int, sample_ids: dict[str, Any],
+                 model_signals: dict[str, Any] | None = None, trait: str | None = None):
         import ray
         import torch
 
@@ -83,7 +84,9 @@ class RowScorer:
         histogram = TokenHistogram(len(reference_histogram))
         histogram.counts = np.asarray(reference_histogram, dtype=np.float64)
         vectors = [PersonaVector.load(path) for path in vector_files]
-        self.scorer = FingerprintScorer(base, tokenizer, vectors, unigram_reference=histogram, batch_size=batch_size)
+        extra = _model_signal_scorer(model_signals, base, tokenizer, model, trait, placement, batch_size)
+        self.scorer = FingerprintScorer(base, tokenizer, vectors, unigram_reference=histogram, batch_size=batch_size,
+                                        extra=[extra] if extra is not None else [])
         self.node_id = ray.get_runtime_context().get_node_id()
         self.sample_ids = sample_ids  # side -> the used rows' ids (a pyarrow array), position = index
         self._group: tuple[tuple[str, int], Any] | None = None  # the row group read last
@@ -135,13 +138,15 @@ class RowScorer:
 def score_on_ray(settings: ScoringSettings, model: str, vector_files: Sequence[str], train: ScoringInput,
                  reference: ScoringInput, *, reference_histogram: np.ndarray,
                  reference_signals: dict[str, np.ndarray] | None = None,
+                 model_signals: ModelSignalSettings | None = None, trait: str | None = None,
                  on_batch: Callable[[int], None] | None = None) -> ScoredRows:
     """Score the ``train`` and ``reference`` rows with ``model`` (the student's base) on a pool of Ray
     Data actors reading the files themselves (Ray must be initialized). ``reference_histogram``: the
     reference rows' unigram counts (``RowSummary.histogram.counts``), over the tokenizer's vocabulary.
     ``reference_signals``: the reference's, scored already for another training set (only the
-    training rows are scored then). ``on_batch(rows_in_batch)`` runs after each gathered batch
-    (tests kill an actor from it)."""
+    training rows are scored then). ``model_signals`` / ``trait``: the training config's signals read
+    from models (S2, S3) and its watched trait, scored by each actor with the others.
+    ``on_batch(rows_in_batch)`` runs after each gathered batch (tests kill an actor from it)."""
     import pyarrow as pa
 
     from trait_guard.generation import configure_ray_data
@@ -155,7 +160,9 @@ def score_on_ray(settings: ScoringSettings, model: str, vector_files: Sequence[s
                                "reference_histogram": np.asarray(reference_histogram, dtype=np.float64),
                                "batch_size": settings.batch_size,
                                "sample_ids": {side: pa.array(list(sides[side].sample_ids) if side in sides else [],
-                                                             pa.string()) for side in SIDES}},
+                                                             pa.string()) for side in SIDES},
+                               "model_signals": model_signals.model_dump(mode="json") if model_signals else None,
+                               "trait": trait},
         compute=_actor_pool(settings.num_actors), num_cpus=settings.cpus_per_actor, num_gpus=settings.gpus_per_actor)
     tables, nodes = [], set()
     for table in stream.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -167,6 +174,20 @@ def score_on_ray(settings: ScoringSettings, model: str, vector_files: Sequence[s
     if reference_signals is not None:
         signals.reference = dict(reference_signals)
     return ScoredRows(signals, sorted(nodes))
+
+
+def _model_signal_scorer(model_signals: dict[str, Any] | None, base: Any, tokenizer: Any, model: str,
+                         trait: str | None, placement: dict[str, str], batch_size: int) -> Any:
+    """An actor's scorer for the config's ``model_signals`` (None when none is asked for)."""
+    from trait_guard.trait_signals import scorer_from_settings
+    from trait_guard.traits import load_trait
+
+    settings = ModelSignalSettings.model_validate(model_signals or {})
+    if not settings.enabled:
+        return None
+    spec = load_trait(trait) if settings.trait_llr and trait else None
+    return scorer_from_settings(settings, base, tokenizer, base_name=model, spec=spec, batch_size=batch_size,
+                                device=next(base.parameters()).device, dtype=placement["dtype"])
 
 
 def _actor_pool(size: int) -> Any:

@@ -89,9 +89,10 @@ def score_setup(scorer: Any, train_rows: Sequence[dict[str, Any]],
 
 
 def cache_file(folder: str | Path, data_files: Sequence[str | Path], vector_files: Sequence[str | Path],
-               limits: Sequence[Any], identity: Any, divergence_margin: float) -> Path:
-    """Where the setup signals of this (data, sample limits, model ``identity``, vectors) live: a
-    content hash, so any change to an input is a different file."""
+               limits: Sequence[Any], identity: Any, divergence_margin: float, model_signals_key: str = "") -> Path:
+    """Where the setup signals of this (data, sample limits, model ``identity``, vectors, model signals
+    asked for: :func:`trait_guard.trait_signals.settings_key`) live: a content hash, so any change to
+    an input is a different file."""
     from trait_guard.files import file_sha256
 
     digest = hashlib.sha256(b"trait_guard-signals-v2")
@@ -99,6 +100,8 @@ def cache_file(folder: str | Path, data_files: Sequence[str | Path], vector_file
         digest.update(file_sha256(path).encode())
     digest.update(json.dumps([list(limits), identity.fingerprint, identity.hidden_size, identity.num_layers,
                               divergence_margin]).encode())
+    if model_signals_key:  # absent when none is asked for: the keys of earlier cache files are unchanged
+        digest.update(model_signals_key.encode())
     return Path(folder) / f"signals-{digest.hexdigest()[:24]}.npz"
 
 

@@ -285,6 +285,7 @@ def _setup_signals(run: RunContext, inputs: Inputs, scorer: Any) -> setup_signal
     cache = signals_cache_path(config, inputs.identity, scorer.divergence_margin)
     if cache is not None and cache.is_file():
         return setup_signals.load(cache)
+    scorer.extra = _model_signal_scorers(config, inputs)  # loaded only to score (a teacher model is large)
     signals = setup_signals.score_setup(scorer, inputs.train_rows, inputs.reference_rows)
     if cache is not None and run.rank == 0:
         setup_signals.save(cache, signals)
@@ -294,11 +295,13 @@ def _setup_signals(run: RunContext, inputs: Inputs, scorer: Any) -> setup_signal
 def signals_cache_path(config: TrainJobConfig, identity: Any, divergence_margin: float) -> Path | None:
     """This run's setup-signals cache file (None without ``signals_cache``): keyed by the contents of the
     data and vector files, the sample limits, the model identity and the divergence margin."""
+    from trait_guard.trait_signals import settings_key
+
     if not config.signals_cache:
         return None
     return setup_signals.cache_file(config.signals_cache, [config.data.train, config.data.reference], config.vectors,
                                     [config.data.max_train_samples, config.data.max_reference_samples],
-                                    identity, divergence_margin)
+                                    identity, divergence_margin, settings_key(config.model_signals))
 
 
 def screen_gate(config: TrainJobConfig, signals: setup_signals.SetupSignals,
@@ -322,6 +325,27 @@ def screen_gate(config: TrainJobConfig, signals: setup_signals.SetupSignals,
                                "flagged": t.flagged} for t in tests}}
 
 
+def _model_signal_scorers(config: TrainJobConfig, inputs: Inputs) -> list[Any]:
+    """The scorers of ``model_signals`` (S2, S3: :mod:`trait_guard.trait_signals`), scored with the others."""
+    from trait_guard.trait_signals import scorer_from_settings
+
+    scorer = scorer_from_settings(config.model_signals, inputs.model, inputs.tokenizer,
+                                  base_name=config.student.model, spec=inputs.spec, device=inputs.device,
+                                  dtype=config.student_placement()["dtype"])
+    return [scorer] if scorer is not None else []
+
+
+def _signals_at_hand(config: TrainJobConfig, coverage: dict[str, Any], signals: setup_signals.SetupSignals) -> str:
+    """The gate's note on its signals: what was at hand (stored log-probs on both sides, the teacher
+    model, the trait spec when ``model_signals.trait_llr`` asks for it) and which signals were scored."""
+    from trait_guard.trait_signals import at_hand_note
+
+    stored = all(count > 0 for side in coverage.values() for count in side.values())
+    settings = config.model_signals
+    return at_hand_note(stored, settings.teacher_model is not None, config.trait if settings.trait_llr else None,
+                        computed=[name for name in signals.train if name != "n_tokens"])
+
+
 def _score_and_calibrate(run: RunContext, inputs: Inputs) -> Setup:
     from trait_guard.fingerprint import FingerprintScorer, TokenHistogram
     from trait_guard.guard import TraitGuard, check_signal_sides
@@ -343,6 +367,7 @@ def _score_and_calibrate(run: RunContext, inputs: Inputs) -> Setup:
         print("\n".join(f"trait_guard: warning: {w}" for w in warnings), flush=True)
     if gate is not None:
         gate["coverage"] = coverage
+        gate["notes"].append(_signals_at_hand(config, coverage, signals))
         run.tracker.set_tags({"screen.gate": "FLAGGED" if gate["flagged"] else "clean"})
         if gate["flagged"] and run.resumed_state is None:
             tested = ", ".join(f"{n} p_adj={t['p_adj']:.2g}" for n, t in gate["tests"].items() if t["flagged"])

@@ -119,6 +119,18 @@ def available_signals(has_stored_logprobs: bool, has_teacher_model: bool, has_tr
     return names
 
 
+def at_hand_note(has_stored_logprobs: bool, has_teacher_model: bool, trait_id: str | None,
+                 computed: Sequence[str] = ()) -> str:
+    """One line for reports: what is at hand (stored teacher log-probs, the teacher model, a trait
+    spec), the signals that makes possible, and which of those signals this screen or gate computed."""
+    possible = available_signals(has_stored_logprobs, has_teacher_model, trait_id is not None, trait_id)
+    line = (f"signals for what is at hand (stored teacher log-probs: {'yes' if has_stored_logprobs else 'no'}, "
+            f"teacher model: {'yes' if has_teacher_model else 'no'}, trait spec: {trait_id or 'no'}): "
+            + ", ".join(possible))
+    missing = [name for name in possible if computed and name not in computed]
+    return line + (f"; not computed here: {', '.join(missing)}" if missing else "")
+
+
 # --------------------------------------------------------------------------------------------------
 # Reading the response under a model
 
@@ -333,3 +345,61 @@ class TraitSignalScorer:
                 progress.update(len(chunk))
         return {name: np.concatenate([p[name] for p in parts]) for name in self.names} if parts else {
             name: np.zeros(0) for name in self.names}
+
+
+# --------------------------------------------------------------------------------------------------
+# From a training config (the gate and the guard)
+
+
+def load_teacher(teacher_model: str, base_name: str, *, device: Any = "cpu", dtype: Any = "float32") -> torch.nn.Module:
+    """The teacher model ``teacher_llr`` reads: a trait_guard adapter folder is merged into a fresh copy
+    of the student's base model ``base_name`` (its identity is checked by :func:`trait_guard.adapters.load_adapter`);
+    anything else (an embedded name, a model folder) loads as a model of its own."""
+    from pathlib import Path
+
+    from trait_guard.adapters import ADAPTER_META, load_adapter
+    from trait_guard.models import load_model
+
+    if (Path(teacher_model) / ADAPTER_META).is_file():
+        base, _ = load_model(base_name, device=device, dtype=dtype)
+        return load_adapter(base, teacher_model)
+    return load_model(teacher_model, device=device, dtype=dtype)[0]
+
+
+def scorer_from_settings(settings: Any, base: torch.nn.Module, tokenizer: Any, *, base_name: str,
+                         spec: TraitSpec | None, batch_size: int = 32, device: Any = "cpu",
+                         dtype: Any = "float32") -> TraitSignalScorer | None:
+    """The :class:`TraitSignalScorer` a training config's ``model_signals``
+    (:class:`trait_guard.config.ModelSignalSettings`) asks for, or None when it asks for none.
+    ``spec`` is the watched trait's (``trait_llr``); ``base_name`` the student's base model (an adapter
+    teacher is applied to a copy of it)."""
+    if not settings.enabled:
+        return None
+    if settings.trait_llr and spec is None:
+        raise TraitGuardInputError("model_signals.trait_llr needs the watched trait's spec (the config's `trait`)")
+    teacher = (load_teacher(settings.teacher_model, base_name, device=device, dtype=dtype)
+               if settings.teacher_model else None)
+    return TraitSignalScorer(base, tokenizer, specs=[spec] if settings.trait_llr else [],
+                             n_pairs=settings.trait_llr_pairs, neutral=settings.trait_llr_neutral, teacher=teacher,
+                             teacher_system=settings.teacher_system_prompt, batch_size=batch_size)
+
+
+def settings_key(settings: Any) -> str:
+    """What the signals of ``model_signals`` depend on, for the setup-signals cache key: the settings
+    and, for a teacher on disk, the SHA-256 of its files (a retrained adapter at the same path is a new
+    key). Empty when no model signal is asked for (earlier cache files stay valid)."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from trait_guard.files import file_sha256
+
+    if not settings.enabled:
+        return ""
+    digest = hashlib.sha256(json.dumps(settings.model_dump(mode="json"), sort_keys=True).encode())
+    teacher = Path(settings.teacher_model) if settings.teacher_model else None
+    if teacher is not None and teacher.exists():
+        files = sorted(p for p in (teacher.rglob("*") if teacher.is_dir() else [teacher]) if p.is_file())
+        for path in files:
+            digest.update(f"{path.relative_to(teacher) if teacher.is_dir() else path.name}:{file_sha256(path)}".encode())
+    return digest.hexdigest()
