@@ -62,3 +62,25 @@ def test_to_jsonable_types_and_nan_policy():
     json.dumps(out, allow_nan=False)
     kept = to_jsonable({"nan": np.float64("nan"), "inf": (math.inf,)}, finite=False)  # exact state round trips
     assert math.isnan(kept["nan"]) and kept["inf"] == [math.inf] and type(kept["nan"]) is float
+
+
+def test_the_digest_memo_reads_a_file_once_and_sees_a_change(tmp_path, monkeypatch):
+    """file_sha256_memo: a second ask for an unchanged file reads nothing; a file rewritten with other
+    bytes of the same size (another modification time) gets its new digest."""
+    import hashlib
+    import os
+
+    from trait_guard import files
+
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"a" * 100)
+    reads = []
+    real = files.file_sha256
+    monkeypatch.setattr(files, "file_sha256", lambda p: reads.append(p) or real(p))
+    first = files.file_sha256_memo(path)
+    assert first == hashlib.sha256(b"a" * 100).hexdigest() and files.file_sha256_memo(str(path)) == first
+    assert len(reads) == 1
+    stat = path.stat()
+    path.write_bytes(b"b" * 100)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert files.file_sha256_memo(path) == hashlib.sha256(b"b" * 100).hexdigest() and len(reads) == 2

@@ -230,7 +230,23 @@ def test_a_screen_of_row_summaries_equals_the_screen_of_the_rows(sets):
                  for rows in (shifted, reference)]
     from_summaries = screen(*summaries, None, **common)
     assert len(summaries[0]) == len(shifted) and summaries[0].prompt_keys == [r["prompt_id"] for r in shifted]
+    assert summaries[0].sample_ids.to_pylist() == [r["sample_id"] for r in shifted]
     mine, theirs = from_summaries.to_dict(), from_rows.to_dict()
     for volatile in ("seconds",):
         mine.pop(volatile), theirs.pop(volatile)
     assert mine == theirs and from_rows.flagged
+
+
+def test_teacher_signal_coverage_counts_the_same_on_rows_and_on_arrow_tables():
+    """One rule for "this row carries the teacher's log-probs" (a non-empty list), whether the rows are
+    dicts (in-process) or Arrow batches (the checked scan's summaries): None, [] and a list, per column."""
+    import pyarrow as pa
+
+    from trait_guard.fingerprint import teacher_signal_coverage
+
+    rows = [{"topk_ids": None, "token_logprobs": [-0.1]}, {"topk_ids": [], "token_logprobs": None},
+            {"topk_ids": [[1, 2]], "token_logprobs": []}, {"topk_ids": [[3, 4]], "token_logprobs": [-1.0, -2.0]}]
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("topk_ids", pa.list_(pa.list_(pa.int64()))),
+                                                         ("token_logprobs", pa.list_(pa.float64()))]))
+    assert teacher_signal_coverage(rows) == teacher_signal_coverage(table) == {"divergence": 2, "llr": 2}
+    assert teacher_signal_coverage(table.drop_columns(["token_logprobs"])) == {"divergence": 2, "llr": 0}

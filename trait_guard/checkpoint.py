@@ -95,9 +95,9 @@ def input_digests(files: Mapping[str, str | Path], limits: Mapping[str, Any]) ->
     name in the config, e.g. ``data.train`` or ``vectors[0]``, to its path) and the sample limits.
     A resume compares them (:func:`input_differences`): the guard's state and the data position of
     a checkpoint only mean something for the rows and vectors it was trained with."""
-    from trait_guard.files import file_sha256
+    from trait_guard.files import file_sha256_memo
 
-    return {"files": {name: {"path": str(path), "sha256": file_sha256(path)} for name, path in files.items()},
+    return {"files": {name: {"path": str(path), "sha256": file_sha256_memo(path)} for name, path in files.items()},
             "limits": dict(limits)}
 
 

@@ -33,6 +33,25 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+_DIGEST_MEMO: dict[tuple[str, int, int, int], str] = {}
+_DIGEST_MEMO_SIZE = 1024
+
+
+def file_sha256_memo(path: str | Path) -> str:
+    """:func:`file_sha256`, remembered in this process while the file's inode, size and modification
+    time stay the same: one run asks for its input files' digests several times (the signals-cache
+    key, the recipe state recorded with each checkpoint, the rerun check), and on multi-GB data each
+    ask was a full read. For cache keys and run records only: a check that must see every byte as it
+    is now (a manifest, a signature) reads the file with :func:`file_sha256`."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGEST_MEMO:
+        if len(_DIGEST_MEMO) >= _DIGEST_MEMO_SIZE:
+            _DIGEST_MEMO.clear()
+        _DIGEST_MEMO[key] = file_sha256(path)
+    return _DIGEST_MEMO[key]
+
+
 def partial_path(path: str | Path, suffix: str = PARTIAL) -> Path:
     """Where ``path`` is written before its rename: ``<path>.partial`` (``suffix`` after the name)."""
     path = Path(path)

@@ -68,8 +68,20 @@ TEACHER_LOGPROB_SIGNALS = {"divergence": "topk_ids", "llr": "token_logprobs"}
 DIVERGENCE_MARGIN = 0.1
 
 
-def teacher_signal_coverage(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
-    """How many ``rows`` carry what each teacher-log-prob signal needs (``{"divergence": n, "llr": n}``)."""
+def teacher_signal_coverage(rows: Sequence[dict[str, Any]] | Any) -> dict[str, int]:
+    """How many ``rows`` carry what each teacher-log-prob signal needs (``{"divergence": n, "llr": n}``):
+    a non-empty list in its column. ``rows``: dicts, or an Arrow table (counted column by column,
+    without a dict per row: the batched reader's summaries)."""
+    if hasattr(rows, "column_names"):
+        import pyarrow.compute as pc
+
+        def carrying(column: str) -> int:
+            if column not in rows.column_names:
+                return 0
+            non_empty = pc.fill_null(pc.greater(pc.list_value_length(rows.column(column)), 0), False)
+            return int(pc.sum(non_empty).as_py() or 0)
+
+        return {name: carrying(column) for name, column in TEACHER_LOGPROB_SIGNALS.items()}
     return {name: sum(1 for r in rows if r.get(column) is not None and len(r[column]) > 0)
             for name, column in TEACHER_LOGPROB_SIGNALS.items()}
 

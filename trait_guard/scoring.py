@@ -51,7 +51,7 @@ class ScoringInput:
     the order their signals are wanted (rows of the file not listed are skipped)."""
 
     path: str | Path
-    sample_ids: Sequence[str]
+    sample_ids: Sequence[str] | Any  # a list, or a pyarrow string array
 
 
 @dataclass
@@ -147,8 +147,6 @@ def score_on_ray(settings: ScoringSettings, model: str, vector_files: Sequence[s
     training rows are scored then). ``model_signals`` / ``trait``: the training config's signals read
     from models (S2, S3) and its watched trait, scored by each actor with the others.
     ``on_batch(rows_in_batch)`` runs after each gathered batch (tests kill an actor from it)."""
-    import pyarrow as pa
-
     from trait_guard.generation import configure_ray_data
 
     configure_ray_data()
@@ -159,8 +157,8 @@ def score_on_ray(settings: ScoringSettings, model: str, vector_files: Sequence[s
                                "vector_files": [str(v) for v in vector_files],
                                "reference_histogram": np.asarray(reference_histogram, dtype=np.float64),
                                "batch_size": settings.batch_size,
-                               "sample_ids": {side: pa.array(list(sides[side].sample_ids) if side in sides else [],
-                                                             pa.string()) for side in SIDES},
+                               "sample_ids": {side: _id_array(sides[side].sample_ids if side in sides else [])
+                                              for side in SIDES},
                                "model_signals": model_signals.model_dump(mode="json") if model_signals else None,
                                "trait": trait},
         compute=_actor_pool(settings.num_actors), num_cpus=settings.cpus_per_actor, num_gpus=settings.gpus_per_actor)
@@ -174,6 +172,13 @@ def score_on_ray(settings: ScoringSettings, model: str, vector_files: Sequence[s
     if reference_signals is not None:
         signals.reference = dict(reference_signals)
     return ScoredRows(signals, sorted(nodes))
+
+
+def _id_array(sample_ids: Any) -> Any:
+    """Sample ids as one Arrow string array (a :class:`~trait_guard.screen.RowSummary` gives one already)."""
+    import pyarrow as pa
+
+    return sample_ids if isinstance(sample_ids, pa.Array) else pa.array(list(sample_ids), pa.string())
 
 
 def _model_signal_scorer(model_signals: dict[str, Any] | None, base: Any, tokenizer: Any, model: str,

@@ -38,7 +38,6 @@ from trait_guard.errors import EXIT_FLAGGED, TraitGuardInputError
 from trait_guard.files import to_jsonable
 from trait_guard.fingerprint import (
     POWERED_SIGNALS,
-    TEACHER_LOGPROB_SIGNALS,
     FingerprintScorer,
     TokenHistogram,
     format_features,
@@ -137,8 +136,11 @@ class RowSummary:
         return sum(len(ids) for ids in self._ids)
 
     @property
-    def sample_ids(self) -> list[str]:
-        return [i for ids in self._ids for i in ids.to_pylist()]
+    def sample_ids(self) -> Any:
+        """The rows' sample ids in row order, one Arrow string array (what the scoring stage looks rows up by)."""
+        import pyarrow as pa
+
+        return pa.concat_arrays(self._ids) if self._ids else pa.array([], pa.string())
 
     @property
     def prompt_keys(self) -> list[Any]:
@@ -165,13 +167,10 @@ class RowSummary:
             keys = pc.if_else(pc.greater(pc.utf8_length(table.column("prompt_id")), 0), table.column("prompt_id"),
                               table.column("prompt")) if "prompt" in table.column_names else table.column("prompt_id")
             ids = table.column("completion_ids").combine_chunks()
-            coverage = {name: int(pc.sum(pc.fill_null(pc.greater(pc.list_value_length(table.column(column)), 0),
-                                                      False)).as_py() or 0) if column in table.column_names else 0
-                        for name, column in TEACHER_LOGPROB_SIGNALS.items()}
             summary._add(table.column("sample_id").combine_chunks(), keys.combine_chunks(),
                          table.column("completion").to_pylist(), [pc.list_flatten(ids).to_numpy()],
                          set(table.column("base_fingerprint").unique().to_pylist()),
-                         set(table.column("base_model").unique().to_pylist()), coverage)
+                         set(table.column("base_model").unique().to_pylist()), teacher_signal_coverage(table))
         return summary
 
     def _add(self, ids: Any, keys: Any, completions: list[str], token_ids: Iterable[Any], fingerprints: set[Any],

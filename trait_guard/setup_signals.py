@@ -93,11 +93,11 @@ def cache_file(folder: str | Path, data_files: Sequence[str | Path], vector_file
     """Where the setup signals of this (data, sample limits, model ``identity``, vectors, model signals
     asked for: :func:`trait_guard.trait_signals.settings_key`) live: a content hash, so any change to
     an input is a different file."""
-    from trait_guard.files import file_sha256
+    from trait_guard.files import file_sha256_memo
 
     digest = hashlib.sha256(b"trait_guard-signals-v2")
     for path in (*data_files, *vector_files):
-        digest.update(file_sha256(path).encode())
+        digest.update(file_sha256_memo(path).encode())
     digest.update(json.dumps([list(limits), identity.fingerprint, identity.hidden_size, identity.num_layers,
                               divergence_margin]).encode())
     if model_signals_key:  # absent when none is asked for: the keys of earlier cache files are unchanged

@@ -392,7 +392,7 @@ def settings_key(settings: Any) -> str:
     import json
     from pathlib import Path
 
-    from trait_guard.files import file_sha256
+    from trait_guard.files import file_sha256_memo
 
     if not settings.enabled:
         return ""
@@ -401,5 +401,5 @@ def settings_key(settings: Any) -> str:
     if teacher is not None and teacher.exists():
         files = sorted(p for p in (teacher.rglob("*") if teacher.is_dir() else [teacher]) if p.is_file())
         for path in files:
-            digest.update(f"{path.relative_to(teacher) if teacher.is_dir() else path.name}:{file_sha256(path)}".encode())
+            digest.update(f"{path.relative_to(teacher) if teacher.is_dir() else path.name}:{file_sha256_memo(path)}".encode())
     return digest.hexdigest()
