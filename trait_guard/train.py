@@ -551,6 +551,81 @@ def check_resume_recipe(config: TrainJobConfig, state: dict[str, Any], where: An
     return None
 
 
+@dataclass
+class _Accumulation:
+    """One optimizer step's micro-batches, each decided by the guard before its backward pass (see
+    :func:`_train_loop`): what every step reads, and the steering hook once STEER starts it."""
+
+    run: RunContext
+    inputs: Inputs
+    engine: Any
+    order: np.ndarray
+    guarded: Any  # integrations.torch_loop.GuardedStep
+    forward: Any
+    model: torch.nn.Module
+    steering: Any = None
+
+    def micro_batches(self, step: int) -> list[tuple[list[dict[str, Any]], Any]]:
+        """This rank's rows of optimizer step ``step``'s micro-batches, encoded."""
+        from trait_guard.chat import encode_rows
+
+        config, run = self.run.config, self.run
+        accumulation, batch_size = config.optim.gradient_accumulation_steps, config.optim.batch_size
+        micro_batch = batch_size * run.world
+        # distill: logits learns the teacher's stored top-k, which ends before the stop token: no EOS to learn
+        append_eos = config.student.append_eos if config.distill == "sampled" else "never"
+        micro = []
+        for k in range(accumulation):
+            start = ((step - 1) * accumulation + k) * micro_batch
+            indices = self.order[start : start + micro_batch]
+            rows = [self.inputs.train_rows[i] for i in indices[run.rank * batch_size : (run.rank + 1) * batch_size]]
+            micro.append((rows, encode_rows(self.inputs.tokenizer, rows, append_eos=append_eos).to(self.inputs.device)))
+        return micro
+
+    def run_step(self, step: int, outcome: Outcome) -> tuple[list[Any], float]:
+        """The guard's decision, the loss and the backward pass of each micro-batch of step ``step``;
+        returns the decisions and the step's loss. A HALT or a non-finite loss stops the step there
+        (``outcome.halted`` says why; no backward for that micro-batch)."""
+        config, run = self.run.config, self.run
+        accumulation, distill = config.optim.gradient_accumulation_steps, config.distill == "logits"
+        micro = self.micro_batches(step)
+        tokens = [loss_tokens(batch, rows, distill) for rows, batch in micro]
+        step_tokens = max(sum(tokens), 1)
+        decisions: list[Any] = []
+        step_loss = 0.0
+        for k, (rows, batch) in enumerate(micro):
+            guard_step = (step - 1) * accumulation + k + 1
+            where = {"micro_batch": k + 1, "guard_step": guard_step} if accumulation > 1 else {}
+            with self.guarded.capture():
+                logits = self.forward(**batch.model_inputs()).logits
+            decision = (self.guarded.decide(batch, logits, rows, step=guard_step, gather=gather_signals)
+                        if config.guard_enabled else guard_pass_decision(guard_step, len(rows) * run.world))
+            if decision.action is Action.STEER and self.steering is None and self.inputs.vectors:
+                self.steering = _start_steering(config, self.model, self.inputs.vectors[0])
+            if decision.halt:
+                outcome.halted = {"step": step, "reason": decision.reason, **where}
+                decisions.append(decision)  # logged by the loop, after the step's earlier micro-batches
+                break
+            loss = self.guarded.loss(logits, batch, decision, rows, distill=distill,
+                                     sample_slice=slice(run.rank * len(rows), (run.rank + 1) * len(rows)))
+            loss = loss * (tokens[k] / step_tokens)  # this micro-batch's share of the step's token mean
+            if not all_ranks_true(bool(torch.isfinite(loss.detach()).item())):
+                # before the update: the weights stay those of the last good step
+                outcome.halted = {"step": step, **where,
+                                  "reason": "training loss is NaN/inf (the run diverged): lower optim.lr or keep "
+                                            "deepspeed.gradient_clipping; weights are from the step before"}
+                run.tracker.set_tags({"trait_guard.non_finite_loss_step": str(step)})
+                break
+            _backward(self.engine, loss)
+            step_loss += float(loss.detach())
+            decisions.append(decision)
+        return decisions, step_loss
+
+    def stop_steering(self) -> None:
+        if self.steering is not None:
+            self.steering.remove()
+
+
 def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Module, optimizer: Any, engine: Any,
                 order: np.ndarray, total_steps: int, step: int, history: list[dict[str, Any]]) -> Outcome:
     """The guarded loop over optimizer steps ``step + 1 .. total_steps`` (``optimizer`` is the pair
@@ -567,7 +642,6 @@ def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.M
     implicates. The loss of each micro-batch is normalized by the response tokens of the whole
     accumulated step (this rank's), so g micro-batches of b rows give the update one batch of g x b
     rows gives. Stop requests are honoured between optimizer steps only."""
-    from trait_guard.chat import encode_rows
     from trait_guard.integrations.torch_loop import GuardedStep
 
     optimizer, scheduler = optimizer if isinstance(optimizer, tuple) else (optimizer, None)
@@ -579,14 +653,9 @@ def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.M
         outcome.halted = {"step": step, "reason": reason, "gate": gated}
         return outcome
     guarded = GuardedStep(guard, model, inputs.vectors, setup.histogram, _check_vector_weights(config, engine, step))
-    forward = _forward_module(engine, model)
+    steps = _Accumulation(run, inputs, engine, order, guarded, _forward_module(engine, model), model)
     snapshots = _snapshots(config, model, engine, step)
     accumulation = config.optim.gradient_accumulation_steps
-    batch_size, micro_batch = config.optim.batch_size, config.optim.batch_size * run.world
-    # distill: logits learns the teacher's stored top-k, which ends before the stop token: no EOS to learn
-    append_eos = config.student.append_eos if config.distill == "sampled" else "never"
-    distill = config.distill == "logits"
-    steering = None
     progress = ProgressFile(run.out_dir, run.rank, total_steps)
     every = config.progress_every_n_steps if run.rank == 0 else 0
     loop_started = time.perf_counter()
@@ -600,42 +669,7 @@ def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.M
             step += 1
             outcome.step = step
             lr = current_lr(engine, optimizer)
-            micro = []
-            for k in range(accumulation):
-                start = ((step - 1) * accumulation + k) * micro_batch
-                indices = order[start : start + micro_batch]
-                rows = [inputs.train_rows[i] for i in indices[run.rank * batch_size : (run.rank + 1) * batch_size]]
-                micro.append((rows, encode_rows(inputs.tokenizer, rows, append_eos=append_eos).to(inputs.device)))
-            tokens = [loss_tokens(batch, rows, distill) for rows, batch in micro]
-            step_tokens = max(sum(tokens), 1)
-            decisions: list[Any] = []
-            step_loss = 0.0
-            for k, (rows, batch) in enumerate(micro):
-                guard_step = (step - 1) * accumulation + k + 1
-                where = {"micro_batch": k + 1, "guard_step": guard_step} if accumulation > 1 else {}
-                with guarded.capture():
-                    logits = forward(**batch.model_inputs()).logits
-                decision = (guarded.decide(batch, logits, rows, step=guard_step, gather=gather_signals)
-                            if config.guard_enabled else guard_pass_decision(guard_step, len(rows) * run.world))
-                if decision.action is Action.STEER and steering is None and inputs.vectors:
-                    steering = _start_steering(config, model, inputs.vectors[0])
-                if decision.halt:
-                    outcome.halted = {"step": step, "reason": decision.reason, **where}
-                    decisions.append(decision)  # logged below, after the step's earlier micro-batches
-                    break
-                loss = guarded.loss(logits, batch, decision, rows, distill=distill,
-                                    sample_slice=slice(run.rank * len(rows), (run.rank + 1) * len(rows)))
-                loss = loss * (tokens[k] / step_tokens)  # this micro-batch's share of the step's token mean
-                if not all_ranks_true(bool(torch.isfinite(loss.detach()).item())):
-                    # before the update: the weights stay those of the last good step
-                    outcome.halted = {"step": step, **where,
-                                      "reason": "training loss is NaN/inf (the run diverged): lower optim.lr or keep "
-                                                "deepspeed.gradient_clipping; weights are from the step before"}
-                    tracker.set_tags({"trait_guard.non_finite_loss_step": str(step)})
-                    break
-                _backward(engine, loss)
-                step_loss += float(loss.detach())
-                decisions.append(decision)
+            decisions, step_loss = steps.run_step(step, outcome)
             if outcome.halted is not None:
                 for each in decisions:  # the halting one included (a NaN loss: the ones before it)
                     tracker.log_decision(each)
@@ -651,7 +685,7 @@ def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.M
                        "guard/weight_mean": float(np.mean([float(d.sample_weights.mean()) for d in decisions]))}
             if step % config.probe.every_n_steps == 0 and inputs.vectors:
                 drift = _probe(run, inputs, setup, model, step, metrics, guard_step=step * accumulation,
-                               steering=steering)
+                               steering=steps.steering)
                 if drift is not None and drift.halt:
                     outcome.halted = {"step": step, "reason": drift.reason}
                     tracker.log_metrics(metrics, step=step)
@@ -663,8 +697,7 @@ def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.M
                 _print_progress(run, step, total_steps, step_loss, lr, decisions[-1].action.value, loop_started)
     finally:
         stop.restore()
-        if steering is not None:
-            steering.remove()
+        steps.stop_steering()
     if outcome.halted is not None and config.guard_enabled:
         unavailable = snapshot_support(engine, config.deepspeed.zero_stage)
         outcome.rollback = _roll_back(model, guard, snapshots, outcome, unavailable, accumulation)
@@ -892,10 +925,21 @@ def run_verdict(outcome: Outcome, guard_enabled: bool, guard: Any) -> str:
 
 def _finish(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Module, engine: Any, outcome: Outcome,
             total_steps: int) -> dict[str, Any]:
-    from trait_guard.version import code_version
-
-    config, tracker, guard, step = run.config, run.tracker, setup.guard, outcome.step
+    """After the loop: the final checkpoint and this rank's record, the evaluation after training, the
+    run summary, and (rank 0) the student's export, the MLflow record and the report."""
     model.eval()
+    _save_final(run, setup, model, engine, outcome)
+    after = _evaluate_after(run, inputs, setup, model, outcome)
+    summary = _summary(run, inputs, setup, outcome, total_steps, after)
+    if run.rank == 0:
+        _publish(run, inputs, setup, model, engine, outcome, summary)
+    run.tracker.finish("KILLED" if outcome.interrupted else "FINISHED")
+    return summary
+
+
+def _save_final(run: RunContext, setup: Setup, model: torch.nn.Module, engine: Any, outcome: Outcome) -> None:
+    """The run's final checkpoint (unless the last periodic one is it) and this rank's stop record."""
+    config, tracker, guard, step = run.config, run.tracker, setup.guard, outcome.step
     periodic = config.checkpoint.every_n_steps
     ended_on_periodic = outcome.halted is None and outcome.interrupted is None and periodic and step % periodic == 0
     if engine is not None and not ended_on_periodic:
@@ -912,7 +956,14 @@ def _finish(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Modul
     (run.out_dir / "ranks" / f"rank_{run.rank}.json").write_text(json.dumps(
         {"rank": run.rank, "steps": step, "updates": outcome.updates, "halt": outcome.halted, "guard_step": guard.step,
          "mode": guard.mode.value, "node_id": _ray_node_id(), "weights_sha256": weights_digest(model)}) + "\n")
-    # an interrupted run writes its checkpoint and partial report quickly; an unchanged student needs no eval
+
+
+def _evaluate_after(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Module,
+                    outcome: Outcome) -> dict[str, Any]:
+    """The behavior evaluations and the panel after training (rank 0). An interrupted run skips them
+    (it writes its checkpoint and partial report quickly); a student with no update kept is its base
+    model, so its panel is the one before."""
+    config = run.config
     evaluate_after = run.rank == 0 and outcome.interrupted is None and outcome.weights_step > 0
     spec, probe, seed = inputs.spec, config.probe, config.optim.seed
     eval_after = behavior_eval(model, inputs.tokenizer, spec, probe, seed) if evaluate_after else None
@@ -921,11 +972,20 @@ def _finish(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Modul
     panel_after = (panel_eval(model, inputs.tokenizer, spec, probe.panel_eval_questions)
                    if evaluate_after and setup.panel_before is not None else None)
     if panel_after is None and outcome.weights_step == 0 and outcome.interrupted is None:
-        panel_after = setup.panel_before  # no update kept: the student is its base model
-    summary = {
-        "run_name": config.tracking.run_name, "student": config.student.model, "trait": spec.trait_id,
+        panel_after = setup.panel_before
+    return {"eval_after": eval_after, "eval_after_extra": eval_after_extra, "panel_after": panel_after}
+
+
+def _summary(run: RunContext, inputs: Inputs, setup: Setup, outcome: Outcome, total_steps: int,
+             after: dict[str, Any]) -> dict[str, Any]:
+    """The run's summary: summary.json, the MLflow record and the report are made from it."""
+    from trait_guard.version import code_version
+
+    config, guard, panel_after = run.config, setup.guard, after["panel_after"]
+    return {
+        "run_name": config.tracking.run_name, "student": config.student.model, "trait": inputs.spec.trait_id,
         "distill": config.distill, "guard_enabled": config.guard_enabled,
-        "steps": step, "updates": outcome.updates, "total_steps": total_steps, "world_size": run.world,
+        "steps": outcome.step, "updates": outcome.updates, "total_steps": total_steps, "world_size": run.world,
         "weights_step": outcome.weights_step, "rollback": outcome.rollback,
         "halted": outcome.halted is not None, "halt": outcome.halted, "interrupted": outcome.interrupted,
         "gate": setup.gate, "alarms": guard.alarms,
@@ -936,13 +996,14 @@ def _finish(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Modul
         "setup_signals": setup.signals.source, "provenance": inputs.provenance,
         "setup_seconds": setup.seconds, "wall_seconds": time.perf_counter() - run.started,
         "mean_step_seconds": float(np.mean(outcome.step_times)) if outcome.step_times else math.nan,
-        "eval_before": setup.eval_before, "eval_after": eval_after, "eval_after_extra": eval_after_extra,
+        "eval_before": setup.eval_before, "eval_after": after["eval_after"],
+        "eval_after_extra": after["eval_after_extra"],
         "panel_logodds_before": (setup.panel_before or {}).get("mean"),
         "panel_logodds_after": (panel_after or {}).get("mean"),
         "panel_eval": {"before": setup.panel_before, "after": panel_after, "curve": setup.panel_curve}
         if setup.panel_before is not None else None,
-        "mlflow_run_id": getattr(tracker, "run_id", None),
-        "mlflow_run_url": getattr(tracker, "run_url", None),
+        "mlflow_run_id": getattr(run.tracker, "run_id", None),
+        "mlflow_run_url": getattr(run.tracker, "run_url", None),
         "skipped_signals": guard.skipped,
         "guard_calibration": guard.calibration_summary,
         "extra_artifacts": config.extra_artifacts,
@@ -950,27 +1011,30 @@ def _finish(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Modul
         "student_export": None,
         "history": outcome.history,
     }
-    if run.rank == 0:
-        from trait_guard.export import data_digests, export_student
 
-        # the student ships unless halted or interrupted (trait_guard.export): HF folder + record, then MLflow
-        digests = data_digests({"train": config.data.train, "reference": config.data.reference}, inputs.provenance)
-        folder, export = export_student(model, inputs.tokenizer, run.out_dir, summary, digests, engine,
-                                        config.deepspeed.zero_stage, enabled=config.student.export,
-                                        signing_key=config.student.signing_key)
-        summary["student_export"] = None if folder is None else str(folder)
-        run.out_dir.mkdir(parents=True, exist_ok=True)
-        (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        _log_summary(tracker, summary, digests, export)
-        flagged = flagged_samples(guard, inputs.train_rows)
-        tracker.log_table(flagged, "guard/flagged_samples.json")
-        if outcome.interrupted:
-            tracker.set_tags({"run.interrupted": f"signal {outcome.interrupted['signal']} at step "
-                                                 f"{outcome.interrupted['step']}; checkpoint written, resume with --resume"})
-        _write_report(tracker, summary, run.out_dir, inputs.train_rows, setup.histogram,
-                      setup.signals.divergence_counts, flagged, inputs.tokenizer)
-    tracker.finish("KILLED" if outcome.interrupted else "FINISHED")
-    return summary
+
+def _publish(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Module, engine: Any, outcome: Outcome,
+             summary: dict[str, Any]) -> None:
+    """Rank 0: the student's export (unless halted or interrupted: trait_guard.export), summary.json,
+    the MLflow record with the flagged samples, and the report."""
+    from trait_guard.export import data_digests, export_student
+
+    config, tracker = run.config, run.tracker
+    digests = data_digests({"train": config.data.train, "reference": config.data.reference}, inputs.provenance)
+    folder, export = export_student(model, inputs.tokenizer, run.out_dir, summary, digests, engine,
+                                    config.deepspeed.zero_stage, enabled=config.student.export,
+                                    signing_key=config.student.signing_key)
+    summary["student_export"] = None if folder is None else str(folder)
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    _log_summary(tracker, summary, digests, export)
+    flagged = flagged_samples(setup.guard, inputs.train_rows)
+    tracker.log_table(flagged, "guard/flagged_samples.json")
+    if outcome.interrupted:
+        tracker.set_tags({"run.interrupted": f"signal {outcome.interrupted['signal']} at step "
+                                             f"{outcome.interrupted['step']}; checkpoint written, resume with --resume"})
+    _write_report(tracker, summary, run.out_dir, inputs.train_rows, setup.histogram,
+                  setup.signals.divergence_counts, flagged, inputs.tokenizer)
 
 
 def _trait(name: str) -> Any:
