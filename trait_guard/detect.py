@@ -424,6 +424,38 @@ def _lundberg(increments: np.ndarray) -> float | None:
     return hi
 
 
+def _bootstrap_ert(sides: list[np.ndarray], target: float, n_streams: int, max_cycles: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, list[_Excursions], int, float]:
+    """ERT on a grid of h of the CUSUM whose sides step by increments resampled from ``sides``
+    (the two alarm rates added), simulated with about ``n_streams`` false alarms at ``target``.
+
+    The grid's cap is raised 1.6x (at most 12 times) until the ERT at the cap passes the target, so
+    the target lies inside the grid. Returns ``(ert, per-side excursions, cycles, mean cycle length)``.
+    """
+    # first cap (largest h considered; raised below if too low): ERT grows like exp(theta h)
+    # with a negative drift, and like h^2 without (k = 0), which also bounds the drifting case
+    cap = 2.0 + 2.0 * math.sqrt(target)
+    thetas = [_lundberg(s) for s in sides if s.max() > 0]  # sides that can alarm
+    if all(t is not None for t in thetas):
+        cap = min(cap, 2.0 + 1.5 * math.log(target) / min(t for t in thetas if t is not None))
+    for _ in range(12):
+        pilot = [_simulate_excursions(s, cap, 20_000, rng) for s in sides]
+        mean_len = min(p.steps[-1] / p.n_cycles for p in pilot)
+        n_cycles = int(min(max_cycles, max(20_000, math.ceil(n_streams * target / mean_len))))
+        sims = [_simulate_excursions(s, cap, n_cycles, rng) for s in sides]
+        rate = np.zeros_like(sims[0].grid)
+        for sim in sims:
+            rate = rate + sim.alarms / sim.steps
+        with np.errstate(divide="ignore"):
+            ert = 1.0 / rate
+        if ert[-1] >= target * 1.05:
+            break
+        cap *= 1.6
+    else:
+        raise RuntimeError(f"CUSUM calibration did not reach target_ert={target} (cap {cap:.3g})")
+    return ert, sims, n_cycles, mean_len
+
+
 # ----------------------------------------------------------------------------- honest calibration
 
 _H_OFFSET = 1.166  # Siegmund's overshoot correction: detection delay ~ (h + 1.166) / (shift - k)
@@ -588,6 +620,111 @@ def _round_up(n: float) -> int:
     return int(math.ceil(n / step) * step)
 
 
+class _ReplicateERT(NamedTuple):
+    """log ERT(h) of the CUSUM as a reference replicate ``(delta, rho)`` would calibrate it, interpolated
+    from the curves simulated per side: ``grids[s]`` the allowances of side s, ``tables[s]`` its curves
+    tabulated (:func:`_tabulate`), ``h`` the thresholds evaluated."""
+
+    k: float
+    h: np.ndarray
+    grids: list[np.ndarray]
+    tables: list[tuple[np.ndarray, np.ndarray]]
+
+    def log_ert(self, delta: np.ndarray, rho: np.ndarray, clip: bool = False) -> np.ndarray:
+        """``log ERT`` ``[replicates, len(h)]``: the sides' alarm rates added (see :func:`_side_log_ert`)."""
+        k = self.k
+        kappa = [(k - delta) / rho, (k + delta) / rho]
+        total = np.zeros((delta.size, self.h.size))
+        for grid, tab, kap in zip(self.grids, self.tables, kappa, strict=False):
+            total += np.exp(-_side_log_ert(grid, tab, kap, rho, self.h, clip))
+        with np.errstate(divide="ignore"):
+            return -np.log(total)
+
+    def at(self, table: np.ndarray, threshold: float) -> np.ndarray:
+        """Every row of ``table`` (a :meth:`log_ert` result) interpolated linearly at ``threshold``."""
+        h = self.h
+        j = min(int(np.searchsorted(h, threshold)), h.size - 1)
+        if j == 0:
+            return table[:, 0]
+        frac = (threshold - h[j - 1]) / (h[j] - h[j - 1])
+        return table[:, j - 1] * (1.0 - frac) + table[:, j] * frac
+
+
+def _allowance_curves(w: np.ndarray, delta: np.ndarray, rho: np.ndarray, k: float, two_sided: bool,
+                      target: float, n_alarms: int, rng: np.random.Generator,
+                      max_cycles: int) -> list[list[_Curve]]:
+    """Per CUSUM side, ERT curves simulated at a grid of allowances covering the replicates' own
+    (:func:`_kappa_grid`; upper side ``(k - delta) / rho``, lower ``(k + delta) / rho``), so that the
+    cost does not grow with the number of replicates. Raises if a side cannot drift down."""
+    floor = 0.25 * k  # an allowance below this needs a threshold > ~4x the nominal: no longer a detector
+    sides = [(w, (k - delta) / rho)] + ([(-w, (k + delta) / rho)] if two_sided else [])
+    curves = []
+    for base, kappas in sides:
+        side = [_ert_curve(base, kappa, target, n_alarms, rng, max_cycles)
+                for kappa in _kappa_grid(kappas, floor, k, 10)]
+        if any(c is None for c in side):
+            raise ValueError(f"k={k} leaves a CUSUM side without negative drift on the reference: use a larger k")
+        curves.append([c for c in side if c is not None])
+    return curves
+
+
+def _replicate_ert(curves: list[list[_Curve]], k: float, rho: np.ndarray, target: float) -> _ReplicateERT:
+    """Tabulate ``curves`` for :class:`_ReplicateERT`, with thresholds ``h`` up to 1.5x the largest one a
+    curve needs for ``target`` (scaled by the largest ``rho``), tables far enough for the smallest."""
+    reach = max((math.log(target) - c.intercept) / c.theta for side in curves for c in side)
+    h = np.linspace(0.0, 1.5 * max(reach, 1.0) * max(1.0, float(rho.max())), 512)
+    grids = [np.array([c.kappa for c in side]) for side in curves]
+    tables = [_tabulate(side, float(h[-1] / min(1.0, float(rho.min())))) for side in curves]
+    return _ReplicateERT(k, h, grids, tables)
+
+
+def _honest_threshold(model: _ReplicateERT, delta: np.ndarray, rho: np.ndarray, target: float,
+                      confidence: float) -> tuple[float, bool, np.ndarray, np.ndarray]:
+    """The ``confidence`` quantile of the replicates' needed thresholds: ``(h, feasible, needed, table)``.
+
+    Not feasible (inf) when too many replicates fall below the lowest allowance simulated; ``h`` is
+    then the best this reference allows (those replicates clipped to the lowest curve), and ``table``
+    (the replicates' log ERT, for :meth:`_ReplicateERT.at`) the clipped one. ``needed`` is unclipped.
+    """
+    table = model.log_ert(delta, rho)
+    needed = _needed_h(table, model.h, target)
+    honest = _upper_quantile(needed, confidence)
+    feasible = math.isfinite(honest)
+    if not feasible:
+        table = model.log_ert(delta, rho, clip=True)
+        honest = _upper_quantile(_needed_h(table, model.h, target), confidence)
+    return honest, feasible, needed, table
+
+
+def _needed_reference_n(model: _ReplicateERT, delta: np.ndarray, rho: np.ndarray, nominal: float, target: float,
+                        confidence: float, max_inflation: float, n: int) -> int | None:
+    """The reference size (rounded up, :func:`_round_up`) whose delay factor stays below
+    ``max_inflation`` with headroom, by bisection on log scale over up to 10,000x the ``n`` units now;
+    None if even that is not enough."""
+
+    def inflation(scale: float) -> float:  # a reference ``scale`` times larger: deviations / sqrt(scale)
+        shrink = 1.0 / math.sqrt(scale)
+        d, r = delta[:400], rho[:400]  # the size asked for needs no more precision than this
+        need = _needed_h(model.log_ert(d * shrink, 1.0 + (r - 1.0) * shrink), model.h, target)
+        return (_upper_quantile(need, confidence) + _H_OFFSET) / (nominal + _H_OFFSET)
+
+    goal = 1.0 + 0.8 * (max_inflation - 1.0)  # headroom: a reference of this size passes the check
+    lo, hi = 0.0, math.log(1e4)
+    if inflation(math.exp(hi)) > goal:
+        return None
+    for _ in range(9):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if inflation(math.exp(mid)) <= goal else (mid, hi)
+    return _round_up(n * math.exp(hi))
+
+
+def _realized_ert(model: _ReplicateERT, table: np.ndarray, threshold: float, target: float) -> dict[str, Any]:
+    """Quantiles over replicates of the ERT that ``threshold`` realizes, and the share below ``target``."""
+    ert = np.exp(model.at(table, threshold))
+    return {"p10": float(np.quantile(ert, 0.1)), "median": float(np.median(ert)),
+            "below_target": float(np.mean(ert < target))}
+
+
 def _reference_bootstrap(w: np.ndarray, samples: np.ndarray, batch_size: int, k: float, two_sided: bool,
                          target: float, draws: int, confidence: float, max_inflation: float, n_alarms: int,
                          rng: np.random.Generator, max_cycles: int) -> dict[str, Any]:
@@ -608,66 +745,16 @@ def _reference_bootstrap(w: np.ndarray, samples: np.ndarray, batch_size: int, k:
     delta, rho = _reference_draws(samples, batch_size, draws, rng)
     valid = np.isfinite(delta) & np.isfinite(rho)
     delta, rho = delta[valid], rho[valid]
-    floor = 0.25 * k  # an allowance below this needs a threshold > ~4x the nominal: no longer a detector
-    sides = [(w, (k - delta) / rho)] + ([(-w, (k + delta) / rho)] if two_sided else [])
-    curves = []
-    for base, kappas in sides:
-        side = [_ert_curve(base, kappa, target, n_alarms, rng, max_cycles)
-                for kappa in _kappa_grid(kappas, floor, k, 10)]
-        if any(c is None for c in side):
-            raise ValueError(f"k={k} leaves a CUSUM side without negative drift on the reference: use a larger k")
-        curves.append(side)
-    reach = max((math.log(target) - c.intercept) / c.theta for side in curves for c in side)
-    h = np.linspace(0.0, 1.5 * max(reach, 1.0) * max(1.0, float(rho.max())), 512)
-    grids = [np.array([c.kappa for c in side]) for side in curves]
-    tables = [_tabulate(side, float(h[-1] / min(1.0, float(rho.min())))) for side in curves]
-
-    def log_ert(delta: np.ndarray, rho: np.ndarray, clip: bool = False) -> np.ndarray:
-        kappa = [(k - delta) / rho, (k + delta) / rho]
-        total = np.zeros((delta.size, h.size))
-        for grid, tab, kap in zip(grids, tables, kappa, strict=False):
-            total += np.exp(-_side_log_ert(grid, tab, kap, rho, h, clip))
-        with np.errstate(divide="ignore"):
-            return -np.log(total)
-
-    def at(table: np.ndarray, threshold: float) -> np.ndarray:
-        j = min(int(np.searchsorted(h, threshold)), h.size - 1)
-        if j == 0:
-            return table[:, 0]
-        frac = (threshold - h[j - 1]) / (h[j] - h[j - 1])
-        return table[:, j - 1] * (1.0 - frac) + table[:, j] * frac
-
-    table = log_ert(delta, rho)
-    needed = _needed_h(table, h, target)
-    nominal = float(_needed_h(log_ert(np.zeros(1), np.ones(1)), h, target)[0])
-    honest = _upper_quantile(needed, confidence)
-    feasible = math.isfinite(honest)
-    if not feasible:  # too many draws beyond the lowest allowance: the best this reference allows
-        table = log_ert(delta, rho, clip=True)
-        honest = _upper_quantile(_needed_h(table, h, target), confidence)
-
-    def realized(threshold: float) -> dict[str, Any]:
-        ert = np.exp(at(table, threshold))
-        return {"p10": float(np.quantile(ert, 0.1)), "median": float(np.median(ert)),
-                "below_target": float(np.mean(ert < target))}
-
-    def inflation(scale: float) -> float:  # a reference ``scale`` times larger: deviations / sqrt(scale)
-        shrink = 1.0 / math.sqrt(scale)
-        d, r = delta[:400], rho[:400]  # the size asked for needs no more precision than this
-        need = _needed_h(log_ert(d * shrink, 1.0 + (r - 1.0) * shrink), h, target)
-        return (_upper_quantile(need, confidence) + _H_OFFSET) / (nominal + _H_OFFSET)
-
+    curves = _allowance_curves(w, delta, rho, k, two_sided, target, n_alarms, rng, max_cycles)
+    model = _replicate_ert(curves, k, rho, target)
+    nominal = float(_needed_h(model.log_ert(np.zeros(1), np.ones(1)), model.h, target)[0])
+    honest, feasible, needed, table = _honest_threshold(model, delta, rho, target, confidence)
     delay_factor = (honest + _H_OFFSET) / (nominal + _H_OFFSET)
     needed_n = None
     if not feasible or delay_factor > max_inflation:
-        goal = 1.0 + 0.8 * (max_inflation - 1.0)  # headroom: a reference of this size passes the check
-        lo, hi = 0.0, math.log(1e4)
-        if inflation(math.exp(hi)) <= goal:
-            for _ in range(9):
-                mid = 0.5 * (lo + hi)
-                lo, hi = (lo, mid) if inflation(math.exp(mid)) <= goal else (mid, hi)
-            needed_n = _round_up(samples.size * math.exp(hi))
-    quantiles = np.quantile(needed[np.isfinite(needed)], [0.1, 0.5, 0.9]) if np.isfinite(needed).any() else [math.inf] * 3
+        needed_n = _needed_reference_n(model, delta, rho, nominal, target, confidence, max_inflation, samples.size)
+    finite = np.isfinite(needed)
+    quantiles = np.quantile(needed[finite], [0.1, 0.5, 0.9]) if finite.any() else [math.inf] * 3
     return {
         "h": honest,
         "nominal_h": nominal,
@@ -677,10 +764,10 @@ def _reference_bootstrap(w: np.ndarray, samples: np.ndarray, batch_size: int, k:
         "batch_size": int(batch_size),
         "draws": int(delta.size),
         "needed_h_quantiles": {"p10": float(quantiles[0]), "median": float(quantiles[1]), "p90": float(quantiles[2])},
-        "needed_h_infinite": float(np.mean(~np.isfinite(needed))),
+        "needed_h_infinite": float(np.mean(~finite)),
         "mean_offset_sd": float(np.std(delta)),
-        "realized_ert": realized(honest),
-        "realized_ert_nominal_h": realized(nominal),
+        "realized_ert": _realized_ert(model, table, honest, target),
+        "realized_ert_nominal_h": _realized_ert(model, table, nominal, target),
         "delay_factor": delay_factor,
         "max_delay_factor": max_inflation,
         "needed_reference_n": needed_n,
@@ -781,33 +868,20 @@ class CUSUMDetector(Detector):
         if draws:
             return self._calibrate_to_reference(z, target, n_streams, seed, max_cycles, draws, reference_samples,
                                                 batch_size, confidence, max_delay_factor)
+        return self._calibrate_to_bootstrap(z, target, n_streams, seed, max_cycles)
+
+    def _calibrate_to_bootstrap(self, z: np.ndarray, target: float, n_streams: int, seed: int,
+                                max_cycles: int) -> CUSUMDetector:
+        """:meth:`calibrate` without reference draws: the smallest grid h whose bootstrap ERT reaches the
+        target (:func:`_bootstrap_ert`), the reference taken as exact."""
+        assert self._ref is not None
         sides = [z - self.k] + ([-z - self.k] if self.two_sided else [])
         if all(s.max() <= 0 for s in sides):
             raise ValueError(
                 f"k={self.k} is larger than every standardized reference score: the CUSUM can never "
                 "move on clean data, so no threshold can be calibrated; use a smaller k")
         rng = np.random.default_rng(seed)
-        # first cap (largest h considered; raised below if too low): ERT grows like exp(theta h)
-        # with a negative drift, and like h^2 without (k = 0), which also bounds the drifting case
-        cap = 2.0 + 2.0 * math.sqrt(target)
-        thetas = [_lundberg(s) for s in sides if s.max() > 0]  # sides that can alarm
-        if all(t is not None for t in thetas):
-            cap = min(cap, 2.0 + 1.5 * math.log(target) / min(t for t in thetas if t is not None))
-        for _ in range(12):
-            pilot = [_simulate_excursions(s, cap, 20_000, rng) for s in sides]
-            mean_len = min(p.steps[-1] / p.n_cycles for p in pilot)
-            n_cycles = int(min(max_cycles, max(20_000, math.ceil(n_streams * target / mean_len))))
-            sims = [_simulate_excursions(s, cap, n_cycles, rng) for s in sides]
-            rate = np.zeros_like(sims[0].grid)
-            for sim in sims:
-                rate = rate + sim.alarms / sim.steps
-            with np.errstate(divide="ignore"):
-                ert = 1.0 / rate
-            if ert[-1] >= target * 1.05:
-                break
-            cap *= 1.6
-        else:
-            raise RuntimeError(f"CUSUM calibration did not reach target_ert={target} (cap {cap:.3g})")
+        ert, sims, n_cycles, mean_len = _bootstrap_ert(sides, target, n_streams, max_cycles, rng)
         j = int(np.argmax(ert >= target))  # smallest grid h whose ERT reaches the target
         h = float(sims[0].grid[j])
         alarms = int(sum(sim.alarms[j] for sim in sims))
