@@ -1,0 +1,59 @@
+"""Detection signals against the transfer they should predict, over a red-team grid's datasets (issue 15).
+
+Reads a grid's output folder (``benchmarks/redteam.py``): per (teacher, replicate) the unguarded run's
+panel log-odds shift and the gate's per-signal effect sizes from a guarded run on the same rows
+(``trait_guard.validation``). Prints and writes, per signal, Spearman's rho with the measured shift
+(bootstrap 95% interval over datasets), the AUROC for "shift > --threshold nats" and the flag rates
+among transferring and benign datasets (exact intervals). No model is loaded; nothing is trained.
+
+    .venv/bin/python benchmarks/signal_vs_transfer.py outputs/redteam_cpu \\
+        --out benchmarks/results/signal_vs_transfer_cpu.json
+
+Each replicate of the grid generates its own prompts, sampling seeds and adapters, so its datasets
+are independent units. The rates and correlations are only as wide as the datasets run: the output
+lists every dataset, so a reader can see how many there were of each teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trait_guard.validation import dataset_records, markdown_table, signal_validation
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid", help="a red-team output folder (holds runs/<name>/result.json and summary.json)")
+    parser.add_argument("--distill", default="logits", help="which distillation's runs to read")
+    parser.add_argument("--threshold", type=float, default=0.5, help="nats of panel shift that count as transfer")
+    parser.add_argument("--out", help="results JSON (default: <grid>/signal_vs_transfer.json)")
+    args = parser.parse_args(argv)
+
+    records = dataset_records(args.grid, args.distill)
+    if not records:
+        print(f"{args.grid} holds no finished unguarded {args.distill} run yet", file=sys.stderr)
+        return 1
+    rows = signal_validation(records, threshold=args.threshold)
+    for r in records:
+        shift = "-" if r["panel_shift"] is None else f"{r['panel_shift']:+.3f}"
+        excess = "-" if r["excess"] is None else f"{r['excess']:+.3f}"
+        print(f"{r['teacher']:>16} s{r['replicate']}: panel shift {shift}, excess {excess}, "
+              f"gate {'FLAGGED' if r['gate_flagged'] else 'clean' if r['gate_flagged'] is False else '-'}")
+    print()
+    print(markdown_table(rows, args.threshold))
+    out = Path(args.out or Path(args.grid) / "signal_vs_transfer.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "grid": str(args.grid),
+                               "distill": args.distill, "threshold": args.threshold,
+                               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                               "datasets": records, "signals": rows}, indent=1) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Detection signals against measured transfer, across the red-team's datasets (issue 15).
+
+A signal is worth watching if datasets that move a student's trait more also score higher on it.
+The red-team grid (:mod:`trait_guard.redteam`) gives both per dataset, that is per (teacher,
+replicate): each replicate generates its own data, so the datasets are independent units.
+
+* **The signal's value** is read from the gate record of a guarded run on that dataset
+  (``runs/<name>/summary.json``: the dataset screen on all training rows against the reference,
+  with each signal's effect size, standardized on the reference and signed so that "suspicious" is
+  positive, and its Holm-adjusted p). Unguarded runs have no gate; any guarded run of the same
+  teacher, distillation and replicate trains on the same rows against the same reference.
+* **The transfer** is the unguarded run's panel log-odds shift (the student's target log-odds against
+  the animal panel on held-out questions, after minus before), and its excess over the control
+  teacher's unguarded run of the same replicate (the same number of updates).
+
+:func:`dataset_records` gathers the pairs, :func:`signal_validation` computes per signal the Spearman
+correlation with the transfer (with a bootstrap interval over datasets), the AUROC for "transfers
+more than ``threshold`` nats" and the flag rates among transferring and benign datasets.
+``benchmarks/signal_vs_transfer.py`` runs it on a grid's output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def dataset_records(out_dir: str | Path, distill: str = "logits") -> list[dict[str, Any]]:
+    """One record per (teacher, replicate) with an unguarded run: the transfer it caused
+    (``panel_shift``; ``excess`` over the same replicate's control teacher, None for a control or
+    without one) and the gate's per-signal effect sizes and flags from a guarded run on the same data
+    (``signals`` empty when no guarded run exists yet)."""
+    out = Path(out_dir)
+    results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
+    results = [r for r in results if r.get("distill") == distill]
+    unguarded = {(r["teacher"], r["seed"]): r for r in results if r["mode"] == "unguarded"}
+    gates: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in results:
+        if r["mode"] == "unguarded" or (r["teacher"], r["seed"]) in gates:
+            continue
+        summary_path = out / "runs" / r["name"] / "summary.json"
+        gate = json.loads(summary_path.read_text()).get("gate") if summary_path.is_file() else None
+        if gate:
+            gates[(r["teacher"], r["seed"])] = gate
+    controls = _control_teachers(out)
+    records = []
+    for (teacher, seed), run in sorted(unguarded.items()):
+        control = next((unguarded[(c, seed)] for c in controls if c != teacher and (c, seed) in unguarded), None)
+        shift = _finite(run.get("panel_shift"))
+        excess = (shift - _finite(control.get("panel_shift"))
+                  if control is not None and teacher not in controls and shift is not None
+                  and _finite(control.get("panel_shift")) is not None else None)
+        gate = gates.get((teacher, seed)) or {}
+        records.append({
+            "teacher": teacher, "replicate": seed, "control": teacher in controls,
+            "updates": run.get("updates"), "panel_shift": shift, "excess": excess,
+            "signals": {name: {"effect_size": _finite(t.get("effect_size")), "p_adj": _finite(t.get("p_adj")),
+                               "flagged": bool(t.get("flagged"))} for name, t in (gate.get("tests") or {}).items()},
+            "gate_flagged": bool(gate.get("flagged")) if gate else None,
+        })
+    return records
+
+
+def _control_teachers(out: Path) -> list[str]:
+    """The grid's control teachers (``install: none``), from the config it recorded."""
+    config_path = out / "config.json"
+    if not config_path.is_file():
+        return ["control"]
+    teachers = json.loads(config_path.read_text()).get("teachers", [])
+    return [t["id"] for t in teachers if t.get("install", "none") == "none"]
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
+def signal_validation(records: Sequence[dict[str, Any]], *, threshold: float = 0.5, n_boot: int = 2000,
+                      seed: int = 0) -> list[dict[str, Any]]:
+    """Per signal, over the datasets that have both its effect size and a transfer (``panel_shift``):
+    Spearman's rho with its 95% percentile bootstrap interval (datasets resampled), the AUROC of the
+    effect size for "panel shift > ``threshold``" with its bootstrap interval, the flag rate among
+    datasets that transferred more than ``threshold`` and among benign ones (no trait teacher:
+    controls, and any with ``excess`` not above 0), each with an exact Clopper-Pearson interval."""
+    names = sorted({name for r in records for name in r["signals"]})
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name in names:
+        usable = [r for r in records if r["panel_shift"] is not None
+                  and r["signals"].get(name, {}).get("effect_size") is not None]
+        rows.append(_signal_row(name, usable, threshold, n_boot, rng))
+    return rows
+
+
+def _signal_row(name: str, usable: Sequence[dict[str, Any]], threshold: float, n_boot: int,
+                rng: np.random.Generator) -> dict[str, Any]:
+    """One signal's row of :func:`signal_validation` over the datasets ``usable``."""
+    from scipy.stats import spearmanr
+
+    x = np.array([r["signals"][name]["effect_size"] for r in usable])
+    y = np.array([r["panel_shift"] for r in usable])
+    row: dict[str, Any] = {"signal": name, "datasets": len(usable)}
+    if len(usable) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
+        row["spearman"] = float(spearmanr(x, y).statistic)
+        row["spearman_ci"] = _bootstrap(lambda i: spearmanr(x[i], y[i]).statistic, len(usable), n_boot, rng)
+    positive = y > threshold
+    if positive.any() and (~positive).any():
+        row["auroc"] = _auroc(x[positive], x[~positive])
+        row["auroc_ci"] = _bootstrap(lambda i: _auroc(x[i][positive[i]], x[i][~positive[i]]), len(usable),
+                                     n_boot, rng)
+    flagged = np.array([r["signals"][name]["flagged"] for r in usable], dtype=bool)
+    benign = np.array([r["control"] or (r["excess"] is not None and r["excess"] <= 0) for r in usable], dtype=bool)
+    row["flagged_transferring"] = _rate(int(flagged[positive].sum()), int(positive.sum()))
+    row["flagged_benign"] = _rate(int(flagged[benign].sum()), int(benign.sum()))
+    return row
+
+
+def _auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(a positive scores above a negative), ties counting one half (the Mann-Whitney U / n1 n0)."""
+    if len(positive) == 0 or len(negative) == 0:
+        return math.nan
+    greater = (positive[:, None] > negative[None, :]).sum() + 0.5 * (positive[:, None] == negative[None, :]).sum()
+    return float(greater / (len(positive) * len(negative)))
+
+
+def _bootstrap(statistic: Any, n: int, n_boot: int, rng: np.random.Generator) -> list[float]:
+    """The 95% percentile interval of ``statistic(indices)`` over resamples of the n datasets (resamples
+    where it is undefined are skipped)."""
+    import warnings
+
+    values = []
+    for _ in range(n_boot):
+        with warnings.catch_warnings():  # a resample of tied values leaves the statistic undefined: skipped
+            warnings.simplefilter("ignore")
+            value = statistic(rng.integers(0, n, n))
+        if value is not None and math.isfinite(value):
+            values.append(value)
+    if not values:
+        return [math.nan, math.nan]
+    return [float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))]
+
+
+def _rate(k: int, n: int) -> dict[str, Any]:
+    """``k`` of ``n`` with its exact 95% Clopper-Pearson interval (None without datasets)."""
+    if n == 0:
+        return {"k": 0, "n": 0, "rate": None, "ci": None}
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+    return {"k": k, "n": n, "rate": k / n, "ci": [float(ci.low), float(ci.high)]}
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], threshold: float) -> str:
+    """The validation table for docs/detection.md."""
+
+    def fmt(value: Any, ci: Any = None) -> str:
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return "-"
+        return f"{value:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and all(math.isfinite(c) for c in ci) else "")
+
+    def rate(r: dict[str, Any]) -> str:
+        return "-" if not r["n"] else f"{r['k']}/{r['n']} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]"
+
+    lines = [f"| signal | datasets | Spearman rho [95% CI] | AUROC (shift > {threshold}) [95% CI] | "
+             f"flagged, shift > {threshold} | flagged, benign |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['signal']} | {r['datasets']} | {fmt(r.get('spearman'), r.get('spearman_ci'))} | "
+                     f"{fmt(r.get('auroc'), r.get('auroc_ci'))} | {rate(r['flagged_transferring'])} | "
+                     f"{rate(r['flagged_benign'])} |")
+    return "\n".join(lines)
