@@ -309,6 +309,19 @@ def test_stale_results_and_only_patterns():
     assert "other code" in stale_reason({**fresh, "code_version": {"source_sha256": "0" * 64}}, design)
     assert "design" in stale_reason({**fresh, "replicate_design": None}, design)  # from before replicates
     assert "design" in stale_reason(fresh, replicate_design(config, 2))
+    # the grid's YAML edited between pieces: a result trained with other settings is not mixed in
+    from trait_guard.redteam import run_settings_digest
+
+    name = ("owl", "logits", "halt", 1)
+    settings = run_settings_digest(config, *name)
+    assert settings == run_settings_digest(config, *name)  # deterministic (no paths, no clock)
+    assert stale_reason({**fresh, "settings_sha256": settings}, design, settings) is None
+    edited = config.model_copy(deep=True)
+    edited.training.guard.alpha = 0.05
+    assert run_settings_digest(edited, *name) != settings
+    assert "other settings" in stale_reason({**fresh, "settings_sha256": settings}, design,
+                                            run_settings_digest(edited, *name))
+    assert run_settings_digest(config, "owl", "logits", "unguarded", 1) != settings  # the mode is part of it
     assert selected("owl-logits-halt-s3", None) and selected("owl-logits-halt-s3", ["owl-logits-halt-s3"])
     assert selected("owl-logits-halt-s3", ["*-s[3-9]"]) and not selected("owl-logits-halt-s13", ["*-s[3-9]"])
     assert not selected("owl-adapter-logits-halt-s3", ["owl-logits-*"])

@@ -188,17 +188,38 @@ def replicate_generation(config: RedteamConfig, replicate: int, *, reference: bo
     return config.generation.model_copy(update=update)
 
 
-def stale_reason(stored: dict[str, Any], design: dict[str, Any]) -> str | None:
+def stale_reason(stored: dict[str, Any], design: dict[str, Any], settings: str | None = None) -> str | None:
     """Why a stored run result cannot be reused (None: it can): recorded by other code
-    (:func:`trait_guard.version.same_code`), or by another replicate design (other seeds or prompts,
-    e.g. from before replicates were independent)."""
+    (:func:`trait_guard.version.same_code`), by another replicate design (other seeds or prompts,
+    e.g. from before replicates were independent), or with other settings (``settings``: this run's
+    :func:`run_settings_digest`; the grid's YAML edited since, e.g. the guard's or the optimizer's)."""
     from trait_guard.version import same_code
 
     if not same_code(stored.get("code_version")):
         return f"other code ({(stored.get('code_version') or {}).get('git_commit')})"
     if stored.get("replicate_design") != design:
         return "another replicate design (seeds / prompts)"
+    if settings is not None and stored.get("settings_sha256") != settings:
+        return "other settings (training, teacher, generation or extraction)"
     return None
+
+
+def run_settings_digest(config: RedteamConfig, teacher: str, distill: str, mode: str, seed: int) -> str:
+    """SHA-256 of what one run's outcome depends on besides the code and the replicate's seeds: its
+    training config (without its paths and tracking, which follow from the output folder), its
+    teacher's and the reference's settings, the generation, the extraction and the sample counts."""
+    import hashlib
+
+    placeholder = {t.id: Path(t.id) for t in [*config.teachers, config.reference]}
+    train = train_config(config, Path("."), teacher, distill, mode, seed, placeholder, Path("vector"))
+    record = {"training": train.model_dump(mode="json", exclude={"tracking", "output_dir", "data", "vectors",
+                                                                "signals_cache"}),
+              "samples": [config.train_samples, config.reference_samples],
+              "teacher": next(t for t in config.teachers if t.id == teacher).model_dump(mode="json"),
+              "reference": config.reference.model_dump(mode="json"),
+              "generation": config.generation.model_dump(mode="json"), "extract": config.extract.model_dump(mode="json"),
+              "trait": config.trait}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def selected(name: str, only: Sequence[str] | None) -> bool:
@@ -998,7 +1019,8 @@ def _run_grid(config: RedteamConfig, out: Path, parent: Any, only: Sequence[str]
         result_path = out / "runs" / name / "result.json"
         if result_path.is_file():
             stored = json.loads(result_path.read_text())
-            reason = stale_reason(stored, replicate_design(config, seed))
+            reason = stale_reason(stored, replicate_design(config, seed),
+                                  run_settings_digest(config, teacher, distill, mode, seed))
             if reason is None:
                 finished[name] = stored
                 continue
@@ -1026,6 +1048,7 @@ def _run_grid(config: RedteamConfig, out: Path, parent: Any, only: Sequence[str]
         summary = run_training(train)
         result = {"name": name, "teacher": teacher, "distill": distill, "mode": mode, "seed": seed,
                   "replicate_design": replicate_design(config, seed),
+                  "settings_sha256": run_settings_digest(config, teacher, distill, mode, seed),
                   **run_metrics(summary, baselines[(measured_trait(config, teacher), seed)],
                                 {trait: baselines[(trait, seed)] for trait in train.probe.extra_eval_traits})}
         (out / "runs" / name / "result.json").write_text(json.dumps(result, indent=1) + "\n")
