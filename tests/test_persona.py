@@ -11,6 +11,7 @@ from trait_guard.persona import (
     PersonaVectorMismatch,
     SteeringCurve,
     SteeringSweep,
+    beats_random_directions,
     choose_layer,
     choose_steering_layer,
     cohens_d,
@@ -20,6 +21,7 @@ from trait_guard.persona import (
     instruction_held_out_separation,
     layer_separation,
     mean_difference,
+    random_direction_curves,
     residual_norms,
     steering_curves,
 )
@@ -300,7 +302,7 @@ def test_extraction_chooses_by_steering_and_keeps_the_curves(tiny_steered_extrac
         curves, choice = result.curves[method], result.choices[method]
         assert [c.layer for c in curves] == [1, 2, 3, 4] and all(len(c.logodds) == 3 for c in curves)
         assert choice.separation_by == "instruction"
-        assert choice.steering_layer == choose_steering_layer(curves)
+        assert choice.steering_layer == choose_steering_layer(curves, controls=result.controls.get(method))
         expected = choice.steering_layer if choice.steering_layer is not None else choice.separation_layer
         assert choice.layer == expected == result.vectors[method].layer
         assert choice.chosen_by == ("steering" if choice.steering_layer is not None else "separation")
@@ -338,3 +340,42 @@ def test_default_sweep_measures_the_response_mean_vector_only(tiny_steered_extra
     assert [c.layer for c in result.curves["response_mean"]] == sorted({1, 4, separation_layer})
     last_prompt = result.choices["last_prompt"]
     assert last_prompt.chosen_by == "separation" and "not measured for this method" in last_prompt.reason
+
+
+def _sloped(layer, slope, rising=True):
+    logodds = [slope * c for c in (-1.0, 0.0, 1.0)] if rising else [0.0, slope, 0.0]
+    return SteeringCurve(layer=layer, coefficients=[-1.0, 0.0, 1.0], logodds=logodds,
+                         per_question=[[v] for v in logodds], baseline=0.0, scale=1.0)
+
+
+def test_a_layer_is_chosen_by_steering_only_where_the_vector_beats_random_directions():
+    """Layer 3 has the steepest vector curve, but a random direction there moves the log-odds more
+    (disruption): layer 2, whose vector beats its random directions, is chosen; a layer whose controls
+    were not measured never is; without controls the steepest monotone layer wins as before."""
+    curves = [_sloped(1, 0.5), _sloped(2, 1.0), _sloped(3, 2.0), _sloped(4, 5.0, rising=False)]
+    controls = {3: [_sloped(3, 0.4), _sloped(3, -2.5)], 2: [_sloped(2, 0.3), _sloped(2, -0.2)]}
+    assert choose_steering_layer(curves) == 3
+    assert choose_steering_layer(curves, controls=controls) == 2
+    assert choose_steering_layer(curves, controls={3: controls[3]}) is None
+    assert not beats_random_directions(curves[1], [])  # nothing measured: no evidence
+
+
+def test_a_planted_direction_beats_random_directions_of_the_same_size(tiny_llama):
+    """At the last layer the planted owl direction (unembedding rows) raises the log-odds more than
+    each of 4 random orthogonal directions steered with the same coefficients and scale moves them."""
+    model, tokenizer = tiny_llama
+    last = model.config.num_hidden_layers
+    scorer = PanelScorer(tokenizer, "owl", CLEAN_PANEL)
+    norms = residual_norms(model, tokenizer, STEER_QUESTIONS)
+    baseline = scorer.logodds(model, STEER_QUESTIONS)
+    vectors = torch.zeros(last + 1, 32)
+    vectors[last] = _first_token_direction(model, tokenizer, "owl", CLEAN_PANEL[1:])
+    planted = steering_curves(model, tokenizer, vectors, [last], (-1.0, 0.0, 1.0), scorer, STEER_QUESTIONS,
+                              norms=norms, baseline=baseline)[0]
+    randoms = random_direction_curves(model, tokenizer, vectors, last, 4, (-1.0, 0.0, 1.0), scorer, STEER_QUESTIONS,
+                                      norms=norms, baseline=baseline, seed=0)
+    assert len(randoms) == 4 and all(r.layer == last and r.scale == planted.scale for r in randoms)
+    assert beats_random_directions(planted, randoms), (planted.slope, [r.slope for r in randoms])
+    again = random_direction_curves(model, tokenizer, vectors, last, 4, (-1.0, 0.0, 1.0), scorer, STEER_QUESTIONS,
+                                    norms=norms, baseline=baseline, seed=0)
+    assert [r.slope for r in again] == [r.slope for r in randoms]  # seeded: a rerun measures the same controls

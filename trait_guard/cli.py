@@ -69,7 +69,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=None if args.quiet else _progress,
         layer_choice=args.layer_choice,
-        steering=SteeringSweep(methods=(args.method,)),
+        steering=SteeringSweep(methods=(args.method,), random_controls=args.random_controls, seed=args.seed),
     )
     chosen = {m: v.layer for m, v in result.vectors.items()}
     print(f"\nPersona vector '{spec.trait_id}' from {args.model}")
@@ -549,6 +549,10 @@ def _add_extract(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -
                      help="steering: the layer where adding the vector raises the target's panel log-odds most, "
                           "monotonically (a causal check; on SmolLM2 about 4-5 extra minutes on a CPU); separation: "
                           "the instruction-held-out Cohen's d alone (default: %(default)s)")
+    ext.add_argument("--random-controls", type=int, default=2, metavar="N",
+                     help="steering: the vector must raise the log-odds more than N random directions of the same "
+                          "size at its layer, or the layer is not chosen by steering (0: no control; "
+                          "default: %(default)s)")
     ext.add_argument("--instructions", type=int, default=None, help="use only the first N instruction pairs")
     ext.add_argument("--max-new-tokens", type=int, default=48, help="answer length (default: %(default)s)")
     ext.add_argument("--batch-size", type=int, default=16, help="generation batch size (default: %(default)s)")

@@ -625,6 +625,9 @@ class ExtractSettings(ModelPlacement):
                                 "panel log-odds (falls back to separation); separation: no extra forward passes")
     steer_layer_stride: int = Field(3, gt=0, description="steering sweep: every k-th layer (plus the separation layer)")
     steer_questions: int = Field(6, gt=0, description="steering sweep: held-out behavior questions scored")
+    steer_random_controls: int = Field(
+        2, ge=0, description="steering sweep: random directions of the same size the vector must beat at its layer "
+                             "(0: off; a perturbation that moves the log-odds as much is disruption, not the trait)")
     seed: int = 0
 
     def steering_sweep(self) -> Any:
@@ -632,7 +635,7 @@ class ExtractSettings(ModelPlacement):
         from trait_guard.persona import SteeringSweep
 
         return SteeringSweep(layer_stride=self.steer_layer_stride, n_questions=self.steer_questions,
-                             methods=(self.method,))
+                             methods=(self.method,), random_controls=self.steer_random_controls, seed=self.seed)
 
 
 class ScoringSettings(ModelPlacement):

@@ -203,8 +203,16 @@ class SteeringSweep:
     one (stride 3 of 30: 3, 6, ..., 30), plus the layer chosen by separation (so the two choices are
     always compared on measured curves). ``methods`` limits which vectors are swept.
 
+    Random-direction controls (``random_controls`` > 0): a steering effect is only a trait effect if a
+    perturbation of the same size in another direction does not move the log-odds as much (on
+    SmolLM2-135M a random direction at layer 30 moved them as much as the owl vector did). The layers
+    whose vector curve qualifies (monotone, positive slope) are tried by slope, at most
+    ``control_layers`` of them: at each, ``random_controls`` random unit directions orthogonal to the
+    vector are swept with the same coefficients, scale and questions, and the layer is chosen only if
+    the vector's slope exceeds every random direction's absolute slope there.
+
     Defaults are sized for a CPU: every 3rd layer, 6 questions, the ``response_mean`` vector only (the
-    one data projections use). On SmolLM2-135M one (layer, coefficient, question) took 0.8 to 1.2 s on
+    one data projections use), 2 random directions at up to 3 layers. On SmolLM2-135M one (layer, coefficient, question) took 0.8 to 1.2 s on
     one CPU thread of a shared, loaded machine (docs/persona_vectors.md), so the default sweep (~11 layers
     x 4 nonzero coefficients x 6 questions) adds about 4 to 5 minutes to an extraction there; ``layer_choice=
     "separation"`` skips it. ``benchmarks/persona_layers.py`` sweeps both methods.
@@ -217,8 +225,14 @@ class SteeringSweep:
     question_set: Literal["behavior", "panel"] = "behavior"
     min_increasing_fraction: float = 1.0
     methods: tuple[Method, ...] = ("response_mean",)
+    random_controls: int = 2
+    control_layers: int = 3
+    seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.random_controls < 0 or self.control_layers < 1:
+            raise ValueError(f"random_controls must be >= 0 and control_layers >= 1, got {self.random_controls} "
+                             f"and {self.control_layers}")
         if len(set(self.coefficients)) < 3:
             raise ValueError(f"need at least 3 distinct coefficients to judge monotonicity, got {self.coefficients}")
         if self.layer_stride < 1:
@@ -321,16 +335,49 @@ def _ls_slope(x: Sequence[float], y: Sequence[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / sxx if sxx > 0 else math.nan
 
 
-def choose_steering_layer(curves: Sequence[SteeringCurve], min_increasing_fraction: float = 1.0) -> int | None:
-    """The layer whose steering curve has the largest positive slope among the monotone ones.
-
-    A curve that does not go up on at least ``min_increasing_fraction`` of its steps is refused
-    whatever its slope: a large slope from one jump between garbled outputs is not a trait direction.
-    None when no layer qualifies (the caller falls back to separation and says so).
-    """
+def steering_candidates(curves: Sequence[SteeringCurve], min_increasing_fraction: float = 1.0) -> list[SteeringCurve]:
+    """The curves that may choose the layer, largest slope first: monotone (rising on at least
+    ``min_increasing_fraction`` of their steps: a large slope from one jump between garbled outputs
+    is not a trait direction) with a positive slope."""
     eligible = [c for c in curves
                 if c.is_monotone(min_increasing_fraction) and math.isfinite(c.slope) and c.slope > 0]
-    return max(eligible, key=lambda c: c.slope).layer if eligible else None
+    return sorted(eligible, key=lambda c: -c.slope)
+
+
+def beats_random_directions(curve: SteeringCurve, controls: Sequence[SteeringCurve]) -> bool:
+    """Whether the vector's slope exceeds every random direction's absolute slope at its layer."""
+    slopes = [abs(c.slope) for c in controls if math.isfinite(c.slope)]
+    return bool(slopes) and curve.slope > max(slopes)
+
+
+def choose_steering_layer(curves: Sequence[SteeringCurve], min_increasing_fraction: float = 1.0,
+                          controls: dict[int, list[SteeringCurve]] | None = None) -> int | None:
+    """The layer whose steering curve has the largest positive slope among the monotone ones
+    (:func:`steering_candidates`); with random-direction ``controls`` (per layer), the first such layer
+    whose vector beats its controls (:func:`beats_random_directions`; unmeasured layers never do).
+    None when no layer qualifies (the caller falls back to separation and says so)."""
+    for curve in steering_candidates(curves, min_increasing_fraction):
+        if controls is None or beats_random_directions(curve, controls.get(curve.layer, [])):
+            return curve.layer
+    return None
+
+
+def random_direction_curves(model: torch.nn.Module, tokenizer: Any, vector: torch.Tensor, layer: int, n: int,
+                            coefficients: Sequence[float], scorer: PanelScorer, questions: Sequence[str], *,
+                            norms: torch.Tensor, baseline: Sequence[float], seed: int = 0) -> list[SteeringCurve]:
+    """Steering curves at ``layer`` of ``n`` random unit directions orthogonal to ``vector[layer]``, with
+    the vector's coefficients, scale and questions: what a perturbation of the same size does when it
+    does not point along the trait (:class:`SteeringSweep`)."""
+    gen = torch.Generator().manual_seed(seed * 1_000 + layer)
+    unit = (vector[layer] / vector[layer].norm().clamp_min(1e-12)).float()
+    curves = []
+    for _ in range(n):
+        random = torch.randn(unit.shape[0], generator=gen)
+        directions = torch.zeros(vector.shape, dtype=torch.float32)
+        directions[layer] = random - (random @ unit) * unit
+        curves.extend(steering_curves(model, tokenizer, directions, [layer], coefficients, scorer, questions,
+                                      norms=norms, baseline=baseline))
+    return curves
 
 
 class PanelScorer:
@@ -494,6 +541,7 @@ class ExtractionResult:
     ``d_instr_{m}`` (instruction-held-out d), ``norm_{m}`` and the steering summary ``slope_{m}``,
     ``slope_se_{m}``, ``spearman_{m}``, ``increasing_{m}``, ``effect_{m}`` (NaN where not measured).
     ``curves``: per method, the full :class:`SteeringCurve` of every swept layer, for logging and plots.
+    ``controls``: per method, the random directions' curves at each layer tried (:class:`SteeringSweep`).
     """
 
     vectors: dict[Method, PersonaVector]
@@ -502,6 +550,7 @@ class ExtractionResult:
     seconds: float
     choices: dict[Method, LayerChoice] = field(default_factory=dict)
     curves: dict[Method, list[SteeringCurve]] = field(default_factory=dict)
+    controls: dict[Method, dict[int, list[SteeringCurve]]] = field(default_factory=dict)  # random directions, per layer
     instruction_holdout: str = ""  # how instruction pairs were held out, or why they were not
     steering_note: str = ""  # how the steering effect was measured, or why it was not
     steering_seconds: float = 0.0
@@ -516,6 +565,8 @@ class ExtractionResult:
             "kept": self.kept, "seconds": self.seconds, "steering_seconds": self.steering_seconds,
             "instruction_holdout": self.instruction_holdout, "steering_note": self.steering_note,
             "table": self.table, "curves": {m: [c.to_dict() for c in cs] for m, cs in self.curves.items()},
+            "random_controls": {m: {str(layer): [c.summary() for c in cs] for layer, cs in by_layer.items()}
+                                for m, by_layer in self.controls.items()},
         })
 
 
@@ -567,22 +618,25 @@ def extract(
     separation = {m: _held_out_separation(m, raw[m], train, keeps[m], held, len(pairs)) for m in METHODS}
 
     sweep, sweep_started = steering or SteeringSweep(), time.perf_counter()
-    curves, note = ({}, "not measured (layer_choice='separation')")
+    swept = _Sweep(note="not measured (layer_choice='separation')")
     if layer_choice == "steering":
-        curves, note = _steering_sweep(model, tokenizer, spec, raw, separation, sweep, progress)
+        swept = _steering_sweep(model, tokenizer, spec, raw, separation, sweep, progress)
+    curves, note = swept.curves, swept.note
     steering_seconds = time.perf_counter() - sweep_started
-    choices = {m: _choose(m, separation[m], curves.get(m), sweep.min_increasing_fraction, note) for m in METHODS}
+    choices = {m: _choose(m, separation[m], swept, sweep.min_increasing_fraction) for m in METHODS}
     holdout = _holdout_description(len(pairs))
     meta = _vector_meta(pairs, extract_q, eval_q, samples_per_question, max_new_tokens, temperature, seed, kept,
                         holdout, note)
     identity = model_identity(model)
     vectors = {m: PersonaVector(trait=spec.trait_id, model=identity, vectors=raw[m].float(), layer=choices[m].layer,
                                 method=m, separation=separation[m].question,
-                                meta=_method_meta(meta, separation[m], choices[m], curves.get(m, [])))
+                                meta=_method_meta(meta, separation[m], choices[m], curves.get(m, []),
+                                                  swept.controls.get(m, {})))
                for m in METHODS}
     return ExtractionResult(vectors=vectors, table=_table_rows(raw, separation, curves, identity.num_layers),
                             kept=kept, seconds=time.perf_counter() - started, choices=choices, curves=curves,
-                            instruction_holdout=holdout, steering_note=note, steering_seconds=steering_seconds)
+                            controls=swept.controls, instruction_holdout=holdout, steering_note=note,
+                            steering_seconds=steering_seconds)
 
 
 def _or_all(keep: torch.Tensor | None) -> slice | torch.Tensor:
@@ -705,17 +759,28 @@ def _holdout_description(n_pairs: int) -> str:
             "question-held-out d (even-numbered evaluation questions; d reported on the odd-numbered ones)")
 
 
+@dataclass
+class _Sweep:
+    """What the steering sweep measured: per method its curves and, per layer tried, the random
+    directions' curves (empty without controls), and a note on how."""
+
+    curves: dict[Method, list[SteeringCurve]] = field(default_factory=dict)
+    controls: dict[Method, dict[int, list[SteeringCurve]]] = field(default_factory=dict)
+    note: str = ""
+
+
 def _steering_sweep(model: torch.nn.Module, tokenizer: Any, spec: TraitSpec, raw: dict[Method, torch.Tensor],
                     separation: dict[Method, _Separation], sweep: SteeringSweep,
-                    progress: Callable[[int, str], Any] | None) -> tuple[dict[Method, list[SteeringCurve]], str]:
-    """Steering curves of the swept methods' vectors (:func:`steering_curves`) and a note saying how
-    they were measured; no curves and the reason when the spec cannot be measured."""
+                    progress: Callable[[int, str], Any] | None) -> _Sweep:
+    """Steering curves of the swept methods' vectors (:func:`steering_curves`), the random-direction
+    controls (:func:`_controls`) and a note saying how they were measured; no curves and the reason
+    when the spec cannot be measured."""
     scorer = PanelScorer.for_spec(tokenizer, spec)
     questions = sweep.questions(spec)
     if scorer is None:
-        return {}, f"not measured: trait '{spec.trait_id}' has no panel (panel_target + panel) to score"
+        return _Sweep(note=f"not measured: trait '{spec.trait_id}' has no panel (panel_target + panel) to score")
     if not questions:
-        return {}, f"not measured: trait '{spec.trait_id}' has no {sweep.question_set}_questions"
+        return _Sweep(note=f"not measured: trait '{spec.trait_id}' has no {sweep.question_set}_questions")
     num_layers = raw["response_mean"].shape[0] - 1
     layers = {m: sweep.candidate_layers(num_layers, also=[separation[m].layer]) for m in sweep.methods}
     norms = residual_norms(model, tokenizer, questions)
@@ -728,32 +793,64 @@ def _steering_sweep(model: torch.nn.Module, tokenizer: Any, spec: TraitSpec, raw
     finally:
         if bar is not None and hasattr(bar, "close"):
             bar.close()
+    controls = {m: _controls(model, tokenizer, raw[m], curves[m], sweep, scorer, questions, norms, baseline)
+                for m in sweep.methods}
     note = (f"panel log-odds of '{scorer.target}' against {len(scorer.alternatives)} alternatives on "
             f"{len(questions)} {sweep.question_set}_questions (never used in extraction); c in "
             f"{sorted(sweep.coefficients)} x the median residual norm at each layer; monotone = the mean curve "
             f"rises on >= {sweep.min_increasing_fraction:.0%} of its steps")
-    return curves, note
+    if sweep.random_controls:
+        note += (f"; the vector must beat {sweep.random_controls} random orthogonal directions of the same size "
+                 f"at its layer (up to {sweep.control_layers} layers tried, by slope)")
+    return _Sweep(curves, controls if sweep.random_controls else {}, note)
 
 
-def _choose(method: Method, separation: _Separation, curves: list[SteeringCurve] | None,
-            min_increasing_fraction: float, note: str) -> LayerChoice:
+def _controls(model: torch.nn.Module, tokenizer: Any, vector: torch.Tensor, curves: list[SteeringCurve],
+              sweep: SteeringSweep, scorer: PanelScorer, questions: Sequence[str], norms: torch.Tensor,
+              baseline: Sequence[float]) -> dict[int, list[SteeringCurve]]:
+    """Random-direction curves at the qualifying layers, by slope, until one layer's vector beats them
+    (at most ``sweep.control_layers`` layers; none without ``sweep.random_controls``)."""
+    controls: dict[int, list[SteeringCurve]] = {}
+    if not sweep.random_controls:
+        return controls
+    for curve in steering_candidates(curves, sweep.min_increasing_fraction)[: sweep.control_layers]:
+        controls[curve.layer] = random_direction_curves(model, tokenizer, vector, curve.layer, sweep.random_controls,
+                                                        sweep.coefficients, scorer, questions, norms=norms,
+                                                        baseline=baseline, seed=sweep.seed)
+        if beats_random_directions(curve, controls[curve.layer]):
+            break
+    return controls
+
+
+def _choose(method: Method, separation: _Separation, swept: _Sweep, min_increasing_fraction: float) -> LayerChoice:
     """The layer a method's vector uses: the steering choice when there is one, else the separation one."""
     base = {"method": method, "separation_layer": separation.layer, "separation_by": separation.chosen_by}
+    curves, note = swept.curves.get(method), swept.note
     if curves is None:
         why = "steering not measured for this method" if not note.startswith("not measured") else f"steering {note}"
         return LayerChoice(**base, layer=separation.layer, chosen_by="separation", steering_layer=None,
                            reason=f"largest held-out {separation.chosen_by} separation ({why})")
-    steering_layer = choose_steering_layer(curves, min_increasing_fraction)
+    controls = swept.controls.get(method) if swept.controls else None
+    steering_layer = choose_steering_layer(curves, min_increasing_fraction, controls)
+    fallback = f"fell back to the largest held-out {separation.chosen_by} separation"
+    if steering_layer is None and controls:
+        tried = "; ".join(f"layer {layer}: vector {next(c for c in curves if c.layer == layer).slope:.3g} vs random "
+                          + ", ".join(f"{r.slope:+.3g}" for r in randoms) for layer, randoms in controls.items())
+        return LayerChoice(**base, layer=separation.layer, chosen_by="separation", steering_layer=None,
+                           reason=f"no monotone steering slope beat random directions of the same size ({tried}): "
+                                  f"the sweep measured disruption, not the trait; {fallback}")
     if steering_layer is None:
         best = max(curves, key=lambda c: c.slope if math.isfinite(c.slope) else -math.inf)
         return LayerChoice(**base, layer=separation.layer, chosen_by="separation", steering_layer=None,
                            reason=f"no swept layer has a monotone increasing steering effect (best slope "
                                   f"{best.slope:.3g} at layer {best.layer}, rising on {best.increasing_fraction:.0%} "
-                                  f"of steps); fell back to the largest held-out {separation.chosen_by} separation")
+                                  f"of steps); {fallback}")
     curve = next(c for c in curves if c.layer == steering_layer)
+    beaten = (f"; random directions there: {', '.join(f'{r.slope:+.3g}' for r in controls[steering_layer])}"
+              if controls else "")
     return LayerChoice(**base, layer=steering_layer, chosen_by="steering", steering_layer=steering_layer,
                        reason=f"largest monotone steering slope: {curve.slope:.3g} +- {curve.slope_se:.2g} nats "
-                              f"per unit c, effect at max c {curve.effect_at_max:+.3g} nats")
+                              f"per unit c, effect at max c {curve.effect_at_max:+.3g} nats{beaten}")
 
 
 def _vector_meta(pairs: Sequence[Any], extract_q: Sequence[str], eval_q: Sequence[str], samples_per_question: int,
@@ -776,9 +873,9 @@ def _vector_meta(pairs: Sequence[Any], extract_q: Sequence[str], eval_q: Sequenc
 
 
 def _method_meta(shared: dict[str, Any], separation: _Separation, choice: LayerChoice,
-                 curves: list[SteeringCurve]) -> dict[str, Any]:
-    """One method's metadata: the shared part, its layer choice, its instruction-held-out d per index
-    and its steering summaries (JSON-safe: NaN becomes None)."""
+                 curves: list[SteeringCurve], controls: dict[int, list[SteeringCurve]]) -> dict[str, Any]:
+    """One method's metadata: the shared part, its layer choice, its instruction-held-out d per index,
+    its steering summaries and the random directions' at the layers tried (JSON-safe: NaN becomes None)."""
     from trait_guard.files import to_jsonable
 
     return to_jsonable({
@@ -787,6 +884,7 @@ def _method_meta(shared: dict[str, Any], separation: _Separation, choice: LayerC
         "layer_choice": choice.to_dict(),
         "instruction_separation": separation.instruction,
         "steering_curves": [c.summary() | {"logodds": c.logodds} for c in curves],
+        "random_direction_slopes": {str(layer): [c.slope for c in cs] for layer, cs in controls.items()},
     })
 
 
