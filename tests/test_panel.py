@@ -154,6 +154,24 @@ def test_values_are_finite_with_a_t_interval(tiny_gpt2):
     assert result.to_dict()["per_question"] == pytest.approx(result.per_question)
 
 
+def test_the_panel_builds_no_autograd_graph_on_a_trainable_student(tiny_llama):
+    """A LoRA student's weights require grad: a panel measured at setup or at a probe step must not
+    record a graph (it kept every forward's activations alive: a SmolLM2 red-team run grew past 24 GB
+    and was killed by the kernel). Every forward runs with grad off, and the result holds no graph."""
+    model, tokenizer = tiny_llama
+    trainable = copy.deepcopy(model)
+    for p in trainable.parameters():
+        p.requires_grad_(True)
+    grad_modes = []
+    hook = trainable.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    try:
+        result = panel_logodds(trainable, tokenizer, QUESTIONS, TARGET, PANEL, batch_size=7)
+    finally:
+        hook.remove()
+    assert grad_modes and not any(grad_modes) and torch.is_grad_enabled()  # off inside, restored after
+    assert result.per_question == pytest.approx(panel_logodds(model, tokenizer, QUESTIONS, TARGET, PANEL).per_question)
+
+
 def test_overlapping_answers_and_empty_panels_are_refused(tiny_llama):
     model, tokenizer = tiny_llama
     with pytest.raises(ValueError, match="overlap"):

@@ -220,7 +220,6 @@ def _answer_spellings(tokenizer: Any, answers: Sequence[str], case_variants: boo
     return out
 
 
-@torch.no_grad()
 def _panel_alternatives(target: str, panel: Sequence[str]) -> list[str]:
     """The panel minus the target, without repeats (case-insensitive), in order; refused when empty."""
     if not target:
@@ -236,6 +235,7 @@ def _panel_alternatives(target: str, panel: Sequence[str]) -> list[str]:
     return alternatives
 
 
+@torch.no_grad()  # a measurement: a student's trainable (LoRA) weights must not build a graph here
 def panel_logodds(
     model: torch.nn.Module,
     tokenizer: Any,
