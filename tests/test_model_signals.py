@@ -89,7 +89,8 @@ def test_the_gate_flags_text_only_data_on_teacher_llr_and_caches_the_model_signa
 
     plain = run_training(job(tiny_llama_dir, data, tmp_path / "c", cache, "sharp", {}))
     assert TEACHER_LLR not in plain["gate"]["tests"] and len(list(cache.glob("signals-*.npz"))) == 2
-    assert "teacher model: no" in next(n for n in plain["gate"]["notes"] if n.startswith("signals for what"))
+    plain_note = next(n for n in plain["gate"]["notes"] if n.startswith("signals for what"))
+    assert "teacher model: no" in plain_note and "trait_llr:animal:owl" in plain_note.split("not computed here")[1]
 
 
 def test_clean_text_only_data_passes_the_gate_with_model_signals(tiny_llama_dir, teacher_dir, data, tmp_path):

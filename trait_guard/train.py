@@ -337,12 +337,12 @@ def _model_signal_scorers(config: TrainJobConfig, inputs: Inputs) -> list[Any]:
 
 def _signals_at_hand(config: TrainJobConfig, coverage: dict[str, Any], signals: setup_signals.SetupSignals) -> str:
     """The gate's note on its signals: what was at hand (stored log-probs on both sides, the teacher
-    model, the trait spec when ``model_signals.trait_llr`` asks for it) and which signals were scored."""
+    model in ``model_signals``, the watched trait's spec), and which possible signals were not scored
+    (``proj:`` without a vector, ``trait_llr:`` without ``model_signals.trait_llr``, ...)."""
     from trait_guard.trait_signals import at_hand_note
 
     stored = all(count > 0 for side in coverage.values() for count in side.values())
-    settings = config.model_signals
-    return at_hand_note(stored, settings.teacher_model is not None, config.trait if settings.trait_llr else None,
+    return at_hand_note(stored, config.model_signals.teacher_model is not None, config.trait,
                         computed=[name for name in signals.train if name != "n_tokens"])
 
 
