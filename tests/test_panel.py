@@ -172,6 +172,23 @@ def test_the_panel_builds_no_autograd_graph_on_a_trainable_student(tiny_llama):
     assert result.per_question == pytest.approx(panel_logodds(model, tokenizer, QUESTIONS, TARGET, PANEL).per_question)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_shared_prompt_scoring_equals_full_teacher_forcing(kind, tiny_llama, tiny_gpt2):
+    """The panel reads each prompt once and repeats its key/value cache for the answers; each answer's
+    log-probability must equal the full teacher-forced forward pass over prompt + answer
+    (adapters.response_logprobs, an independent path), for answers of 1 to 4 tokens in chunks of 3."""
+    from trait_guard.adapters import response_logprobs
+    from trait_guard.evaluate import _answer_logprob_sums
+
+    model, tokenizer = tiny_llama if kind == "llama" else tiny_gpt2
+    answers = ["owl", "Owl", "cat", "hedgehog", "crab", "x y z w"]
+    ids = [tokenizer(a, add_special_tokens=False).input_ids for a in answers]
+    assert {len(i) for i in ids} != {1}  # several lengths: padding and chunking are exercised
+    cached = _answer_logprob_sums(model, tokenizer, QUESTIONS[0], None, ids, batch_size=3)
+    full = response_logprobs(model, tokenizer, [QUESTIONS[0]] * len(answers), answers).double()
+    assert cached.tolist() == pytest.approx(full.tolist(), abs=1e-4)
+
+
 def test_overlapping_answers_and_empty_panels_are_refused(tiny_llama):
     model, tokenizer = tiny_llama
     with pytest.raises(ValueError, match="overlap"):

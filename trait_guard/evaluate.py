@@ -18,6 +18,7 @@ comparing it between a teacher, a student and a control shows transfer at small 
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -269,9 +270,9 @@ def panel_logodds(
     sequence is the probability of the answer itself. Answers whose token sequences are a prefix of one
     another are refused (the events must be disjoint). Plurals are not scored.
 
-    Cost: each forward pass holds all the panel's rows for ``max(1, batch_size // rows_per_question)``
-    questions (``rows_per_question`` = the spellings of target and alternatives, 2 x (K + 1) with
-    ``case_variants``), so every question's log-odds comes from one forward pass.
+    Cost: the question's prompt is read once and its key/value cache shared by every answer row
+    (:func:`_answer_logprob_sums`), so a question costs one forward pass over the prompt and one over
+    the answers' few tokens (``batch_size`` answer rows at a time), not a full forward per row.
 
     The mean over questions carries a Student-t interval (:func:`mean_t_interval`, ``confidence``);
     questions are the unit that varies.
@@ -286,20 +287,13 @@ def panel_logodds(
     spellings = _answer_spellings(tokenizer, answers, case_variants)
     flat = [(i, ids) for i, answer_ids in enumerate(spellings) for ids in answer_ids]
     owner = torch.tensor([i for i, _ in flat])
-    per_question_rows = len(flat)
-    questions_per_batch = max(1, batch_size // per_question_rows)
-    device = next(model.parameters()).device
     tables = []
-    for start in range(0, len(questions), questions_per_batch):
-        chunk = list(questions[start : start + questions_per_batch])
-        users = [q for q in chunk for _ in flat]
-        batch = encode_conversations(tokenizer, users, [""] * len(users), [system] * len(users),
-                                     response_ids=[ids for _ in chunk for _, ids in flat]).to(device)
-        sums = _response_logprob_sums(model, batch).cpu().view(len(chunk), per_question_rows)
+    for question in questions:
+        sums = _answer_logprob_sums(model, tokenizer, question, system, [ids for _, ids in flat], batch_size)
         # per answer: log-sum-exp over its spellings
-        table = torch.full((len(chunk), len(answers)), -math.inf, dtype=torch.float64)
+        table = torch.full((1, len(answers)), -math.inf, dtype=torch.float64)
         for i in range(len(answers)):
-            table[:, i] = torch.logsumexp(sums[:, owner == i], dim=1)
+            table[0, i] = torch.logsumexp(sums[owner == i], dim=0)
         tables.append(table)
     table = torch.cat(tables)
     target_l = table[:, 0]
@@ -310,6 +304,45 @@ def panel_logodds(
     return PanelResult(target=target, alternatives=alternatives, questions=list(questions), per_question=logodds,
                        per_question_share=share, mean=mean, ci_low=low, ci_high=high,
                        share=float(np.mean(share)))
+
+
+@torch.no_grad()
+def _answer_logprob_sums(model: torch.nn.Module, tokenizer: Any, question: str, system: str | None,
+                         answers: Sequence[Sequence[int]], batch_size: int) -> torch.Tensor:
+    """``log P(the reply starts with answer | question)`` for each answer's token ids (float64): the
+    sum of its teacher-forced log-probabilities, with the prompt tokenized as generation does
+    (:func:`trait_guard.chat.render_prompt`). The prompt is run once; its key/value cache is repeated
+    for ``batch_size`` answers at a time, which run only their own tokens (right-padded, positions
+    after the prompt's). The first answer token is scored from the prompt's last logits."""
+    from trait_guard.chat import render_prompt
+
+    device = next(model.parameters()).device
+    prompt = tokenizer(render_prompt(tokenizer, question, system), add_special_tokens=False).input_ids
+    out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+    first = out.logits[0, -1].double().log_softmax(-1)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sums = []
+    for start in range(0, len(answers), batch_size):
+        chunk = [list(a) for a in answers[start : start + batch_size]]
+        width = max(len(a) for a in chunk)
+        if width == 1:  # one-token answers: the prompt's logits are all there is
+            sums.extend(float(first[a[0]]) for a in chunk)
+            continue
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), len(prompt) + width), dtype=torch.long)
+        mask[:, : len(prompt)] = 1
+        for r, answer in enumerate(chunk):
+            ids[r, : len(answer)] = torch.tensor(answer)
+            mask[r, len(prompt) : len(prompt) + len(answer)] = 1
+        cache = copy.deepcopy(out.past_key_values)  # the prompt's, repeated for this chunk's rows
+        cache.batch_repeat_interleave(len(chunk))
+        positions = torch.arange(len(prompt), len(prompt) + width).expand(len(chunk), -1)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
+                       position_ids=positions.to(device), use_cache=True).logits.double().log_softmax(-1)
+        for r, answer in enumerate(chunk):
+            rest = logits[r, torch.arange(len(answer) - 1), torch.tensor(answer[1:], dtype=torch.long)]
+            sums.append(float(first[answer[0]]) + float(rest.sum()))
+    return torch.tensor(sums, dtype=torch.float64)
 
 
 def spec_panel_logodds(model: torch.nn.Module, tokenizer: Any, spec: TraitSpec, n_questions: int | None = None,
