@@ -336,10 +336,10 @@ def test_cpu_profile_pieces_fit_three_hours():
         for mode in ("unguarded", "halt"):  # the main cells: >= 10 independent replicates
             assert sum((t, d, m) == (teacher, "logits", mode) for t, d, m, _ in runs) >= 10
     assert config.training.probe.panel_every_n_steps > 0  # the panel curve is on
-    assert estimate_run_seconds(config) == 12 * 10.0 + 60.0
+    assert estimate_run_seconds(config) == 12 * 8.0 + 120.0
     # replicate 0 prepares every teacher (the argmax teacher's data twice) and 3 adapters; 3-9 fewer
-    assert estimate_prep_seconds(config, [t.id for t in config.teachers]) == (1 + 7 + 1) * 60.0 + 3 * 300.0
-    assert estimate_prep_seconds(config, sorted({t for t, *_, s in runs if s == 5})) == (1 + 5 + 1) * 60 + 2 * 300
+    assert estimate_prep_seconds(config, [t.id for t in config.teachers]) == (1 + 7 + 1) * 90.0 + 3 * 200.0
+    assert estimate_prep_seconds(config, sorted({t for t, *_, s in runs if s == 5})) == (1 + 5 + 1) * 90 + 2 * 200
     pieces = plan_pieces(config, 3.0)
     assert all(p["hours"] <= 3.0 for p in pieces) and len(pieces) <= 6
     assert sorted(s for p in pieces for s in p["replicates"]) == config.seeds
@@ -348,7 +348,7 @@ def test_cpu_profile_pieces_fit_three_hours():
     flat = plan_pieces(config, 3.0, prep_seconds=0.0)  # the old flat figure still works
     assert sum(p["hours"] for p in flat) < sum(p["hours"] for p in pieces)
     code = load_config(Path(__file__).parents[1] / "ray_jobs/configs/redteam_code_cpu.yaml", RedteamConfig)
-    assert estimate_run_seconds(code) == 12 * 10.0 * 96 / 40 + 60.0  # longer completions, longer steps
+    assert estimate_run_seconds(code) == 12 * 8.0 * 96 / 40 + 120.0  # longer completions, longer steps
     assert all(p["hours"] <= 3.0 for p in plan_pieces(code, 3.0))
 
 

@@ -230,18 +230,20 @@ def selected(name: str, only: Sequence[str] | None) -> bool:
     return only is None or any(fnmatchcase(name, pattern) for pattern in only)
 
 
-#: measured on this machine's CPU profile (docs/redteam.md): seconds per training step with probes, on
+#: measured on this machine's CPU profile (docs/redteam.md, replicates 0-1 of 2026-12-01, 2 quiet cores):
+#: seconds per training step with probes (7.4 s unguarded, 1.16x that with the guard; rounded up), on
 #: number completions of up to CPU_MEASURED_TOKENS new tokens
-CPU_STEP_SECONDS = 10.0
+CPU_STEP_SECONDS = 8.0
 CPU_MEASURED_TOKENS = 40
-#: fixed seconds per run: loading, scoring the data, the before/after panel and behavior evaluations
-#: (a guess: the 12-step runs of docs/redteam.md took 105-160 s before the panel measure was on)
-CPU_RUN_OVERHEAD_SECONDS = 60.0
-#: guesses, not measured, on the CPU profile: one teacher's data for one replicate (160 prompts of 40
-#: tokens; the argmax-preserving teacher runs two forward passes a step, so it counts twice) and one
-#: 60-step adapter with its example sampling. 5 datasets + 1 adapter = the earlier ~10 min per replicate
-CPU_DATASET_SECONDS = 60.0
-CPU_ADAPTER_SECONDS = 300.0
+#: fixed seconds per run: loading, the setup, the before/after panel and behavior evaluations (measured:
+#: 96 s for a trait teacher's run, 190 s for a control's, which also evaluates the other traits; a run
+#: gated before its first update took 22 s in all)
+CPU_RUN_OVERHEAD_SECONDS = 120.0
+#: measured: one teacher's data for one replicate (160 prompts of 40 tokens on 2 Ray actors: 84 s per
+#: teacher, 79 s for the reference; the argmax-preserving teacher runs two forward passes a step, so it
+#: counts twice) and one 60-step adapter with its example sampling (190 s)
+CPU_DATASET_SECONDS = 90.0
+CPU_ADAPTER_SECONDS = 200.0
 #: the earlier flat guess per replicate, kept for callers that pass it
 CPU_REPLICATE_PREP_SECONDS = 5 * CPU_DATASET_SECONDS + CPU_ADAPTER_SECONDS
 
