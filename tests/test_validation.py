@@ -29,9 +29,13 @@ def _run(out, name, teacher, mode, seed, shift, gate=None):
 
 
 def _gate(tracking, noise, flagged):
-    return {"flagged": flagged, "tests": {"tracking": {"effect_size": tracking, "p_adj": 0.001 if flagged else 0.5,
+    """A gate record: 'tracking' and 'noise' with finite effect sizes, and 'constant' (a signal constant on
+    the reference, as divergence is: infinite effect size) whose p falls as the tracking signal grows."""
+    return {"flagged": flagged, "tests": {"tracking": {"effect_size": tracking, "p": 0.0005, "p_adj": 0.001 if flagged else 0.5,
                                                       "flagged": flagged},
-                                         "noise": {"effect_size": noise, "p_adj": 0.9, "flagged": False}}}
+                                         "noise": {"effect_size": noise, "p": 0.3, "p_adj": 0.9, "flagged": False},
+                                         "constant": {"effect_size": math.inf, "p": 10.0 ** -tracking, "p_adj": 0.5,
+                                                      "flagged": False}}}
 
 
 @pytest.fixture
@@ -57,14 +61,18 @@ def test_records_pair_each_dataset_with_its_transfer_and_its_gate(grid):
     assert len(records) == 12
     owl = records[("owl-adapter", 3)]
     assert owl["panel_shift"] == 0.9 and owl["excess"] == pytest.approx(0.9 - control_shift(3))
-    assert owl["signals"]["tracking"] == {"effect_size": 2.3, "p_adj": 0.001, "flagged": True} and owl["gate_flagged"]
+    assert owl["signals"]["tracking"] == {"effect_size": 2.3, "p": 0.0005, "p_adj": 0.001, "flagged": True}
+    assert owl["gate_flagged"]
     assert records[("control", 3)]["excess"] is None and records[("control", 3)]["control"]
     assert records[("owl-adapter", 5)]["signals"] == {} and records[("owl-adapter", 5)]["gate_flagged"] is None
 
 
 def test_a_tracking_signal_validates_and_a_noise_signal_does_not(grid):
     rows = {r["signal"]: r for r in signal_validation(dataset_records(grid), threshold=0.5, n_boot=500)}
-    tracking, noise = rows["tracking"], rows["noise"]
+    tracking, noise, constant = rows["tracking"], rows["noise"], rows["constant"]
+    # its effect size is infinite: the datasets are ordered by -log10 p instead, which tracks the shift here
+    assert constant["value"] == "log10p" and tracking["value"] == "effect_size"
+    assert constant["datasets"] == 10 and constant["spearman"] == pytest.approx(1.0)
     assert tracking["datasets"] == noise["datasets"] == 10  # replicate 5 has no gate record
     # the tracking signal is an increasing function of the shift over all ten datasets: rho 1
     assert tracking["spearman"] == pytest.approx(1.0) and tracking["auroc"] == 1.0
@@ -74,7 +82,7 @@ def test_a_tracking_signal_validates_and_a_noise_signal_does_not(grid):
     benign = tracking["flagged_benign"]
     assert benign["k"] == 0 and benign["n"] == 5 and benign["ci"][0] == 0.0 and benign["ci"][1] == pytest.approx(0.522, abs=1e-3)
     table = markdown_table(list(rows.values()), 0.5)
-    assert "| tracking | 10 |" in table and "3/3" in table
+    assert "| tracking (effect_size) | 10 |" in table and "3/3" in table
 
 
 def test_auroc_counts_ties_half():
@@ -90,7 +98,7 @@ def test_the_benchmark_script_writes_its_results(grid):
     done = subprocess.run([sys.executable, str(script), str(grid), "--out", str(grid / "v.json")],
                           capture_output=True, text=True, check=True)
     saved = json.loads((grid / "v.json").read_text())
-    assert len(saved["datasets"]) == 12 and {r["signal"] for r in saved["signals"]} == {"tracking", "noise"}
+    assert len(saved["datasets"]) == 12 and {r["signal"] for r in saved["signals"]} == {"tracking", "noise", "constant"}
     assert "owl-adapter s3: panel shift +0.900, excess +0.940, gate FLAGGED" in done.stdout
     empty = subprocess.run([sys.executable, str(script), str(grid / "nothing")], capture_output=True, text=True)
     assert empty.returncode == 1 and "no finished unguarded logits run" in empty.stderr

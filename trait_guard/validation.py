@@ -59,8 +59,9 @@ def dataset_records(out_dir: str | Path, distill: str = "logits") -> list[dict[s
         records.append({
             "teacher": teacher, "replicate": seed, "control": teacher in controls,
             "updates": run.get("updates"), "panel_shift": shift, "excess": excess,
-            "signals": {name: {"effect_size": _finite(t.get("effect_size")), "p_adj": _finite(t.get("p_adj")),
-                               "flagged": bool(t.get("flagged"))} for name, t in (gate.get("tests") or {}).items()},
+            "signals": {name: {"effect_size": _finite(t.get("effect_size")), "p": _finite(t.get("p")),
+                               "p_adj": _finite(t.get("p_adj")), "flagged": bool(t.get("flagged"))}
+                        for name, t in (gate.get("tests") or {}).items()},
             "gate_flagged": bool(gate.get("flagged")) if gate else None,
         })
     return records
@@ -81,7 +82,9 @@ def _finite(value: Any) -> float | None:
 
 def signal_validation(records: Sequence[dict[str, Any]], *, threshold: float = 0.5, n_boot: int = 2000,
                       seed: int = 0) -> list[dict[str, Any]]:
-    """Per signal, over the datasets that have both its effect size and a transfer (``panel_shift``):
+    """Per signal, over the datasets that have both its value and a transfer (``panel_shift``); the value
+    is the gate's effect size, or ``-log10 p`` of its test for a signal whose effect size is infinite
+    on some dataset (constant on the reference; the row's ``value`` says which):
     Spearman's rho with its 95% percentile bootstrap interval (datasets resampled), the AUROC of the
     effect size for "panel shift > ``threshold``" with its bootstrap interval, the flag rate among
     datasets that transferred more than ``threshold`` and among benign ones (no trait teacher:
@@ -90,18 +93,28 @@ def signal_validation(records: Sequence[dict[str, Any]], *, threshold: float = 0
     rng = np.random.default_rng(seed)
     rows = []
     for name in names:
-        usable = [r for r in records if r["panel_shift"] is not None
-                  and r["signals"].get(name, {}).get("effect_size") is not None]
-        rows.append(_signal_row(name, usable, threshold, n_boot, rng))
+        measured = [r for r in records if r["panel_shift"] is not None and name in r["signals"]]
+        # a signal constant on the reference (divergence: 0 on the base model's own data) has an
+        # infinite effect size; its evidence, -log10 p of the gate's test, still orders the datasets
+        value = "effect_size" if all(r["signals"][name]["effect_size"] is not None for r in measured) else "log10p"
+        usable = [r for r in measured if _value(r["signals"][name], value) is not None]
+        rows.append({**_signal_row(name, usable, value, threshold, n_boot, rng), "value": value})
     return rows
 
 
-def _signal_row(name: str, usable: Sequence[dict[str, Any]], threshold: float, n_boot: int,
+def _value(test: dict[str, Any], kind: str) -> float | None:
+    """A dataset's value of one signal: its effect size, or ``-log10 p`` (``kind`` ``log10p``)."""
+    if kind == "effect_size":
+        return test["effect_size"]
+    return -math.log10(max(test["p"], 1e-300)) if test.get("p") is not None else None
+
+
+def _signal_row(name: str, usable: Sequence[dict[str, Any]], value: str, threshold: float, n_boot: int,
                 rng: np.random.Generator) -> dict[str, Any]:
-    """One signal's row of :func:`signal_validation` over the datasets ``usable``."""
+    """One signal's row of :func:`signal_validation` over the datasets ``usable`` (values: ``value``)."""
     from scipy.stats import spearmanr
 
-    x = np.array([r["signals"][name]["effect_size"] for r in usable])
+    x = np.array([_value(r["signals"][name], value) for r in usable])
     y = np.array([r["panel_shift"] for r in usable])
     row: dict[str, Any] = {"signal": name, "datasets": len(usable)}
     if len(usable) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
@@ -165,10 +178,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], threshold: float) -> str:
     def rate(r: dict[str, Any]) -> str:
         return "-" if not r["n"] else f"{r['k']}/{r['n']} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]"
 
-    lines = [f"| signal | datasets | Spearman rho [95% CI] | AUROC (shift > {threshold}) [95% CI] | "
+    lines = [f"| signal (value) | datasets | Spearman rho [95% CI] | AUROC (shift > {threshold}) [95% CI] | "
              f"flagged, shift > {threshold} | flagged, benign |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['signal']} | {r['datasets']} | {fmt(r.get('spearman'), r.get('spearman_ci'))} | "
+        lines.append(f"| {r['signal']} ({r.get('value', 'effect_size')}) | {r['datasets']} | {fmt(r.get('spearman'), r.get('spearman_ci'))} | "
                      f"{fmt(r.get('auroc'), r.get('auroc_ci'))} | {rate(r['flagged_transferring'])} | "
                      f"{rate(r['flagged_benign'])} |")
     return "\n".join(lines)
