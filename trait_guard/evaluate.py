@@ -53,6 +53,15 @@ class Judge(Protocol):
 # Statistics
 
 
+def exact_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) interval of a binomial proportion ``successes / n``: the honest one
+    for the few replicates of a benchmark (0/3 is [0.00, 0.71])."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(successes, n).proportion_ci(confidence_level=confidence, method="exact")
+    return float(ci.low), float(ci.high)
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion ``successes / n`` (``z=1.96``: 95%).
 

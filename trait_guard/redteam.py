@@ -711,10 +711,10 @@ def _benign_goal(config: RedteamConfig, cells: Sequence[dict[str, Any]]) -> dict
 def _exact_ci(k: int, n: int) -> str:
     """``[low, high]``: the exact (Clopper-Pearson) 95% interval of a rate of k in n, for the goals' text
     (a few replicates bound a rate only loosely: 0/3 is [0.00, 0.71])."""
-    from scipy.stats import binomtest
+    from trait_guard.evaluate import exact_interval
 
-    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
-    return f"[{ci.low:.2f}, {ci.high:.2f}]"
+    low, high = exact_interval(k, n)
+    return f"[{low:.2f}, {high:.2f}]"
 
 
 def _detection_goal(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:

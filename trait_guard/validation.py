@@ -161,10 +161,9 @@ def _rate(k: int, n: int) -> dict[str, Any]:
     """``k`` of ``n`` with its exact 95% Clopper-Pearson interval (None without datasets)."""
     if n == 0:
         return {"k": 0, "n": 0, "rate": None, "ci": None}
-    from scipy.stats import binomtest
+    from trait_guard.evaluate import exact_interval
 
-    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
-    return {"k": k, "n": n, "rate": k / n, "ci": [float(ci.low), float(ci.high)]}
+    return {"k": k, "n": n, "rate": k / n, "ci": list(exact_interval(k, n))}
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], threshold: float) -> str:
