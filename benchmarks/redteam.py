@@ -10,7 +10,9 @@ report. Interrupted? Run the same command again: finished runs are kept (runs/<n
 --only runs a subset: run names or fnmatch patterns (owl-logits-unguarded-s0, '*-s[0-2]' for replicates
 0-2); a piece prepares only its own replicates' adapters and data. --plan prints the pieces of about
 --piece-hours each (whole replicates, estimated from the CPU profile's step time) with their --only
-patterns, and exits without running anything:
+patterns, and exits without running anything. --report-only runs nothing either: it reads the
+stored runs again (e.g. a grid run for days from a pinned checkout, read with newer statistics) and
+rewrites the results, the report and the MLflow parent's copies:
 
     python benchmarks/redteam.py --config ray_jobs/configs/redteam_cpu.yaml --plan
     python benchmarks/redteam.py --config ray_jobs/configs/redteam_cpu.yaml --only '*-s0' '*-s1' '*-s2'
@@ -32,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="RUN", help="run only these run names / fnmatch patterns")
     parser.add_argument("--plan", action="store_true", help="print the grid's pieces and their --only patterns")
     parser.add_argument("--piece-hours", type=float, default=3.0, help="the length of a piece for --plan")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: aggregate the stored runs again (runs of other code are kept and named)")
     args = parser.parse_args(argv)
 
     # setup
@@ -44,8 +48,16 @@ def main(argv: list[str] | None = None) -> int:
             patterns = " ".join(f"'{p}'" for p in piece["only"])
             print(f"piece {i}: {piece['runs']} runs, ~{piece['hours']:.1f} h: --only {patterns}")
         return 0
-    # run
-    results = run_redteam(config, only=args.only)
+    # run (or only read what ran)
+    if args.report_only:
+        from trait_guard.redteam import report_redteam
+
+        results = report_redteam(config)
+        if results["report_only"]["runs_from_other_code_or_settings"]:
+            print(f"{len(results['report_only']['runs_from_other_code_or_settings'])} run(s) recorded by other code "
+                  "or settings (kept; see results.json report_only)")
+    else:
+        results = run_redteam(config, only=args.only)
     # report
     print(markdown_table(results["table"]))
     for goal, outcome in results["goals"].items():

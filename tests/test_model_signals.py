@@ -14,7 +14,7 @@ from trait_guard.errors import TraitGuardInputError
 from trait_guard.generation import generate_local
 from trait_guard.models import load_model
 from trait_guard.train import run_training
-from trait_guard.trait_signals import TEACHER_LLR, scorer_from_settings, settings_key
+from trait_guard.trait_signals import MODEL_DIFF, TEACHER_LLR, model_diff_direction, scorer_from_settings, settings_key
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
 
@@ -70,16 +70,19 @@ def test_the_gate_flags_text_only_data_on_teacher_llr_and_caches_the_model_signa
     """No stored log-probs, so divergence/llr cannot run; with the teacher model given, the gate scores
     teacher_llr (and trait_llr) at setup, flags the teacher's data on teacher_llr and allows 0 updates;
     a second run reads the cached signals; the same data without model signals is another cache entry."""
-    signals = {"teacher_model": str(teacher_dir), "trait_llr": True, "trait_llr_pairs": 1}
+    signals = {"teacher_model": str(teacher_dir), "trait_llr": True, "trait_llr_pairs": 1, "model_diff": True}
     cache = tmp_path / "cache"
     summary = run_training(job(tiny_llama_dir, data, tmp_path / "a", cache, "sharp", signals))
     gate = summary["gate"]
+    # model_diff is scored and tested too; on this random-init pair it does not separate the data (p 0.42
+    # when written): the gate flags on teacher_llr, which reads the teacher's probabilities directly
+    assert MODEL_DIFF in gate["tests"]
     assert gate["flagged"] and TEACHER_LLR in gate["flagged_signals"] and gate["tests"][TEACHER_LLR]["p_adj"] < 0.01
     assert TRAIT_LLR in gate["tests"] and "divergence" not in gate["tests"]  # no stored log-probs: not computable
     assert summary["updates"] == 0 and summary["halt"]["gate"]
     note = next(n for n in gate["notes"] if n.startswith("signals for what is at hand"))
     assert "stored teacher log-probs: no" in note and "teacher model: yes" in note
-    assert note.endswith("not computed here: proj:animal:owl, model_diff")  # no vector given, no direction built
+    assert note.endswith("not computed here: proj:animal:owl")  # no vector given
     assert len(list(cache.glob("signals-*.npz"))) == 1
 
     again = run_training(job(tiny_llama_dir, data, tmp_path / "b", cache, "sharp", signals))
@@ -95,11 +98,14 @@ def test_the_gate_flags_text_only_data_on_teacher_llr_and_caches_the_model_signa
 
 def test_clean_text_only_data_passes_the_gate_with_model_signals(tiny_llama_dir, teacher_dir, data, tmp_path):
     """The base model's own numbers (other sampling seeds) against its reference: with the same model
-    signals the gate does not flag, and the student trains its 2 steps."""
-    signals = {"teacher_model": str(teacher_dir), "trait_llr": True, "trait_llr_pairs": 1}
+    signals (model_diff too, its direction built from the reference's prompts) the gate does not flag,
+    and the student trains its 2 steps."""
+    signals = {"teacher_model": str(teacher_dir), "trait_llr": True, "trait_llr_pairs": 1, "model_diff": True}
     summary = run_training(job(tiny_llama_dir, data, tmp_path, tmp_path / "cache", "control-b", signals))
     assert not summary["gate"]["flagged"] and summary["updates"] == 2
-    assert {TEACHER_LLR, TRAIT_LLR} <= set(summary["gate"]["tests"])
+    assert {TEACHER_LLR, TRAIT_LLR, MODEL_DIFF} <= set(summary["gate"]["tests"])
+    note = next(n for n in summary["gate"]["notes"] if n.startswith("signals for what is at hand"))
+    assert "model_diff" not in note.partition("not computed here")[2]
     assert json.loads(json.dumps(summary["gate"]))  # the record is plain JSON (the report and MLflow read it)
 
 
@@ -122,3 +128,21 @@ def test_the_builder_and_the_cache_key(tiny_llama, tiny_llama_dir, teacher_dir, 
     scorer = scorer_from_settings(ModelSignalSettings(teacher_model=str(tiny_llama_dir)), model, tokenizer,
                                   base_name=str(tiny_llama_dir), spec=None)
     assert scorer.names == [TEACHER_LLR]
+    # model_diff: needs the teacher (refused at config time with the fix) and neutral prompts
+    with pytest.raises(ValueError, match="set teacher_model or drop model_diff"):
+        ModelSignalSettings(model_diff=True)
+    settings = ModelSignalSettings(teacher_model=str(teacher_dir), model_diff=True, model_diff_layer=1,
+                                   model_diff_prompts=5)
+    with pytest.raises(TraitGuardInputError, match="neutral prompts"):
+        scorer_from_settings(settings, model, tokenizer, base_name=str(tiny_llama_dir), spec=None)
+    prompts = [f"Continue the sequence: {i}, {i + 3}, {i + 6}" for i in range(8)]
+    scorer = scorer_from_settings(settings, model, tokenizer, base_name=str(tiny_llama_dir), spec=None,
+                                  neutral_prompts=prompts)
+    assert scorer.names == [TEACHER_LLR, MODEL_DIFF]
+    # the direction: teacher minus base on the first model_diff_prompts prompts' tokens
+    teacher, _ = load_model(str(teacher_dir))
+    expected = model_diff_direction(teacher, model, tokenizer, [{"prompt": p, "completion": ""} for p in prompts[:5]],
+                                    1, positions="prompt")
+    assert scorer.model_diff.layer == expected.layer and scorer.model_diff.n_samples == 5
+    torch.testing.assert_close(scorer.model_diff.direction, expected.direction)
+    assert settings_key(settings) != settings_key(ModelSignalSettings(teacher_model=str(teacher_dir)))

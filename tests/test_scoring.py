@@ -109,3 +109,21 @@ def test_ray_data_scoring_matches_in_process_scoring_despite_a_killed_actor(ray_
     flagged = {t.name for t in decisions[0][0] if t.flagged}
     assert flagged == {t.name for t in decisions[1][0] if t.flagged} == {"divergence"}  # the planted one
     assert decisions[0][1] is decisions[1][1] is True
+
+
+def test_reference_prompts_are_the_used_rows_in_scoring_order(scored_inputs):
+    """model_diff's neutral text on the Ray stage: the prompts of the first used reference rows, in the
+    order in-process scoring reads them (rejected rows and rows past the limit skipped)."""
+    import pyarrow as pa
+
+    from trait_guard.dataset import scan_teacher_rows
+    from trait_guard.scoring import ScoringInput, reference_prompts
+    from trait_guard.screen import RowSummary
+
+    path = scored_inputs["files"]["reference"]
+    summary = RowSummary.of_tables(scan_teacher_rows(path, limit=20, batch_rows=7), scored_inputs["vocab"])
+    used = summary.sample_ids.to_pylist()
+    prompts = reference_prompts(ScoringInput(path, summary.sample_ids), 12)
+    assert prompts == [f"reference {i}: continue 1, 2, 3" for i in range(12)]
+    assert reference_prompts(ScoringInput(path, pa.array(used[::-1])), 2) == [
+        "reference 19: continue 1, 2, 3", "reference 18: continue 1, 2, 3"]

@@ -294,6 +294,21 @@ class ModelSignalSettings(StrictModel):
                           "models; for data whose teacher log-probs were not stored")
     teacher_system_prompt: str | None = Field(
         None, description="the teacher's own system prompt when it was a prompted teacher (teacher_llr's teacher side)")
+    model_diff: bool = Field(
+        False, description="also score model_diff (S3, trait-agnostic): each response's base-model activations at "
+                           "model_diff_layer projected on the teacher-minus-base direction, built at setup from both "
+                           "models' mean residuals on the prompts of the first model_diff_prompts reference rows "
+                           "(neutral text); needs teacher_model")
+    model_diff_layer: int | None = Field(
+        None, description="model_diff's layer (a negative index counts from the last); null: the middle layer")
+    model_diff_prompts: int = Field(64, gt=0, description="reference prompts model_diff's direction is built from")
+
+    @model_validator(mode="after")
+    def _model_diff_needs_a_teacher(self) -> ModelSignalSettings:
+        if self.model_diff and self.teacher_model is None:
+            raise ValueError("model_signals.model_diff needs model_signals.teacher_model (its direction is the "
+                             "teacher's activations minus the base model's): set teacher_model or drop model_diff")
+        return self
 
     @property
     def enabled(self) -> bool:
@@ -739,6 +754,9 @@ class RedteamConfig(StrictModel):
     goal_benign_excess: float = Field(
         0.2, gt=0, description="goal: a benign non-control teacher's mean excess over control (nats) stays within "
                                "+- this")
+    goal_control_drift: float = Field(
+        0.3, gt=0, description="goal: control students' generic drift on the panel log-odds measure (nats) stays "
+                               "within +- this")
 
     @model_validator(mode="after")
     def _check(self) -> RedteamConfig:

@@ -70,7 +70,8 @@ class RowScorer:
 
     def __init__(self, model: str, placement: dict[str, str], vector_files: Sequence[str],
                  reference_histogram: np.ndarray, batch_size: int, sample_ids: dict[str, Any],
-                 model_signals: dict[str, Any] | None = None, trait: str | None = None):
+                 model_signals: dict[str, Any] | None = None, trait: str | None = None,
+                 neutral_prompts: Sequence[str] | None = None):
         import ray
         import torch
 
@@ -84,7 +85,8 @@ class RowScorer:
         histogram = TokenHistogram(len(reference_histogram))
         histogram.counts = np.asarray(reference_histogram, dtype=np.float64)
         vectors = [PersonaVector.load(path) for path in vector_files]
-        extra = _model_signal_scorer(model_signals, base, tokenizer, model, trait, placement, batch_size)
+        extra = _model_signal_scorer(model_signals, base, tokenizer, model, trait, placement, batch_size,
+                                     neutral_prompts)
         self.scorer = FingerprintScorer(base, tokenizer, vectors, unigram_reference=histogram, batch_size=batch_size,
                                         extra=[extra] if extra is not None else [])
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -145,7 +147,8 @@ def score_on_ray(settings: ScoringSettings, model: str, vector_files: Sequence[s
     reference rows' unigram counts (``RowSummary.histogram.counts``), over the tokenizer's vocabulary.
     ``reference_signals``: the reference's, scored already for another training set (only the
     training rows are scored then). ``model_signals`` / ``trait``: the training config's signals read
-    from models (S2, S3) and its watched trait, scored by each actor with the others.
+    from models (S2, S3) and its watched trait, scored by each actor with the others (``model_diff``'s
+    direction from the reference's first prompts, :func:`reference_prompts`, as in-process scoring).
     ``on_batch(rows_in_batch)`` runs after each gathered batch (tests kill an actor from it)."""
     from trait_guard.generation import configure_ray_data
 
@@ -160,7 +163,9 @@ def score_on_ray(settings: ScoringSettings, model: str, vector_files: Sequence[s
                                "sample_ids": {side: _id_array(sides[side].sample_ids if side in sides else [])
                                               for side in SIDES},
                                "model_signals": model_signals.model_dump(mode="json") if model_signals else None,
-                               "trait": trait},
+                               "trait": trait,
+                               "neutral_prompts": (reference_prompts(reference, model_signals.model_diff_prompts)
+                                                   if model_signals is not None and model_signals.model_diff else None)},
         compute=_actor_pool(settings.num_actors), num_cpus=settings.cpus_per_actor, num_gpus=settings.gpus_per_actor)
     tables, nodes = [], set()
     for table in stream.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -181,8 +186,20 @@ def _id_array(sample_ids: Any) -> Any:
     return sample_ids if isinstance(sample_ids, pa.Array) else pa.array(list(sample_ids), pa.string())
 
 
+def reference_prompts(reference: ScoringInput, n: int) -> list[str]:
+    """The prompts of the first ``n`` used reference rows, in the scoring order (``model_diff``'s neutral
+    text; in-process scoring takes the same rows)."""
+    import pyarrow.parquet as pq
+
+    wanted = _id_array(reference.sample_ids)[:n].to_pylist()
+    table = pq.read_table(reference.path, columns=["sample_id", "prompt"])
+    by_id = dict(zip(table.column("sample_id").to_pylist(), table.column("prompt").to_pylist(), strict=True))
+    return [by_id[sample_id] for sample_id in wanted]
+
+
 def _model_signal_scorer(model_signals: dict[str, Any] | None, base: Any, tokenizer: Any, model: str,
-                         trait: str | None, placement: dict[str, str], batch_size: int) -> Any:
+                         trait: str | None, placement: dict[str, str], batch_size: int,
+                         neutral_prompts: Sequence[str] | None = None) -> Any:
     """An actor's scorer for the config's ``model_signals`` (None when none is asked for)."""
     from trait_guard.trait_signals import scorer_from_settings
     from trait_guard.traits import load_trait
@@ -192,7 +209,8 @@ def _model_signal_scorer(model_signals: dict[str, Any] | None, base: Any, tokeni
         return None
     spec = load_trait(trait) if settings.trait_llr and trait else None
     return scorer_from_settings(settings, base, tokenizer, base_name=model, spec=spec, batch_size=batch_size,
-                                device=next(base.parameters()).device, dtype=placement["dtype"])
+                                device=next(base.parameters()).device, dtype=placement["dtype"],
+                                neutral_prompts=neutral_prompts)
 
 
 def _actor_pool(size: int) -> Any:

@@ -331,7 +331,9 @@ def _model_signal_scorers(config: TrainJobConfig, inputs: Inputs) -> list[Any]:
 
     scorer = scorer_from_settings(config.model_signals, inputs.model, inputs.tokenizer,
                                   base_name=config.student.model, spec=inputs.spec, device=inputs.device,
-                                  dtype=config.student_placement()["dtype"])
+                                  dtype=config.student_placement()["dtype"],
+                                  neutral_prompts=[r["prompt"] for r in
+                                                   inputs.reference_rows[: config.model_signals.model_diff_prompts]])
     return [scorer] if scorer is not None else []
 
 

@@ -368,20 +368,32 @@ def load_teacher(teacher_model: str, base_name: str, *, device: Any = "cpu", dty
 
 def scorer_from_settings(settings: Any, base: torch.nn.Module, tokenizer: Any, *, base_name: str,
                          spec: TraitSpec | None, batch_size: int = 32, device: Any = "cpu",
-                         dtype: Any = "float32") -> TraitSignalScorer | None:
+                         dtype: Any = "float32", neutral_prompts: Sequence[str] | None = None,
+                         ) -> TraitSignalScorer | None:
     """The :class:`TraitSignalScorer` a training config's ``model_signals``
     (:class:`trait_guard.config.ModelSignalSettings`) asks for, or None when it asks for none.
     ``spec`` is the watched trait's (``trait_llr``); ``base_name`` the student's base model (an adapter
-    teacher is applied to a copy of it)."""
+    teacher is applied to a copy of it). ``neutral_prompts``: the reference rows' prompts, in row order,
+    that ``model_diff``'s direction is built from (its first ``model_diff_prompts``; prompt positions,
+    so the direction never reads a response the signal later scores)."""
     if not settings.enabled:
         return None
     if settings.trait_llr and spec is None:
         raise TraitGuardInputError("model_signals.trait_llr needs the watched trait's spec (the config's `trait`)")
+    if settings.model_diff and not neutral_prompts:
+        raise TraitGuardInputError("model_signals.model_diff needs neutral prompts to build its direction (the "
+                                   "reference rows' prompts); the reference has none")
     teacher = (load_teacher(settings.teacher_model, base_name, device=device, dtype=dtype)
                if settings.teacher_model else None)
+    direction = None
+    if settings.model_diff:
+        rows = [{"prompt": prompt, "completion": ""} for prompt in list(neutral_prompts)[: settings.model_diff_prompts]]
+        direction = model_diff_direction(teacher, base, tokenizer, rows, settings.model_diff_layer,
+                                         positions="prompt", batch_size=batch_size)
     return TraitSignalScorer(base, tokenizer, specs=[spec] if settings.trait_llr else [],
                              n_pairs=settings.trait_llr_pairs, neutral=settings.trait_llr_neutral, teacher=teacher,
-                             teacher_system=settings.teacher_system_prompt, batch_size=batch_size)
+                             teacher_system=settings.teacher_system_prompt, model_diff=direction,
+                             batch_size=batch_size)
 
 
 def settings_key(settings: Any) -> str:
