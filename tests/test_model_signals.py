@@ -14,7 +14,13 @@ from trait_guard.errors import TraitGuardInputError
 from trait_guard.generation import generate_local
 from trait_guard.models import load_model
 from trait_guard.train import run_training
-from trait_guard.trait_signals import MODEL_DIFF, TEACHER_LLR, model_diff_direction, scorer_from_settings, settings_key
+from trait_guard.trait_signals import (
+    MODEL_DIFF,
+    TEACHER_LLR,
+    model_diff_direction,
+    scorer_from_settings,
+    settings_key,
+)
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
 
