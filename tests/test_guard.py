@@ -180,3 +180,54 @@ def test_drift_only_guard_decides_on_probes_and_refuses_data():
     restored = TraitGuard.from_state_dict(json.loads(json.dumps(guard.state_dict())), None)
     assert restored.mode is Action.HALT and restored.step == 9 and restored.alarms == guard.alarms
     assert TraitGuard.drift_only().config == GuardConfig()
+
+
+def test_the_eprocess_bets_on_each_sample_once_across_epochs():
+    """One batch of 32 clean-looking samples (mean +0.25 sd, a draw that happens to lean up) trained on
+    for 40 epochs: fed again and again, its bets compound until a false alarm; with sample keys the
+    e-process bets on each sample once, counts the rest as seen again, and never alarms. A new sample
+    in a later epoch is still tested. The keys survive a state round trip."""
+    from trait_guard.guard import SAMPLE_KEY, sample_key
+
+    rng = np.random.default_rng(11)
+    values = rng.normal(0.0, 1.0, 32)
+    values = values - values.mean() + 0.25
+    clean = {**reference(32, seed=5), "proj:animal:owl": values}
+    keys = np.array([sample_key(f"row-{i}") for i in range(32)])
+    config = GuardConfig(signals=["proj:*"], alpha=0.01)
+
+    repeated = TraitGuard(config, reference(), batch_size=32)
+    alarmed_at = next((epoch for epoch in range(40) if repeated.observe(clean).halt), None)
+    assert alarmed_at is not None  # the same 32 samples bet on 40 times: a false alarm
+
+    keyed = TraitGuard(config, reference(), batch_size=32)
+    decisions = [keyed.observe({**clean, SAMPLE_KEY: keys}) for _ in range(40)]
+    assert not any(d.halt for d in decisions) and keyed.seen_again == 39 * 32
+    assert keyed.detectors["proj:animal:owl"].step == 32
+    restored = TraitGuard.from_state_dict(json.loads(json.dumps(keyed.state_dict())), reference(), batch_size=32)
+    assert restored.bet_on == keyed.bet_on and restored.seen_again == keyed.seen_again
+    mixed = {name: np.concatenate([v[:31], [v[0]]]) for name, v in clean.items()}
+    mixed[SAMPLE_KEY] = np.concatenate([keys[:31], [sample_key("a new row")]])
+    restored.observe(mixed)
+    assert restored.detectors["proj:animal:owl"].step == 33 and restored.seen_again == 39 * 32 + 31
+    with pytest.raises(ValueError, match="keys for a batch of 32"):
+        restored.observe({**clean, SAMPLE_KEY: keys[:5]})
+
+
+def test_epoch_false_alarm_benchmark_runs_and_tells_repeated_from_keyed(tmp_path):
+    """benchmarks/epoch_false_alarms.py on 60 simulated clean runs of 10 epochs: feeding the epochs again
+    false-alarms in more runs than betting on each row once, which stays near alpha."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "epoch_false_alarms.py"
+    spec = importlib.util.spec_from_file_location("epoch_false_alarms", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "r.json"
+    assert module.main(["--runs", "60", "--epochs", "10", "--reference-rows", "500", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    repeated, keyed = results["repeated"], results["keyed"]
+    assert repeated["runs"] == keyed["runs"] == 60
+    assert repeated["runs_with_alarm"] > keyed["runs_with_alarm"]
+    assert keyed["ci95"][0] <= 0.05  # consistent with the per-run bound

@@ -157,3 +157,47 @@ def test_gated_rows_hold_a_planted_stream_and_release_a_clean_one():
     assert list(planted) == []  # closed: iterating again yields nothing
     stream, clean = gated(0.0)
     assert list(clean) == stream and clean.alarm is None and not clean.held
+
+
+def test_gated_rows_bet_on_each_distinct_row_once_across_epochs():
+    """Epochs over the same rows: the second pass releases every row without a second bet (a repeated
+    clean row would compound its bet); rows new in a later epoch are tested, and a planted shift among
+    them alarms before any of them is released."""
+    from trait_guard.integrations.torch_loop import GatedRows
+    from trait_guard.sequential import EProcessDetector, LookaheadGate
+
+    ref = np.random.default_rng(0).normal(0, 1, 2000)
+    clean = [row | {"sample_id": f"c{i}"} for i, row in enumerate(rows_with_signals(np.random.default_rng(1), 60, 0.0))]
+    detector = EProcessDetector(alpha=0.01).fit(ref)
+    gated = GatedRows(clean, LookaheadGate(detector, window=20), signal="proj:t")
+    for epoch in range(3):
+        assert list(gated) == clean  # every epoch trains on every row, in order once the first pass is done
+    assert (gated.passes, gated.tested, gated.seen_again) == (3, 60, 120)
+    assert detector.step == 60 and gated.alarm is None  # 60 bets, not 180
+    # without keys every pass is bet on again (the old behaviour; a user's rows without sample ids)
+    keyless = GatedRows(clean, LookaheadGate(EProcessDetector(alpha=0.01).fit(ref), window=20), signal="proj:t",
+                        key=lambda row: None)
+    list(keyless), list(keyless)
+    assert keyless.tested == 120 and keyless.gate.detector.step == 120
+
+    class ChangingData:
+        """Epoch 1: the clean rows; epoch 2: the same rows plus 60 new shifted ones."""
+
+        def __init__(self):
+            self.epoch = 0
+
+        def __iter__(self):
+            self.epoch += 1
+            shifted = [row | {"sample_id": f"s{i}"} for i, row in
+                       enumerate(rows_with_signals(np.random.default_rng(2), 60, 3.0))]
+            return iter(clean if self.epoch == 1 else clean + shifted)
+
+    alarms = []
+    gated = GatedRows(ChangingData(), LookaheadGate(EProcessDetector(alpha=0.01).fit(ref), window=40),
+                      signal="proj:t", on_alarm=alarms.append)
+    assert list(gated) == clean and gated.alarm is None
+    second = list(gated)
+    assert len(alarms) == 1 and gated.alarm is not None
+    assert second == clean  # the rows seen before pass; no shifted row was released
+    # the alarm came within the window: every new row tested so far is held, none trained on
+    assert gated.seen_again == 60 and 0 < gated.tested - 60 <= 40 and len(gated.held) == gated.tested - 60

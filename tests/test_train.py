@@ -145,6 +145,17 @@ def test_a_clean_screen_lets_training_through(tiny_llama_dir, data, tmp_path):
     assert summary["verdict"] == "unmonitored" and not summary["monitored"]
 
 
+def test_a_second_epoch_is_trained_but_not_bet_on_twice(tiny_llama_dir, data, tmp_path):
+    """Two epochs over the same rows: every step trains, and the e-process bets on each distinct row once
+    (the second epoch's rows are counted as seen again, not fed to the test a second time)."""
+    summary = run_training(job(tiny_llama_dir, data, tmp_path, train="control-b",
+                               optim={"max_steps": None, "epochs": 2, "batch_size": 8}))
+    n = summary["train_samples"]
+    assert summary["steps"] == summary["total_steps"] == 2 * (n // 8) and not summary["halted"]
+    assert summary["sequential_test"] == "eprocess"
+    assert summary["guard_samples_seen_again"] == summary["steps"] * 8 - n  # every row past the first n
+
+
 def test_clean_data_trains_to_the_end_and_resume_continues_exactly(tiny_llama_dir, data, tmp_path):
     full = run_training(job(tiny_llama_dir, data, tmp_path / "full", train="control-b",
                             optim={"max_steps": 8}, checkpoint={"every_n_steps": 4}))

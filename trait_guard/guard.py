@@ -42,6 +42,14 @@ a persona vector, measured on probe prompts) escalates to ``on_drift_alarm``, HA
 Its state (detector statistics, counters, mode) saves to JSON-safe dicts for checkpoint and resume.
 Multi-rank runs gather the signals of all ranks before calling :meth:`TraitGuard.observe`, so every
 rank sees the same inputs and takes the same action.
+
+Epochs: the e-process bets on each distinct sample once. A batch's signals may carry
+:data:`SAMPLE_KEY`, one key per sample (:func:`sample_key` of its sample id; gathered across ranks with
+the signals); a sample whose key was bet on before (the next epoch over the same rows) is left out of
+the e-process and counted in :attr:`TraitGuard.seen_again`, since a clean sample bet on k times
+compounds its bet k times and the per-run bound would no longer hold. Samples new in a later epoch
+(data that change between epochs) are tested as they come. The lean, the masks and the decision still
+cover every sample; the CUSUM (per-batch control) reads every batch as before.
 """
 
 from __future__ import annotations
@@ -70,6 +78,17 @@ logger = logging.getLogger(__name__)
 
 #: CUSUM: reference draws of the honest calibration (0: the reference taken as exact, the old way)
 REFERENCE_DRAWS = 1000
+#: a reserved entry of a batch's signals: one key per sample (:func:`sample_key`), not a signal
+SAMPLE_KEY = "_sample_key"
+
+
+def sample_key(sample_id: Any) -> float:
+    """A sample id as a float key (52 bits of its BLAKE2b hash: exact in float64), so that it travels with
+    the signals through the ranks' all-gather."""
+    import hashlib
+
+    digest = hashlib.blake2b(str(sample_id).encode(), digest_size=8).digest()
+    return float(int.from_bytes(digest, "big") >> 12)
 #: CUSUM: the honest threshold keeps P(realized ERT < target) <= 1 - this, over reference draws
 CALIBRATION_CONFIDENCE = 0.9
 #: CUSUM: a reference is too small when its honest threshold delays detection more than this factor
@@ -154,7 +173,10 @@ class TraitGuard:
             self.mean, self.std, self.detectors = {}, {}, {}
             self.low_point, self.last_zero = {}, {}
             self.step, self.mode, self.alarms = 0, Action.PASS, []
+            self.bet_on, self.seen_again = set(), 0
             return
+        self.bet_on: set[float] = set()  # the sample keys the e-process has bet on
+        self.seen_again = 0  # samples left out of the e-process because it had bet on them already
         self.signals = self._select(reference)
         if not self.signals:
             raise TraitGuardInputError(
@@ -417,6 +439,8 @@ class TraitGuard:
         missing = [n for n in self.signals if n not in signals]  # skipped signals may be absent
         if missing:
             raise ValueError(f"batch signals lack {missing}; the guard was calibrated on {self.signals}")
+        signals = dict(signals)
+        fresh = self._first_bets(signals.pop(SAMPLE_KEY, None), len(next(iter(signals.values()))))
         n = len(next(iter(signals.values())))
         watched = [np.asarray(signals[name], dtype=float) for name in [*self.signals, *self.constant] if name in signals]
         if any(np.isinf(v).any() for v in watched) or (watched and not any(np.isfinite(v).any() for v in watched)):
@@ -430,6 +454,8 @@ class TraitGuard:
         verdicts = []
         for name in self.signals:
             z = self.standardize(name, signals[name])
+            if self.kind != "cusum":
+                z = z[fresh]  # each distinct sample is bet on once (see the module docstring, "Epochs")
             if np.isfinite(z).any():
                 verdicts.append(self._update(name, z))
         for name, constant in self.constant.items():
@@ -456,6 +482,25 @@ class TraitGuard:
                     "thresholds": {v.detector: v.threshold for v in verdicts}}
         return self._decide(n, lean, token_masks, verdicts, evidence,
                             f"data alarm on {', '.join(v.detector for v in flagged)}" if flagged else None)
+
+    def _first_bets(self, keys: Any, n: int) -> np.ndarray:
+        """Which of a batch's ``n`` samples the e-process has not bet on yet (all, without keys; a NaN key,
+        a row without a sample id, is always new). Marks the new ones as bet on."""
+        fresh = np.ones(n, dtype=bool)
+        if keys is None:
+            return fresh
+        keys = np.asarray(keys, dtype=float)
+        if keys.shape != (n,):
+            raise ValueError(f"{SAMPLE_KEY} holds {keys.shape} keys for a batch of {n} samples")
+        for i, key in enumerate(keys.tolist()):
+            if not math.isfinite(key):
+                continue
+            if key in self.bet_on:
+                fresh[i] = False
+            else:
+                self.bet_on.add(key)
+        self.seen_again += int((~fresh).sum())
+        return fresh
 
     def observe_drift(self, shifts: dict[str, float], step: int | None = None) -> Decision:
         """Decide after a probe: ``shifts`` are the student's finetuning shifts along persona vectors,
@@ -513,6 +558,7 @@ class TraitGuard:
                 "reference_n": dict(getattr(self, "reference_n", {})),
                 "reference_warnings": list(getattr(self, "reference_warnings", [])),
                 "detectors": {n: d.state_dict() for n, d in self.detectors.items()},
+                "bet_on": sorted(getattr(self, "bet_on", ())), "seen_again": getattr(self, "seen_again", 0),
                 "config": self.config.model_dump(mode="json")}
 
     def load_state_dict(self, state: dict[str, Any]) -> TraitGuard:
@@ -522,6 +568,8 @@ class TraitGuard:
         self.mean, self.std = dict(state["mean"]), dict(state["std"])
         self.last_zero = {**self.last_zero, **{k: int(v) for k, v in state.get("last_zero", {}).items()}}
         self.low_point = {**self.low_point, **{k: float(v) for k, v in state.get("low_point", {}).items()}}
+        self.bet_on = {float(k) for k in state.get("bet_on", [])}
+        self.seen_again = int(state.get("seen_again", 0))
         for name, detector_state in state["detectors"].items():
             self.detectors[name].load_state_dict(detector_state)
         return self

@@ -994,6 +994,7 @@ def _summary(run: RunContext, inputs: Inputs, setup: Setup, outcome: Outcome, to
         "verdict": run_verdict(outcome, config.guard_enabled, guard),
         "monitored": guard.monitored, "powered_signals": guard.powered, "watched_signals": guard.signals,
         "sequential_test": guard.kind, "false_alarm_control": guard.false_alarm_control,
+        "guard_samples_seen_again": getattr(guard, "seen_again", 0),  # later epochs: not bet on twice
         "train_samples": len(inputs.train_rows), "reference_samples": len(inputs.reference_rows),
         "setup_signals": setup.signals.source, "provenance": inputs.provenance,
         "setup_seconds": setup.seconds, "wall_seconds": time.perf_counter() - run.started,

@@ -73,7 +73,7 @@ from trait_guard.fingerprint import (
     teacher_tokens,
     unigram_surprisal,
 )
-from trait_guard.guard import Decision, TraitGuard
+from trait_guard.guard import SAMPLE_KEY, Decision, TraitGuard, sample_key
 from trait_guard.losses import distillation_loss, token_weights, weighted_completion_loss
 from trait_guard.persona import PersonaVector, probe_projections, probe_shifts
 from trait_guard.rollback import RollbackRecord, WeightSnapshots
@@ -158,11 +158,20 @@ class GatedRows:
 
     Usable as a plain iterable in a torch loop, as a ``torch.utils.data.IterableDataset``'s source, or
     through ``datasets.IterableDataset.from_generator(gated.__iter__)`` for TRL trainers.
+
+    Epochs: iterating again (the next epoch) continues the same test. Each distinct row is bet on once:
+    a row whose ``key`` (default: its ``sample_id``) was tested in an earlier pass, or earlier in this
+    one, is released at once without a second bet, because betting twice on one row breaks the
+    test's guarantee (a clean row seen k times compounds its bet k times). Rows new in a later epoch
+    (data that change between epochs) are tested as they come, so the per-run false-alarm bound holds
+    over all distinct rows. Rows whose key is None are always tested. ``passes``, ``tested`` and
+    ``seen_again`` count what happened.
     """
 
     def __init__(self, rows: Iterable[dict[str, Any]], gate: LookaheadGate,
                  score: Callable[[dict[str, Any]], float] | None = None, *, signal: str | None = None,
-                 guard: TraitGuard | None = None, on_alarm: Callable[[GateStep], Any] | None = None):
+                 guard: TraitGuard | None = None, on_alarm: Callable[[GateStep], Any] | None = None,
+                 key: Callable[[dict[str, Any]], Any] | None = None):
         if score is None:
             if signal is None:
                 raise ValueError("give score=callable(row) or signal=<name of a precomputed signal>")
@@ -172,7 +181,10 @@ class GatedRows:
                 return float(guard.standardize(signal, np.array([value]))[0]) if guard is not None else value
 
         self.rows, self.gate, self.score, self.on_alarm = rows, gate, score, on_alarm
+        self.key = key or (lambda row: row.get("sample_id") if isinstance(row, dict) else None)
         self.alarm: GateStep | None = None
+        self._tested: set[Any] = set()
+        self.passes = self.tested = self.seen_again = 0
 
     @property
     def held(self) -> list[Any]:
@@ -181,10 +193,19 @@ class GatedRows:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.gate.alarmed:
             return
+        self.passes += 1
         pending: dict[int, dict[str, Any]] = {}
         for index, row in enumerate(self.rows):
+            key = self.key(row)
+            if key is not None and key in self._tested:
+                self.seen_again += 1
+                yield row
+                continue
+            if key is not None:
+                self._tested.add(key)
+            self.tested += 1
             pending[index] = row
-            step = self.gate.push(index, self.score(row))
+            step = self.gate.push(index, self.score(row))  # the buffer is empty between passes
             for released in step.released:
                 yield pending.pop(released)
             if step.alarmed:
@@ -196,6 +217,9 @@ class GatedRows:
                 return
         for released in self.gate.flush().released:
             yield pending.pop(released)
+        if self.passes > 1:
+            logger.info("look-ahead gate, pass %d: %d rows tested in all, %d seen again (released without a "
+                        "second bet)", self.passes, self.tested, self.seen_again)
 
 
 class GuardedStep:
@@ -288,7 +312,7 @@ class GuardedStep:
             signals = {name: np.array([r["signals"].get(name, np.nan) for r in rows], dtype=float) for name in names}
             if self.unigram_reference is not None and "unigram" not in signals:
                 signals["unigram"] = unigram_surprisal(self.unigram_reference, batch)
-            return signals, self._masks(logits, batch, rows, teacher, None)
+            return self._with_keys(signals, rows), self._masks(logits, batch, rows, teacher, None)
         if logits is None:
             raise TraitGuardInputError(
                 "the rows carry no precomputed 'signals' and there is no forward to compute them from: score the "
@@ -302,7 +326,15 @@ class GuardedStep:
         signals, mask = signals_from_forward(logits, hidden, batch, self.vectors, teacher)
         if self.unigram_reference is not None:
             signals["unigram"] = unigram_surprisal(self.unigram_reference, batch)
-        return signals, self._masks(logits, batch, rows, teacher, mask)
+        return self._with_keys(signals, rows), self._masks(logits, batch, rows, teacher, mask)
+
+    @staticmethod
+    def _with_keys(signals: dict[str, np.ndarray], rows: Sequence[dict[str, Any]] | None) -> dict[str, np.ndarray]:
+        """The signals plus each row's :data:`~trait_guard.guard.SAMPLE_KEY` when the rows carry sample ids:
+        the guard's e-process then bets on each distinct row once, however many epochs see it."""
+        if rows and all(r.get("sample_id") is not None for r in rows):
+            signals[SAMPLE_KEY] = np.array([sample_key(r["sample_id"]) for r in rows], dtype=float)
+        return signals
 
     @staticmethod
     def _masks(logits: torch.Tensor | None, batch: EncodedBatch, rows: Sequence[dict[str, Any]] | None,
