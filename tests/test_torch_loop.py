@@ -170,7 +170,7 @@ def test_gated_rows_bet_on_each_distinct_row_once_across_epochs():
     clean = [row | {"sample_id": f"c{i}"} for i, row in enumerate(rows_with_signals(np.random.default_rng(1), 60, 0.0))]
     detector = EProcessDetector(alpha=0.01).fit(ref)
     gated = GatedRows(clean, LookaheadGate(detector, window=20), signal="proj:t")
-    for epoch in range(3):
+    for _ in range(3):
         assert list(gated) == clean  # every epoch trains on every row, in order once the first pass is done
     assert (gated.passes, gated.tested, gated.seen_again) == (3, 60, 120)
     assert detector.step == 60 and gated.alarm is None  # 60 bets, not 180
