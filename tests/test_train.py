@@ -137,6 +137,16 @@ def test_a_flagged_screen_gates_training_before_the_first_update(tiny_llama_dir,
     assert "Gate: the dataset screen before the first update" in report and "FLAGGED" in report
 
 
+def test_a_flagged_screen_puts_reweight_in_force_from_step_1(tiny_llama_dir, data, tmp_path):
+    """on_data_alarm reweight: the gate's flag does not stop training; every step from the first one,
+    the clean rows at the start included, is trained under REWEIGHT."""
+    summary = run_training(job(tiny_llama_dir, data, tmp_path, screen={"gate": True},
+                               guard={"on_data_alarm": "reweight"}, optim={"max_steps": 6}))
+    assert summary["gate"]["flagged"] and not summary["halted"] and summary["updates"] == 6
+    assert [h["action"] for h in summary["history"]] == ["reweight"] * 6
+    assert summary["alarms"][0]["step"] == 0  # the gate's alarm, before step 1
+
+
 def test_a_clean_screen_lets_training_through(tiny_llama_dir, data, tmp_path):
     summary = run_training(job(tiny_llama_dir, data, tmp_path, train="control-b", screen={"gate": True},
                                optim={"max_steps": 4}))
