@@ -49,7 +49,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 
 from trait_guard.chat import encode_rows
 from trait_guard.dataset import read_teacher_rows
@@ -80,11 +79,10 @@ ALPHA = 0.01
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """P(score of a positive > score of a negative), ties counting one half (Mann-Whitney)."""
-    positive, negative = positive[np.isfinite(positive)], negative[np.isfinite(negative)]
-    ranks = rankdata(np.concatenate([positive, negative]))
-    n1, n0 = len(positive), len(negative)
-    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    """P(score of a positive > score of a negative), ties counting one half (Mann-Whitney), finite values."""
+    from trait_guard.validation import auroc as mann_whitney_auroc
+
+    return mann_whitney_auroc(positive, negative)
 
 
 def bootstrap_ci(positive: np.ndarray, negative: np.ndarray, n_boot: int, seed: int) -> list[float]:

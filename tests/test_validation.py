@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from trait_guard.validation import _auroc, dataset_records, markdown_table, signal_validation
+from trait_guard.validation import auroc, dataset_records, markdown_table, signal_validation
 
 SHIFTS = [0.0, 0.3, 0.6, 0.9, 1.2, 1.5]  # the owl-adapter datasets' panel shift, by replicate
 
@@ -89,8 +89,9 @@ def test_auroc_counts_ties_half():
     import numpy as np
 
     # pairs (1, 0) > , (1, 2) < , (2, 0) > , (2, 2) tie: (1 + 0 + 1 + 0.5) / 4
-    assert _auroc(np.array([1.0, 2.0]), np.array([0.0, 2.0])) == 0.625
-    assert math.isnan(_auroc(np.array([]), np.array([1.0])))
+    assert auroc(np.array([1.0, 2.0]), np.array([0.0, 2.0])) == 0.625
+    assert math.isnan(auroc(np.array([]), np.array([1.0])))
+    assert auroc(np.array([3.0, np.nan]), np.array([1.0, 2.0])) == 1.0  # NaN left out
 
 
 def test_the_benchmark_script_writes_its_results(grid):

@@ -122,8 +122,8 @@ def _signal_row(name: str, usable: Sequence[dict[str, Any]], value: str, thresho
         row["spearman_ci"] = _bootstrap(lambda i: spearmanr(x[i], y[i]).statistic, len(usable), n_boot, rng)
     positive = y > threshold
     if positive.any() and (~positive).any():
-        row["auroc"] = _auroc(x[positive], x[~positive])
-        row["auroc_ci"] = _bootstrap(lambda i: _auroc(x[i][positive[i]], x[i][~positive[i]]), len(usable),
+        row["auroc"] = auroc(x[positive], x[~positive])
+        row["auroc_ci"] = _bootstrap(lambda i: auroc(x[i][positive[i]], x[i][~positive[i]]), len(usable),
                                      n_boot, rng)
     flagged = np.array([r["signals"][name]["flagged"] for r in usable], dtype=bool)
     benign = np.array([r["control"] or (r["excess"] is not None and r["excess"] <= 0) for r in usable], dtype=bool)
@@ -132,12 +132,18 @@ def _signal_row(name: str, usable: Sequence[dict[str, Any]], value: str, thresho
     return row
 
 
-def _auroc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """P(a positive scores above a negative), ties counting one half (the Mann-Whitney U / n1 n0)."""
-    if len(positive) == 0 or len(negative) == 0:
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(a positive scores above a negative), ties counting one half (the Mann-Whitney U / n1 n0), on the
+    finite values; NaN when a class has none."""
+    from scipy.stats import rankdata
+
+    positive, negative = np.asarray(positive, float), np.asarray(negative, float)
+    positive, negative = positive[np.isfinite(positive)], negative[np.isfinite(negative)]
+    n1, n0 = len(positive), len(negative)
+    if n1 == 0 or n0 == 0:
         return math.nan
-    greater = (positive[:, None] > negative[None, :]).sum() + 0.5 * (positive[:, None] == negative[None, :]).sum()
-    return float(greater / (len(positive) * len(negative)))
+    ranks = rankdata(np.concatenate([positive, negative]))
+    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def _bootstrap(statistic: Any, n: int, n_boot: int, rng: np.random.Generator) -> list[float]:
