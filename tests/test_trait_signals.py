@@ -184,3 +184,17 @@ def test_scorer_plugs_into_the_fingerprint_scorer(tiny_llama):
     assert np.allclose(signals[trait_llr_name("t")], trait_llr(base, tokenizer, rows, SPEC, n_pairs=2), atol=1e-6)
     assert np.allclose(signals[TEACHER_LLR], teacher_llr(teacher, base, tokenizer, rows), atol=1e-6)
     assert np.all(np.isfinite(signals[MODEL_DIFF]))
+
+
+def test_the_power_note_says_what_each_tested_signal_has_shown():
+    from trait_guard.screen import screen_signals
+    from trait_guard.trait_signals import SIGNAL_NEEDS, shown_power_note
+
+    note = shown_power_note(["divergence", "proj:animal:owl", "trait_llr:animal:eagle", "proj_diff:animal:owl"])
+    assert "divergence: AUROC 0.81" in note and "proj:animal:owl: none: AUROC 0.50" in note
+    assert "trait_llr:animal:eagle: none yet" in note and "proj_diff:animal:owl: not measured" in note
+    assert all(n.shown for n in SIGNAL_NEEDS)
+    rng = np.random.default_rng(0)
+    _, _, notes = screen_signals({"nll": rng.normal(0, 1, 40)}, {"nll": rng.normal(0, 1, 60)}, alpha=0.01,
+                                 n_permutations=200)
+    assert notes[-1] == shown_power_note(["nll"])  # the screen and the gate carry it

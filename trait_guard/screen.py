@@ -424,6 +424,9 @@ def screen_signals(data_signals: dict[str, np.ndarray], reference_signals: dict[
             t.adjusted_p = combined.adjusted[t.name]
             t.flagged = t.adjusted_p < alpha
         flagged = any(t.flagged for t in tests)
+        from trait_guard.trait_signals import shown_power_note
+
+        notes.append(shown_power_note([t.name for t in tests]))
     else:
         notes.append("no signal could be tested (constant or missing values)")
     return tests, flagged, notes

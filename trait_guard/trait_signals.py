@@ -83,26 +83,55 @@ class SignalNeeds:
     teacher_model: bool = False
     trait_spec: bool = False
     what: str = ""
+    shown: str = "not measured on real teachers"  # the power it has shown so far, with where it is written
+
+    def matches(self, signal: str) -> bool:
+        """Whether ``signal`` (a computed name, e.g. ``trait_llr:animal:owl``) is this entry."""
+        prefix, _, _ = self.name.partition("<trait>")
+        return signal == self.name or ("<trait>" in self.name and signal.startswith(prefix))
 
 
 #: Every per-sample signal trait_guard computes and what it needs. ``<trait>`` is a trait id.
+#: ``shown``: measured on SmolLM2-135M owl teachers on CPU, AUROC per sample against the control teacher
+#: (docs/detection.md; text-only signals: benchmarks/results/text_only_signals_cpu.json).
 SIGNAL_NEEDS: tuple[SignalNeeds, ...] = (
-    SignalNeeds("nll", what="mean NLL of the completion under the base model"),
-    SignalNeeds("entropy", what="mean next-token entropy of the base model over the completion"),
-    SignalNeeds("unigram", what="token surprisal under a histogram of the base model's own generations"),
+    SignalNeeds("nll", what="mean NLL of the completion under the base model",
+                shown="none: AUROC 0.50 on prompted-owl data (a kinship check, not a trait detector)"),
+    SignalNeeds("entropy", what="mean next-token entropy of the base model over the completion",
+                shown="none: AUROC 0.51 on prompted-owl data"),
+    SignalNeeds("unigram", what="token surprisal under a histogram of the base model's own generations",
+                shown="none: AUROC 0.52 on prompted-owl data"),
     SignalNeeds("proj:<trait>", trait_spec=True,
-                what="projection on a persona vector extracted from the base model with the spec"),
+                what="projection on a persona vector extracted from the base model with the spec",
+                shown="none: AUROC 0.50 [0.47, 0.54] on prompted-owl data"),
     SignalNeeds("trait_llr:<trait>", trait_spec=True,
-                what="log p_B(y | x, trait prompt) - log p_B(y | x, neutral prompt), per token (S2)"),
+                what="log p_B(y | x, trait prompt) - log p_B(y | x, neutral prompt), per token (S2)",
+                shown="none yet: not flagged on prompted-owl data (48 rows, p_adj 0.39) nor on owl-adapter data"),
     SignalNeeds("divergence", stored_logprobs=True,
-                what="share of tokens where the teacher's stored top-1 beats the base model's"),
+                what="share of tokens where the teacher's stored top-1 beats the base model's",
+                shown="AUROC 0.81 [0.79, 0.83] on prompted-owl data; gated every owl-adapter dataset of 96 rows, "
+                      "no control"),
     SignalNeeds("llr", stored_logprobs=True,
-                what="stored log p_T(y_t) - log p_B(y_t), per token"),
+                what="stored log p_T(y_t) - log p_B(y_t), per token",
+                shown="AUROC 0.84 [0.81, 0.88] on prompted-owl data"),
     SignalNeeds(TEACHER_LLR, teacher_model=True,
-                what="log p_T(y_t | x) - log p_B(y_t | x) read from the teacher model, per token (S3)"),
+                what="log p_T(y_t | x) - log p_B(y_t | x) read from the teacher model, per token (S3)",
+                shown="on owl-adapter data (see text_only_signals_cpu.json)"),
     SignalNeeds(MODEL_DIFF, teacher_model=True,
-                what="projection on the teacher-minus-base mean residual direction (S3)"),
+                what="projection on the teacher-minus-base mean residual direction (S3)",
+                shown="on owl-adapter data (see text_only_signals_cpu.json)"),
 )
+
+
+def shown_power_note(signals: Sequence[str]) -> str:
+    """One line for reports: the power each of ``signals`` (computed names) has shown so far, so that a
+    verdict is read with what its signals are known to see (a clean verdict on signals with no shown
+    power means little)."""
+    parts = []
+    for signal in dict.fromkeys(signals):
+        needs = next((n for n in SIGNAL_NEEDS if n.matches(signal)), None)
+        parts.append(f"{signal}: {needs.shown if needs else 'not measured'}")
+    return "power shown so far (SmolLM2 owl teachers, docs/detection.md): " + "; ".join(parts)
 
 
 def available_signals(has_stored_logprobs: bool, has_teacher_model: bool, has_trait_spec: bool,
