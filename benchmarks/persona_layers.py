@@ -45,11 +45,8 @@ from trait_guard.models import EMBEDDED_MODEL, load_model
 from trait_guard.persona import (
     METHODS,
     ExtractionResult,
-    PanelScorer,
     SteeringSweep,
     extract,
-    residual_norms,
-    steering_curves,
 )
 from trait_guard.traits import load_trait
 
@@ -100,33 +97,6 @@ def load(args: argparse.Namespace):
     return load_model(args.model)
 
 
-def random_controls(model, tokenizer, spec, result: ExtractionResult, sweep: SteeringSweep, n: int,
-                    seed: int) -> dict[str, list[dict]]:
-    """Steering curves of ``n`` random unit directions (orthogonal to the vector) at each swept method's
-    chosen layer, with the same coefficients, scale and questions: what a perturbation of the same size
-    does to the log-odds when it does not point along the trait. A slope near the vector's would mean
-    the sweep measures disruption, not the trait."""
-    scorer, questions = PanelScorer.for_spec(tokenizer, spec), sweep.questions(spec)
-    norms = residual_norms(model, tokenizer, questions)
-    baseline = scorer.logodds(model, questions)
-    gen = torch.Generator().manual_seed(seed)
-    out: dict[str, list[dict]] = {}
-    for method in result.curves:
-        vector = result.vectors[method]
-        layer = vector.layer
-        unit = vector.direction(layer)
-        controls = []
-        for _ in range(n):
-            random = torch.randn(unit.shape[0], generator=gen)
-            vectors = torch.zeros_like(vector.vectors)
-            vectors[layer] = random - (random @ unit) * unit
-            curve = steering_curves(model, tokenizer, vectors, [layer], sweep.coefficients, scorer, questions,
-                                    norms=norms, baseline=baseline)[0]
-            controls.append(curve.to_dict())
-        out[method] = controls
-    return out
-
-
 def format_table(result: ExtractionResult) -> str:
     """Per layer and method: d_q, d_instr, steering slope +- se, rise, effect at max c."""
     def num(x: float, fmt: str = "+.2f") -> str:
@@ -154,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     sweep = SteeringSweep(
         coefficients=tuple(float(c) for c in args.coefficients.split(",")),
         layers=tuple(int(x) for x in args.layers.split(",")) if args.layers else None,
-        layer_stride=args.layer_stride, n_questions=args.steer_questions, methods=METHODS)
+        layer_stride=args.layer_stride, n_questions=args.steer_questions, methods=METHODS,
+        random_controls=args.random_controls, seed=args.seed)
     result = extract(model, tokenizer, spec, n_instructions=args.instructions, n_questions=args.questions,
                      max_new_tokens=args.max_new_tokens, seed=args.seed, layer_choice="steering", steering=sweep,
                      progress=None if args.quiet else progress_bar)
-    controls = random_controls(model, tokenizer, spec, result, sweep, args.random_controls, args.seed)
     total, cpu = time.perf_counter() - started, time.process_time()
     print(f"\n{spec.trait_id} on {'tiny random Llama' if args.tiny else args.model}: judge {result.kept}")
     print(f"instruction hold-out: {result.instruction_holdout}\nsteering: {result.steering_note}\n")
@@ -167,15 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{method}: uses layer {choice.layer} (by {choice.chosen_by}); separation layer "
               f"{choice.separation_layer} (by {choice.separation_by}-held-out d), steering layer "
               f"{choice.steering_layer}\n  {choice.reason}")
-        if controls.get(method):
-            slopes = ", ".join(f"{c['slope']:+.2f} (rise {c['increasing_fraction']:.0%}, eff {c['effect_at_max']:+.2f})"
-                               for c in controls[method])
-            print(f"  random orthogonal directions at layer {choice.layer}: slopes {slopes}")
+        for layer, curves in sorted(result.controls.get(method, {}).items()):  # the sweep's random directions
+            slopes = ", ".join(f"{c.slope:+.2f} (rise {c.increasing_fraction:.0%}, eff {c.effect_at_max:+.2f})"
+                               for c in curves)
+            print(f"  random orthogonal directions at layer {layer}: slopes {slopes}")
     print(f"\nextraction + sweep {result.seconds:.0f} s (sweep {result.steering_seconds:.0f} s); total {total:.0f} s "
           f"wall, {cpu:.0f} s CPU on {torch.get_num_threads()} thread(s)")
     record = {"command": "python " + " ".join(sys.argv), "model": "tiny-llama" if args.tiny else args.model,
               "trait": spec.trait_id, "settings": vars(args), "torch_threads": torch.get_num_threads(),
-              "total_seconds": total, "cpu_seconds": cpu, "random_controls": controls, **result.to_dict()}
+              "total_seconds": total, "cpu_seconds": cpu, **result.to_dict()}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(to_jsonable(record), indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out}")
