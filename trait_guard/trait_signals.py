@@ -93,7 +93,8 @@ class SignalNeeds:
 
 #: Every per-sample signal trait_guard computes and what it needs. ``<trait>`` is a trait id.
 #: ``shown``: measured on SmolLM2-135M owl teachers on CPU, AUROC per sample against the control teacher
-#: (docs/detection.md; text-only signals: benchmarks/results/text_only_signals_cpu.json).
+#: (docs/detection.md; the signals read from models: benchmarks/results/text_only_signals_cpu.json, its
+#: section "Signals without stored teacher log-probs").
 SIGNAL_NEEDS: tuple[SignalNeeds, ...] = (
     SignalNeeds("nll", what="mean NLL of the completion under the base model",
                 shown="none: AUROC 0.50 on prompted-owl data (a kinship check, not a trait detector)"),
@@ -106,7 +107,8 @@ SIGNAL_NEEDS: tuple[SignalNeeds, ...] = (
                 shown="none: AUROC 0.50 [0.47, 0.54] on prompted-owl data"),
     SignalNeeds("trait_llr:<trait>", trait_spec=True,
                 what="log p_B(y | x, trait prompt) - log p_B(y | x, neutral prompt), per token (S2)",
-                shown="none yet: not flagged on prompted-owl data (48 rows, p_adj 0.39) nor on owl-adapter data"),
+                shown="none yet: AUROC 0.45-0.51 on owl-adapter data (3 adapters), 0/3 of their datasets "
+                      "gated; not flagged on prompted-owl data (48 rows, p_adj 0.39)"),
     SignalNeeds("divergence", stored_logprobs=True,
                 what="share of tokens where the teacher's stored top-1 beats the base model's",
                 shown="AUROC 0.81 [0.79, 0.83] on prompted-owl data; gated every owl-adapter dataset of 96 rows, "
@@ -116,10 +118,11 @@ SIGNAL_NEEDS: tuple[SignalNeeds, ...] = (
                 shown="AUROC 0.84 [0.81, 0.88] on prompted-owl data"),
     SignalNeeds(TEACHER_LLR, teacher_model=True,
                 what="log p_T(y_t | x) - log p_B(y_t | x) read from the teacher model, per token (S3)",
-                shown="on owl-adapter data (see text_only_signals_cpu.json)"),
+                shown="AUROC 0.91-0.95 on owl-adapter data (3 adapters); gated 3/3 of their datasets of 96 rows, "
+                      "0/3 controls"),
     SignalNeeds(MODEL_DIFF, teacher_model=True,
                 what="projection on the teacher-minus-base mean residual direction (S3)",
-                shown="on owl-adapter data (see text_only_signals_cpu.json)"),
+                shown="weak: AUROC 0.42-0.69 on owl-adapter data (3 adapters), 1/3 of their datasets gated"),
 )
 
 
