@@ -80,6 +80,12 @@ logger = logging.getLogger(__name__)
 REFERENCE_DRAWS = 1000
 #: a reserved entry of a batch's signals: one key per sample (:func:`sample_key`), not a signal
 SAMPLE_KEY = "_sample_key"
+#: CUSUM: the honest threshold keeps P(realized ERT < target) <= 1 - this, over reference draws
+CALIBRATION_CONFIDENCE = 0.9
+#: CUSUM: a reference is too small when its honest threshold delays detection more than this factor
+MAX_DELAY_FACTOR = 1.25
+#: e-process: the per-sample shift (reference sd) a reference must let the test see (AUROC 0.64)
+DESIGN_SHIFT = 0.5
 
 
 def sample_key(sample_id: Any) -> float:
@@ -89,12 +95,6 @@ def sample_key(sample_id: Any) -> float:
 
     digest = hashlib.blake2b(str(sample_id).encode(), digest_size=8).digest()
     return float(int.from_bytes(digest, "big") >> 12)
-#: CUSUM: the honest threshold keeps P(realized ERT < target) <= 1 - this, over reference draws
-CALIBRATION_CONFIDENCE = 0.9
-#: CUSUM: a reference is too small when its honest threshold delays detection more than this factor
-MAX_DELAY_FACTOR = 1.25
-#: e-process: the per-sample shift (reference sd) a reference must let the test see (AUROC 0.64)
-DESIGN_SHIFT = 0.5
 
 
 def check_signal_sides(watched: list[str], train_rows: list[dict[str, Any]], reference_rows: list[dict[str, Any]],
