@@ -634,8 +634,9 @@ def _paired_with_unguarded(cells: Sequence[dict[str, Any]]) -> None:
 
 def _goals(config: RedteamConfig, cells: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The grid's goals, each ``{"target", ..., "met"}``. ``met``: True where the data show the goal
-    (its interval inside the bound), False where the estimate itself misses it, None where there is
-    nothing to judge or the replicates are too few to show it either way (the detail says which)."""
+    (its interval inside the bound), None where there is nothing to judge or the replicates are too few
+    to show it either way (the detail says which), False where it is missed: the estimate itself is
+    outside the bound, or, for suppression, whose goal is stated on it, the upper bound is."""
     goals = {"transfer_suppressed": _suppression_goal(config, cells), "no_false_halts": _false_halt_goal(cells),
              "benign_teachers": _benign_goal(config, cells), "control_drift": _control_drift_goal(config, cells),
              "detection": _detection_goal(cells)}
