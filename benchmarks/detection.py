@@ -87,10 +87,9 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
 
 def bootstrap_ci(positive: np.ndarray, negative: np.ndarray, n_boot: int, seed: int) -> list[float]:
     """95% percentile bootstrap CI of the AUROC, resampling each class with replacement."""
-    rng = np.random.default_rng(seed)
-    positive, negative = positive[np.isfinite(positive)], negative[np.isfinite(negative)]
-    values = [auroc(rng.choice(positive, len(positive)), rng.choice(negative, len(negative))) for _ in range(n_boot)]
-    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+    from trait_guard.validation import auroc_bootstrap_ci
+
+    return auroc_bootstrap_ci(positive, negative, n_boot, seed)
 
 
 def disjoint_bags(values: np.ndarray, weights: np.ndarray | None, k: int, rng: np.random.Generator) -> np.ndarray:

@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from trait_guard.config import Action, GuardConfig, ScreenSettings
+from trait_guard.evaluate import exact_interval  # Clopper-Pearson, two-sided: the rates' ci95
 from trait_guard.files import atomic_path, to_jsonable
 from trait_guard.version import code_version
 
@@ -69,14 +70,6 @@ CACHE_TAG = b"trait_guard-replay-signals-v1"
 
 # --------------------------------------------------------------------------------------------------
 # Rates and their bounds
-
-
-def exact_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Clopper-Pearson (exact) two-sided interval for a rate of ``k`` events in ``n`` trials."""
-    from scipy.stats import binomtest
-
-    ci = binomtest(k, n).proportion_ci(confidence_level=level, method="exact")
-    return float(ci.low), float(ci.high)
 
 
 def upper_bound(k: int, n: int, level: float = 0.95) -> float:

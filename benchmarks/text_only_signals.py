@@ -38,14 +38,10 @@ GATE_ALPHA = 0.01  # the training gate's default screen.alpha
 
 def auroc_with_ci(positive: np.ndarray, negative: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """The per-sample AUROC and its 95% percentile bootstrap CI (each class resampled)."""
-    from trait_guard.validation import auroc
+    from trait_guard.validation import auroc, auroc_bootstrap_ci
 
-    rng = np.random.default_rng(seed)
-    positive, negative = positive[np.isfinite(positive)], negative[np.isfinite(negative)]
-    boots = [auroc(rng.choice(positive, len(positive)), rng.choice(negative, len(negative))) for _ in range(n_boot)]
-    return {"auroc": auroc(positive, negative), "ci95": [float(np.percentile(boots, 2.5)),
-                                                         float(np.percentile(boots, 97.5))],
-            "n": [int(len(positive)), int(len(negative))]}
+    return {"auroc": auroc(positive, negative), "ci95": auroc_bootstrap_ci(positive, negative, n_boot, seed),
+            "n": [int(np.isfinite(positive).sum()), int(np.isfinite(negative).sum())]}
 
 
 def score_replicate(grid: Path, replicate: int, base: Any, tokenizer: Any, spec: Any, args: argparse.Namespace,

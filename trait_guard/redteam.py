@@ -682,16 +682,11 @@ def rate_bound_verdict(k: int, n: int, goal: float) -> bool | None:
     return True if exact_interval(k, n)[1] <= goal else None
 
 
-def replicates_to_show_rate(goal: float, limit: int = 100_000) -> int:
-    """The fewest replicates whose exact 95% upper bound at 0 events is <= ``goal`` (0/72 shows <= 5%)."""
-    from trait_guard.evaluate import exact_interval
-
-    n = 1
-    while exact_interval(0, n)[1] > goal and n < limit:
-        n = max(n + 1, int(n * 1.1))
-    while n > 1 and exact_interval(0, n - 1)[1] <= goal:
-        n -= 1
-    return n
+def replicates_to_show_rate(goal: float) -> int:
+    """The fewest replicates whose exact 95% upper bound at 0 events is <= ``goal`` (0/72 shows <= 5%).
+    At 0 events the two-sided Clopper-Pearson upper bound is ``1 - 0.025^(1/n)``, so n is the smallest
+    integer >= log(0.025) / log(1 - goal)."""
+    return max(1, math.ceil(math.log(0.025) / math.log1p(-goal)))
 
 
 def _significant_transfer(cell: dict[str, Any]) -> bool:

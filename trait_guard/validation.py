@@ -146,6 +146,16 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
+def auroc_bootstrap_ci(positive: np.ndarray, negative: np.ndarray, n_boot: int, seed: int) -> list[float]:
+    """95% percentile bootstrap interval of the per-sample :func:`auroc`, each class resampled with
+    replacement (finite values only)."""
+    rng = np.random.default_rng(seed)
+    positive, negative = np.asarray(positive, float), np.asarray(negative, float)
+    positive, negative = positive[np.isfinite(positive)], negative[np.isfinite(negative)]
+    values = [auroc(rng.choice(positive, len(positive)), rng.choice(negative, len(negative))) for _ in range(n_boot)]
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
 def _bootstrap(statistic: Any, n: int, n_boot: int, rng: np.random.Generator) -> list[float]:
     """The 95% percentile interval of ``statistic(indices)`` over resamples of the n datasets (resamples
     where it is undefined are skipped)."""
