@@ -47,20 +47,23 @@ def auroc_with_ci(positive: np.ndarray, negative: np.ndarray, n_boot: int = 2000
 def score_replicate(grid: Path, replicate: int, base: Any, tokenizer: Any, spec: Any, args: argparse.Namespace,
                     base_name: str) -> dict[str, Any]:
     """One replicate: the three files scored, the gate's tests per dataset, AUROC owl-adapter vs control."""
+    from trait_guard.config import ModelSignalSettings
     from trait_guard.dataset import read_teacher_rows
     from trait_guard.screen import screen_signals
-    from trait_guard.trait_signals import TraitSignalScorer, load_teacher, model_diff_direction
+    from trait_guard.trait_signals import scorer_from_settings
 
     data = grid / "teacher_data" / f"s{replicate}"
     rows = {"owl-adapter": read_teacher_rows(data / "teachers" / "owl-adapter.parquet", limit=args.train_rows),
             "control": read_teacher_rows(data / "teachers" / "control.parquet", limit=args.train_rows),
             "reference": read_teacher_rows(data / "reference" / "reference.parquet", limit=args.reference_rows,
                                            role="reference")}
-    teacher = load_teacher(str(grid / "adapters" / "owl" / f"s{replicate}"), base_name)
-    neutral = [{"prompt": r["prompt"], "completion": ""} for r in rows["reference"][: args.model_diff_prompts]]
-    direction = model_diff_direction(teacher, base, tokenizer, neutral, args.model_diff_layer, positions="prompt")
-    scorer = TraitSignalScorer(base, tokenizer, specs=[spec], n_pairs=args.n_pairs, teacher=teacher,
-                               model_diff=direction, batch_size=args.batch_size)
+    # the scorer a training config's model_signals builds (the adapter merged into a copy of the base)
+    settings = ModelSignalSettings(trait_llr=True, trait_llr_pairs=args.n_pairs,
+                                   teacher_model=str(grid / "adapters" / "owl" / f"s{replicate}"), model_diff=True,
+                                   model_diff_layer=args.model_diff_layer, model_diff_prompts=args.model_diff_prompts)
+    scorer = scorer_from_settings(settings, base, tokenizer, base_name=base_name, spec=spec,
+                                  batch_size=args.batch_size, neutral_prompts=[r["prompt"] for r in rows["reference"]])
+    direction = scorer.model_diff
     started = time.perf_counter()
     signals = {name: scorer.score_table(side) for name, side in rows.items()}
     seconds = time.perf_counter() - started
