@@ -440,8 +440,9 @@ class TraitGuard:
         if missing:
             raise ValueError(f"batch signals lack {missing}; the guard was calibrated on {self.signals}")
         signals = dict(signals)
-        fresh = self._first_bets(signals.pop(SAMPLE_KEY, None), len(next(iter(signals.values()))))
+        keys = signals.pop(SAMPLE_KEY, None)
         n = len(next(iter(signals.values())))
+        fresh = self._first_bets(keys, n)
         watched = [np.asarray(signals[name], dtype=float) for name in [*self.signals, *self.constant] if name in signals]
         if any(np.isinf(v).any() for v in watched) or (watched and not any(np.isfinite(v).any() for v in watched)):
             # the model or the data is numerically broken, or the guard sees nothing: never let it pass
