@@ -7,7 +7,7 @@ from torch.utils.data import Dataset
 from transformers import TrainerCallback, TrainingArguments
 
 from trait_guard.chat import EncodedBatch
-from trait_guard.errors import TraitGuardHalted
+from trait_guard.errors import TraitGuardHalted, TraitGuardInputError
 from trait_guard.guard import Action, GuardConfig, TraitGuard
 from trait_guard.integrations.hf import (
     GUARD_STATE_FILE,
@@ -258,3 +258,73 @@ def test_distill_loss_reads_the_top_k_at_the_generated_ids():
     inputs = GuardCollator(tokenizer)(rows)
     loss, _ = GuardedTrainerLoss(GuardedStep(guard, model), distill=True)(model, inputs, step=1)
     assert guard.mode is Action.PASS and loss.item() == pytest.approx(0.0, abs=1e-5)
+
+
+def rows_with_ids(rng, n, shift=0.0):
+    return [row | {"sample_id": f"row-{i}"} for i, row in enumerate(rows_with_signals(rng, n, shift))]
+
+
+def guard_evidence(guard):
+    """What decides the guard's future alarms: its step, detectors' evidence and the rows it bet on."""
+    state = guard.state_dict()
+    return {k: state[k] for k in ("step", "mode", "alarms", "detectors", "bet_on", "seen_again")}
+
+
+def test_rows_with_sample_ids_are_bet_on_once_across_epochs(tmp_path):
+    model, tokenizer = make_tiny_model("llama", seed=5)
+    guard = TraitGuard(GuardConfig(signals=["proj:*", "nll"]), reference(), batch_size=BATCH)
+    rows = rows_with_ids(np.random.default_rng(3), 4 * BATCH)
+    trainer = GuardedTrainer(model=model, args=training_args(tmp_path, max_steps=12), train_dataset=rows,
+                             processing_class=tokenizer, guarded=GuardedStep(guard, model))
+    trainer.train()
+    assert trainer.state.global_step == 12 and guard.step == 12
+    assert len(guard.bet_on) == 4 * BATCH and guard.seen_again == 8 * BATCH  # 3 epochs, one bet per row
+    assert guard.detectors["proj:t"].step == 4 * BATCH
+
+
+def test_a_resumed_run_continues_the_guard_as_if_it_had_not_stopped(tmp_path, caplog):
+    """Resumed from the step-3 checkpoint of a 6-step run, with a fresh model and guard: the guard ends
+    exactly where the uninterrupted run's ended (same evidence, each row bet on once). Without the saved
+    state it starts afresh and says so; from a checkpoint the guard wrote on a halt it refuses."""
+    import shutil
+
+    rows = rows_with_ids(np.random.default_rng(3), 6 * BATCH)
+
+    def trainer_for(out, data=rows, **kwargs):
+        model, tokenizer = make_tiny_model("llama", seed=5)
+        guard = TraitGuard(GuardConfig(signals=["proj:*", "nll"]), reference(), batch_size=BATCH)
+        args = training_args(out, max_steps=6, save_strategy="steps", save_steps=3)
+        return GuardedTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                              guarded=GuardedStep(guard, model), **kwargs), guard
+
+    whole, whole_guard = trainer_for(tmp_path / "whole")
+    whole.train()
+    saved = json.loads((tmp_path / "whole" / "checkpoint-3" / GUARD_STATE_FILE).read_text())
+    assert saved["guard"]["step"] == 3 and saved["updates"] == 3 and saved["gates"] == []
+
+    shutil.copytree(tmp_path / "whole" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    resumed, resumed_guard = trainer_for(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.guard_callback.resumed_from == str(tmp_path / "resumed" / "checkpoint-3")
+    assert [d.step for d in resumed.guard_callback.decisions] == [4, 5, 6]
+    assert guard_evidence(resumed_guard) == guard_evidence(whole_guard)
+    assert len(resumed_guard.bet_on) == 6 * BATCH and resumed_guard.seen_again == 0
+
+    # the same checkpoint without the guard's state: a fresh guard, and a warning that says what it costs
+    shutil.copytree(tmp_path / "whole" / "checkpoint-3", tmp_path / "stateless" / "checkpoint-3")
+    (tmp_path / "stateless" / "checkpoint-3" / GUARD_STATE_FILE).unlink()
+    stateless, stateless_guard = trainer_for(tmp_path / "stateless")
+    with caplog.at_level("WARNING", logger="trait_guard.integrations.hf"):
+        stateless.train(resume_from_checkpoint=str(tmp_path / "stateless" / "checkpoint-3"))
+    assert "the guard starts afresh" in caplog.text and stateless.guard_callback.resumed_from is None
+    assert len(stateless_guard.bet_on) == 3 * BATCH and stateless_guard.detectors["proj:t"].step == 3 * BATCH
+
+    # a halt's checkpoint holds rolled-back weights and flagged data lies ahead: resuming from it is refused
+    shifted = rows[:2 * BATCH] + rows_with_ids(np.random.default_rng(4), 28 * BATCH, shift=3.0)[2 * BATCH:]
+    halting, _ = trainer_for(tmp_path / "halting", data=shifted, raise_on_halt=False)
+    halting.train()
+    halted = halting.guard_callback.halted_step
+    assert halted is not None
+    again, _ = trainer_for(tmp_path / "halting", data=shifted)
+    with pytest.raises(TraitGuardInputError, match=f"halted this run at step {halted}"):
+        again.train(resume_from_checkpoint=str(tmp_path / "halting" / f"checkpoint-{halted}"))

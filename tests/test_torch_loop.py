@@ -201,3 +201,59 @@ def test_gated_rows_bet_on_each_distinct_row_once_across_epochs():
     assert second == clean  # the rows seen before pass; no shifted row was released
     # the alarm came within the window: every new row tested so far is held, none trained on
     assert gated.seen_again == 60 and 0 < gated.tested - 60 <= 40 and len(gated.held) == gated.tested - 60
+
+
+def test_gated_rows_resume_from_their_state_as_if_never_stopped():
+    """A stream stopped after 50 released rows, its state through JSON, resumed on a fresh gate over the
+    same rows: the detector's evidence ends equal to an uninterrupted pass's (every row bet on once), the
+    rows released before come back at once without a bet, and the 20 rows scored but not yet released
+    wait again for newly scored rows before they are released."""
+    import json
+
+    from trait_guard.integrations.torch_loop import GatedRows
+    from trait_guard.sequential import EProcessDetector, LookaheadGate
+
+    ref = np.random.default_rng(0).normal(0, 1, 2000)
+    rows = [row | {"sample_id": f"r{i}"} for i, row in enumerate(rows_with_signals(np.random.default_rng(1), 200, 0.0))]
+    scored = []
+
+    def gated():
+        def score(row):
+            scored.append(row["sample_id"])
+            return row["signals"]["proj:t"]
+        return GatedRows(rows, LookaheadGate(EProcessDetector(alpha=0.01).fit(ref), window=20), score)
+
+    whole = gated()
+    assert list(whole) == rows
+    scored.clear()
+
+    first = gated()
+    stream = iter(first)
+    trained = [next(stream) for _ in range(50)]
+    assert trained == rows[:50] and scored == [r["sample_id"] for r in rows[:70]]
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["requeue"] == sorted(f"r{i}" for i in range(50, 70)) and state["gate"]["buffer"] == []
+
+    scored.clear()
+    resumed = gated().load_state_dict(state)
+    again = iter(resumed)
+    assert [next(again) for _ in range(50)] == rows[:50] and scored == []  # released at once, no bet
+    assert next(again) == rows[50] and scored == ["r70"]  # row 50 waited for a newly scored row
+    assert [rows[50]] + list(again) == rows[50:]
+    assert scored == [r["sample_id"] for r in rows[70:]]  # each row scored once in the whole run
+    assert resumed.gate.detector.state_dict() == whole.gate.detector.state_dict()
+    assert (resumed.tested, resumed.seen_again) == (200, 50)
+
+    # a pass abandoned mid-way hands its buffered rows to the next pass the same way
+    scored.clear()
+    abandoned = gated()
+    stream = iter(abandoned)
+    [next(stream) for _ in range(50)]
+    assert list(abandoned) == rows and len(scored) == 200
+    assert abandoned.gate.detector.state_dict() == whole.gate.detector.state_dict()
+
+    with pytest.raises(Exception, match="string or number row keys"):
+        keyed_by_tuple = GatedRows(rows, LookaheadGate(EProcessDetector(alpha=0.01).fit(ref), window=20),
+                                   signal="proj:t", key=lambda row: (row["sample_id"],))
+        list(keyed_by_tuple)
+        keyed_by_tuple.state_dict()

@@ -344,3 +344,43 @@ def test_example_sft_script_adds_the_guard_in_five_lines(tmp_path, monkeypatch):
     with pytest.raises(TraitGuardHalted, match="data alarm on proj:t"):
         run_example(argv("planted"), monkeypatch)
     assert not (tmp_path / "planted" / "final").exists()  # save_model() after train() was never reached
+
+
+def test_a_resumed_trainer_continues_the_look_ahead_gate(tmp_path):
+    """A gated stream resumed from the step-4 checkpoint of an 8-step run, with a fresh model, guard and
+    gate: the Trainer skips the batches it trained on by iterating the stream (they pass the collator
+    but are never judged again), the gate bets on none of the rows it scored before, and gate and guard
+    end exactly as in the uninterrupted run."""
+    import shutil
+
+    _, tokenizer = make_tiny_model("llama", seed=7)
+    source = [row | {"sample_id": f"r{i}"} for i, row in enumerate(tokenized(tokenizer, rows(8 * BATCH, seed=3)))]
+    seq2seq = DataCollatorForSeq2Seq(tokenizer)
+
+    def collate(batch):
+        return seq2seq([{k: v for k, v in r.items() if k != "sample_id"} for r in batch])
+
+    def run(out, resume=None):
+        model, _ = make_tiny_model("llama", seed=7)
+        callback = TraitGuardCallback(GuardedStep(guard(), model), raise_on_halt=False)
+        gated = callback.gate(source, window=6, signal="proj:t")
+        args = TrainingArguments(**common_args(tmp_path, output_dir=str(out), max_steps=8, save_strategy="steps",
+                                               save_steps=4, accelerator_config={"dispatch_batches": False}))
+        trainer = Trainer(model=model, args=args, train_dataset=GatedStream(gated), data_collator=collate,
+                          callbacks=[callback])
+        trainer.train(resume_from_checkpoint=resume)
+        return callback, gated
+
+    whole, whole_gate = run(tmp_path / "whole")
+    assert whole.halted_step is None and whole_gate.tested == 8 * BATCH
+    saved = json.loads((tmp_path / "whole" / "checkpoint-4" / GUARD_STATE_FILE).read_text())
+    assert len(saved["gates"]) == 1 and len(saved["gates"][0]["tested"]) >= 4 * BATCH
+
+    shutil.copytree(tmp_path / "whole" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
+    resumed, resumed_gate = run(tmp_path / "resumed", resume=True)
+    assert resumed.resumed_from == str(tmp_path / "resumed" / "checkpoint-4")
+    assert [d.step for d in resumed.decisions] == [5, 6, 7, 8]
+    assert resumed_gate.gate.detector.state_dict() == whole_gate.gate.detector.state_dict()
+    assert resumed.guard.state_dict()["bet_on"] == whole.guard.state_dict()["bet_on"]
+    assert resumed.guard.detectors["proj:t"].state_dict() == whole.guard.detectors["proj:t"].state_dict()
+    assert resumed.guard.seen_again == 0  # the skipped batches were not judged a second time

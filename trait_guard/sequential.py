@@ -427,10 +427,30 @@ may start after clean rows), e.g. twice or three times the expected delay.
             self.held.extend(held)
             self.alarmed = True
             return GateStep([], held, True, verdict)
+        return GateStep(self._release(), [], False, verdict)
+
+    def requeue(self, row_id: Hashable) -> GateStep:
+        """Put back a row the detector has already scored, without scoring it again: a resumed stream's
+        rows that were buffered when its state was saved (scored clean, not yet released). The row still
+        waits for ``window`` newly scored rows behind it before it is released."""
+        if self.alarmed:
+            self.held.append(row_id)
+            return GateStep([], [row_id], True, None)
+        self._buffer.append(row_id)
+        return GateStep(self._release(), [], False, None)
+
+    def _release(self) -> list[Any]:
         released = []
         while len(self._buffer) > self.window:
             released.append(self._buffer.popleft())
-        return GateStep(released, [], False, verdict)
+        return released
+
+    def take_buffered(self) -> list[Any]:
+        """Empty the buffer without releasing its rows (scored, not cleared for training): a stream that
+        was abandoned mid-way hands them to the next pass, which :meth:`requeue` s them."""
+        taken = list(self._buffer)
+        self._buffer.clear()
+        return taken
 
     def flush(self) -> GateStep:
         """End of the stream: release the buffered rows if no alarm came (there is no more evidence)."""

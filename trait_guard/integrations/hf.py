@@ -202,6 +202,13 @@ def _accelerate_gather(accelerator: Any) -> Gather:
     return gather
 
 
+def _has_length(loader: Any) -> bool:
+    try:
+        return loader is not None and len(loader) >= 0
+    except (TypeError, NotImplementedError):
+        return False
+
+
 def _checkpoint_folder(output_dir: str, global_step: int) -> str:
     """The folder the Trainer writes its checkpoint of ``global_step`` to."""
     return os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{global_step}")
@@ -244,8 +251,10 @@ class GuardDataCollator:
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         key = self.callback.signals_key
         rows = list(rows)
-        guard_rows = [{"signals": dict(r[key])} if isinstance(r, dict) and r.get(key) is not None else {}
-                      for r in rows]
+        # sample_id (when the rows have it) lets the guard bet on each row once however many epochs see it
+        guard_rows = [{"signals": dict(r[key]), **({"sample_id": r["sample_id"]} if r.get("sample_id") is not None
+                                                    else {})}
+                      if isinstance(r, dict) and r.get(key) is not None else {} for r in rows]
         stripped = [{k: v for k, v in r.items() if k != key} if isinstance(r, dict) else r for r in rows]
         batch = self.collator(stripped)
         encoded = None
@@ -287,6 +296,9 @@ class TraitGuardCallback(TrainerCallback):
       models never see it).
     * a look-ahead gate in front of the data: :meth:`gate` wraps the rows in a
       :class:`~trait_guard.integrations.torch_loop.GatedRows` whose alarm halts training.
+    * resuming: each checkpoint holds the guard's state (:data:`GUARD_STATE_FILE`: the guard, the update
+      count, the probes' baseline, the gates); a resumed run loads it at ``on_train_begin``, so the guard
+      bets on each row once per run, across the interruption (see :meth:`_resume`).
 
     Records: ``decisions`` (every Decision: data, drift, gate; in order), ``halted_step`` (the step
     whose update the halt cancelled, or the last step for a drift or gate halt; None if none),
@@ -314,6 +326,12 @@ class TraitGuardCallback(TrainerCallback):
         self._steer = ExitStack()
         self._steering = False
         self._shifts: dict[str, float] = {}
+        self.gates: list[GatedRows] = []  # look-ahead gates built by gate(): their state is checkpointed
+        self.resumed_from: str | None = None
+        #: the checkpoint a resumed run continues (GuardedTrainer sets it; with a plain Trainer set it when the
+        #: checkpoint is not <output_dir>/checkpoint-<step>)
+        self.resume_folder: str | None = None
+        self._discard = 0  # resumed iterable data: collated batches the Trainer skips, never trained on
 
     @classmethod
     def from_vectors(cls, model: torch.nn.Module, tokenizer: Any = None, vectors: Sequence[Any] = (), *,
@@ -379,11 +397,15 @@ class TraitGuardCallback(TrainerCallback):
                       f"{step.verdict.threshold:.2f}); {len(step.held)} rows held, never trained on")
             self.decisions.append(self.guarded.gate_alarm([signal], reason))
 
-        return GatedRows(rows, LookaheadGate(detector, window), signal=signal, guard=guard, on_alarm=on_alarm)
+        gated = GatedRows(rows, LookaheadGate(detector, window), signal=signal, guard=guard, on_alarm=on_alarm)
+        self.gates.append(gated)
+        return gated
 
     # -- events -----------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         self.guarded.start(state.global_step)
+        if state.global_step > 0:
+            self._resume(args, state)
         if not self.watches_data:
             return control
         if self.guard.config.on_data_alarm in (Action.REWEIGHT, Action.MASK):
@@ -413,7 +435,44 @@ class TraitGuardCallback(TrainerCallback):
             # Read by the dataloader's iterator, created after this event (one per epoch).
             loader.collate_fn = GuardDataCollator(loader.collate_fn, self)
         self._queue.clear()
+        if state.global_step > 0 and not args.ignore_data_skip and not _has_length(train_dataloader):
+            # A resumed Trainer skips the batches its epoch already trained on. Data without a length
+            # is skipped by iterating it: those batches pass the collator but never reach the model.
+            self._discard = (state.global_step % max(state.max_steps, 1)) * args.gradient_accumulation_steps
         return control
+
+    def _resume(self, args, state) -> None:
+        """A resumed run (``trainer.train(resume_from_checkpoint=...)``): continue the guard saved with the
+        checkpoint, so its evidence, the rows it bet on (each row once per run) and the probes' step-0
+        baseline carry over, and the per-run false-alarm bound still holds."""
+        candidates = [self.resume_folder, args.resume_from_checkpoint]
+        folder = next((c for c in candidates if isinstance(c, str) and os.path.isdir(c)),
+                      _checkpoint_folder(args.output_dir, state.global_step))
+        path = os.path.join(folder, GUARD_STATE_FILE)
+        if not os.path.isfile(path):
+            logger.warning("resuming at step %d without the guard's state (%s is not there): the guard starts "
+                           "afresh, so rows trained before are bet on again and its false-alarm bound holds per "
+                           "resumed segment, not per run", state.global_step, path)
+            return
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved.get("halted_step") is not None:
+            raise TraitGuardInputError(
+                f"{folder} was written when the guard halted this run at step {saved['halted_step']} "
+                f"({saved.get('reason') or 'see its trait_guard_state.json'}); its weights are the rolled-back "
+                "ones, and resuming would train on the data the guard flagged. Remove the flagged rows and start "
+                "a new run from the base model")
+        gates = saved.get("gates", [])
+        if len(gates) != len(self.gates):
+            raise TraitGuardInputError(
+                f"{path} holds {len(gates)} look-ahead gate state(s), this run built {len(self.gates)}: build the "
+                "same gates (callback.gate(...)) before trainer.train(resume_from_checkpoint=...)")
+        self.guarded.load_state_dict(saved)
+        for gated, gate_state in zip(self.gates, gates, strict=True):
+            gated.load_state_dict(gate_state)
+        self.resumed_from = folder
+        logger.info("trait guard resumed from %s at step %d (%d samples bet on so far)", folder,
+                    state.global_step, len(getattr(self.guard, "bet_on", ())))
 
     def _decide_next(self, state) -> None:
         """Judge the next micro-batch, which the dataloader has collated and the model has not seen."""
@@ -422,6 +481,9 @@ class TraitGuardCallback(TrainerCallback):
         if not self._queue:
             raise RuntimeError("TraitGuardCallback: a training step began without a batch from the guarded "
                                "collator (was the training dataloader replaced after on_train_begin?)")
+        while self._discard and len(self._queue) > 1:
+            self._queue.popleft()
+            self._discard -= 1
         rows, encoded = self._queue.popleft()
         if not all(r.get("signals") for r in rows):
             if self.guarded.unigram_reference is None:
@@ -520,7 +582,8 @@ class TraitGuardCallback(TrainerCallback):
         return control
 
     def _write_state(self, folder: str) -> None:
-        state = {"halted_step": self.halted_step, "guard": self.guard.state_dict()}
+        state = {**self.guarded.state_dict(), "halted_step": self.halted_step,
+                 "gates": [g.state_dict() for g in self.gates]}
         if self.guard_loss is None:
             state.update(reason=self.halted_reason, rollback=self.rollback)
         with open(os.path.join(folder, GUARD_STATE_FILE), "w", encoding="utf-8") as f:
@@ -571,6 +634,12 @@ class GuardedTrainer(Trainer):
     def train(self, *args: Any, **kwargs: Any):
         """``Trainer.train``; then, if the guard halted and ``raise_on_halt``, raise
         :class:`~trait_guard.errors.TraitGuardHalted` so that no code after it ships the halted model."""
+        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        if resume is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume = get_last_checkpoint(self.args.output_dir)
+        self.guard_callback.resume_folder = resume if isinstance(resume, str) else None
         output = super().train(*args, **kwargs)
         if self.guard_callback.halted_step is not None and self.raise_on_halt:
             raise self._halted_error()

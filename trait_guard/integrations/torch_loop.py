@@ -166,6 +166,12 @@ class GatedRows:
     (data that change between epochs) are tested as they come, so the per-run false-alarm bound holds
     over all distinct rows. Rows whose key is None are always tested. ``passes``, ``tested`` and
     ``seen_again`` count what happened.
+
+    Resuming: :meth:`state_dict` / :meth:`load_state_dict` carry the test across an interruption (the
+    transformers callback saves them in its checkpoints). A resumed stream bets on none of the rows
+    tested before it, so the per-run bound still holds; rows that were scored but not yet released
+    when the state was saved wait again for ``window`` newly scored rows. A pass abandoned mid-way
+    (the loop stopped early) hands its buffered rows to the next pass the same way.
     """
 
     def __init__(self, rows: Iterable[dict[str, Any]], gate: LookaheadGate,
@@ -184,6 +190,8 @@ class GatedRows:
         self.key = key or (lambda row: row.get("sample_id") if isinstance(row, dict) else None)
         self.alarm: GateStep | None = None
         self._tested: set[Any] = set()
+        self._requeue: set[Any] = set()  # keys scored clean but not released when the last pass stopped
+        self._pending: dict[int, dict[str, Any]] = {}  # this pass's scored rows, by position, until released
         self.passes = self.tested = self.seen_again = 0
 
     @property
@@ -193,10 +201,17 @@ class GatedRows:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.gate.alarmed:
             return
+        self._requeue.update(self._buffered_keys(self.gate.take_buffered()))  # a pass abandoned mid-way
         self.passes += 1
-        pending: dict[int, dict[str, Any]] = {}
+        self._pending = pending = {}
         for index, row in enumerate(self.rows):
             key = self.key(row)
+            if key is not None and key in self._requeue:  # scored before, never released: wait again, no bet
+                self._requeue.discard(key)
+                pending[index] = row
+                for released in self.gate.requeue(index).released:
+                    yield pending.pop(released)
+                continue
             if key is not None and key in self._tested:
                 self.seen_again += 1
                 yield row
@@ -205,7 +220,7 @@ class GatedRows:
                 self._tested.add(key)
             self.tested += 1
             pending[index] = row
-            step = self.gate.push(index, self.score(row))  # the buffer is empty between passes
+            step = self.gate.push(index, self.score(row))
             for released in step.released:
                 yield pending.pop(released)
             if step.alarmed:
@@ -220,6 +235,38 @@ class GatedRows:
         if self.passes > 1:
             logger.info("look-ahead gate, pass %d: %d rows tested in all, %d seen again (released without a "
                         "second bet)", self.passes, self.tested, self.seen_again)
+
+    def _buffered_keys(self, positions: Iterable[int]) -> list[Any]:
+        keys = [self.key(self._pending[i]) for i in positions if i in self._pending]
+        return [k for k in keys if k is not None]
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe state for a resumed stream: the gate (its detector's evidence included), the keys
+        tested so far, the keys of rows scored but not released, and the counters. Keys must be strings
+        or numbers (sample ids are). Rows without a key are not remembered: a resumed stream scores
+        them again."""
+        tested = sorted(self._tested, key=repr)
+        if any(not isinstance(k, (str, int, float)) or isinstance(k, bool) for k in tested):
+            raise TraitGuardInputError("GatedRows.state_dict needs string or number row keys (sample ids); give "
+                                       "key=lambda row: str(...) to make them so")
+        gate = self.gate.state_dict()
+        gate["buffer"] = []  # positions of this pass; the rows are carried by key in 'requeue'
+        requeue = sorted(self._requeue | set(self._buffered_keys(self.gate.buffered)), key=repr)
+        return {"gate": gate, "tested": tested, "requeue": requeue, "passes": self.passes,
+                "tested_count": self.tested, "seen_again": self.seen_again}
+
+    def load_state_dict(self, state: dict[str, Any]) -> GatedRows:
+        """Continue the test saved by :meth:`state_dict` (this object's rows may be a fresh iterator over
+        the same data: rows are matched by key)."""
+        missing = {"gate", "tested", "requeue", "passes", "tested_count", "seen_again"} - set(state)
+        if missing:
+            raise TraitGuardInputError(f"GatedRows state lacks {sorted(missing)}: it was not written by "
+                                       "GatedRows.state_dict")
+        self.gate = LookaheadGate.from_state_dict(state["gate"])
+        self._tested, self._requeue, self._pending = set(state["tested"]), set(state["requeue"]), {}
+        self.passes, self.tested = int(state["passes"]), int(state["tested_count"])
+        self.seen_again = int(state["seen_again"])
+        return self
 
 
 class GuardedStep:
@@ -439,6 +486,30 @@ class GuardedStep:
         return RollbackRecord(halted_at, change_point, restored,
                               f"halt at step {halted_at}: the alarm implicates the steps after step {change_point}; "
                               f"weights restored to step {restored}").to_dict()
+
+    # -- resuming --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe state for resuming: the guard's (its detectors' evidence and the keys of the rows it
+        bet on), the update count, the halt and the probes' step-0 baseline. The weight snapshots are
+        not in it: after a resume, rollback reaches back to the resumed step at most."""
+        base = self.probe.base if self.probe is not None else None
+        return {"guard": self.guard.state_dict(), "updates": self.updates, "halted_step": self.halted_step,
+                "probe_base": None if base is None else {k: np.asarray(v, float).tolist() for k, v in base.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> GuardedStep:
+        """Continue from :meth:`state_dict`. Call it after :meth:`start` (the callback does, at
+        ``on_train_begin`` of a resumed run): the probes then keep measuring against the original step-0
+        baseline instead of the resumed weights."""
+        self.guard.load_state_dict(state["guard"])
+        self.updates = int(state.get("updates", self.updates))
+        self.halted_step = state.get("halted_step")
+        base = state.get("probe_base")
+        if base is not None and self.probe is not None:
+            if set(base) != {v.trait for v in self.vectors}:
+                raise TraitGuardInputError(f"the saved probe baseline measures {sorted(base)}, these probes measure "
+                                           f"{sorted(v.trait for v in self.vectors)}: resume with the same vectors")
+            self.probe.base = {k: np.asarray(v, float) for k, v in base.items()}
+        return self
 
     # -- the loss --------------------------------------------------------------------------------
     @staticmethod
