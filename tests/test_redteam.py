@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 from scipy import stats
 
 from trait_guard.config import ConfigError, RedteamConfig, load_config, validate_config
@@ -232,6 +233,20 @@ def test_tiny_grid_end_to_end(tiny_llama_dir, tmp_path):
     assert changed == {"control-logits-unguarded-s0"} and (stale.parent / "result.stale.json").is_file()
     rerun = next(r["mlflow_run_id"] for r in third["runs"] if r["name"] == "control-logits-unguarded-s0")
     assert client.get_run(rerun).data.tags[PARENT_RUN_TAG] == parent.info.run_id == third["mlflow_run_id"]
+
+    # benchmarks/student_seeds.py retrains a replicate's unguarded student on the same data: with the
+    # replicate's own seed it reproduces the grid's run exactly, with another seed it trains another student
+    import runpy
+
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "student_seeds.py"))
+    assert script["main"](["--config", str(tmp_path / "grid.yaml"), "--teacher", "owl", "--replicates", "0",
+                           "--student-seeds", "0", "7", "--out", str(tmp_path / "seeds.json")]) == 0
+    seeds = json.loads((tmp_path / "seeds.json").read_text())["runs"]
+    assert [(r["student_seed"], r["source"]) for r in seeds] == [(0, "grid"), (0, "retrained"), (7, "retrained")]
+    assert seeds[1]["logprob_shift"] == pytest.approx(seeds[0]["logprob_shift"], abs=1e-6)
+    assert seeds[2]["logprob_shift"] != pytest.approx(seeds[0]["logprob_shift"], abs=1e-6)
+    assert (tmp_path / "bench_student_seeds" / "runs" / "owl-logits-unguarded-s0-student7" / "result.json").is_file()
 
 
 def run_redteam_quiet(config):
@@ -660,3 +675,29 @@ def test_code_grid_fixes_one_filter_for_every_teacher():
         options = replicate_generation(config, 2, reference=reference).family_options
         assert options["banned_words"] == ["eagle", "eagles", "owl", "owls"]
     assert "banned_words" not in replicate_generation(_config(), 2).family_options  # numbers: no words
+
+
+def test_student_seed_variance_split_known_answers():
+    """benchmarks/student_seeds.py's split of the panel shift into between-dataset and within-dataset
+    (student seed) variance: planted dataset effects give an ICC near 1 and a tiny ANOVA p; students
+    drawn from one distribution give an ICC near 0; a replicate with one student is left out."""
+    import runpy
+
+    import numpy as np
+
+    split = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "student_seeds.py"))["variance_split"]
+    rng = np.random.default_rng(0)
+
+    def rows(means, per, sd):
+        return [{"replicate": r, "panel_shift": float(m + rng.normal(0, sd))} for r, m in enumerate(means)
+                for _ in range(per)]
+
+    planted = split(rows([0.0, 3.0, -1.0, 2.0, 1.0], per=3, sd=0.1))
+    assert planted["datasets"] == 5 and planted["students"] == 15 and planted["icc"] > 0.99 and planted["p"] < 1e-10
+    assert planted["within_sd"] == pytest.approx(0.1, rel=0.5)
+    assert planted["between_sd"] == pytest.approx(np.std([0.0, 3.0, -1.0, 2.0, 1.0], ddof=1), rel=0.1)
+    null = [split(rows([0.0] * 5, per=4, sd=1.0)) for _ in range(200)]
+    assert abs(np.median([s["icc"] for s in null])) < 0.15
+    assert np.mean([s["p"] < 0.05 for s in null]) == pytest.approx(0.05, abs=0.04)  # the test's level
+    lonely = rows([0.0, 1.0], per=2, sd=0.1) + [{"replicate": 9, "panel_shift": 5.0}]
+    assert split(lonely)["datasets"] == 2 and split(rows([0.0], per=3, sd=0.1)) is None
