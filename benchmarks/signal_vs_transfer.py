@@ -30,10 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("grid", help="a red-team output folder (holds runs/<name>/result.json and summary.json)")
     parser.add_argument("--distill", default="logits", help="which distillation's runs to read")
     parser.add_argument("--threshold", type=float, default=0.5, help="nats of panel shift that count as transfer")
+    parser.add_argument("--teacher", help="only this teacher's datasets: does a signal order one teacher's datasets "
+                                          "by the transfer each caused (not only tell the teachers apart)?")
     parser.add_argument("--out", help="results JSON (default: <grid>/signal_vs_transfer.json)")
     args = parser.parse_args(argv)
 
-    records = dataset_records(args.grid, args.distill)
+    records = [r for r in dataset_records(args.grid, args.distill) if args.teacher in (None, r["teacher"])]
     if not records:
         print(f"{args.grid} holds no finished unguarded {args.distill} run yet", file=sys.stderr)
         return 1
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or Path(args.grid) / "signal_vs_transfer.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "grid": str(args.grid),
-                               "distill": args.distill, "threshold": args.threshold,
+                               "distill": args.distill, "teacher": args.teacher, "threshold": args.threshold,
                                "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                "datasets": records, "signals": rows}, indent=1) + "\n")
     print(f"\nwrote {out}")
