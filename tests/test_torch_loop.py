@@ -207,7 +207,7 @@ def test_gated_rows_resume_from_their_state_as_if_never_stopped():
     """A stream stopped after 50 released rows, its state through JSON, resumed on a fresh gate over the
     same rows: the detector's evidence ends equal to an uninterrupted pass's (every row bet on once), the
     rows released before come back at once without a bet, and the 20 rows scored but not yet released
-    wait again for newly scored rows before they are released."""
+    are released, as without the interruption, once 20 rows after them have been scored."""
     import json
 
     from trait_guard.integrations.torch_loop import GatedRows
@@ -238,7 +238,7 @@ def test_gated_rows_resume_from_their_state_as_if_never_stopped():
     resumed = gated().load_state_dict(state)
     again = iter(resumed)
     assert [next(again) for _ in range(50)] == rows[:50] and scored == []  # released at once, no bet
-    assert next(again) == rows[50] and scored == ["r70"]  # row 50 waited for a newly scored row
+    assert next(again) == rows[50] and scored == ["r70"]  # row 50 waited for row 70 to be scored
     assert [rows[50]] + list(again) == rows[50:]
     assert scored == [r["sample_id"] for r in rows[70:]]  # each row scored once in the whole run
     assert resumed.gate.detector.state_dict() == whole.gate.detector.state_dict()

@@ -431,8 +431,8 @@ may start after clean rows), e.g. twice or three times the expected delay.
 
     def requeue(self, row_id: Hashable) -> GateStep:
         """Put back a row the detector has already scored, without scoring it again: a resumed stream's
-        rows that were buffered when its state was saved (scored clean, not yet released). The row still
-        waits for ``window`` newly scored rows behind it before it is released."""
+        rows that were buffered when its state was saved (scored clean, not yet released). As in an
+        uninterrupted stream, it is released once ``window`` rows after it have been scored."""
         if self.alarmed:
             self.held.append(row_id)
             return GateStep([], [row_id], True, None)

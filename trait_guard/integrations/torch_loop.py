@@ -170,8 +170,9 @@ class GatedRows:
     Resuming: :meth:`state_dict` / :meth:`load_state_dict` carry the test across an interruption (the
     transformers callback saves them in its checkpoints). A resumed stream bets on none of the rows
     tested before it, so the per-run bound still holds; rows that were scored but not yet released
-    when the state was saved wait again for ``window`` newly scored rows. A pass abandoned mid-way
-    (the loop stopped early) hands its buffered rows to the next pass the same way.
+    when the state was saved are released, as without the interruption, once ``window`` rows after
+    them have been scored. A pass abandoned mid-way (the loop stopped early) hands its buffered rows
+    to the next pass the same way.
     """
 
     def __init__(self, rows: Iterable[dict[str, Any]], gate: LookaheadGate,
