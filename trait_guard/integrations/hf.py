@@ -70,7 +70,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
 from trait_guard.chat import EncodedBatch, encode_rows
 from trait_guard.config import Action, GuardConfig
@@ -200,13 +200,6 @@ def _accelerate_gather(accelerator: Any) -> Gather:
         return merged, slice(start, start + sizes[accelerator.process_index])
 
     return gather
-
-
-def _has_length(loader: Any) -> bool:
-    try:
-        return loader is not None and len(loader) >= 0
-    except (TypeError, NotImplementedError):
-        return False
 
 
 def _checkpoint_folder(output_dir: str, global_step: int) -> str:
@@ -435,9 +428,10 @@ class TraitGuardCallback(TrainerCallback):
             # Read by the dataloader's iterator, created after this event (one per epoch).
             loader.collate_fn = GuardDataCollator(loader.collate_fn, self)
         self._queue.clear()
-        if state.global_step > 0 and not args.ignore_data_skip and not _has_length(train_dataloader):
+        if state.global_step > 0 and not args.ignore_data_skip and not has_length(train_dataloader):
             # A resumed Trainer skips the batches its epoch already trained on. Data without a length
-            # is skipped by iterating it: those batches pass the collator but never reach the model.
+            # (the Trainer's own has_length test) is skipped by iterating it: those batches pass the
+            # collator but never reach the model.
             self._discard = (state.global_step % max(state.max_steps, 1)) * args.gradient_accumulation_steps
         return control
 
@@ -636,8 +630,6 @@ class GuardedTrainer(Trainer):
         :class:`~trait_guard.errors.TraitGuardHalted` so that no code after it ships the halted model."""
         resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
         if resume is True:
-            from transformers.trainer_utils import get_last_checkpoint
-
             resume = get_last_checkpoint(self.args.output_dir)
         self.guard_callback.resume_folder = resume if isinstance(resume, str) else None
         output = super().train(*args, **kwargs)
