@@ -2,12 +2,20 @@
 
 Reads a grid's output folder (``benchmarks/redteam.py``): per (teacher, replicate) the unguarded run's
 panel log-odds shift and the gate's per-signal effect sizes from a guarded run on the same rows
-(``trait_guard.validation``). Prints and writes, per signal, Spearman's rho with the measured shift
-(bootstrap 95% interval over datasets), the AUROC for "shift > --threshold nats" and the flag rates
-among transferring and benign datasets (exact intervals). No model is loaded; nothing is trained.
+(``trait_guard.validation``). Prints and writes, per signal, Spearman's rho with the measured transfer
+(bootstrap 95% interval over datasets, and its permutation p: exact up to 8 datasets), the AUROC for
+"transfer > --threshold nats" and the flag rates among transferring and benign datasets (exact
+intervals). The transfer is the panel shift, or with ``--transfer excess`` its excess over the same
+replicate's control student. No model is loaded; nothing is trained.
 
     .venv/bin/python benchmarks/signal_vs_transfer.py outputs/redteam_cpu \\
         --out benchmarks/results/signal_vs_transfer_cpu.json
+
+A hypothesis read off some replicates is tested on others with ``--replicates`` (the datasets not seen
+when it was formed), e.g. one teacher's datasets of replicates 7 and on against their excess:
+
+    .venv/bin/python benchmarks/signal_vs_transfer.py outputs/redteam_cpu --teacher owl-adapter \\
+        --transfer excess --replicates 7 8 9 10 11 --out benchmarks/results/signal_vs_transfer_holdout_cpu.json
 
 Each replicate of the grid generates its own prompts, sampling seeds and adapters, so its datasets
 are independent units. The rates and correlations are only as wide as the datasets run: the output
@@ -24,22 +32,28 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trait_guard.validation import dataset_records, markdown_table, signal_validation
+    from trait_guard.validation import TRANSFER_MEASURES, dataset_records, markdown_table, signal_validation
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", help="a red-team output folder (holds runs/<name>/result.json and summary.json)")
     parser.add_argument("--distill", default="logits", help="which distillation's runs to read")
-    parser.add_argument("--threshold", type=float, default=0.5, help="nats of panel shift that count as transfer")
+    parser.add_argument("--threshold", type=float, default=0.5, help="nats of the transfer measure that count as transfer")
     parser.add_argument("--teacher", help="only this teacher's datasets: does a signal order one teacher's datasets "
                                           "by the transfer each caused (not only tell the teachers apart)?")
+    parser.add_argument("--replicates", type=int, nargs="+", metavar="R",
+                        help="only these replicates' datasets (e.g. the ones a hypothesis was not read off)")
+    parser.add_argument("--transfer", choices=TRANSFER_MEASURES, default="panel_shift",
+                        help="the transfer to set the signals against: the student's panel shift, or its excess over "
+                             "the same replicate's control student (leaves the controls out)")
     parser.add_argument("--out", help="results JSON (default: <grid>/signal_vs_transfer.json)")
     args = parser.parse_args(argv)
 
-    records = [r for r in dataset_records(args.grid, args.distill) if args.teacher in (None, r["teacher"])]
+    records = [r for r in dataset_records(args.grid, args.distill) if args.teacher in (None, r["teacher"])
+               and (args.replicates is None or r["replicate"] in args.replicates)]
     if not records:
-        print(f"{args.grid} holds no finished unguarded {args.distill} run yet", file=sys.stderr)
+        print(f"{args.grid} holds no finished unguarded {args.distill} run of that selection yet", file=sys.stderr)
         return 1
-    rows = signal_validation(records, threshold=args.threshold)
+    rows = signal_validation(records, threshold=args.threshold, transfer=args.transfer)
     for r in records:
         shift = "-" if r["panel_shift"] is None else f"{r['panel_shift']:+.3f}"
         excess = "-" if r["excess"] is None else f"{r['excess']:+.3f}"
@@ -50,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or Path(args.grid) / "signal_vs_transfer.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "grid": str(args.grid),
-                               "distill": args.distill, "teacher": args.teacher, "threshold": args.threshold,
+                               "distill": args.distill, "teacher": args.teacher, "replicates": args.replicates,
+                               "transfer": args.transfer, "threshold": args.threshold,
                                "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                "datasets": records, "signals": rows}, indent=1) + "\n")
     print(f"\nwrote {out}")

@@ -103,3 +103,53 @@ def test_the_benchmark_script_writes_its_results(grid):
     assert "owl-adapter s3: panel shift +0.900, excess +0.940, gate FLAGGED" in done.stdout
     empty = subprocess.run([sys.executable, str(script), str(grid / "nothing")], capture_output=True, text=True)
     assert empty.returncode == 1 and "no finished unguarded logits run" in empty.stderr
+
+
+def test_spearman_permutation_p_has_known_exact_values_and_its_sampled_form_agrees(monkeypatch):
+    import numpy as np
+
+    import trait_guard.validation as validation
+    from trait_guard.validation import spearman_permutation_p
+
+    # 3 datasets in the same order: 1 of the 3! orders has rho 1 (and 1 has rho -1)
+    p = spearman_permutation_p(np.array([0.1, 0.5, 0.9]), np.array([2.0, 3.0, 7.0]))
+    assert p["exact"] and p["orders"] == 6
+    assert p["greater"] == pytest.approx(1 / 6) and p["two-sided"] == pytest.approx(2 / 6) and p["less"] == 1.0
+    # 7 datasets in reverse order: the one most extreme order of 5,040 on the negative side
+    reverse = spearman_permutation_p(np.arange(7.0), -np.arange(7.0) ** 2)
+    assert reverse["less"] == pytest.approx(1 / 5040) and reverse["greater"] == 1.0
+    # ties keep average ranks: y's two tied values make orders that swap them count as the same
+    tied = spearman_permutation_p(np.array([1.0, 2.0, 3.0]), np.array([0.0, 0.0, 1.0]))
+    assert tied["greater"] == pytest.approx(2 / 6)
+    # 8 datasets: the sampled test (forced) agrees with the exact one within its Monte Carlo error
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=8)
+    y = x + rng.normal(size=8)
+    exact = spearman_permutation_p(x, y)
+    assert exact["exact"] and exact["orders"] == 40320 and 0.001 < exact["two-sided"] < 0.5
+    monkeypatch.setattr(validation, "EXACT_PERMUTATION_LIMIT", 1)
+    sampled = spearman_permutation_p(x, y, n_resamples=20_000, seed=1)
+    assert not sampled["exact"] and sampled["orders"] == 20_000
+    for side in ("two-sided", "less", "greater"):
+        tolerance = 4 * math.sqrt(exact[side] * (1 - exact[side]) / 20_000) + 1e-4
+        assert sampled[side] == pytest.approx(exact[side], abs=tolerance)
+
+
+def test_held_out_replicates_against_the_excess(grid):
+    rows = {r["signal"]: r for r in signal_validation(
+        [r for r in dataset_records(grid) if r["teacher"] == "owl-adapter" and r["replicate"] in (1, 2, 3, 4)],
+        n_boot=200, transfer="excess")}
+    tracking = rows["tracking"]
+    # replicates 1-4: the tracking signal orders the excesses exactly; 1 of 4! orders is as extreme
+    assert tracking["datasets"] == 4 and tracking["transfer"] == "excess" and tracking["spearman"] == pytest.approx(1.0)
+    assert tracking["spearman_p"]["greater"] == pytest.approx(1 / 24) and tracking["spearman_p"]["exact"]
+    assert "Spearman rho with excess" in markdown_table(list(rows.values()), 0.5)
+    with pytest.raises(ValueError, match="transfer must be one of"):
+        signal_validation(dataset_records(grid), transfer="shift")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "signal_vs_transfer.py"
+    done = subprocess.run([sys.executable, str(script), str(grid), "--teacher", "owl-adapter", "--transfer", "excess",
+                           "--replicates", "1", "2", "3", "4", "--out", str(grid / "h.json")],
+                          capture_output=True, text=True, check=True)
+    saved = json.loads((grid / "h.json").read_text())
+    assert [r["replicate"] for r in saved["datasets"]] == [1, 2, 3, 4] and saved["transfer"] == "excess"
+    assert saved["replicates"] == [1, 2, 3, 4] and "owl-adapter s0" not in done.stdout

@@ -80,25 +80,33 @@ def _finite(value: Any) -> float | None:
     return float(value) if value is not None and math.isfinite(float(value)) else None
 
 
+#: the transfer a signal is set against: the student's panel shift, or its excess over the control
+#: teacher's student of the same replicate (same updates; None for the controls themselves)
+TRANSFER_MEASURES = ("panel_shift", "excess")
+
+
 def signal_validation(records: Sequence[dict[str, Any]], *, threshold: float = 0.5, n_boot: int = 2000,
-                      seed: int = 0) -> list[dict[str, Any]]:
-    """Per signal, over the datasets that have both its value and a transfer (``panel_shift``); the value
-    is the gate's effect size, or ``-log10 p`` of its test for a signal whose effect size is infinite
-    on some dataset (constant on the reference; the row's ``value`` says which):
-    Spearman's rho with its 95% percentile bootstrap interval (datasets resampled), the AUROC of the
-    effect size for "panel shift > ``threshold``" with its bootstrap interval, the flag rate among
+                      seed: int = 0, transfer: str = "panel_shift") -> list[dict[str, Any]]:
+    """Per signal, over the datasets that have both its value and a transfer (``transfer``: the record's
+    ``panel_shift`` or its ``excess``); the value is the gate's effect size, or ``-log10 p`` of its test
+    for a signal whose effect size is infinite on some dataset (constant on the reference; the row's
+    ``value`` says which): Spearman's rho with its 95% percentile bootstrap interval (datasets
+    resampled) and its permutation p-values (:func:`spearman_permutation_p`), the AUROC of the
+    effect size for "transfer > ``threshold``" with its bootstrap interval, the flag rate among
     datasets that transferred more than ``threshold`` and among benign ones (no trait teacher:
     controls, and any with ``excess`` not above 0), each with an exact Clopper-Pearson interval."""
+    if transfer not in TRANSFER_MEASURES:
+        raise ValueError(f"transfer must be one of {TRANSFER_MEASURES}, got {transfer!r}")
     names = sorted({name for r in records for name in r["signals"]})
     rng = np.random.default_rng(seed)
     rows = []
     for name in names:
-        measured = [r for r in records if r["panel_shift"] is not None and name in r["signals"]]
+        measured = [r for r in records if r[transfer] is not None and name in r["signals"]]
         # a signal constant on the reference (divergence: 0 on the base model's own data) has an
         # infinite effect size; its evidence, -log10 p of the gate's test, still orders the datasets
         value = "effect_size" if all(r["signals"][name]["effect_size"] is not None for r in measured) else "log10p"
         usable = [r for r in measured if _value(r["signals"][name], value) is not None]
-        rows.append({**_signal_row(name, usable, value, threshold, n_boot, rng), "value": value})
+        rows.append({**_signal_row(name, usable, value, transfer, threshold, n_boot, rng), "value": value})
     return rows
 
 
@@ -109,18 +117,19 @@ def _value(test: dict[str, Any], kind: str) -> float | None:
     return -math.log10(max(test["p"], 1e-300)) if test.get("p") is not None else None
 
 
-def _signal_row(name: str, usable: Sequence[dict[str, Any]], value: str, threshold: float, n_boot: int,
-                rng: np.random.Generator) -> dict[str, Any]:
+def _signal_row(name: str, usable: Sequence[dict[str, Any]], value: str, transfer: str, threshold: float,
+                n_boot: int, rng: np.random.Generator) -> dict[str, Any]:
     """One signal's row of :func:`signal_validation` over the datasets ``usable`` (values: ``value``)."""
     from scipy.stats import spearmanr
 
     x = np.array([_value(r["signals"][name], value) for r in usable])
-    y = np.array([r["panel_shift"] for r in usable])
-    row: dict[str, Any] = {"signal": name, "datasets": len(usable)}
+    y = np.array([r[transfer] for r in usable])
+    row: dict[str, Any] = {"signal": name, "datasets": len(usable), "transfer": transfer}
     if len(usable) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
         row["spearman"] = float(spearmanr(x, y).statistic)
         row["spearman_ci"] = _bootstrap(lambda i: spearmanr(x[i], y[i]).statistic, len(usable), n_boot, rng)
-    positive = y > threshold
+        row["spearman_p"] = spearman_permutation_p(x, y, seed=int(rng.integers(2**31)))
+    positive = y > threshold  # "transferred": more than threshold nats of the chosen measure
     if positive.any() and (~positive).any():
         row["auroc"] = auroc(x[positive], x[~positive])
         row["auroc_ci"] = _bootstrap(lambda i: auroc(x[i][positive[i]], x[i][~positive[i]]), len(usable),
@@ -130,6 +139,45 @@ def _signal_row(name: str, usable: Sequence[dict[str, Any]], value: str, thresho
     row["flagged_transferring"] = _rate(int(flagged[positive].sum()), int(positive.sum()))
     row["flagged_benign"] = _rate(int(flagged[benign].sum()), int(benign.sum()))
     return row
+
+
+#: the most orders :func:`spearman_permutation_p` enumerates before it samples instead (8! = 40,320)
+EXACT_PERMUTATION_LIMIT = 40_320
+
+
+def spearman_permutation_p(x: np.ndarray, y: np.ndarray, *, n_resamples: int = 20_000, seed: int = 0) -> dict[str, Any]:
+    """P-values of Spearman's rho between ``x`` and ``y`` under the null that their pairing is random:
+    ``two-sided`` (|rho| at least as large), ``less`` (alternative rho < 0) and ``greater`` (rho > 0).
+    Exact, every order of ``y`` enumerated (``exact`` True), up to 8 datasets; beyond that
+    ``n_resamples`` random orders, p = (1 + hits) / (1 + n_resamples). Ties keep their average ranks.
+    With few datasets the smallest possible p is large (3 datasets: 1/6 one-sided), which is why the
+    number of orders is reported beside it."""
+    from itertools import permutations
+
+    from scipy.stats import rankdata
+
+    rx, ry = rankdata(np.asarray(x, float)), rankdata(np.asarray(y, float))
+    n = len(rx)
+    exact = math.factorial(n) <= EXACT_PERMUTATION_LIMIT
+    if exact:
+        orders = np.array(list(permutations(ry)), dtype=float)
+    else:
+        rng = np.random.default_rng(seed)
+        orders = np.array([rng.permutation(ry) for _ in range(n_resamples)])
+
+    def rho(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # Pearson on ranks, b one order per row
+        a, b = a - a.mean(), b - b.mean(axis=-1, keepdims=True)
+        return (b @ a) / np.sqrt((a @ a) * (b * b).sum(axis=-1))
+
+    observed, null = float(rho(rx, ry[None, :])[0]), rho(rx, orders)
+    tolerance = 1e-9  # equal orders must count as "as extreme" despite rounding
+    hits = {"two-sided": np.abs(null) >= abs(observed) - tolerance,
+            "less": null <= observed + tolerance, "greater": null >= observed - tolerance}
+    if exact:
+        p_values = {k: float(v.mean()) for k, v in hits.items()}
+    else:
+        p_values = {k: float((1 + v.sum()) / (1 + n_resamples)) for k, v in hits.items()}
+    return {"exact": exact, "orders": len(orders), **p_values}
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -183,7 +231,7 @@ def _rate(k: int, n: int) -> dict[str, Any]:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], threshold: float) -> str:
-    """The validation table for docs/detection.md."""
+    """The validation table for docs/detection.md (its transfer measure from the rows')."""
 
     def fmt(value: Any, ci: Any = None) -> str:
         if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -193,10 +241,17 @@ def markdown_table(rows: Sequence[dict[str, Any]], threshold: float) -> str:
     def rate(r: dict[str, Any]) -> str:
         return "-" if not r["n"] else f"{r['k']}/{r['n']} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]"
 
-    lines = [f"| signal (value) | datasets | Spearman rho [95% CI] | AUROC (shift > {threshold}) [95% CI] | "
-             f"flagged, shift > {threshold} | flagged, benign |", "|---|---|---|---|---|---|"]
+    def p_value(r: dict[str, Any]) -> str:
+        p = r.get("spearman_p")
+        return "-" if p is None else f"{p['two-sided']:.2g}" + ("" if p["exact"] else " (sampled)")
+
+    measure = {"panel_shift": "shift", "excess": "excess"}[rows[0].get("transfer", "panel_shift")] if rows else "shift"
+    lines = [f"| signal (value) | datasets | Spearman rho with {measure} [95% CI] | p (permutation, two-sided) | "
+             f"AUROC ({measure} > {threshold}) [95% CI] | flagged, {measure} > {threshold} | flagged, benign |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['signal']} ({r.get('value', 'effect_size')}) | {r['datasets']} | {fmt(r.get('spearman'), r.get('spearman_ci'))} | "
+        lines.append(f"| {r['signal']} ({r.get('value', 'effect_size')}) | {r['datasets']} | "
+                     f"{fmt(r.get('spearman'), r.get('spearman_ci'))} | {p_value(r)} | "
                      f"{fmt(r.get('auroc'), r.get('auroc_ci'))} | {rate(r['flagged_transferring'])} | "
                      f"{rate(r['flagged_benign'])} |")
     return "\n".join(lines)
