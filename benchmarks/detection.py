@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -63,7 +62,7 @@ from trait_guard.fingerprint import (
 from trait_guard.models import load_model
 from trait_guard.persona import PersonaVector
 from trait_guard.screen import screen
-from trait_guard.version import code_version
+from trait_guard.version import code_version, reproducible_command
 
 SETS = ("owl", "control", "control-b")
 OVERLAPPING_BAG_SIZES = (1, 4, 16, 64)
@@ -329,7 +328,7 @@ def main() -> None:
     means = {s: {h: {k: float(np.nanmean(np.asarray(v, float))) for k, v in scored[s][i]["signals"].items()}
                  for i, h in enumerate(("A", "B"))} for s in SETS}
     results = {
-        "command": " ".join([".venv/bin/python", *sys.argv]),
+        "command": reproducible_command(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "code_version": code_version(),
         "data": args.data, "model": args.model,

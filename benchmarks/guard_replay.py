@@ -58,7 +58,7 @@ import numpy as np
 from trait_guard.config import Action, GuardConfig, ScreenSettings
 from trait_guard.evaluate import exact_interval  # Clopper-Pearson, two-sided: the rates' ci95
 from trait_guard.files import atomic_path, to_jsonable
-from trait_guard.version import code_version
+from trait_guard.version import code_version, reproducible_command
 
 PLANTED_LABEL = "planted (system-prompt teacher on a random-init model)"
 TINY_TEACHERS = {"reference": "control", "clean": "control-b", "trait": "planted"}
@@ -623,7 +623,7 @@ def main(argv: list[str] | None = None) -> None:
     study_seconds = time.perf_counter() - study_started
     names = [n for n in scored[args.reference] if n != "n_tokens"]
     output = {
-        "command": " ".join([".venv/bin/python", *sys.argv]),
+        "command": reproducible_command(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "code_version": code_version(),
         "config": {"pool": str(pool), "reference": args.reference, "clean": args.clean, "trait": args.trait,

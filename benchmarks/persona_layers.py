@@ -49,6 +49,7 @@ from trait_guard.persona import (
     extract,
 )
 from trait_guard.traits import load_trait
+from trait_guard.version import reproducible_command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  random orthogonal directions at layer {layer}: slopes {slopes}")
     print(f"\nextraction + sweep {result.seconds:.0f} s (sweep {result.steering_seconds:.0f} s); total {total:.0f} s "
           f"wall, {cpu:.0f} s CPU on {torch.get_num_threads()} thread(s)")
-    record = {"command": "python " + " ".join(sys.argv), "model": "tiny-llama" if args.tiny else args.model,
+    record = {"command": reproducible_command(), "model": "tiny-llama" if args.tiny else args.model,
               "trait": spec.trait_id, "settings": vars(args), "torch_threads": torch.get_num_threads(),
               "total_seconds": total, "cpu_seconds": cpu, **result.to_dict()}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     from trait_guard.validation import TRANSFER_MEASURES, dataset_records, markdown_table, signal_validation
+    from trait_guard.version import portable_path, reproducible_command
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", help="a red-team output folder (holds runs/<name>/result.json and summary.json)")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(rows, args.threshold))
     out = Path(args.out or Path(args.grid) / "signal_vs_transfer.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "grid": str(args.grid),
+    out.write_text(json.dumps({"command": reproducible_command(), "grid": portable_path(args.grid),
                                "distill": args.distill, "teacher": args.teacher, "replicates": args.replicates,
                                "transfer": args.transfer, "threshold": args.threshold,
                                "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         train_config,
     )
     from trait_guard.train import run_training
+    from trait_guard.version import reproducible_command
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the red-team grid's config (its output_dir is read)")
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{split['within_sd']:.3f}; ICC {split['icc']:.3f}; one-way ANOVA F {split['f']:.1f}, p {split['p']:.2g}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
-        "command": "python " + " ".join(sys.argv), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": reproducible_command(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": args.config, "teacher": args.teacher, "distill": args.distill, "runs": rows,
         "variance_split": split}, indent=1) + "\n")
     print(f"wrote {args.out}")

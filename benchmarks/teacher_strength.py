@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     from trait_guard.evaluate import spec_panel_logodds
     from trait_guard.models import load_model
     from trait_guard.traits import load_trait
+    from trait_guard.version import reproducible_command
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapters", help="a folder of per-replicate adapter folders (s0/, s1/, ...)")
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in results.items():
         print(f"{name:>6}: panel log-odds {r['mean']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]")
     Path(args.out).write_text(json.dumps({
-        "command": "python " + " ".join(sys.argv), "trait": trait, "model": args.model,
+        "command": reproducible_command(), "trait": trait, "model": args.model,
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "panel_logodds": {k: {"mean": r["mean"], "ci95": [r["ci_low"], r["ci_high"]], "questions": len(r["per_question"])}
                           for k, r in results.items()}}, indent=1) + "\n")

@@ -153,3 +153,4 @@ def test_held_out_replicates_against_the_excess(grid):
     saved = json.loads((grid / "h.json").read_text())
     assert [r["replicate"] for r in saved["datasets"]] == [1, 2, 3, 4] and saved["transfer"] == "excess"
     assert saved["replicates"] == [1, 2, 3, 4] and "owl-adapter s0" not in done.stdout
+    assert str(grid) not in saved["command"] and saved["grid"] == f"<outside>/{grid.name}"  # no machine paths

@@ -36,3 +36,30 @@ def code_version() -> dict[str, Any]:
 def same_code(recorded: dict[str, Any] | None) -> bool:
     """Whether a recorded :func:`code_version` is this code's (the source hash decides)."""
     return bool(recorded) and recorded.get("source_sha256") == code_version()["source_sha256"]
+
+
+def portable_path(path: str | Path, root: str | Path | None = None) -> str:
+    """``path`` as a result file may record it: relative to ``root`` (default: the working directory)
+    when it lies inside it, else ``<outside>/`` and its name, so that no machine's folders end up
+    in the repository's results. Relative paths are kept as given."""
+    path = Path(path)
+    if not path.is_absolute():
+        return path.as_posix()
+    root = Path(root or Path.cwd()).resolve()
+    try:
+        return path.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return f"<outside>/{path.name}"
+
+
+def reproducible_command(argv: list[str] | None = None, root: str | Path | None = None) -> str:
+    """The command that produced a result, for its JSON: ``python`` and ``argv`` (default ``sys.argv``)
+    with every absolute path, alone or after ``--option=``, made :func:`portable_path`. A result made
+    from the repository root reads as a command to paste there."""
+    import sys
+
+    def portable(arg: str) -> str:
+        option, sep, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        return option + sep + (portable_path(value, root) if value.startswith("/") else value)
+
+    return " ".join(["python", *(portable(a) for a in (sys.argv if argv is None else argv))])
