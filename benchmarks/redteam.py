@@ -12,10 +12,14 @@ report. Interrupted? Run the same command again: finished runs are kept (runs/<n
 --piece-hours each (whole replicates, estimated from the CPU profile's step time) with their --only
 patterns, and exits without running anything. --report-only runs nothing either: it reads the
 stored runs again (e.g. a grid run for days from a pinned checkout, read with newer statistics) and
-rewrites the results, the report and the MLflow parent's copies:
+rewrites the results, the report and the MLflow parent's copies. --restore-runs RESULTS_JSON writes
+the runs a results JSON records (e.g. benchmarks/results/redteam_v2_cpu.json) back into the output
+folder's runs/ (never over a stored run) and exits: a grid whose folders are gone continues from there.
 
     python benchmarks/redteam.py --config ray_jobs/configs/redteam_cpu.yaml --plan
     python benchmarks/redteam.py --config ray_jobs/configs/redteam_cpu.yaml --only '*-s0' '*-s1' '*-s2'
+    python benchmarks/redteam.py --config ray_jobs/configs/redteam_cpu.yaml \
+        --restore-runs benchmarks/results/redteam_v2_cpu.json
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--piece-hours", type=float, default=3.0, help="the length of a piece for --plan")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: aggregate the stored runs again (runs of other code are kept and named)")
+    parser.add_argument("--restore-runs", metavar="RESULTS_JSON",
+                        help="write the runs recorded in a results JSON back into <output_dir>/runs/ and exit")
     args = parser.parse_args(argv)
 
     # setup
@@ -47,6 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         for i, piece in enumerate(plan_pieces(config, args.piece_hours)):
             patterns = " ".join(f"'{p}'" for p in piece["only"])
             print(f"piece {i}: {piece['runs']} runs, ~{piece['hours']:.1f} h: --only {patterns}")
+        return 0
+    if args.restore_runs:
+        from trait_guard.redteam import restore_runs
+
+        outcome = restore_runs(config, args.restore_runs)
+        print(", ".join(f"{len(names)} {what.replace('_', ' ')}" for what, names in outcome.items())
+              + f" (runs under {config.output_dir}/runs)")
+        for what in ("not_in_grid", "other_design"):
+            if outcome[what]:
+                print(f"{what.replace('_', ' ')}: {' '.join(outcome[what])}")
         return 0
     # run (or only read what ran)
     if args.report_only:

@@ -3,6 +3,7 @@ that goes away and comes back, the MLflow UI in a browser, a cluster's PostgreSQ
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import signal
 import socket
@@ -12,6 +13,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+MLFLOW_VERSION = importlib.metadata.version("mlflow")
 
 
 def free_port() -> int:
@@ -46,6 +49,7 @@ class MlflowServer:
                  artifacts_destination: str | None = None, startup_timeout: float = 90.0):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.port_is_ours = port is None  # a port we chose may be re-chosen before the first start
         self.port = port or free_port()
         self.backend_store_uri = backend_store_uri or f"sqlite:///{(self.folder / 'mlflow.db').resolve()}"
         self.artifacts_destination = artifacts_destination or str((self.folder / "artifacts").resolve())
@@ -63,22 +67,48 @@ class MlflowServer:
                 # MLflow >= 3.5 answers 403 to Host headers it was not told about
                 "--allowed-hosts", f"127.0.0.1:{self.port},localhost:{self.port}"]
 
-    def start(self) -> MlflowServer:
+    def start(self, attempts: int = 3) -> MlflowServer:
+        """Start the server and wait until *it* answers (not merely something on its port).
+
+        A port from :func:`free_port` is free when chosen, not when the server binds it: another
+        process (a Ray node's metrics exporter, in one CI run) can take it in between, answer 200 to
+        ``/health`` and leave our server to exit on ``address in use``. So readiness means our child
+        is alive and ``/version`` returns this MLflow's version. If the child exits on a port we
+        chose, at the first start, a fresh port is tried (``attempts`` in all); a restart keeps its
+        port, since clients already hold the URI.
+        """
+        may_move = self.port_is_ours and self.process is None
+        for attempt in range(1, attempts + 1):
+            if self._start_once():
+                return self
+            if not may_move or attempt == attempts:
+                break
+            self.port = free_port()
+        raise RuntimeError(f"mlflow server exited with {self.process.returncode} on {self.uri}; "
+                           f"see {self.folder}/server.log")
+
+    def _start_once(self) -> bool:
+        """True once our child answers as MLflow; False if it exited; TimeoutError if neither."""
         log = open(self.folder / "server.log", "ab")  # noqa: SIM115 - the child keeps it open
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self.process.returncode}; see {self.folder}/server.log")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
+                return False
+            if self.answers_as_mlflow():
+                return True
+            time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"mlflow server on {self.uri} not healthy after {self.startup_timeout} s; "
                            f"see {self.folder}/server.log")
+
+    def answers_as_mlflow(self) -> bool:
+        """Whether the process on our port is an MLflow server of the version installed here."""
+        try:
+            with urllib.request.urlopen(f"{self.uri}/version", timeout=2) as response:
+                return response.status == 200 and response.read().decode().strip() == MLFLOW_VERSION
+        except OSError:
+            return False
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -665,6 +665,64 @@ def test_report_only_reads_stored_runs_of_other_code_and_moves_nothing(tmp_path)
     assert "adaptive" not in aggregate(_config(), [])["goals"]  # no adaptive teacher: no line
 
 
+def test_restore_runs_rebuilds_a_gone_grid_from_its_results_json(tmp_path):
+    from trait_guard.errors import TraitGuardInputError
+    from trait_guard.redteam import replicate_design, report_redteam, restore_runs, run_name
+
+    tracking = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "restore"}
+    first = _config(output_dir=str(tmp_path / "first"), modes=["unguarded", "halt"],
+                    training={"probe": {"eval_samples": 2}, "tracking": tracking})
+    for seed in range(2):
+        for teacher, mode, shift in (("control", "unguarded", 0.1), ("owl", "unguarded", 1.0 + seed)):
+            name = run_name(teacher, "logits", mode, seed)
+            (Path(first.output_dir) / "runs" / name).mkdir(parents=True)
+            (Path(first.output_dir) / "runs" / name / "result.json").write_text(json.dumps(
+                _run(teacher, mode, seed, shift) | {"name": name, "replicate_design": replicate_design(first, seed)}))
+    recorded = report_redteam(first)
+    committed = tmp_path / "redteam_v2.json"  # what benchmarks/results keeps of a grid
+    committed.write_text(json.dumps(recorded | {"runs": [*recorded["runs"], {"name": "owl-logits-steer-s0"}]}))
+
+    # a fresh machine: the run folders are gone; one run of the new grid is already stored again
+    second = first.model_copy(update={"output_dir": str(tmp_path / "second")})
+    kept = Path(second.output_dir) / "runs" / "owl-logits-unguarded-s1" / "result.json"
+    kept.parent.mkdir(parents=True)
+    kept.write_text(json.dumps(_run("owl", "unguarded", 1, 5.0) | {"name": "owl-logits-unguarded-s1",
+                                                                 "replicate_design": replicate_design(second, 1)}))
+    outcome = restore_runs(second, committed)
+    assert sorted(outcome["restored"]) == sorted(["control-logits-unguarded-s0", "owl-logits-unguarded-s0",
+                                                  "control-logits-unguarded-s1"])
+    assert outcome["already_stored"] == ["owl-logits-unguarded-s1"]  # never overwritten
+    assert outcome["not_in_grid"] == ["owl-logits-steer-s0"] and outcome["other_design"] == []
+    assert json.loads(kept.read_text())["logprob_shift"] == 5.0
+    assert restore_runs(second, committed)["restored"] == []  # a second restore changes nothing
+    owl = next(c for c in report_redteam(second)["cells"] if c["teacher"] == "owl" and c["mode"] == "unguarded")
+    assert owl["excess_over_control"]["mean"] == pytest.approx((0.9 + 4.9) / 2)
+    # another replicate design (other seeds) is not restored
+    other = first.model_copy(update={"output_dir": str(tmp_path / "third")}, deep=True)
+    other.generation.seed += 1
+    assert restore_runs(other, committed)["restored"] == [] and len(restore_runs(other, committed)["other_design"]) == 4
+    with pytest.raises(TraitGuardInputError, match="results JSON"):
+        restore_runs(second, tmp_path / "first" / "results.md")
+
+
+def test_a_piece_leaves_other_pieces_stale_runs_in_place(tmp_path):
+    from trait_guard.redteam import replicate_design, run_name, run_redteam
+
+    config = _config(output_dir=str(tmp_path / "grid"), modes=["unguarded"],
+                     training={"probe": {"eval_samples": 2},
+                               "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "piece"}})
+    name = run_name("owl", "logits", "unguarded", 2)
+    stored = Path(config.output_dir) / "runs" / name / "result.json"
+    stored.parent.mkdir(parents=True)
+    stored.write_text(json.dumps(_run("owl", "unguarded", 2, 1.0) | {
+        "name": name, "replicate_design": replicate_design(config, 2),
+        "code_version": {"source_sha256": "0" * 64, "git_commit": "abc1234"}}))  # other code: stale
+    # a piece that selects nothing of replicate 2 (a pattern matching no run: nothing to train)
+    results = run_redteam(config, only=["owl-logits-unguarded-s9"])
+    assert stored.is_file() and not stored.with_name("result.stale.json").exists()
+    assert name in results["runs_missing"]  # not mixed in either
+
+
 def test_code_grid_fixes_one_filter_for_every_teacher():
     from trait_guard.redteam import replicate_generation
 

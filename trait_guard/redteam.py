@@ -1107,7 +1107,9 @@ def _run_grid(config: RedteamConfig, out: Path, parent: Any, only: Sequence[str]
             if reason is None:
                 finished[name] = stored
                 continue
-            # a result from other code or another design is never mixed in: the run is done again (when selected)
+            if not selected(name, only):  # another piece's stale run stays where it is, for that piece to redo
+                continue
+            # a result from other code or another design is never mixed in: the selected run is done again
             _log(f"{name}: stored result is from {reason}; rerunning")
             result_path.replace(result_path.with_name("result.stale.json"))
         if selected(name, only):
@@ -1192,6 +1194,39 @@ def report_redteam(config: RedteamConfig) -> dict[str, Any]:
                               "runs_left_out_other_design": other_design}
     write_results(config, results, out)
     return results
+
+
+def restore_runs(config: RedteamConfig, results_path: str | Path) -> dict[str, list[str]]:
+    """Write the runs recorded in a grid's results JSON back as ``runs/<name>/result.json`` under
+    ``config.output_dir``, so a grid whose run folders are gone (a fresh machine; a committed
+    ``benchmarks/results/redteam_v2_*.json``) can be extended and read again with ``--report-only``.
+
+    Nothing is overwritten: a run already stored is left as it is. A recorded run outside this
+    grid, or of another replicate design, is not restored. Each run keeps its recorded code version,
+    so resuming with other code reruns it (:func:`stale_reason`) and ``--report-only`` names it.
+    Returns the run names by outcome: ``restored``, ``already_stored``, ``not_in_grid``, ``other_design``."""
+    path = Path(results_path)
+    try:
+        recorded = json.loads(path.read_text())["runs"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise TraitGuardInputError(f"{path}: not a red-team results JSON with a 'runs' list ({error}); pass the "
+                                   "results.json a grid wrote (or its copy under benchmarks/results/)") from error
+    keys = {run_name(*key): key for key in grid(config)}
+    outcome: dict[str, list[str]] = {"restored": [], "already_stored": [], "not_in_grid": [], "other_design": []}
+    out = Path(config.output_dir)
+    for run in recorded:
+        name = run.get("name")
+        if name not in keys:
+            outcome["not_in_grid"].append(str(name))
+        elif run.get("replicate_design") != replicate_design(config, keys[name][3]):
+            outcome["other_design"].append(name)
+        elif (out / "runs" / name / "result.json").is_file():
+            outcome["already_stored"].append(name)
+        else:
+            (out / "runs" / name).mkdir(parents=True, exist_ok=True)
+            (out / "runs" / name / "result.json").write_text(json.dumps(run, indent=1) + "\n")
+            outcome["restored"].append(name)
+    return outcome
 
 
 def write_results(config: RedteamConfig, results: dict[str, Any], out: Path, tracker: Any = None) -> None:
