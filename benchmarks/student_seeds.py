@@ -30,11 +30,11 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     from trait_guard.config import RedteamConfig, load_config
     from trait_guard.redteam import (
-        _baselines,
-        _teacher_data,
-        _vector,
+        base_model_baselines,
+        grid_vector,
         measured_trait,
         run_metrics,
+        teacher_data,
         train_config,
     )
     from trait_guard.train import run_training
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, RedteamConfig)
     grid_out = Path(config.output_dir)
     out = grid_out.with_name(grid_out.name + "_student_seeds")
-    vector = _vector(config, grid_out)
+    vector = grid_vector(config, grid_out)
     trait = measured_trait(config, args.teacher)
     rows = []
     for replicate in args.replicates:
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         if not grid_result.is_file():
             print(f"{grid_result} is missing: run the grid's replicate {replicate} first", file=sys.stderr)
             return 1
-        paths = _teacher_data(config, grid_out, replicate, [args.teacher])  # existing files: nothing generated
-        baseline = _baselines(config, grid_out, [replicate])[(trait, replicate)]
+        paths = teacher_data(config, grid_out, replicate, [args.teacher])  # existing files: nothing generated
+        baseline = base_model_baselines(config, grid_out, [replicate])[(trait, replicate)]
         own = json.loads(grid_result.read_text())
         rows.append({"replicate": replicate, "student_seed": replicate, "source": "grid",
                      "panel_shift": own.get("panel_shift"), "logprob_shift": own.get("logprob_shift")})

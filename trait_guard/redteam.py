@@ -889,7 +889,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- stages
 
 
-def _vector(config: RedteamConfig, out: Path) -> Path:
+def grid_vector(config: RedteamConfig, out: Path) -> Path:
     """The watched trait's persona vector: ``config.vector``, or extracted once (in a Ray task)."""
     if config.vector:
         return Path(config.vector)
@@ -952,8 +952,8 @@ def replicate_data_paths(config: RedteamConfig, out: Path, replicate: int) -> di
             config.reference.id: base / "reference" / f"{config.reference.id}.parquet"}
 
 
-def _teacher_data(config: RedteamConfig, out: Path, replicate: int,
-                  needed: Sequence[str] | None = None) -> dict[str, Path]:
+def teacher_data(config: RedteamConfig, out: Path, replicate: int,
+                 needed: Sequence[str] | None = None) -> dict[str, Path]:
     """Replicate ``replicate``'s data files (:func:`replicate_data_paths`), generating those missing for
     the teachers in ``needed`` (None: all) and the reference."""
     from trait_guard.generation import generate_datasets
@@ -974,7 +974,7 @@ def _teacher_data(config: RedteamConfig, out: Path, replicate: int,
     return paths
 
 
-def _baselines(config: RedteamConfig, out: Path, seeds: Sequence[int]) -> dict[tuple[str, int], dict[str, Any]]:
+def base_model_baselines(config: RedteamConfig, out: Path, seeds: Sequence[int]) -> dict[tuple[str, int], dict[str, Any]]:
     """The base model's evaluation per (measured trait, seed) for ``seeds`` (all stored ones are
     returned): the 'before' of every run."""
     path = out / "baselines.json"
@@ -1016,7 +1016,7 @@ def train_config(config: RedteamConfig, out: Path, teacher: str, distill: str, m
         settings.guard.on_drift_alarm = Action.HALT if mode == "halt" else Action.STEER
     settings.optim.seed = seed
     settings.guard.seed = seed
-    settings.probe.eval_before = False  # measured once per trait and seed (_baselines)
+    settings.probe.eval_before = False  # measured once per trait and seed (base_model_baselines)
     settings.student.export = False  # a measurement grid, not students to ship: no model folder per run
     if is_control(config, teacher):  # a control student is the baseline of every trait teacher's students
         settings.probe.extra_eval_traits = sorted({measured_trait(config, t.id) for t in config.teachers}
@@ -1117,13 +1117,13 @@ def _run_grid(config: RedteamConfig, out: Path, parent: Any, only: Sequence[str]
 
     # only what the selected runs need: a piece of the grid prepares only its own replicates
     replicates = sorted({seed for *_, seed in todo})
-    vector = _vector(config, out) if todo else None
+    vector = grid_vector(config, out) if todo else None
     paths: dict[int, dict[str, Path]] = {}
     for replicate in replicates:  # only the teachers the selected runs train on (a piece of the grid)
         needed = sorted({teacher for teacher, *_, seed in todo if seed == replicate})
         _adapters(config, replicate, needed)
-        paths[replicate] = _teacher_data(config, out, replicate, needed)
-    baselines = _baselines(config, out, replicates)
+        paths[replicate] = teacher_data(config, out, replicate, needed)
+    baselines = base_model_baselines(config, out, replicates)
 
     bar = tqdm(todo, desc="red-team runs", unit="run", file=sys.stderr, disable=None)
     for teacher, distill, mode, seed in bar:
@@ -1189,7 +1189,7 @@ def report_redteam(config: RedteamConfig) -> dict[str, Any]:
         raise TraitGuardInputError(f"{out / 'runs'} holds no finished run of this grid's design: run the grid first "
                                    "(benchmarks/redteam.py --config ... without --report-only), or pass the "
                                    "--output-dir it wrote to")
-    results = _results(config, finished, _baselines(config, out, []), started)
+    results = _results(config, finished, base_model_baselines(config, out, []), started)
     results["report_only"] = {"runs_from_other_code_or_settings": other_code,
                               "runs_left_out_other_design": other_design}
     write_results(config, results, out)
