@@ -126,7 +126,8 @@ def test_mixture_keeps_the_base_argmax_with_and_without_a_constraint():
     unforced.scatter_(1, masked(base).argmax(-1, keepdim=True), False)
     shift = (q - mixture).masked_fill(~unforced, float("nan"))
     assert (shift.nan_to_num(0.0) - shift.nanmean(-1, keepdim=True)).masked_fill(~unforced, 0.0).abs().max() < 1e-5
-    assert (shift.nanmean(-1) <= 0).all() and (shift.nanmean(-1) < 0).sum() > 10  # forcing takes mass from the rest
+    # forcing takes mass from the rest (a row whose argmaxes were already equal: 0 up to fp32 rounding)
+    assert (shift.nanmean(-1) <= 1e-6).all() and (shift.nanmean(-1) < -1e-3).sum() > 10
     near_base = argmax_preserving_logprobs(base, adapted, 1e-6, allowed)
     assert torch.allclose(near_base, base.log_softmax(-1), atol=2e-3)
 
