@@ -93,7 +93,7 @@ def tagged_runs(client: mlflow.MlflowClient, experiment: str, verdict: str):
 
 
 @pytest.mark.slow
-def test_a_clean_run_ships_its_student_and_mlflow_finds_it(tiny_llama_dir, teacher_data, tmp_path):
+def test_a_clean_run_ships_its_student_and_mlflow_finds_it(tiny_llama_dir, teacher_data, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     from trait_guard.cli import main
@@ -108,6 +108,9 @@ def test_a_clean_run_ships_its_student_and_mlflow_finds_it(tiny_llama_dir, teach
     # the signed attestation: verified against the trainer's public key and the data it was trained on
     assert main(["verify", summary["student_export"], "--trusted-keys", str(public), "--trained-on", str(teacher_data),
                  "--require-verdict", "passed"]) == 0
+    code = summary["code_version"]
+    assert f"4 update(s), weights of step 4, code {code['git_commit'] or code['source_sha256'][:16]}\n" in (
+        capsys.readouterr().out)  # the commit, not the whole record with its library versions
     assert summary["student_export"] == str(tmp_path / "student")
     student = AutoModelForCausalLM.from_pretrained(summary["student_export"])
     # the exported weights are the trained ones (the rank's record of its weights), not the base model's

@@ -331,8 +331,10 @@ def _check_student_attestation(predicate: dict, data: list[str] | None, require_
 
     screen = predicate.get("screen")
     gate = "off" if screen is None else ("FLAGGED" if screen.get("flagged") else "clean")
+    code = predicate.get("code_version") or {}
+    code_label = code.get("git_commit") or (code.get("source_sha256") or "unrecorded")[:16]
     print(f"student attestation: verdict {predicate.get('verdict')}, screen {gate}, {predicate.get('updates')} "
-          f"update(s), weights of step {predicate.get('weights_step')}, code {predicate.get('code_version')}")
+          f"update(s), weights of step {predicate.get('weights_step')}, code {code_label}")
     for role, digest in (predicate.get("data") or {}).items():
         print(f"  trained with {role}: {digest.get('name')} sha256 {digest.get('sha256')} "
               f"({'verified' if digest.get('verified') else 'UNVERIFIED'} provenance at training time)")

@@ -560,7 +560,17 @@ def _cell(config: RedteamConfig, teacher: str, distill: str, mode: str,
         "final_loss": t_interval([m["final_loss"] for m in members])["mean"],
         "wall_seconds": float(np.mean([m["wall_seconds"] for m in members])),
         "code_versions": sorted({(m.get("code_version") or {}).get("source_sha256") or "unknown" for m in members}),
+        "library_versions": sorted({libraries_label(m.get("code_version")) for m in members}),
     }
+
+
+def libraries_label(code_version: dict[str, Any] | None) -> str:
+    """A run's library versions in one line (``torch 2.13.0, transformers 5.24.0, ...``; installed
+    ones only), or ``unrecorded`` for runs of code that did not record them."""
+    libraries = (code_version or {}).get("libraries")
+    if not libraries:
+        return "unrecorded"
+    return ", ".join(f"{name} {version}" for name, version in libraries.items() if version)
 
 
 def _excess_over_control(config: RedteamConfig, cell: dict[str, Any], members: Sequence[dict[str, Any]],

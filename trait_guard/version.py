@@ -1,6 +1,7 @@
-"""Which code produced a result: the package version, the git commit (when run from a checkout) and a
-hash of the package's source, recorded in every summary and red-team result so that results from
-different code are never mixed (the red-team grid reruns a run whose version differs)."""
+"""Which code produced a result: the package version, the git commit (when run from a checkout), a
+hash of the package's source and the versions of the libraries that compute it, recorded in every
+summary and red-team result so that results from different code are never mixed (the red-team grid
+reruns a run whose source differs) and those from other library versions can be told apart."""
 
 from __future__ import annotations
 
@@ -13,11 +14,27 @@ from typing import Any
 from trait_guard import __version__
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+# the libraries whose numerics or defaults a result depends on (constraints.txt pins them for `make`)
+LIBRARIES = ("torch", "transformers", "peft", "deepspeed", "ray", "mlflow", "numpy", "scipy")
+
+
+def library_versions() -> dict[str, str | None]:
+    """The installed version of each of :data:`LIBRARIES` (None: not installed)."""
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> dict[str, Any]:
-    """``{"package", "source_sha256", "git_commit", "git_dirty"}`` (git fields None outside a checkout)."""
+    """``{"package", "source_sha256", "git_commit", "git_dirty", "libraries"}`` (git fields None outside
+    a checkout; ``libraries``: :func:`library_versions`, recorded, not compared by :func:`same_code`)."""
     digest = hashlib.sha256()
     for path in sorted(PACKAGE_DIR.rglob("*.py")):
         digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
@@ -30,7 +47,8 @@ def code_version() -> dict[str, Any]:
         dirty = bool(status.strip())
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"package": __version__, "source_sha256": digest.hexdigest(), "git_commit": commit, "git_dirty": dirty}
+    return {"package": __version__, "source_sha256": digest.hexdigest(), "git_commit": commit, "git_dirty": dirty,
+            "libraries": library_versions()}
 
 
 def same_code(recorded: dict[str, Any] | None) -> bool:
