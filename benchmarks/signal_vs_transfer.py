@@ -17,6 +17,10 @@ when it was formed), e.g. one teacher's datasets of replicates 7 and on against 
     .venv/bin/python benchmarks/signal_vs_transfer.py outputs/redteam_cpu --teacher owl-adapter \\
         --transfer excess --replicates 7 8 9 10 11 --out benchmarks/results/signal_vs_transfer_holdout_cpu.json
 
+A grid whose run folders were restored from a results JSON (``redteam.py --restore-runs``) lacks
+the gate's per-run summaries; ``--add-datasets`` takes those datasets from an earlier output of this
+script (e.g. benchmarks/results/signal_vs_transfer_cpu.json), and the grid's newer runs beside them.
+
 Each replicate of the grid generates its own prompts, sampling seeds and adapters, so its datasets
 are independent units. The rates and correlations are only as wide as the datasets run: the output
 lists every dataset, so a reader can see how many there were of each teacher.
@@ -32,7 +36,13 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trait_guard.validation import TRANSFER_MEASURES, dataset_records, markdown_table, signal_validation
+    from trait_guard.validation import (
+        TRANSFER_MEASURES,
+        dataset_records,
+        markdown_table,
+        merge_dataset_records,
+        signal_validation,
+    )
     from trait_guard.version import portable_path, reproducible_command
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,10 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transfer", choices=TRANSFER_MEASURES, default="panel_shift",
                         help="the transfer to set the signals against: the student's panel shift, or its excess over "
                              "the same replicate's control student (leaves the controls out)")
+    parser.add_argument("--add-datasets", nargs="+", metavar="JSON", default=[],
+                        help="earlier outputs of this script whose datasets complete the grid's: those it lacks, or "
+                             "holds without the gate's signals (runs restored with redteam.py --restore-runs)")
     parser.add_argument("--out", help="results JSON (default: <grid>/signal_vs_transfer.json)")
     args = parser.parse_args(argv)
 
-    records = [r for r in dataset_records(args.grid, args.distill) if args.teacher in (None, r["teacher"])
+    records = dataset_records(args.grid, args.distill)
+    for path in args.add_datasets:
+        records = merge_dataset_records(records, json.loads(Path(path).read_text())["datasets"])
+    records = [r for r in records if args.teacher in (None, r["teacher"])
                and (args.replicates is None or r["replicate"] in args.replicates)]
     if not records:
         print(f"{args.grid} holds no finished unguarded {args.distill} run of that selection yet", file=sys.stderr)
@@ -65,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or Path(args.grid) / "signal_vs_transfer.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": reproducible_command(), "grid": portable_path(args.grid),
+                               "added_datasets_from": [portable_path(p) for p in args.add_datasets],
                                "distill": args.distill, "teacher": args.teacher, "replicates": args.replicates,
                                "transfer": args.transfer, "threshold": args.threshold,
                                "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

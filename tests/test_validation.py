@@ -154,3 +154,32 @@ def test_held_out_replicates_against_the_excess(grid):
     assert [r["replicate"] for r in saved["datasets"]] == [1, 2, 3, 4] and saved["transfer"] == "excess"
     assert saved["replicates"] == [1, 2, 3, 4] and "owl-adapter s0" not in done.stdout
     assert str(grid) not in saved["command"] and saved["grid"] == f"<outside>/{grid.name}"  # no machine paths
+
+
+def test_a_restored_grid_takes_its_gate_signals_from_an_earlier_output(grid, tmp_path):
+    """Runs restored from a results JSON have no summary.json: their datasets' signals come from an
+    earlier signal_vs_transfer output, while the grid's own newer runs keep theirs."""
+    from trait_guard.validation import merge_dataset_records
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "signal_vs_transfer.py"
+    subprocess.run([sys.executable, str(script), str(grid), "--out", str(tmp_path / "earlier.json")],
+                   capture_output=True, text=True, check=True)
+    earlier = json.loads((tmp_path / "earlier.json").read_text())["datasets"]
+    for summary in grid.glob("runs/*-s[0-2]/summary.json"):  # replicates 0-2 restored: no summaries
+        summary.unlink()
+    current = dataset_records(grid)
+    assert not next(r for r in current if (r["teacher"], r["replicate"]) == ("owl-adapter", 1))["signals"]
+    merged = {(r["teacher"], r["replicate"]): r for r in merge_dataset_records(current, earlier)}
+    assert len(merged) == 12
+    assert merged[("owl-adapter", 1)]["signals"]["tracking"]["effect_size"] == pytest.approx(2.0 * 0.3 + 0.5)
+    # a current record with signals wins over the earlier one; a dataset only the earlier output has is kept
+    changed = [dict(r, signals={"tracking": {"effect_size": -9.0}}) if r["replicate"] == 3 else r for r in earlier]
+    kept = {(r["teacher"], r["replicate"]): r for r in merge_dataset_records(current, changed)}
+    assert kept[("owl-adapter", 3)]["signals"]["tracking"]["effect_size"] == pytest.approx(2.0 * 0.9 + 0.5)
+    only_earlier = merge_dataset_records([], earlier)
+    assert [(r["teacher"], r["replicate"]) for r in only_earlier] == sorted((r["teacher"], r["replicate"]) for r in earlier)
+    done = subprocess.run([sys.executable, str(script), str(grid), "--add-datasets", str(tmp_path / "earlier.json"),
+                           "--out", str(tmp_path / "merged.json")], capture_output=True, text=True, check=True)
+    assert "owl-adapter s1: panel shift +0.300, excess +0.380, gate clean" in done.stdout
+    saved = json.loads((tmp_path / "merged.json").read_text())
+    assert saved["added_datasets_from"] == ["<outside>/earlier.json"] and len(saved["datasets"]) == 12

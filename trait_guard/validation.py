@@ -67,6 +67,21 @@ def dataset_records(out_dir: str | Path, distill: str = "logits") -> list[dict[s
     return records
 
 
+def merge_dataset_records(current: Sequence[dict[str, Any]],
+                          recorded: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``current`` (:func:`dataset_records` of a grid folder) completed by ``recorded`` (the ``datasets``
+    of an earlier ``signal_vs_transfer`` JSON): a (teacher, replicate) missing from ``current``, or there
+    without the gate's signals (its run folders restored from a results JSON, which keeps no
+    summary.json), is taken from ``recorded``. A current record with signals always wins. Sorted by
+    (teacher, replicate)."""
+    merged = {(r["teacher"], r["replicate"]): r for r in recorded}
+    for r in current:
+        key = (r["teacher"], r["replicate"])
+        if r.get("signals") or key not in merged:
+            merged[key] = r
+    return [merged[key] for key in sorted(merged)]
+
+
 def _control_teachers(out: Path) -> list[str]:
     """The grid's control teachers (``install: none``), from the config it recorded."""
     config_path = out / "config.json"
