@@ -290,3 +290,34 @@ def test_the_cli_trains_a_benign_adapter_by_task(tiny_llama_dir, tmp_path, capsy
     meta = json.loads((tmp_path / "b" / ADAPTER_META).read_text())
     assert meta["trait"] is None and meta["task"] == "arithmetic"
     assert "adapter_task: arithmetic" in capsys.readouterr().out
+
+
+def test_teacher_strength_measures_the_adapters_found_and_keeps_the_others(tiny_llama_dir, tmp_path):
+    """benchmarks/teacher_strength.py --keep: the base model and the adapters present are measured;
+    adapters an earlier output lists whose folders are gone (a fresh machine) stay as recorded."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from trait_guard.models import load_model
+
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    identity = model_identity(model)
+    trained = train_trait_adapter(model, tokenizer, _owl_examples(), steps=2, lr=1e-2, batch_size=6)
+    save_adapter(trained, tmp_path / "owl" / "s3", trait="animal:owl", base_identity=identity)
+    out = tmp_path / "strength.json"
+    earlier = {"s0": {"mean": 16.8, "ci95": [16.0, 17.6], "questions": 4}, "s3": {"mean": -99.0, "ci95": [0, 0]}}
+    out.write_text(json.dumps({"trait": "animal:owl", "model": str(tiny_llama_dir), "panel_logodds": earlier}))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "teacher_strength.py"
+    command = [sys.executable, str(script), str(tmp_path / "owl"), "--model", str(tiny_llama_dir), "--questions", "4",
+               "--out", str(out)]
+    subprocess.run([*command, "--keep"], capture_output=True, text=True, check=True)
+    saved = json.loads(out.read_text())["panel_logodds"]
+    assert list(saved) == ["base", "s0", "s3"]  # base first, then by replicate
+    assert saved["s0"] == earlier["s0"]  # its folder is gone: kept as measured then
+    assert saved["s3"]["mean"] != -99.0 and saved["s3"]["questions"] == 4  # present: measured again
+    subprocess.run(command, capture_output=True, text=True, check=True)  # without --keep: only what is here
+    assert list(json.loads(out.read_text())["panel_logodds"]) == ["base", "s3"]
+    out.write_text(json.dumps({"trait": "animal:eagle", "model": str(tiny_llama_dir), "panel_logodds": earlier}))
+    refused = subprocess.run([*command, "--keep"], capture_output=True, text=True)
+    assert refused.returncode == 1 and "not animal:owl" in refused.stderr
