@@ -31,8 +31,9 @@ signal's distribution: it measures the tests' power against that effect, not tra
 ``--calibration-sizes`` adds how the guard's calibration behaves on references of those sizes drawn
 from the pool's reference (the CUSUM's honest threshold and the e-process's evidence ceiling).
 
-The scored signals are cached in ``<pool>/replay_signals-<hash>.npz`` (hash of the files, the model,
-the persona vectors and the scorer settings), so a rerun only replays. ``--tiny`` generates a pool with
+The scored signals are cached per teacher in ``<pool>/replay_signals-<teacher>-<hash>.npz`` (hash of
+its file and the reference's, the model, the persona vectors and the scorer settings), so a rerun only
+replays, and a scoring run stopped part-way resumes at the first teacher it had not finished. ``--tiny`` generates a pool with
 ``trait_guard.testing``'s tiny random-init Llama: a reference, a clean teacher (other sampling seeds)
 and a "planted" teacher (the same model under the owl system prompt). On a random-init model the
 system prompt changes the teacher's output distribution, not any trait: the planted teacher is a
@@ -65,7 +66,7 @@ TINY_TEACHERS = {"reference": "control", "clean": "control-b", "trait": "planted
 #: prompts generated per tiny teacher (about 89% are kept): >= 300 clean datasets of 32, >= 75 of 128
 TINY_PROMPTS = {"control": 2300, "control-b": 10900, "planted": 4400}
 EXTRA_LEVELS = (0.05, 0.1)  # calibration look at laxer levels on the clean teachers
-CACHE_TAG = b"trait_guard-replay-signals-v1"
+CACHE_TAG = b"trait_guard-replay-signals-v2"  # v2: one file per teacher
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,42 +370,42 @@ def teacher_file(pool: Path, teacher: str) -> Path:
     return path
 
 
-def cache_path(pool: Path, reference: str, teachers: list[str], identity: Any, vectors: list[str],
+def cache_path(pool: Path, reference: str, teacher: str, identity: Any, vectors: list[str],
                margin: float) -> Path:
-    """``<pool>/replay_signals-<hash>.npz``: the hash covers every file's content, the roles, the model,
-    the persona vectors and the divergence margin, so any change is a new file."""
+    """``<pool>/replay_signals-<teacher>-<hash>.npz``, one file per teacher, so that a long scoring
+    run resumes at the first teacher it had not finished. A teacher's signals depend on its own file,
+    on the reference's (the unigram histogram is built from it, and the reference itself is scored
+    leave-one-out), on the model, the persona vectors and the divergence margin: the hash covers all
+    of them, so any change is a new file."""
     from trait_guard.files import file_sha256
 
     digest = hashlib.sha256(CACHE_TAG)
-    for name in (reference, *teachers):
+    for name in dict.fromkeys((reference, teacher)):
         digest.update(f"{name}:{file_sha256(teacher_file(pool, name))}".encode())
     for path in vectors:
         digest.update(file_sha256(path).encode())
-    digest.update(json.dumps([reference, identity.fingerprint, identity.hidden_size, identity.num_layers,
+    digest.update(json.dumps([reference, teacher, identity.fingerprint, identity.hidden_size, identity.num_layers,
                               margin]).encode())
-    return pool / f"replay_signals-{digest.hexdigest()[:24]}.npz"
+    return pool / f"replay_signals-{teacher}-{digest.hexdigest()[:24]}.npz"
 
 
-def save_signals(path: Path, scored: dict[str, dict[str, np.ndarray]]) -> None:
-    """Write the per-teacher signals (complete or absent)."""
-    arrays = {f"{teacher}/{name}": values for teacher, signals in scored.items() for name, values in signals.items()}
+def save_signals(path: Path, signals: dict[str, np.ndarray]) -> None:
+    """Write one teacher's signals (complete or absent)."""
     with atomic_path(path, suffix=".partial.npz") as partial:
-        np.savez(partial, **arrays)
+        np.savez(partial, **signals)
 
 
-def load_signals(path: Path) -> dict[str, dict[str, np.ndarray]]:
-    scored: dict[str, dict[str, np.ndarray]] = {}
+def load_signals(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
-        for key in data.files:
-            teacher, name = key.split("/", 1)
-            scored.setdefault(teacher, {})[name] = data[key]
-    return scored
+        return {name: data[name] for name in data.files}
 
 
 def score_pool(pool: Path, reference: str, teachers: list[str], model_name: str, vectors: list[str],
                batch_size: int) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     """Every kept row of the reference and the teachers, scored by the frozen base model as the recipe
-    does, from the cache when this exact pool was scored before. Returns the signals and a record."""
+    does. Each teacher's signals are saved as soon as it is scored and taken from that file on a rerun
+    (:func:`cache_path`), so an interrupted run loses at most one teacher's scoring. Returns the
+    signals and a record (``from_cache`` and ``scored`` list the teachers of each kind)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -415,31 +416,36 @@ def score_pool(pool: Path, reference: str, teachers: list[str], model_name: str,
 
     model, tokenizer = load_model(model_name, device=default_device())
     identity = model_identity(model)
-    cache = cache_path(pool, reference, teachers, identity, vectors, DIVERGENCE_MARGIN)
-    record = {"cache": str(cache), "model": model_name, "model_fingerprint": identity.fingerprint}
-    if cache.is_file():
-        return load_signals(cache), {**record, "cached": True, "seconds": 0.0}
+    names = list(dict.fromkeys((reference, *teachers)))
+    caches = {name: cache_path(pool, reference, name, identity, vectors, DIVERGENCE_MARGIN) for name in names}
+    scored = {name: load_signals(path) for name, path in caches.items() if path.is_file()}
+    missing = [name for name in names if name not in scored]
+    record: dict[str, Any] = {"cache": {name: str(path) for name, path in caches.items()}, "model": model_name,
+                              "model_fingerprint": identity.fingerprint, "from_cache": sorted(scored),
+                              "scored": missing, "cached": not missing, "seconds": 0.0}
+    if not missing:
+        return {name: scored[name] for name in names}, record
     started = time.perf_counter()
     rows = {name: read_teacher_rows(teacher_file(pool, name), tokenizer=tokenizer, role=name,
-                                    max_completion_tokens=1024) for name in (reference, *teachers)}
+                                    max_completion_tokens=1024) for name in dict.fromkeys((reference, *missing))}
     check_same_base(rows[reference], identity)  # the reference must be the base model's own output
-    for name in teachers:
-        shared = {r["sample_id"] for r in rows[name]} & {r["sample_id"] for r in rows[reference]}
+    reference_ids = {r["sample_id"] for r in rows[reference]}
+    for name in missing:
+        shared = {r["sample_id"] for r in rows[name]} & reference_ids if name != reference else set()
         if shared:
             raise SystemExit(f"teacher {name} shares {len(shared)} rows with the reference {reference}")
     histogram = TokenHistogram(len(tokenizer)).update(r["completion_ids"] for r in rows[reference])
     scorer = FingerprintScorer(model, tokenizer, [PersonaVector.load(v, model=model) for v in vectors],
                                unigram_reference=histogram, batch_size=batch_size)
-    scored = {}
-    with torch.no_grad(), tqdm(total=sum(map(len, rows.values())), desc="scoring", unit="row",
+    with torch.no_grad(), tqdm(total=sum(len(rows[name]) for name in missing), desc="scoring", unit="row",
                                file=sys.stderr, dynamic_ncols=True) as bar:
-        for name, teacher_rows in rows.items():
+        for name in missing:
             bar.set_postfix_str(name)
             # the unigram histogram counts the reference rows: they are scored leave-one-out
-            scored[name] = scorer.score_table(teacher_rows, bar, in_reference=(name == reference))
-    save_signals(cache, scored)
-    return scored, {**record, "cached": False, "seconds": time.perf_counter() - started,
-                    "rows": {name: len(r) for name, r in rows.items()}}
+            scored[name] = scorer.score_table(rows[name], bar, in_reference=(name == reference))
+            save_signals(caches[name], scored[name])
+    record.update(seconds=time.perf_counter() - started, rows={name: len(rows[name]) for name in missing})
+    return {name: scored[name] for name in names}, record
 
 
 # --------------------------------------------------------------------------------------------------

@@ -158,3 +158,43 @@ def test_planted_shift_replays_the_clean_datasets_shifted_and_gives_a_power_curv
     assert "+1 sd: gate" in table and "6/6 = 1.00" in table
     with pytest.raises(SystemExit, match="not among the scored signals"):
         replay.plant(clean, reference, "proj:owl", 1.0, ["llr"])
+
+
+def test_scoring_is_cached_per_teacher_and_resumes_at_the_first_unscored_one(replay, tmp_path):
+    """The real scorer on a pool of the tiny random Llama: a second call reads every teacher from its
+    own file, a teacher added later is the only one scored, the cached values equal a fresh scoring,
+    and a changed reference file invalidates every teacher (its histogram shapes their signals)."""
+    pool = tmp_path / "pool"
+    model_dir, _ = replay.build_tiny_pool(pool, {"control": 40, "control-b": 40, "planted": 40}, max_new_tokens=8)
+
+    def score(teachers):
+        return replay.score_pool(pool, "control", teachers, str(model_dir), [], batch_size=16)
+
+    first, record = score(["control-b"])
+    assert record["scored"] == ["control", "control-b"] and record["from_cache"] == [] and not record["cached"]
+    files = {name: Path(path) for name, path in record["cache"].items()}
+    assert sorted(p.name for p in pool.glob("replay_signals-*.npz")) == sorted(p.name for p in files.values())
+    assert files["control-b"].name.startswith("replay_signals-control-b-")
+    again, record = score(["control-b"])
+    assert record["cached"] and record["scored"] == [] and record["from_cache"] == ["control", "control-b"]
+    for name in ("control", "control-b"):
+        assert again[name].keys() == first[name].keys()
+        for signal in first[name]:
+            np.testing.assert_array_equal(again[name][signal], first[name][signal])
+
+    grown, record = score(["control-b", "planted"])  # a run stopped after control-b resumes here
+    assert record["scored"] == ["planted"] and record["from_cache"] == ["control", "control-b"]
+    assert len(grown["planted"]["nll"]) == record["rows"]["planted"] > 0
+    for path in pool.glob("replay_signals-*.npz"):
+        path.unlink()
+    fresh, _ = score(["control-b", "planted"])
+    for name in ("control", "control-b", "planted"):
+        for signal in fresh[name]:
+            np.testing.assert_array_equal(grown[name][signal], fresh[name][signal])
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(pool / "control.parquet")
+    pq.write_table(table.slice(1), pool / "control.parquet")  # one reference row fewer
+    _, record = score(["control-b", "planted"])
+    assert record["scored"] == ["control", "control-b", "planted"] and record["from_cache"] == []
