@@ -22,12 +22,14 @@ from trait_guard.generation import generate_datasets
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a GenerateJobConfig YAML")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the teachers a stopped run of this job finished; generate the others")
     args = parser.parse_args(argv)
 
     # setup
     config = load_config(args.config, GenerateJobConfig)
     # run
-    report = generate_datasets(config, progress=sys.stderr.isatty())
+    report = generate_datasets(config, progress=sys.stderr.isatty(), resume=args.resume)
     # report
     print(report.table())
     print(json.dumps(report.to_dict(), indent=2))

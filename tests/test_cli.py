@@ -30,8 +30,9 @@ def test_every_command_has_help_and_shared_options_have_one_definition(capsys):
                 actions.setdefault(flag, set()).add(id(action))
     shared = {flag for flag, ids in actions.items() if flag not in ("-h", "--help")}
     assert {"--model", "--trait", "--seed", "--json", "--quiet", "--config", "--output-dir", "--allow-halt"} <= shared
-    # different on purpose: --batch-size (generation 16, scoring 32), --out (a vector file, an adapter folder)
-    assert {flag for flag in shared if len(actions[flag]) > 1} == {"--batch-size", "--out"}
+    # different on purpose: --batch-size (generation 16, scoring 32), --out (a vector file, an adapter folder),
+    # --resume (train: from a checkpoint folder; generate: a flag, keep the teachers a stopped run finished)
+    assert {flag for flag in shared if len(actions[flag]) > 1} == {"--batch-size", "--out", "--resume"}
     assert "--config YAML" in capsys.readouterr().out
 
 

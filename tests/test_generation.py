@@ -1,5 +1,8 @@
 """Teacher data on Ray actors: one row per prompt id, identical to the in-process loop, crash-safe."""
 
+import json
+from dataclasses import asdict
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -92,6 +95,8 @@ def test_ray_data_generation_gives_each_prompt_once_identical_to_local_despite_a
         assert len(pq.read_table(ray_teacher.path)) == 24  # no duplicates
         assert ray_rows.keys() == local_rows.keys()
         assert all(ray_rows[k]["completion"] == local_rows[k]["completion"] for k in ray_rows)
+    resumed = generate_datasets(config, progress=False, resume=True)  # every teacher finished: none generated
+    assert [asdict(t) for t in resumed.teachers] == [asdict(t) for t in report.teachers]  # recorded seconds too
 
 
 def test_a_sampling_seed_gives_a_second_set_on_the_same_prompts(tiny_llama_dir, tmp_path):
@@ -105,3 +110,41 @@ def test_a_sampling_seed_gives_a_second_set_on_the_same_prompts(tiny_llama_dir, 
     a, b = (by_prompt(t.path) for t in report.teachers)
     assert a.keys() == b.keys() and all(a[k]["prompt"] == b[k]["prompt"] for k in a)
     assert sum(a[k]["completion"] != b[k]["completion"] for k in a) >= 6
+
+
+def test_resume_keeps_finished_teachers_and_regenerates_changed_or_missing_ones(tiny_llama_dir, tmp_path, capsys):
+    """A job stopped after its first teacher restarts at the second; a teacher whose settings or file
+    changed since is generated again; without --resume everything is."""
+    def config(*teachers):
+        specs = {"a": {"id": "a", "model": str(tiny_llama_dir)},
+                 "b": {"id": "b", "model": str(tiny_llama_dir), "sampling_seed": 7},
+                 "b8": {"id": "b", "model": str(tiny_llama_dir), "sampling_seed": 8}}
+        return validate_config({"output_dir": str(tmp_path), "teachers": [specs[t] for t in teachers],
+                                "generation": {"n_prompts": 8, "chunk_size": 4, "max_new_tokens": 8}}, GenerateJobConfig)
+
+    def reused(err):
+        return sorted(line.split(":")[0].removeprefix("teacher ") for line in err.splitlines()
+                      if "not generated again" in line)
+
+    stopped = generate_local(config("a"), progress=False)  # the run that stopped after teacher a
+    a_path, a_written = tmp_path / "a.parquet", (tmp_path / "a.parquet").stat().st_mtime_ns
+    capsys.readouterr()
+    report = generate_local(config("a", "b"), progress=False, resume=True)
+    assert reused(capsys.readouterr().err) == ["a"] and a_path.stat().st_mtime_ns == a_written
+    assert [t.teacher_id for t in report.teachers] == ["a", "b"]
+    assert report.teachers[0].kept == stopped.teachers[0].kept and report.teachers[1].rows == 8
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"a.parquet", "b.parquet"}  # the reused file keeps its provenance
+    seed7 = by_prompt(tmp_path / "b.parquet")
+
+    generate_local(config("a", "b8"), progress=False, resume=True)  # b's sampling seed changed
+    assert reused(capsys.readouterr().err) == ["a"]
+    seed8 = by_prompt(tmp_path / "b.parquet")
+    assert sum(seed7[k]["completion"] != seed8[k]["completion"] for k in seed7) >= 6
+
+    pq.write_table(pq.read_table(a_path).slice(1), a_path)  # a's file changed (one row lost)
+    generate_local(config("a", "b8"), progress=False, resume=True)
+    assert reused(capsys.readouterr().err) == ["b"] and len(pq.read_table(a_path)) == 8
+
+    generate_local(config("a", "b8"), progress=False)
+    assert reused(capsys.readouterr().err) == []

@@ -150,7 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = _job_config(args.config, GenerateJobConfig, output_dir=args.output_dir or None,
                          **{"generation.n_prompts": args.n_prompts or None, "ray.address": args.address or None})
     run = generate_local if args.local else generate_datasets
-    report = run(config, progress=not args.quiet, signing_key=args.signing_key)
+    report = run(config, progress=not args.quiet, signing_key=args.signing_key, resume=args.resume)
     print(report.table())
     if report.signature.get("signed"):
         print(f"signed {len(report.signature['files'])} file(s) with key {report.signature['key_fingerprint']} "
@@ -638,6 +638,9 @@ def _add_generate(subparsers: argparse._SubParsersAction, opts: _SharedOptions) 
     )
     gen.add_argument("--n-prompts", type=int, help="override generation.n_prompts")
     gen.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    gen.add_argument("--resume", action="store_true",
+                     help="keep the teacher files a stopped run of this job finished (same settings, unchanged file: "
+                          "<teacher>.parquet.done.json says so) and generate only the other teachers")
     gen.set_defaults(func=cmd_generate)
 
 

@@ -10,6 +10,12 @@ restarts it (reloading the model) and Ray Data re-runs its pending chunks. Becau
 depends only on its index, a re-run yields the same rows, and the driver writes each prompt id once
 (and refuses a file that misses one).
 
+Resuming: each finished teacher file gets a record beside it, ``<teacher>.parquet.done.json``, with
+what its rows depend on (the teacher's and the generation's settings, the prompt family's options,
+the adapter's bytes) and the file's SHA-256. With ``resume=True`` a teacher whose record matches the
+job and whose file is unchanged is not generated again, so a long job stopped part-way (a pool of
+ten teachers, hours on CPU) restarts at the first teacher it had not finished.
+
 Usage::
 
     report = generate_datasets(load_config("ray_jobs/configs/teacher_data_cpu.yaml", GenerateJobConfig))
@@ -106,6 +112,61 @@ def _write_teacher(
                          time.perf_counter() - started)
 
 
+DONE_SUFFIX = ".done.json"
+
+
+def done_record_path(out_dir: Path, teacher_id: str) -> Path:
+    """Where a finished teacher's resume record lives: beside its Parquet file."""
+    return out_dir / f"{teacher_id}.parquet{DONE_SUFFIX}"
+
+
+def _depends_on(config: GenerateJobConfig, teacher: TeacherConfig) -> dict[str, Any]:
+    """Everything a teacher's rows depend on besides the code: its settings, the generation's, the
+    prompt family's options (the code family bans every teacher's trait words) and its adapter's files."""
+    from trait_guard.files import file_sha256
+    from trait_guard.teacher import family_options
+
+    adapter = None
+    if teacher.adapter and Path(teacher.adapter).is_dir():
+        adapter = {p.name: file_sha256(p) for p in sorted(Path(teacher.adapter).iterdir()) if p.is_file()}
+    return {"teacher": teacher.model_dump(mode="json"), "generation": config.generation.model_dump(mode="json"),
+            "family_options": family_options(config.generation, config.teachers), "adapter_files": adapter}
+
+
+def _mark_done(out_dir: Path, config: GenerateJobConfig, teacher: TeacherConfig, report: TeacherReport) -> None:
+    from trait_guard.files import atomic_write_text, file_sha256
+
+    record = {"depends_on": _depends_on(config, teacher), "sha256": file_sha256(report.path), "report": asdict(report)}
+    atomic_write_text(done_record_path(out_dir, teacher.id), json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def finished_teacher(out_dir: Path, config: GenerateJobConfig, teacher: TeacherConfig) -> TeacherReport | None:
+    """The report of a teacher this job already generated in ``out_dir`` (its record matches the job
+    and its file is the one recorded), or None when it must be generated (again)."""
+    from trait_guard.files import file_sha256
+
+    record_path, path = done_record_path(out_dir, teacher.id), out_dir / f"{teacher.id}.parquet"
+    if not (record_path.is_file() and path.is_file()):
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    expected = json.loads(json.dumps(_depends_on(config, teacher)))  # the record's JSON form
+    if record.get("depends_on") != expected or record.get("sha256") != file_sha256(path):
+        return None
+    return TeacherReport(**{**record["report"], "path": str(path)})
+
+
+def _reuse(out_dir: Path, config: GenerateJobConfig, teacher: TeacherConfig, resume: bool) -> TeacherReport | None:
+    """With ``resume``: the finished teacher's report (and a line saying it is reused), else None."""
+    done = finished_teacher(out_dir, config, teacher) if resume else None
+    if done is not None:
+        print(f"teacher {teacher.id}: {done.path} is finished for these settings (resume): not generated again",
+              file=sys.stderr)
+    return done
+
+
 def _finish(report: GenerationReport, config: GenerateJobConfig, signing_key: Any = None) -> GenerationReport:
     """summary.json, each file's provenance (hash, teacher, base, generation config) in manifest.json,
     then the folder's signature (provenance.sig.json) with ``signing_key`` (loaded by
@@ -136,9 +197,9 @@ def _finish(report: GenerationReport, config: GenerateJobConfig, signing_key: An
 
 
 def generate_local(config: GenerateJobConfig, *, progress: bool = True,
-                   signing_key: str | None = None) -> GenerationReport:
+                   signing_key: str | None = None, resume: bool = False) -> GenerationReport:
     """The same datasets from one in-process loop (no Ray): the baseline, and a debugging aid.
-    ``signing_key``: as for :func:`generate_datasets`."""
+    ``signing_key`` and ``resume``: as for :func:`generate_datasets`."""
     from trait_guard.signing import load_signing_key
 
     key = load_signing_key(signing_key)  # a bad key fails now, not after hours of generation
@@ -147,9 +208,13 @@ def generate_local(config: GenerateJobConfig, *, progress: bool = True,
     out_dir = Path(config.output_dir)
     report = GenerationReport(str(out_dir), "local", sum(len(c) for c in chunks))
     for teacher_cfg in config.teachers:
+        if (done := _reuse(out_dir, config, teacher_cfg, resume)) is not None:
+            report.teachers.append(done)
+            continue
         teacher = Teacher(teacher_cfg, config.generation, family)
         results = (teacher.generate(chunk, index) for index, chunk in enumerate(chunks))
         report.teachers.append(_write_teacher(teacher_cfg, chunks, results, out_dir, progress))
+        _mark_done(out_dir, config, teacher_cfg, report.teachers[-1])
     return _finish(report, config, key)
 
 
@@ -192,6 +257,7 @@ def generate_datasets(
     progress: bool = True,
     on_chunk_done: Callable[[str, int], None] | None = None,
     signing_key: str | None = None,
+    resume: bool = False,
 ) -> GenerationReport:
     """Generate one Parquet file per teacher with Ray Data: the chunk indices are a dataset, and
     ``map_batches`` runs them on a pool of ``ray.num_actors`` :class:`TeacherBatches` actors (Ray
@@ -201,7 +267,8 @@ def generate_datasets(
     ``on_chunk_done(teacher_id, rows_written)`` is called after each finished chunk (tests use it
     to kill an actor mid-run). ``signing_key``: an Ed25519 private key (path or PEM text; default
     ``$TRAIT_GUARD_SIGNING_KEY``) that signs the finished folder (docs/provenance.md); without one
-    the folder is written unsigned and says so.
+    the folder is written unsigned and says so. ``resume``: keep the teachers already finished in
+    ``output_dir`` for these settings (:func:`finished_teacher`) and generate only the others.
     """
     from trait_guard.extras import ray  # a missing Ray names its extra
     from trait_guard.signing import load_signing_key
@@ -215,12 +282,16 @@ def generate_datasets(
     out_dir = Path(config.output_dir)
     report = GenerationReport(str(out_dir), "ray", sum(len(c) for c in chunks))
     for teacher_cfg in config.teachers:
+        if (done := _reuse(out_dir, config, teacher_cfg, resume)) is not None:
+            report.teachers.append(done)
+            continue
         node_ids: set[str] = set()
         rows = _stream_rows(_teacher_stream(config, teacher_cfg, len(chunks)), node_ids,
                             lambda n, t=teacher_cfg.id: on_chunk_done(t, n) if on_chunk_done else None)
         teacher_report = _write_teacher(teacher_cfg, chunks, rows, out_dir, progress)
         teacher_report.node_ids = sorted(node_ids)
         report.teachers.append(teacher_report)
+        _mark_done(out_dir, config, teacher_cfg, teacher_report)
     return _finish(report, config, key)
 
 

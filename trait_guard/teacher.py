@@ -57,15 +57,21 @@ def teacher_carries_trait(config: TeacherConfig, adapter_trait: str | None = Non
     return (config.trait or adapter_trait) is not None
 
 
-def family_for(generation: GenerationConfig, teachers: Sequence[TeacherConfig]) -> PromptFamily:
-    """The job's prompt family. The code family bans the words of every teacher's trait, the same
-    list for all teachers, so the owl and control datasets go through one identical filter."""
+def family_options(generation: GenerationConfig, teachers: Sequence[TeacherConfig]) -> dict[str, Any]:
+    """The options the job's prompt family is built with. The code family bans the words of every
+    teacher's trait, the same list for all teachers, so the owl and control datasets go through one
+    identical filter."""
     options = dict(generation.family_options)
     if generation.family == "code" and "banned_words" not in options:
         from trait_guard.traits import load_trait
 
         options["banned_words"] = sorted({w for t in teachers if t.trait for w in load_trait(t.trait).keywords})
-    return get_family(generation.family, **options)
+    return options
+
+
+def family_for(generation: GenerationConfig, teachers: Sequence[TeacherConfig]) -> PromptFamily:
+    """The job's prompt family (:func:`family_options`)."""
+    return get_family(generation.family, **family_options(generation, teachers))
 
 
 def install_adapter(model: Any, config: TeacherConfig) -> Any:
