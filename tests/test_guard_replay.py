@@ -198,3 +198,24 @@ def test_scoring_is_cached_per_teacher_and_resumes_at_the_first_unscored_one(rep
     pq.write_table(table.slice(1), pool / "control.parquet")  # one reference row fewer
     _, record = score(["control-b", "planted"])
     assert record["scored"] == ["control", "control-b", "planted"] and record["from_cache"] == []
+
+
+def test_pooled_rates_add_the_clean_teachers_datasets(replay, args):
+    """Two clean teachers (fresh draws) and one with a planted shift: the pooled clean row sums the two
+    teachers' datasets and flags, its interval is the exact one for the sums, and the trait row is apart."""
+    rng = np.random.default_rng(11)
+    scored = {"control": signals(rng, 2000), "clean-1": signals(rng, 640), "clean-2": signals(rng, 384),
+              "owl": signals(rng, 512, shift=1.0)}
+    many = replay.parse_args(["--pool", "unused", "--n-permutations", "500", "--signals", "divergence", "llr", "nll",
+                              "--clean", "clean-1", "clean-2", "--trait", "owl", "--sizes", "64", "128"])
+    results = replay.replay(scored, many, progress=False)
+    rows = {(r["size"], r["role"]): r for r in replay.pooled(results)}
+    assert set(rows) == {(64, "clean"), (64, "trait"), (128, "clean"), (128, "trait")}
+    clean = rows[(64, "clean")]
+    per_teacher = [r for r in results if r["size"] == 64 and r["role"] == "clean"]
+    assert clean["teachers"] == ["clean-1", "clean-2"] and clean["datasets"] == 10 + 6
+    k = sum(r["gate"]["k"] for r in per_teacher)
+    assert clean["gate"]["k"] == k and clean["gate"]["upper95"] == pytest.approx(beta.ppf(0.95, k + 1, 16 - k) if k < 16 else 1)
+    assert rows[(128, "trait")]["datasets"] == 4 and rows[(128, "trait")]["gate"]["k"] == 4  # 1 sd over 128 rows
+    table = replay.markdown_pooled_table(replay.pooled(results))
+    assert "| 64 | clean | 2 | 16 |" in table
