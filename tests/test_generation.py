@@ -148,3 +148,8 @@ def test_resume_keeps_finished_teachers_and_regenerates_changed_or_missing_ones(
 
     generate_local(config("a", "b8"), progress=False)
     assert reused(capsys.readouterr().err) == []
+
+    for broken in ("{not json", "[1, 2]"):  # a damaged record proves nothing: the teacher is generated again
+        (tmp_path / "a.parquet.done.json").write_text(broken)
+        generate_local(config("a", "b8"), progress=False, resume=True)
+        assert reused(capsys.readouterr().err) == ["b"]

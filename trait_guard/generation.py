@@ -150,12 +150,16 @@ def finished_teacher(out_dir: Path, config: GenerateJobConfig, teacher: TeacherC
         return None
     try:
         record = json.loads(record_path.read_text())
-    except json.JSONDecodeError:
-        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # an unreadable record proves nothing: generate again
     expected = json.loads(json.dumps(_depends_on(config, teacher)))  # the record's JSON form
-    if record.get("depends_on") != expected or record.get("sha256") != file_sha256(path):
+    if (not isinstance(record, dict) or record.get("depends_on") != expected
+            or record.get("sha256") != file_sha256(path)):
         return None
-    return TeacherReport(**{**record["report"], "path": str(path)})
+    try:
+        return TeacherReport(**{**record["report"], "path": str(path)})
+    except (KeyError, TypeError):  # a record of another version's report
+        return None
 
 
 def _reuse(out_dir: Path, config: GenerateJobConfig, teacher: TeacherConfig, resume: bool) -> TeacherReport | None:
