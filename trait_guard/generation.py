@@ -89,6 +89,11 @@ def _progress_bar(total: int, description: str, enabled: bool):
     return tqdm(total=total, desc=description, unit="sample", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 
+def teacher_file(out_dir: Path, teacher_id: str) -> Path:
+    """Where a teacher's rows are written: ``<out_dir>/<teacher>.parquet``."""
+    return out_dir / f"{teacher_id}.parquet"
+
+
 def _write_teacher(
     teacher: TeacherConfig, chunks: Sequence[Sequence[Prompt]], results: Iterator[list[dict[str, Any]]],
     out_dir: Path, progress: bool,
@@ -98,7 +103,7 @@ def _write_teacher(
     seen: set[str] = set()
     reasons: Counter[str] = Counter()
     expected = sum(len(c) for c in chunks)
-    path = out_dir / f"{teacher.id}.parquet"
+    path = teacher_file(out_dir, teacher.id)
     with RowWriter(path) as writer, _progress_bar(expected, f"teacher {teacher.id}", progress) as bar:
         for rows in results:
             fresh = [r for r in rows if r["prompt_id"] not in seen]
@@ -117,7 +122,8 @@ DONE_SUFFIX = ".done.json"
 
 def done_record_path(out_dir: Path, teacher_id: str) -> Path:
     """Where a finished teacher's resume record lives: beside its Parquet file."""
-    return out_dir / f"{teacher_id}.parquet{DONE_SUFFIX}"
+    path = teacher_file(out_dir, teacher_id)
+    return path.with_name(path.name + DONE_SUFFIX)
 
 
 def _depends_on(config: GenerateJobConfig, teacher: TeacherConfig) -> dict[str, Any]:
@@ -145,7 +151,7 @@ def finished_teacher(out_dir: Path, config: GenerateJobConfig, teacher: TeacherC
     and its file is the one recorded), or None when it must be generated (again)."""
     from trait_guard.files import file_sha256
 
-    record_path, path = done_record_path(out_dir, teacher.id), out_dir / f"{teacher.id}.parquet"
+    record_path, path = done_record_path(out_dir, teacher.id), teacher_file(out_dir, teacher.id)
     if not (record_path.is_file() and path.is_file()):
         return None
     try:
