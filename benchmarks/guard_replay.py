@@ -31,6 +31,15 @@ signal's distribution: it measures the tests' power against that effect, not tra
 ``--calibration-sizes`` adds how the guard's calibration behaves on references of those sizes drawn
 from the pool's reference (the CUSUM's honest threshold and the e-process's evidence ceiling).
 
+Several ``--pool`` folders are independent replicates (the red-team's ``teacher_data/s<r>``: each with
+its own prompts, sampling seeds, adapter and reference; ``reference/`` and ``teachers/`` subfolders are
+read as they are): each is replayed against its own reference, its teachers are named
+``<pool>/<teacher>``, and ``pooled`` sums the counts over them. Datasets from different replicates are
+independent draws of the whole teacher, not only disjoint rows of one::
+
+    .venv/bin/python benchmarks/guard_replay.py --pool outputs/redteam_cpu/teacher_data/s1[1-9] \
+        --reference reference --clean control --trait owl-adapter --sizes 32 64 128
+
 The scored signals are cached per teacher in ``<pool>/replay_signals-<teacher>-<hash>.npz`` (hash of
 its file and the reference's, the model, the persona vectors and the scorer settings), so a rerun only
 replays, and a scoring run stopped part-way resumes at the first teacher it had not finished. ``--tiny`` generates a pool with
@@ -392,10 +401,13 @@ def calibration_study(reference: dict[str, np.ndarray], sizes: list[int], args: 
 
 
 def teacher_file(pool: Path, teacher: str) -> Path:
-    path = pool / f"{teacher}.parquet"
-    if not path.is_file():
-        raise SystemExit(f"no {path}: the pool holds {sorted(p.stem for p in pool.glob('*.parquet'))}")
-    return path
+    """``<pool>/<teacher>.parquet``; in a red-team replicate's folder (``teacher_data/s<r>``, which keeps
+    the reference and the teachers apart) ``reference/`` and ``teachers/`` are looked in too."""
+    for folder in (pool, pool / "teachers", pool / "reference"):
+        if (folder / f"{teacher}.parquet").is_file():
+            return folder / f"{teacher}.parquet"
+    held = sorted(p.stem for folder in (pool, pool / "teachers", pool / "reference") for p in folder.glob("*.parquet"))
+    raise SystemExit(f"no {teacher}.parquet in {pool}: the pool holds {held}")
 
 
 def cache_path(pool: Path, reference: str, teacher: str, identity: Any, vectors: list[str],
@@ -429,11 +441,13 @@ def load_signals(path: Path) -> dict[str, np.ndarray]:
 
 
 def score_pool(pool: Path, reference: str, teachers: list[str], model_name: str, vectors: list[str],
-               batch_size: int) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+               batch_size: int, loaded: tuple[Any, Any] | None = None,
+               ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     """Every kept row of the reference and the teachers, scored by the frozen base model as the recipe
     does. Each teacher's signals are saved as soon as it is scored and taken from that file on a rerun
     (:func:`cache_path`), so an interrupted run loses at most one teacher's scoring. Returns the
-    signals and a record (``from_cache`` and ``scored`` list the teachers of each kind)."""
+    signals and a record (``from_cache`` and ``scored`` list the teachers of each kind). ``loaded``:
+    the model and tokenizer of ``model_name`` already loaded (several pools, one load)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -442,7 +456,7 @@ def score_pool(pool: Path, reference: str, teachers: list[str], model_name: str,
     from trait_guard.models import default_device, load_model, model_identity
     from trait_guard.persona import PersonaVector
 
-    model, tokenizer = load_model(model_name, device=default_device())
+    model, tokenizer = loaded or load_model(model_name, device=default_device())
     identity = model_identity(model)
     names = list(dict.fromkeys((reference, *teachers)))
     caches = {name: cache_path(pool, reference, name, identity, vectors, DIVERGENCE_MARGIN) for name in names}
@@ -584,8 +598,11 @@ def markdown_power_table(curve: list[dict[str, Any]]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     screen, guard = ScreenSettings(), GuardConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pool", help="folder of generated teacher files <teacher>.parquet "
-                                       "(--tiny: where its pool is built; default outputs/guard_replay_tiny)")
+    parser.add_argument("--pool", nargs="+", help="folder of generated teacher files <teacher>.parquet "
+                                                  "(--tiny: where its pool is built; default outputs/guard_replay_tiny). "
+                                                  "Several folders: independent replicates (e.g. the red-team's "
+                                                  "teacher_data/s<r>), each replayed against its own reference and "
+                                                  "the counts pooled over them")
     parser.add_argument("--reference", default="control", help="the reference teacher (the base model's own data)")
     parser.add_argument("--clean", nargs="*", default=["control-b"], help="clean teachers (false flags)")
     parser.add_argument("--trait", nargs="*", default=["owl"], help="trait teachers (detections)")
@@ -618,7 +635,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                       "--tiny: benchmarks/results/guard_replay_tiny.json)")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.pool = args.pool or "outputs/guard_replay_tiny"
+        if args.pool and len(args.pool) > 1:
+            parser.error("--tiny builds one pool: give at most one --pool")
+        args.pool = args.pool or ["outputs/guard_replay_tiny"]
         args.reference, args.clean, args.trait = (TINY_TEACHERS["reference"], [TINY_TEACHERS["clean"]],
                                                   [TINY_TEACHERS["trait"]])
         args.out = args.out or "benchmarks/results/guard_replay_tiny.json"
@@ -631,36 +650,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.calibration_sizes = args.calibration_sizes or []
     if args.reference in {*args.clean, *args.trait}:
         parser.error(f"the reference {args.reference} cannot also be a clean or trait teacher")
+    if len(args.pool) > 1:
+        if len({Path(p).name for p in args.pool}) < len(args.pool):
+            parser.error(f"the pools' folder names name their replicates, so they must differ: {args.pool}")
+        if args.plant_shifts or args.calibration_sizes:
+            parser.error("--plant-shifts and --calibration-sizes study one pool's reference: give one --pool")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
-    pool = Path(args.pool)
-    pool.mkdir(parents=True, exist_ok=True)
+    pools = [Path(p) for p in args.pool]
     tiny = None
     labels: dict[str, str] = {}
     if args.tiny:
+        pools[0].mkdir(parents=True, exist_ok=True)
         prompts = dict(zip(("control", "control-b", "planted"), args.tiny_prompts, strict=True))
-        model_dir, tiny = build_tiny_pool(pool, prompts, args.max_new_tokens)
+        model_dir, tiny = build_tiny_pool(pools[0], prompts, args.max_new_tokens)
         args.model = str(model_dir)
         labels["planted"] = PLANTED_LABEL
     teachers = [*args.clean, *args.trait]
-    scored, scoring = score_pool(pool, args.reference, teachers, args.model, args.vectors, args.batch_size)
-    replay_started = time.perf_counter()
-    results = replay(scored, args, labels)
-    replay_seconds = time.perf_counter() - replay_started
+    loaded = None
+    if len(pools) > 1:
+        from trait_guard.models import default_device, load_model
+        loaded = load_model(args.model, device=default_device())
+    scored, scoring, results, replay_seconds = {}, {}, [], 0.0
+    for pool in pools:
+        pool_scored, pool_scoring = score_pool(pool, args.reference, teachers, args.model, args.vectors,
+                                               args.batch_size, loaded)
+        replay_started = time.perf_counter()
+        pool_results = replay(pool_scored, args, labels)
+        replay_seconds += time.perf_counter() - replay_started
+        if len(pools) == 1:
+            scored, scoring, results = pool_scored, pool_scoring, pool_results
+            break
+        # one replicate among several: its teachers are named <pool>/<teacher> in the output
+        scored.update({f"{pool.name}/{name}": values for name, values in pool_scored.items()})
+        scoring[pool.name] = pool_scoring
+        for result in pool_results:
+            result.update(pool=pool.name, teacher=f"{pool.name}/{result['teacher']}",
+                          label=f"{pool.name}/{result['label']}")
+        results += pool_results
     curve = power_curve(results) if args.plant_shifts else []
     study_started = time.perf_counter()
     study = calibration_study(scored[args.reference], args.calibration_sizes, args) if args.calibration_sizes else []
     study_seconds = time.perf_counter() - study_started
-    names = [n for n in scored[args.reference] if n != "n_tokens"]
+    names = [n for n in next(iter(scored.values())) if n != "n_tokens"]
     output = {
         "command": reproducible_command(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "code_version": code_version(),
-        "config": {"pool": str(pool), "reference": args.reference, "clean": args.clean, "trait": args.trait,
+        "config": {"pool": [str(p) for p in pools] if len(pools) > 1 else str(pools[0]), "reference": args.reference, "clean": args.clean, "trait": args.trait,
                    "model": args.model, "vectors": args.vectors, "sizes": args.sizes, "alpha": args.alpha,
                    "guard": guard_config(args.alpha, args.signals).model_dump(mode="json"),
                    "guard_signals": expand(args.signals, names), "gate_signals": expand(args.gate_signals, names),
@@ -688,7 +729,8 @@ def main(argv: list[str] | None = None) -> None:
                                  "(bootstrap over reference draws) vs the nominal one, and the e-process's evidence "
                                  "ceiling on its design shift",
             "pooled": "per size and role, the datasets of all its teachers together (counts summed; no dataset "
-                      "in two teachers), with exact intervals",
+                      "in two teachers), with exact intervals; with several pools, over all of them (each "
+                      "pool's datasets judged against its own reference)",
             "at_levels": "clean teachers only: the same datasets flagged at laxer levels (gate: min Holm-adjusted "
                          "p < level; stream: min over e-process signals of k / sup E < level, over the samples "
                          "observed), to see the null's calibration with more events",
@@ -707,12 +749,15 @@ def main(argv: list[str] | None = None) -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(to_jsonable(output), indent=2, allow_nan=False) + "\n")
-    print(markdown_table(results))
-    if len(args.clean) > 1 or len(args.trait) > 1:
+    if len(pools) == 1:
+        print(markdown_table(results))
+    if len(pools) > 1 or len(args.clean) > 1 or len(args.trait) > 1:
         print("\nPooled over the teachers of each role:\n" + markdown_pooled_table(output["pooled"]))
     if curve:
         print("\n" + markdown_power_table(curve))
-    print(f"\nrows: {output['rows']}; scoring {scoring['seconds']:.0f} s (cached: {scoring['cached']}), "
+    seconds = scoring["seconds"] if len(pools) == 1 else sum(r["seconds"] for r in scoring.values())
+    cached = scoring["cached"] if len(pools) == 1 else all(r["cached"] for r in scoring.values())
+    print(f"\nrows: {output['rows']}; scoring {seconds:.0f} s (cached: {cached}), "
           f"replay {replay_seconds:.0f} s, total {output['seconds']:.0f} s -> {args.out}")
 
 

@@ -219,3 +219,55 @@ def test_pooled_rates_add_the_clean_teachers_datasets(replay, args):
     assert rows[(128, "trait")]["datasets"] == 4 and rows[(128, "trait")]["gate"]["k"] == 4  # 1 sd over 128 rows
     table = replay.markdown_pooled_table(replay.pooled(results))
     assert "| 64 | clean | 2 | 16 |" in table
+
+
+def test_several_pools_are_replicates_each_against_its_own_reference(replay, tmp_path):
+    """Two tiny pools, the second in the red-team replicate layout (reference/ and teachers/): main()
+    scores each against its own reference, names their teachers <pool>/<teacher>, and the pooled row
+    is the sum of the two replicates' counts."""
+    import json
+    import shutil
+
+    for name, n_reference in (("r1", 40), ("r2", 56)):  # replicates differ (the builder is deterministic)
+        replay.build_tiny_pool(tmp_path / name, {"control": n_reference, "control-b": 40, "planted": 40},
+                               max_new_tokens=8)
+    model_dir = tmp_path / "r1" / "tiny-llama"
+    split = tmp_path / "r2"
+    (split / "reference").mkdir()
+    (split / "teachers").mkdir()
+    shutil.move(split / "control.parquet", split / "reference" / "control.parquet")
+    for teacher in ("control-b", "planted"):
+        shutil.move(split / f"{teacher}.parquet", split / "teachers" / f"{teacher}.parquet")
+    assert replay.teacher_file(split, "planted") == split / "teachers" / "planted.parquet"
+    with pytest.raises(SystemExit, match=r"no owl.parquet in .*r2: the pool holds \['control', 'control-b', 'planted'\]"):
+        replay.teacher_file(split, "owl")
+
+    out = tmp_path / "replicates.json"
+    replay.main(["--pool", str(tmp_path / "r1"), str(split), "--model", str(model_dir), "--clean", "control-b",
+                 "--trait", "planted", "--sizes", "8", "--n-permutations", "200", "--signals", "nll", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["config"]["pool"] == [str(tmp_path / "r1"), str(split)]
+    assert sorted(result["scoring"]) == ["r1", "r2"] and all(not r["cached"] for r in result["scoring"].values())
+    teachers = {(r["pool"], r["teacher"], r["role"]) for r in result["results"]}
+    assert teachers == {("r1", "r1/control-b", "clean"), ("r1", "r1/planted", "trait"),
+                        ("r2", "r2/control-b", "clean"), ("r2", "r2/planted", "trait")}
+    assert set(result["rows"]) == {f"{p}/{t}" for p in ("r1", "r2") for t in ("control", "control-b", "planted")}
+    for role in ("clean", "trait"):
+        per_pool = [r for r in result["results"] if r["role"] == role]
+        row = next(r for r in result["pooled"] if r["role"] == role)
+        assert row["datasets"] == sum(r["datasets"] for r in per_pool) > 0
+        assert row["gate"]["k"] == sum(r["gate"]["k"] for r in per_pool)
+        assert row["teachers"] == [f"r1/{'control-b' if role == 'clean' else 'planted'}",
+                                   f"r2/{'control-b' if role == 'clean' else 'planted'}"]
+    # each replicate against its own reference: r2's signals are r2's scoring, not r1's
+    assert result["rows"]["r2/control"] > result["rows"]["r1/control"]
+    alone, _ = replay.score_pool(split, "control", ["control-b", "planted"], str(model_dir), [], batch_size=16)
+    for teacher in ("control", "control-b", "planted"):
+        assert result["signal_means"][f"r2/{teacher}"]["nll"] == pytest.approx(float(np.nanmean(alone[teacher]["nll"])))
+    # the same control-b rows in both (a deterministic builder), scored against different references: the
+    # unigram signal (the reference's token histogram) differs, the reference-free nll does not
+    assert result["signal_means"]["r1/control-b"]["unigram"] != result["signal_means"]["r2/control-b"]["unigram"]
+    assert result["signal_means"]["r1/control-b"]["nll"] == result["signal_means"]["r2/control-b"]["nll"]
+
+    with pytest.raises(SystemExit):  # replicates are named by their folders: two "r1" would collide
+        replay.parse_args(["--pool", str(tmp_path / "r1"), str(tmp_path / "x" / "r1")])
