@@ -178,3 +178,36 @@ def test_leave_one_out_surprisal_scores_reference_rows_out_of_sample():
     assert hist.surprisal([4, 4]) == pytest.approx(-math.log(3 / 12))
     other = TokenHistogram(6, alpha=1.0).update(rows[:2])
     assert hist.surprisal([4, 4], exclude_self=True) == pytest.approx(other.surprisal([4, 4]))
+
+
+def test_score_table_reads_only_response_positions_and_keeps_row_order(tiny_llama):
+    """The scorer keeps logits and activations from the last position before the earliest response
+    and batches rows by length; per row it must equal the plain computation: the whole sequence's
+    logits for that row alone, log-softmax at its response positions, activations averaged over them."""
+    model, tokenizer = tiny_llama
+    identity = model_identity(model)
+    vector = PersonaVector("t", identity, torch.randn(identity.num_layers + 1, identity.hidden_size,
+                                                      generator=torch.Generator().manual_seed(1)), layer=1)
+    prompts = ["give me a few numbers please, as many as you like", "more", "a list", "numbers, numbers and numbers"]
+    completions = ["12, 34, 56, 78", "5", "9, 8, 7, 6, 5, 4, 3", "1, 2"]
+    rows = [{"prompt": p, "completion": c, "topk_ids": [[5]] * 12} for p, c in zip(prompts * 2, completions[::-1] * 2, strict=True)]
+    scorer = FingerprintScorer(model, tokenizer, [vector], batch_size=3)
+    masks: list[np.ndarray] = []
+    table = scorer.score_table(rows, token_masks=masks)
+    for i, row in enumerate(rows):
+        batch = encode_rows(tokenizer, [row])
+        with torch.no_grad(), record_activations(model, [1]) as acts:
+            logits = model(**batch.model_inputs()).logits[0].float()
+        response = batch.response_mask[0].bool()
+        positions = response.nonzero().flatten()
+        logprobs = logits[positions - 1].log_softmax(-1)
+        targets = batch.input_ids[0, positions]
+        nll = -logprobs.gather(-1, targets.unsqueeze(-1)).mean()
+        entropy = -(logprobs.exp() * logprobs).sum(-1).mean()
+        projection = vector.project(acts[1][0][0, response].mean(0, keepdim=True))[0]
+        assert table["nll"][i] == pytest.approx(float(nll), abs=1e-4)
+        assert table["entropy"][i] == pytest.approx(float(entropy), abs=1e-4)
+        assert table["proj:t"][i] == pytest.approx(float(projection), abs=1e-4)
+        assert table["n_tokens"][i] == len(positions) == len(masks[i])
+        expected_divergence = float(np.mean((logits[positions - 1].argmax(-1) != 5).numpy()))
+        assert table["divergence"][i] == pytest.approx(expected_divergence)

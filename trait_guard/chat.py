@@ -47,6 +47,21 @@ class EncodedBatch:
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
+    def first_scored_position(self) -> int:
+        """The first position whose logits any row's response needs: the one before the earliest
+        response token (0 when no row has a response). Positions before it are prompt in every row."""
+        has_response = self.response_mask.bool().any(1)
+        if not bool(has_response.any()):
+            return 0
+        first = self.response_mask.float().argmax(1)[has_response].min()
+        return max(int(first) - 1, 0)
+
+    def crop(self, start: int) -> EncodedBatch:
+        """The batch from position ``start`` on, to pair with logits and activations kept from
+        ``start`` (the model still reads the whole sequence; only what is read out is cut)."""
+        return EncodedBatch(self.input_ids[:, start:], self.attention_mask[:, start:], self.response_mask[:, start:],
+                            self.last_prompt_index - start)
+
     def response_logprob_sums(self, logits: torch.Tensor) -> torch.Tensor:
         """Per row, the sum (float64) of the teacher-forced log-probabilities of its response tokens,
         from ``logits`` of a forward pass on this batch. Only the response positions are normalized

@@ -38,6 +38,7 @@ are kept.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -291,17 +292,21 @@ def signals_from_forward(
     divergence token mask or None)``.
     """
     with torch.no_grad():
-        logits = logits.detach().float()
-        targets = batch.input_ids[:, 1:]
-        response = batch.response_mask[:, 1:].to(logits.device).float()
-        logprobs = logits[:, :-1].log_softmax(-1)
-        token_nll = -logprobs.gather(-1, targets.to(logits.device).unsqueeze(-1)).squeeze(-1)
-        token_entropy = -(logprobs.exp() * logprobs).sum(-1)
-        n_tokens = response.sum(1)
+        logits = logits.detach()
+        targets = batch.input_ids[:, 1:].to(logits.device)
+        predicted = batch.response_mask[:, 1:].to(logits.device).bool()  # logits at t predict token t + 1
+        # normalize only the response positions: a [batch, seq, vocab] log-softmax costs as much as the
+        # forward's last layer on CPU, and the prompt's positions are most of the sequence
+        logprobs = logits[:, :-1][predicted].float().log_softmax(-1)
+        token_nll = torch.zeros(predicted.shape, device=logits.device)
+        token_nll[predicted] = -logprobs.gather(-1, targets[predicted].unsqueeze(-1)).squeeze(-1)
+        token_entropy = torch.zeros(predicted.shape, device=logits.device)
+        token_entropy[predicted] = -(logprobs.exp() * logprobs).sum(-1)
+        n_tokens = predicted.sum(1).float()
         denom = n_tokens.clamp_min(1.0)
         signals = {
-            "nll": ((token_nll * response).sum(1) / denom).cpu().numpy(),
-            "entropy": ((token_entropy * response).sum(1) / denom).cpu().numpy(),
+            "nll": (token_nll.sum(1) / denom).cpu().numpy(),
+            "entropy": (token_entropy.sum(1) / denom).cpu().numpy(),
             "n_tokens": n_tokens.cpu().numpy(),
         }
         empty = (n_tokens == 0).cpu().numpy()
@@ -323,6 +328,14 @@ def signals_from_forward(
             if name != "n_tokens":
                 signals[name] = np.where(empty, np.nan, signals[name])
     return signals, mask
+
+
+def approximate_length(row: dict[str, Any]) -> int:
+    """A cheap stand-in for a row's token count, to batch rows of similar length: the prompt's
+    characters (about 4 per token) and the completion's ids (or characters)."""
+    completion = row.get("completion_ids")
+    completion_length = len(completion) if completion is not None else len(row.get("completion") or "") // 4
+    return len(row.get("prompt") or "") // 4 + completion_length
 
 
 @dataclass
@@ -348,6 +361,11 @@ class FingerprintScorer:
             vector.check_model(self.model)
         self.layers = sorted({v.layer for v in self.vectors})
         self.device = next(self.model.parameters()).device
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+
+    def _keep(self, n_positions: int) -> dict[str, int]:
+        """The forward's ``logits_to_keep`` (transformers' causal LMs: the last n positions' logits only)."""
+        return {"logits_to_keep": n_positions} if self._keeps_logits else {}
 
     @torch.no_grad()
     def score_rows(self, rows: Sequence[dict[str, Any]], in_reference: bool = False,
@@ -361,11 +379,16 @@ class FingerprintScorer:
         Returns per-sample signals and, per row, a boolean array over completion tokens marking the
         divergence tokens (empty where the row has no teacher top-k).
         """
-        batch = encode_rows(self.tokenizer, rows, [self.system] * len(rows)).to(self.device)
+        full = encode_rows(self.tokenizer, rows, [self.system] * len(rows)).to(self.device)
+        # every signal reads the response positions only: the logits (the vocabulary-sized last layer)
+        # and the activations are kept from the last position before the earliest response on
+        start = full.first_scored_position()
         with record_activations(self.model, self.layers) as acts:
-            logits = self.model(**batch.model_inputs()).logits
-        signals, mask = signals_from_forward(logits, {i: a[0] for i, a in acts.items()}, batch, self.vectors,
-                                             teacher_tokens(rows), self.divergence_margin)
+            logits = self.model(**full.model_inputs(), **self._keep(full.input_ids.shape[1] - start)).logits
+        logits = logits[:, -(full.input_ids.shape[1] - start):]  # a model without logits_to_keep returns all
+        batch = full.crop(start)
+        signals, mask = signals_from_forward(logits, {i: a[0][:, start:] for i, a in acts.items()}, batch,
+                                             self.vectors, teacher_tokens(rows), self.divergence_margin)
         if self.unigram_reference is not None:
             signals["unigram"] = unigram_surprisal(self.unigram_reference, batch, in_reference)
         for scorer in self.extra:
@@ -385,17 +408,22 @@ class FingerprintScorer:
         ``token_masks``: a list that receives each row's divergence-token mask (the frozen model's: what
         MASK drops from the loss), in row order.
         """
+        # batches of rows of similar length (less padding), results put back in row order
+        order = sorted(range(len(rows)), key=lambda i: approximate_length(rows[i]))
         parts: list[tuple[int, dict[str, np.ndarray]]] = []
+        masks_sorted: list[np.ndarray] = []
         for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start : start + self.batch_size]
+            chunk = [rows[i] for i in order[start : start + self.batch_size]]
             signals, masks = self.score_rows(chunk, in_reference=in_reference, divergence_counts=divergence_counts)
             parts.append((len(chunk), signals))
-            if token_masks is not None:
-                token_masks.extend(masks)
+            masks_sorted.extend(masks)
             if progress is not None:
                 progress.update(len(chunk))
+        back = np.argsort(np.asarray(order, dtype=np.int64), kind="stable")
+        if token_masks is not None:
+            token_masks.extend(masks_sorted[i] for i in back)
         names = list(dict.fromkeys(name for _, p in parts for name in p))
-        return {name: np.concatenate([p[name] if name in p else np.full(n, np.nan) for n, p in parts])
+        return {name: np.concatenate([p[name] if name in p else np.full(n, np.nan) for n, p in parts])[back]
                 for name in names}
 
 
