@@ -403,10 +403,11 @@ def calibration_study(reference: dict[str, np.ndarray], sizes: list[int], args: 
 def teacher_file(pool: Path, teacher: str) -> Path:
     """``<pool>/<teacher>.parquet``; in a red-team replicate's folder (``teacher_data/s<r>``, which keeps
     the reference and the teachers apart) ``reference/`` and ``teachers/`` are looked in too."""
-    for folder in (pool, pool / "teachers", pool / "reference"):
+    folders = (pool, pool / "teachers", pool / "reference")
+    for folder in folders:
         if (folder / f"{teacher}.parquet").is_file():
             return folder / f"{teacher}.parquet"
-    held = sorted(p.stem for folder in (pool, pool / "teachers", pool / "reference") for p in folder.glob("*.parquet"))
+    held = sorted(p.stem for folder in folders for p in folder.glob("*.parquet"))
     raise SystemExit(f"no {teacher}.parquet in {pool}: the pool holds {held}")
 
 

@@ -49,12 +49,12 @@ class EncodedBatch:
 
     def first_scored_position(self) -> int:
         """The first position whose logits any row's response needs: the one before the earliest
-        response token (0 when no row has a response). Positions before it are prompt in every row."""
+        response token, i.e. the smallest last prompt position among rows with a response (0 when no
+        row has one). Positions before it are prompt in every row."""
         has_response = self.response_mask.bool().any(1)
         if not bool(has_response.any()):
             return 0
-        first = self.response_mask.float().argmax(1)[has_response].min()
-        return max(int(first) - 1, 0)
+        return int(self.last_prompt_index[has_response].min())
 
     def crop(self, start: int) -> EncodedBatch:
         """The batch from position ``start`` on, to pair with logits and activations kept from

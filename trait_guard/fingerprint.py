@@ -383,9 +383,10 @@ class FingerprintScorer:
         # every signal reads the response positions only: the logits (the vocabulary-sized last layer)
         # and the activations are kept from the last position before the earliest response on
         start = full.first_scored_position()
+        kept = full.input_ids.shape[1] - start
         with record_activations(self.model, self.layers) as acts:
-            logits = self.model(**full.model_inputs(), **self._keep(full.input_ids.shape[1] - start)).logits
-        logits = logits[:, -(full.input_ids.shape[1] - start):]  # a model without logits_to_keep returns all
+            logits = self.model(**full.model_inputs(), **self._keep(kept)).logits
+        logits = logits[:, -kept:]  # a model without logits_to_keep returns every position
         batch = full.crop(start)
         signals, mask = signals_from_forward(logits, {i: a[0][:, start:] for i, a in acts.items()}, batch,
                                              self.vectors, teacher_tokens(rows), self.divergence_margin)
