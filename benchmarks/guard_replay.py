@@ -13,7 +13,9 @@ each of them:
   ``observe()``; the first alarm halts the stream and its sample count is the detection delay.
 
 On the clean teachers (the base model with other sampling seeds) a flag is a false flag; on the trait
-teachers a flag is a detection. Rates come with exact Clopper-Pearson 95% intervals and one-sided 95%
+teachers a flag is a detection; on the benign teachers (``--benign``: teachers that differ from the base
+model without any trait, e.g. a task adapter or a neutral system prompt) a flag is a false flag of another
+kind: the data is not the base model's, but it carries nothing to guard against. Rates come with exact Clopper-Pearson 95% intervals and one-sided 95%
 upper bounds. The datasets of one teacher are disjoint (no row in two) and none holds a reference row,
 but all are judged against the same reference: the rates are conditional on that reference.
 
@@ -236,7 +238,7 @@ def replay_teacher(name: str, role: str, signals: dict[str, np.ndarray], referen
     }
     if partition_as:
         out["partition_as"] = partition_as
-    if role == "clean":  # how the null behaves at laxer levels (more events to count than at alpha)
+    if role in ("clean", "benign"):  # how the null behaves at laxer levels (more events to count than at alpha)
         out["gate"]["at_levels"] = {str(a): rate(sum(g["min_p_adj"] < a for g in gates), count) for a in EXTRA_LEVELS}
         out["stream"]["at_levels"] = {str(a): rate(sum(s["p"] < a for s in streams), count) for a in EXTRA_LEVELS}
     return out
@@ -244,7 +246,7 @@ def replay_teacher(name: str, role: str, signals: dict[str, np.ndarray], referen
 
 def replay(scored: dict[str, dict[str, np.ndarray]], args: argparse.Namespace,
            labels: dict[str, str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Every (size, teacher) replay: the clean teachers first, then the trait teachers."""
+    """Every (size, teacher) replay: the clean teachers first, then the benign and the trait teachers."""
     reference = scored[args.reference]
     names = [n for n in reference if n != "n_tokens"]
     gate_signals = expand(args.gate_signals, names)
@@ -252,7 +254,7 @@ def replay(scored: dict[str, dict[str, np.ndarray]], args: argparse.Namespace,
         raise SystemExit(f"no watched signal {args.signals} among the scored signals {names}")
     results = []
     for size in args.sizes:
-        for role, teachers in (("clean", args.clean), ("trait", args.trait)):
+        for role, teachers in (("clean", args.clean), ("benign", args.benign), ("trait", args.trait)):
             for teacher in teachers:
                 started = time.perf_counter()
                 signals = {n: scored[teacher][n] for n in names}
@@ -281,12 +283,12 @@ def replay(scored: dict[str, dict[str, np.ndarray]], args: argparse.Namespace,
 
 
 def pooled(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per size and role (clean, trait): the teachers' datasets taken together, gate flags and
+    """Per size and role (clean, benign, trait): the teachers' datasets taken together, gate flags and
     e-process alarms summed, with exact intervals. Several clean teachers (fresh sampling seeds) give
     one false-flag rate over all their datasets; no dataset is in two teachers, so the counts add."""
     rows = []
     for size in sorted({r["size"] for r in results}):
-        for role in ("clean", "trait"):
+        for role in ("clean", "benign", "trait"):
             at = [r for r in results if r["size"] == size and r["role"] == role]
             if not at:
                 continue
@@ -606,6 +608,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                   "the counts pooled over them")
     parser.add_argument("--reference", default="control", help="the reference teacher (the base model's own data)")
     parser.add_argument("--clean", nargs="*", default=["control-b"], help="clean teachers (false flags)")
+    parser.add_argument("--benign", nargs="*", default=[],
+                        help="benign teachers: differ from the base model but carry no trait (a task adapter, a "
+                             "neutral system prompt); their flags are false flags, counted apart from the clean ones")
     parser.add_argument("--trait", nargs="*", default=["owl"], help="trait teachers (detections)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="the base/student model")
     parser.add_argument("--vectors", nargs="*", default=[], help="persona vectors to score with (proj:<trait>)")
@@ -649,8 +654,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.out = args.out or "benchmarks/results/guard_replay.json"
     args.plant_shifts = args.plant_shifts or []
     args.calibration_sizes = args.calibration_sizes or []
-    if args.reference in {*args.clean, *args.trait}:
-        parser.error(f"the reference {args.reference} cannot also be a clean or trait teacher")
+    if args.reference in {*args.clean, *args.benign, *args.trait}:
+        parser.error(f"the reference {args.reference} cannot also be a clean, benign or trait teacher")
+    roles = [*args.clean, *args.benign, *args.trait]
+    if len(set(roles)) < len(roles):
+        parser.error(f"a teacher can have one role only (clean, benign or trait): {roles}")
     if len(args.pool) > 1:
         if len({Path(p).name for p in args.pool}) < len(args.pool):
             parser.error(f"the pools' folder names name their replicates, so they must differ: {args.pool}")
@@ -671,7 +679,7 @@ def main(argv: list[str] | None = None) -> None:
         model_dir, tiny = build_tiny_pool(pools[0], prompts, args.max_new_tokens)
         args.model = str(model_dir)
         labels["planted"] = PLANTED_LABEL
-    teachers = [*args.clean, *args.trait]
+    teachers = [*args.clean, *args.benign, *args.trait]
     loaded = None
     if len(pools) > 1:
         from trait_guard.models import default_device, load_model
@@ -702,7 +710,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": reproducible_command(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "code_version": code_version(),
-        "config": {"pool": [str(p) for p in pools] if len(pools) > 1 else str(pools[0]), "reference": args.reference, "clean": args.clean, "trait": args.trait,
+        "config": {"pool": [str(p) for p in pools] if len(pools) > 1 else str(pools[0]), "reference": args.reference, "clean": args.clean, "benign": args.benign, "trait": args.trait,
                    "model": args.model, "vectors": args.vectors, "sizes": args.sizes, "alpha": args.alpha,
                    "guard": guard_config(args.alpha, args.signals).model_dump(mode="json"),
                    "guard_signals": expand(args.signals, names), "gate_signals": expand(args.gate_signals, names),
@@ -732,7 +740,7 @@ def main(argv: list[str] | None = None) -> None:
             "pooled": "per size and role, the datasets of all its teachers together (counts summed; no dataset "
                       "in two teachers), with exact intervals; with several pools, over all of them (each "
                       "pool's datasets judged against its own reference)",
-            "at_levels": "clean teachers only: the same datasets flagged at laxer levels (gate: min Holm-adjusted "
+            "at_levels": "clean and benign teachers only: the same datasets flagged at laxer levels (gate: min Holm-adjusted "
                          "p < level; stream: min over e-process signals of k / sup E < level, over the samples "
                          "observed), to see the null's calibration with more events",
         },
@@ -752,7 +760,7 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.out).write_text(json.dumps(to_jsonable(output), indent=2, allow_nan=False) + "\n")
     if len(pools) == 1:
         print(markdown_table(results))
-    if len(pools) > 1 or len(args.clean) > 1 or len(args.trait) > 1:
+    if len(pools) > 1 or len(args.clean) > 1 or len(args.benign) > 1 or len(args.trait) > 1:
         print("\nPooled over the teachers of each role:\n" + markdown_pooled_table(output["pooled"]))
     if curve:
         print("\n" + markdown_power_table(curve))

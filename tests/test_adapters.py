@@ -161,7 +161,7 @@ def test_gpt2_layout_trains_and_progress_is_reported():
     bars = []
     peft_model = train_trait_adapter(model, tokenizer, _owl_examples(), steps=2, batch_size=4,
                                      progress=lambda total, desc: bars.append(Bar(total, desc)) or bars[-1])
-    assert calls == [(2, "train trait adapter")] and bars[0].done == 2 and bars[0].closed
+    assert calls == [(2, "train LoRA adapter")] and bars[0].done == 2 and bars[0].closed
     assert len(peft_model.trait_guard_losses) == 2
     assert all(torch.isfinite(torch.tensor(peft_model.trait_guard_losses)))
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in peft_model.named_parameters() if "lora_A" in n}

@@ -201,16 +201,23 @@ def test_scoring_is_cached_per_teacher_and_resumes_at_the_first_unscored_one(rep
 
 
 def test_pooled_rates_add_the_clean_teachers_datasets(replay, args):
-    """Two clean teachers (fresh draws) and one with a planted shift: the pooled clean row sums the two
-    teachers' datasets and flags, its interval is the exact one for the sums, and the trait row is apart."""
+    """Two clean teachers (fresh draws), a benign one that differs from the base (shifted, no trait) and
+    a trait one: the pooled clean row sums the two clean teachers' datasets and flags, its interval is the
+    exact one for the sums, and the benign and trait rows are apart (a benign flag is not a clean one)."""
     rng = np.random.default_rng(11)
     scored = {"control": signals(rng, 2000), "clean-1": signals(rng, 640), "clean-2": signals(rng, 384),
-              "owl": signals(rng, 512, shift=1.0)}
+              "task-adapter": signals(rng, 256, shift=1.0), "owl": signals(rng, 512, shift=1.0)}
     many = replay.parse_args(["--pool", "unused", "--n-permutations", "500", "--signals", "divergence", "llr", "nll",
-                              "--clean", "clean-1", "clean-2", "--trait", "owl", "--sizes", "64", "128"])
+                              "--clean", "clean-1", "clean-2", "--benign", "task-adapter", "--trait", "owl",
+                              "--sizes", "64", "128"])
     results = replay.replay(scored, many, progress=False)
     rows = {(r["size"], r["role"]): r for r in replay.pooled(results)}
-    assert set(rows) == {(64, "clean"), (64, "trait"), (128, "clean"), (128, "trait")}
+    assert set(rows) == {(size, role) for size in (64, 128) for role in ("clean", "benign", "trait")}
+    benign = rows[(128, "benign")]
+    assert benign["teachers"] == ["task-adapter"] and benign["datasets"] == 2 and benign["gate"]["k"] == 2
+    assert rows[(64, "clean")]["gate"]["k"] <= 1  # the benign teacher's flags are not counted as clean ones
+    benign_result = next(r for r in results if r["role"] == "benign" and r["size"] == 64)
+    assert set(benign_result["gate"]["at_levels"]) == {"0.05", "0.1"}  # a null, looked at like the clean ones
     clean = rows[(64, "clean")]
     per_teacher = [r for r in results if r["size"] == 64 and r["role"] == "clean"]
     assert clean["teachers"] == ["clean-1", "clean-2"] and clean["datasets"] == 10 + 6
@@ -219,6 +226,8 @@ def test_pooled_rates_add_the_clean_teachers_datasets(replay, args):
     assert rows[(128, "trait")]["datasets"] == 4 and rows[(128, "trait")]["gate"]["k"] == 4  # 1 sd over 128 rows
     table = replay.markdown_pooled_table(replay.pooled(results))
     assert "| 64 | clean | 2 | 16 |" in table
+    with pytest.raises(SystemExit):  # one role per teacher
+        replay.parse_args(["--pool", "unused", "--clean", "clean-1", "--benign", "clean-1"])
 
 
 def test_several_pools_are_replicates_each_against_its_own_reference(replay, tmp_path):

@@ -362,7 +362,7 @@ def train_trait_adapter(
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     batches = _shuffled_batches(len(examples), batch_size, seed)
     losses: list[float] = []
-    bar = progress(steps, "train trait adapter") if progress else None
+    bar = progress(steps, "train LoRA adapter") if progress else None
     peft_model.train()
     try:
         for _ in range(steps):
