@@ -15,8 +15,8 @@ each of them:
 On the clean teachers (the base model with other sampling seeds) a flag is a false flag; on the trait
 teachers a flag is a detection; on the benign teachers (``--benign``: teachers that differ from the base
 model without any trait, e.g. a task adapter or a neutral system prompt) a flag is a false flag of another
-kind: the data is not the base model's, but it carries nothing to guard against. Rates come with exact Clopper-Pearson 95% intervals and one-sided 95%
-upper bounds. The datasets of one teacher are disjoint (no row in two) and none holds a reference row,
+kind: the data is not the base model's, but it carries nothing to guard against. Rates come with exact
+Clopper-Pearson 95% intervals and one-sided 95% upper bounds. The datasets of one teacher are disjoint (no row in two) and none holds a reference row,
 but all are judged against the same reference: the rates are conditional on that reference.
 
     .venv/bin/python benchmarks/guard_replay.py --pool outputs/teacher_pair_v2 --reference control \\
@@ -76,7 +76,9 @@ PLANTED_LABEL = "planted (system-prompt teacher on a random-init model)"
 TINY_TEACHERS = {"reference": "control", "clean": "control-b", "trait": "planted"}
 #: prompts generated per tiny teacher (about 89% are kept): >= 300 clean datasets of 32, >= 75 of 128
 TINY_PROMPTS = {"control": 2300, "control-b": 10900, "planted": 4400}
-EXTRA_LEVELS = (0.05, 0.1)  # calibration look at laxer levels on the clean teachers
+ROLES = ("clean", "benign", "trait")  # a teacher's role, in replay order
+NULL_ROLES = ("clean", "benign")  # roles whose flags are false flags
+EXTRA_LEVELS = (0.05, 0.1)  # calibration look at laxer levels on the NULL_ROLES teachers
 CACHE_TAG = b"trait_guard-replay-signals-v2"  # v2: one file per teacher
 
 
@@ -238,10 +240,20 @@ def replay_teacher(name: str, role: str, signals: dict[str, np.ndarray], referen
     }
     if partition_as:
         out["partition_as"] = partition_as
-    if role in ("clean", "benign"):  # how the null behaves at laxer levels (more events to count than at alpha)
+    if role in NULL_ROLES:  # how the null behaves at laxer levels (more events to count than at alpha)
         out["gate"]["at_levels"] = {str(a): rate(sum(g["min_p_adj"] < a for g in gates), count) for a in EXTRA_LEVELS}
         out["stream"]["at_levels"] = {str(a): rate(sum(s["p"] < a for s in streams), count) for a in EXTRA_LEVELS}
     return out
+
+
+def teachers_by_role(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The teachers named for each role (:data:`ROLES`), in replay order."""
+    return {role: list(getattr(args, role)) for role in ROLES}
+
+
+def named_teachers(args: argparse.Namespace) -> list[str]:
+    """Every teacher named for a role, in replay order (the reference is not one)."""
+    return [teacher for teachers in teachers_by_role(args).values() for teacher in teachers]
 
 
 def replay(scored: dict[str, dict[str, np.ndarray]], args: argparse.Namespace,
@@ -254,7 +266,7 @@ def replay(scored: dict[str, dict[str, np.ndarray]], args: argparse.Namespace,
         raise SystemExit(f"no watched signal {args.signals} among the scored signals {names}")
     results = []
     for size in args.sizes:
-        for role, teachers in (("clean", args.clean), ("benign", args.benign), ("trait", args.trait)):
+        for role, teachers in teachers_by_role(args).items():
             for teacher in teachers:
                 started = time.perf_counter()
                 signals = {n: scored[teacher][n] for n in names}
@@ -288,7 +300,7 @@ def pooled(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     one false-flag rate over all their datasets; no dataset is in two teachers, so the counts add."""
     rows = []
     for size in sorted({r["size"] for r in results}):
-        for role in ("clean", "benign", "trait"):
+        for role in ROLES:
             at = [r for r in results if r["size"] == size and r["role"] == role]
             if not at:
                 continue
@@ -654,11 +666,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.out = args.out or "benchmarks/results/guard_replay.json"
     args.plant_shifts = args.plant_shifts or []
     args.calibration_sizes = args.calibration_sizes or []
-    if args.reference in {*args.clean, *args.benign, *args.trait}:
+    if args.reference in named_teachers(args):
         parser.error(f"the reference {args.reference} cannot also be a clean, benign or trait teacher")
-    roles = [*args.clean, *args.benign, *args.trait]
-    if len(set(roles)) < len(roles):
-        parser.error(f"a teacher can have one role only (clean, benign or trait): {roles}")
+    named = named_teachers(args)
+    if len(set(named)) < len(named):
+        parser.error(f"a teacher can have one role only (clean, benign or trait): {named}")
     if len(args.pool) > 1:
         if len({Path(p).name for p in args.pool}) < len(args.pool):
             parser.error(f"the pools' folder names name their replicates, so they must differ: {args.pool}")
@@ -679,7 +691,7 @@ def main(argv: list[str] | None = None) -> None:
         model_dir, tiny = build_tiny_pool(pools[0], prompts, args.max_new_tokens)
         args.model = str(model_dir)
         labels["planted"] = PLANTED_LABEL
-    teachers = [*args.clean, *args.benign, *args.trait]
+    teachers = named_teachers(args)
     loaded = None
     if len(pools) > 1:
         from trait_guard.models import default_device, load_model
@@ -760,7 +772,7 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.out).write_text(json.dumps(to_jsonable(output), indent=2, allow_nan=False) + "\n")
     if len(pools) == 1:
         print(markdown_table(results))
-    if len(pools) > 1 or len(args.clean) > 1 or len(args.benign) > 1 or len(args.trait) > 1:
+    if len(pools) > 1 or any(len(t) > 1 for t in teachers_by_role(args).values()):
         print("\nPooled over the teachers of each role:\n" + markdown_pooled_table(output["pooled"]))
     if curve:
         print("\n" + markdown_power_table(curve))
