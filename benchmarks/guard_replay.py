@@ -42,6 +42,16 @@ independent draws of the whole teacher, not only disjoint rows of one::
     .venv/bin/python benchmarks/guard_replay.py --pool outputs/redteam_cpu/teacher_data/s1[1-9] \
         --reference reference --clean control --trait owl-adapter --sizes 32 64 128
 
+With ``--vectors`` the rows are projected on persona vectors (``proj:<trait>``) and the gate also runs
+the paired projection difference ``proj_diff:<trait>`` (S1: each row's projection minus the mean of the
+reference's answers to the same prompt, a sign-flip test), as the recipe's gate does where data and
+reference share prompts. ``--max-rows`` / ``--max-reference-rows`` read only the first rows of each
+file (a cheaper look at a pool whose full scoring would take hours)::
+
+    .venv/bin/python benchmarks/guard_replay.py --pool outputs/clean_pool --reference control --clean clean-6 \
+        --benign benign-adapter neutral-prompt --trait owl-prompt owl-adapter --vectors owl.safetensors \
+        --gate-signals 'proj*' --max-rows 640 --max-reference-rows 1000 --sizes 32 64 128
+
 The scored signals are cached per teacher in ``<pool>/replay_signals-<teacher>-<hash>.npz`` (hash of
 its file and the reference's, the model, the persona vectors and the scorer settings), so a rerun only
 replays, and a scoring run stopped part-way resumes at the first teacher it had not finished. ``--tiny`` generates a pool with
@@ -152,21 +162,32 @@ def expand(patterns: list[str], names: list[str]) -> list[str]:
     return sorted(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
 
 
+def gate_names(names: list[str], paired: bool) -> list[str]:
+    """The signals the gate can test: the scored ones, and with prompt keys (``paired``) the paired
+    projection difference ``proj_diff:<trait>`` of each ``proj:<trait>``."""
+    from trait_guard.screen import PAIRED_PREFIX
+
+    extra = [PAIRED_PREFIX + n.removeprefix("proj:") for n in names if n.startswith("proj:")] if paired else []
+    return names + extra
+
+
 # --------------------------------------------------------------------------------------------------
 # The two decisions
 
 
 def gate(data: dict[str, np.ndarray], reference: dict[str, np.ndarray], *, alpha: float,
-         n_permutations: int, seed: int, signals: list[str]) -> dict[str, Any]:
+         n_permutations: int, seed: int, signals: list[str], data_keys: list[Any] | None = None,
+         reference_keys: list[Any] | None = None) -> dict[str, Any]:
     """The recipe's gate on one dataset: ``screen_signals`` (permutation tests, Holm at ``alpha``)
-    restricted to ``signals``. Returns the verdict, the signals that flagged and the smallest
-    Holm-adjusted p-value (the dataset is flagged at any level above it)."""
+    restricted to ``signals``; with the rows' prompt keys, ``proj_diff:`` (S1, the data's projections
+    paired by prompt with the reference's) is tested too. Returns the verdict, the signals that flagged
+    and the smallest Holm-adjusted p-value (the dataset is flagged at any level above it)."""
     from trait_guard.screen import screen_signals
 
     if not signals:
         raise ValueError("the gate needs at least one signal (screen_signals would test all)")
     tests, flagged, _ = screen_signals(data, reference, alpha=alpha, n_permutations=n_permutations, seed=seed,
-                                       signals=signals)
+                                       signals=signals, data_keys=data_keys, reference_keys=reference_keys)
     adjusted = [t.adjusted_p for t in tests if t.adjusted_p is not None]
     return {"flagged": flagged, "signals": [t.name for t in tests if t.flagged],
             "min_p_adj": min(adjusted) if adjusted else 1.0}
@@ -208,18 +229,21 @@ def stream(data: dict[str, np.ndarray], reference: dict[str, np.ndarray], config
 
 def replay_teacher(name: str, role: str, signals: dict[str, np.ndarray], reference: dict[str, np.ndarray],
                    size: int, args: argparse.Namespace, gate_signals: list[str], label: str | None = None,
-                   partition_as: str | None = None, max_datasets: int | None = None) -> dict[str, Any]:
+                   partition_as: str | None = None, max_datasets: int | None = None,
+                   keys: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """Both decisions on every disjoint dataset of ``size`` rows of one teacher; counts, rates, bounds,
     delays and the signals behind each flag. ``partition_as``: cut the rows as that teacher's are (a
-    planted shift replays the clean teacher's own datasets); ``max_datasets``: the first ones only."""
+    planted shift replays the clean teacher's own datasets); ``max_datasets``: the first ones only;
+    ``keys``: the teacher's and the reference's prompt keys per row (the gate's paired ``proj_diff:``)."""
     n_rows = len(next(iter(signals.values())))
     index = partition(n_rows, size, dataset_rng(args.seed, size, partition_as or name))[:max_datasets]
     config = guard_config(args.alpha, args.signals)
     gates, streams = [], []
     for rows in index:
         data = take(signals, rows)
+        paired = {"data_keys": list(keys[0][rows]), "reference_keys": list(keys[1])} if keys else {}
         gates.append(gate(data, reference, alpha=args.alpha, n_permutations=args.n_permutations,
-                          seed=args.gate_seed, signals=gate_signals))
+                          seed=args.gate_seed, signals=gate_signals, **paired))
         streams.append(stream(data, reference, config))
     count = len(index)
     gate_flags = sum(g["flagged"] for g in gates)
@@ -257,11 +281,13 @@ def named_teachers(args: argparse.Namespace) -> list[str]:
 
 
 def replay(scored: dict[str, dict[str, np.ndarray]], args: argparse.Namespace,
-           labels: dict[str, str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Every (size, teacher) replay: the clean teachers first, then the benign and the trait teachers."""
+           labels: dict[str, str] | None = None, progress: bool = True,
+           keys: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+    """Every (size, teacher) replay: the clean teachers first, then the benign and the trait teachers.
+    ``keys``: every teacher's (and the reference's) prompt key per row, for the paired ``proj_diff:``."""
     reference = scored[args.reference]
     names = [n for n in reference if n != "n_tokens"]
-    gate_signals = expand(args.gate_signals, names)
+    gate_signals = expand(args.gate_signals, gate_names(names, keys is not None))
     if not expand(args.signals, names):
         raise SystemExit(f"no watched signal {args.signals} among the scored signals {names}")
     results = []
@@ -270,8 +296,9 @@ def replay(scored: dict[str, dict[str, np.ndarray]], args: argparse.Namespace,
             for teacher in teachers:
                 started = time.perf_counter()
                 signals = {n: scored[teacher][n] for n in names}
+                pair = (keys[teacher], keys[args.reference]) if keys is not None else None
                 result = replay_teacher(teacher, role, signals, {n: reference[n] for n in names}, size, args,
-                                        gate_signals, (labels or {}).get(teacher))
+                                        gate_signals, (labels or {}).get(teacher), keys=pair)
                 result["seconds"] = time.perf_counter() - started
                 results.append(result)
                 if progress:
@@ -282,9 +309,10 @@ def replay(scored: dict[str, dict[str, np.ndarray]], args: argparse.Namespace,
             source = args.plant_teacher or args.clean[0]
             name = planted_name(source, args.plant_signal, shift)
             signals = plant(scored[source], reference, args.plant_signal, shift, names)
+            pair = (keys[source], keys[args.reference]) if keys is not None else None
             result = replay_teacher(name, "planted", signals, {n: reference[n] for n in names}, size, args, gate_signals,
                                     f"{source} + {shift:g} sd on {args.plant_signal} (synthetic)", partition_as=source,
-                                    max_datasets=args.max_planted_datasets)
+                                    max_datasets=args.max_planted_datasets, keys=pair)
             result["plant"] = {"source": source, "signal": args.plant_signal, "shift_sd": shift}
             result["seconds"] = time.perf_counter() - started
             results.append(result)
@@ -426,12 +454,13 @@ def teacher_file(pool: Path, teacher: str) -> Path:
 
 
 def cache_path(pool: Path, reference: str, teacher: str, identity: Any, vectors: list[str],
-               margin: float) -> Path:
+               margin: float, limits: tuple[int | None, int | None] = (None, None)) -> Path:
     """``<pool>/replay_signals-<teacher>-<hash>.npz``, one file per teacher, so that a long scoring
     run resumes at the first teacher it had not finished. A teacher's signals depend on its own file,
     on the reference's (the unigram histogram is built from it, and the reference itself is scored
-    leave-one-out), on the model, the persona vectors and the divergence margin: the hash covers all
-    of them, so any change is a new file."""
+    leave-one-out), on the model, the persona vectors, the divergence margin and the row limits
+    (``limits``: the reference's and the teacher's, :func:`row_limit`): the hash covers all of them,
+    so any change is a new file."""
     from trait_guard.files import file_sha256
 
     digest = hashlib.sha256(CACHE_TAG)
@@ -441,6 +470,8 @@ def cache_path(pool: Path, reference: str, teacher: str, identity: Any, vectors:
         digest.update(file_sha256(path).encode())
     digest.update(json.dumps([reference, teacher, identity.fingerprint, identity.hidden_size, identity.num_layers,
                               margin]).encode())
+    if limits != (None, None):  # no limit hashes as before: caches of whole files stay valid
+        digest.update(json.dumps({"limits": list(limits)}).encode())
     return pool / f"replay_signals-{teacher}-{digest.hexdigest()[:24]}.npz"
 
 
@@ -455,14 +486,35 @@ def load_signals(path: Path) -> dict[str, np.ndarray]:
         return {name: data[name] for name in data.files}
 
 
+def row_limit(name: str, reference: str, max_rows: int | None, max_reference_rows: int | None) -> int | None:
+    """How many kept rows of ``name`` are read: the first ``max_reference_rows`` of the reference, the
+    first ``max_rows`` of a teacher (None: all)."""
+    return max_reference_rows if name == reference else max_rows
+
+
+def read_prompt_keys(pool: Path, name: str, limit: int | None) -> np.ndarray:
+    """The prompt key (:func:`trait_guard.screen.prompt_keys`: ``prompt_id``, else the prompt text) of
+    each kept row of ``name`` that :func:`score_pool` scores, in its order: what pairs a data row with
+    the reference's answers to the same prompt for ``proj_diff:``."""
+    from trait_guard.dataset import scan_teacher_rows
+    from trait_guard.screen import prompt_keys
+
+    keys: list[Any] = []
+    for batch in scan_teacher_rows(teacher_file(pool, name), limit=limit, role=name, columns=["prompt_id", "prompt"]):
+        keys += prompt_keys(batch.to_pylist())
+    return np.asarray(keys, dtype=str)
+
+
 def score_pool(pool: Path, reference: str, teachers: list[str], model_name: str, vectors: list[str],
-               batch_size: int, loaded: tuple[Any, Any] | None = None,
+               batch_size: int, loaded: tuple[Any, Any] | None = None, max_rows: int | None = None,
+               max_reference_rows: int | None = None,
                ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
-    """Every kept row of the reference and the teachers, scored by the frozen base model as the recipe
-    does. Each teacher's signals are saved as soon as it is scored and taken from that file on a rerun
-    (:func:`cache_path`), so an interrupted run loses at most one teacher's scoring. Returns the
-    signals and a record (``from_cache`` and ``scored`` list the teachers of each kind). ``loaded``:
-    the model and tokenizer of ``model_name`` already loaded (several pools, one load)."""
+    """Every kept row of the reference and the teachers (the first ``max_reference_rows`` /
+    ``max_rows`` when given), scored by the frozen base model as the recipe does. Each teacher's
+    signals are saved as soon as it is scored and taken from that file on a rerun (:func:`cache_path`),
+    so an interrupted run loses at most one teacher's scoring. Returns the signals and a record
+    (``from_cache`` and ``scored`` list the teachers of each kind). ``loaded``: the model and tokenizer
+    of ``model_name`` already loaded (several pools, one load)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -474,7 +526,9 @@ def score_pool(pool: Path, reference: str, teachers: list[str], model_name: str,
     model, tokenizer = loaded or load_model(model_name, device=default_device())
     identity = model_identity(model)
     names = list(dict.fromkeys((reference, *teachers)))
-    caches = {name: cache_path(pool, reference, name, identity, vectors, DIVERGENCE_MARGIN) for name in names}
+    limits = {name: row_limit(name, reference, max_rows, max_reference_rows) for name in names}
+    caches = {name: cache_path(pool, reference, name, identity, vectors, DIVERGENCE_MARGIN,
+                               (max_reference_rows, limits[name])) for name in names}
     scored = {name: load_signals(path) for name, path in caches.items() if path.is_file()}
     missing = [name for name in names if name not in scored]
     record: dict[str, Any] = {"cache": {name: str(path) for name, path in caches.items()}, "model": model_name,
@@ -483,7 +537,7 @@ def score_pool(pool: Path, reference: str, teachers: list[str], model_name: str,
     if not missing:
         return {name: scored[name] for name in names}, record
     started = time.perf_counter()
-    rows = {name: read_teacher_rows(teacher_file(pool, name), tokenizer=tokenizer, role=name,
+    rows = {name: read_teacher_rows(teacher_file(pool, name), tokenizer=tokenizer, role=name, limit=limits[name],
                                     max_completion_tokens=1024) for name in dict.fromkeys((reference, *missing))}
     check_same_base(rows[reference], identity)  # the reference must be the base model's own output
     reference_ids = {r["sample_id"] for r in rows[reference]}
@@ -625,7 +679,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "neutral system prompt); their flags are false flags, counted apart from the clean ones")
     parser.add_argument("--trait", nargs="*", default=["owl"], help="trait teachers (detections)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="the base/student model")
-    parser.add_argument("--vectors", nargs="*", default=[], help="persona vectors to score with (proj:<trait>)")
+    parser.add_argument("--vectors", nargs="*", default=[],
+                        help="persona vectors to score with (proj:<trait>; the gate also tests proj_diff:<trait>, "
+                             "each row's projection minus the reference's mean on the same prompt)")
     parser.add_argument("--sizes", nargs="+", type=int, default=[32, 64, 128, 256, 1000])
     parser.add_argument("--alpha", type=float, default=0.01, help="the gate's and the guard's level")
     parser.add_argument("--signals", nargs="+", default=list(guard.signals),
@@ -636,6 +692,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gate-seed", type=int, default=guard.seed, help="the permutation seed (recipe: guard.seed)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the partitions into datasets")
     parser.add_argument("--batch-size", type=int, default=32, help="scoring batch")
+    parser.add_argument("--max-rows", type=int, help="score and replay only each teacher's first N kept rows")
+    parser.add_argument("--max-reference-rows", type=int, help="only the reference's first N kept rows")
     parser.add_argument("--tiny", action="store_true", help="build and replay a pool of the tiny random Llama")
     parser.add_argument("--tiny-prompts", nargs=3, type=int, metavar=("REFERENCE", "CLEAN", "PLANTED"),
                         default=[TINY_PROMPTS[t] for t in ("control", "control-b", "planted")])
@@ -699,9 +757,13 @@ def main(argv: list[str] | None = None) -> None:
     scored, scoring, results, replay_seconds = {}, {}, [], 0.0
     for pool in pools:
         pool_scored, pool_scoring = score_pool(pool, args.reference, teachers, args.model, args.vectors,
-                                               args.batch_size, loaded)
+                                               args.batch_size, loaded, args.max_rows, args.max_reference_rows)
+        keys = None
+        if any(n.startswith("proj:") for n in pool_scored[args.reference]):  # proj_diff pairs rows by prompt
+            keys = {name: read_prompt_keys(pool, name, row_limit(name, args.reference, args.max_rows,
+                                                                 args.max_reference_rows)) for name in pool_scored}
         replay_started = time.perf_counter()
-        pool_results = replay(pool_scored, args, labels)
+        pool_results = replay(pool_scored, args, labels, keys=keys)
         replay_seconds += time.perf_counter() - replay_started
         if len(pools) == 1:
             scored, scoring, results = pool_scored, pool_scoring, pool_results
@@ -724,8 +786,9 @@ def main(argv: list[str] | None = None) -> None:
         "code_version": code_version(),
         "config": {"pool": [str(p) for p in pools] if len(pools) > 1 else str(pools[0]), "reference": args.reference, "clean": args.clean, "benign": args.benign, "trait": args.trait,
                    "model": args.model, "vectors": args.vectors, "sizes": args.sizes, "alpha": args.alpha,
+                   "max_rows": args.max_rows, "max_reference_rows": args.max_reference_rows,
                    "guard": guard_config(args.alpha, args.signals).model_dump(mode="json"),
-                   "guard_signals": expand(args.signals, names), "gate_signals": expand(args.gate_signals, names),
+                   "guard_signals": expand(args.signals, names), "gate_signals": expand(args.gate_signals, gate_names(names, any(n.startswith("proj:") for n in names))),
                    "n_permutations": args.n_permutations, "gate_seed": args.gate_seed, "partition_seed": args.seed,
                    "batch_size_observe": 1, "labels": labels, "plant_shifts": args.plant_shifts,
                    "plant_signal": args.plant_signal, "plant_teacher": args.plant_teacher or (args.clean or [None])[0],

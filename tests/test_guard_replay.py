@@ -96,6 +96,35 @@ def test_clean_datasets_are_rarely_flagged(replay, args):
     assert result["gate"]["at_levels"]["0.05"]["k"] <= result["gate"]["at_levels"]["0.1"]["k"]
 
 
+def test_paired_projection_difference_sees_a_lean_that_the_prompt_spread_hides(replay, args):
+    """S1 in the gate: each prompt's answers sit at their own level on the persona direction (spread 3
+    sd), and the trait teacher leans 0.8 sd above the reference's answers to the same prompts. With the
+    rows' prompt keys the gate tests ``proj_diff:owl`` and flags every dataset of 64; the unpaired
+    ``proj:owl`` flags far fewer; a clean teacher answering the same prompts is rarely flagged."""
+    rng = np.random.default_rng(5)
+    n_prompts = 400
+    level = rng.normal(0.0, 3.0, n_prompts)
+
+    def answers(prompts, lean):
+        return {"proj:owl": level[prompts] + lean + rng.normal(0.0, 1.0, len(prompts)), "nll": rng.normal(4.0, 0.5, len(prompts))}
+
+    ref_prompts, clean_prompts, owl_prompts = (rng.integers(0, n_prompts, n) for n in (2000, 640, 640))
+    scored = {"control": answers(ref_prompts, 0.0), "clean": answers(clean_prompts, 0.0), "owl": answers(owl_prompts, 0.8)}
+    keys = {"control": ref_prompts.astype(str), "clean": clean_prompts.astype(str), "owl": owl_prompts.astype(str)}
+    paired = replay.parse_args(["--pool", "unused", "--n-permutations", "500", "--signals", "nll", "--clean", "clean",
+                                "--trait", "owl", "--gate-signals", "proj*", "--sizes", "64"])
+    assert replay.gate_names(["nll", "proj:owl"], paired=True) == ["nll", "proj:owl", "proj_diff:owl"]
+    assert replay.gate_names(["nll", "proj:owl"], paired=False) == ["nll", "proj:owl"]
+    results = {r["teacher"]: r for r in replay.replay(scored, paired, progress=False, keys=keys)}
+    owl, clean = results["owl"], results["clean"]
+    assert owl["datasets"] == 10 and owl["gate"]["by_signal"].get("proj_diff:owl") == 10
+    assert owl["gate"]["by_signal"].get("proj:owl", 0) <= 5  # 0.8 sd against a 3-sd spread: the unpaired test is weak
+    assert clean["gate"]["k"] <= 1
+    unpaired = {r["teacher"]: r for r in replay.replay(scored, paired, progress=False)}  # no keys: no proj_diff
+    assert "proj_diff:owl" not in unpaired["owl"]["gate"]["by_signal"]
+    assert unpaired["owl"]["gate"]["k"] < owl["gate"]["k"]
+
+
 def test_stream_delay_is_the_eprocess_alarm(replay):
     """With one watched signal the guard's delay is its e-process's first alarm (index + 1)."""
     rng = np.random.default_rng(3)
@@ -191,6 +220,17 @@ def test_scoring_is_cached_per_teacher_and_resumes_at_the_first_unscored_one(rep
     for name in ("control", "control-b", "planted"):
         for signal in fresh[name]:
             np.testing.assert_array_equal(grown[name][signal], fresh[name][signal])
+
+    head, record = replay.score_pool(pool, "control", ["control-b"], str(model_dir), [], batch_size=16,
+                                     max_rows=10, max_reference_rows=20)  # the first rows only: caches of their own
+    assert record["scored"] == ["control", "control-b"] and record["rows"] == {"control": 20, "control-b": 10}
+    assert set(record["cache"].values()).isdisjoint(str(p) for p in files.values())
+    # the same rows (batched differently: float noise); the reference-free nll needs no reference match
+    np.testing.assert_allclose(head["control-b"]["nll"], first["control-b"]["nll"][:10], rtol=1e-5)
+    for name, n in (("control", 20), ("control-b", 10)):
+        keys = replay.read_prompt_keys(pool, name, n)
+        assert len(keys) == n and len(set(keys)) == n  # one prompt per row in the tiny pool
+    assert list(replay.read_prompt_keys(pool, "control-b", None)[:10]) == list(replay.read_prompt_keys(pool, "control-b", 10))
 
     import pyarrow.parquet as pq
 
