@@ -686,7 +686,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=0.01, help="the gate's and the guard's level")
     parser.add_argument("--signals", nargs="+", default=list(guard.signals),
                         help="the guard's watched signals (glob patterns; default: GuardConfig's)")
-    parser.add_argument("--gate-signals", nargs="+", default=["*"],
+    parser.add_argument("--gate-signals", nargs="+", default=screen.signals,
                         help="the signals the gate tests (default: all scored, as the recipe's gate)")
     parser.add_argument("--n-permutations", type=int, default=screen.n_permutations)
     parser.add_argument("--gate-seed", type=int, default=guard.seed, help="the permutation seed (recipe: guard.seed)")

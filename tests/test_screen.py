@@ -250,3 +250,37 @@ def test_teacher_signal_coverage_counts_the_same_on_rows_and_on_arrow_tables():
                                                          ("token_logprobs", pa.list_(pa.float64()))]))
     assert teacher_signal_coverage(rows) == teacher_signal_coverage(table) == {"divergence": 2, "llr": 2}
     assert teacher_signal_coverage(table.drop_columns(["token_logprobs"])) == {"divergence": 2, "llr": 0}
+
+
+def test_the_gate_can_test_the_trait_specific_signals_only():
+    """A teacher that differs from the base model without a trait (divergence on every row, projections
+    like the reference's): the gate on all signals flags it; with ``screen.signals: ["proj*"]`` it tests
+    only the projection and its paired difference, and passes; patterns matching nothing say so."""
+    import numpy as np
+
+    from trait_guard.config import TrainJobConfig, validate_config
+    from trait_guard.screen import screen_signals
+    from trait_guard.setup_signals import SetupSignals
+    from trait_guard.train import screen_gate
+
+    rng = np.random.default_rng(3)
+    data, reference, keys = _paired_sets(rng, 64, shift=0.0)
+    data["divergence"] = rng.uniform(0.05, 0.2, 64)  # a foreign teacher's top-1 beats the base's here and there
+    reference["divergence"] = np.zeros(64)
+    every, flagged, _ = screen_signals(data, reference, alpha=0.01, n_permutations=2000, data_keys=keys,
+                                       reference_keys=keys)
+    assert flagged and [t.name for t in every if t.flagged] == ["divergence"]
+    trait_only, flagged, _ = screen_signals(data, reference, alpha=0.01, n_permutations=2000, signals=["proj*"],
+                                            data_keys=keys, reference_keys=keys)
+    assert not flagged and sorted(t.name for t in trait_only) == ["proj:t", "proj_diff:t"]
+    none, flagged, notes = screen_signals(data, reference, alpha=0.01, signals=["trait_llr:*"])
+    assert none == [] and not flagged and "matches the tested signals ['trait_llr:*'] (screen.signals)" in notes[-1]
+
+    rows = [{"prompt_id": k, "prompt": k} for k in keys]
+    signals = SetupSignals(reference=reference, train=data)
+    config = {"data": {"train": "t.parquet", "reference": "r.parquet"}}
+    gate = screen_gate(validate_config(config, TrainJobConfig), signals, rows, rows)
+    assert gate["flagged"] and gate["flagged_signals"] == ["divergence"]
+    config["screen"] = {"signals": ["proj*"]}
+    gate = screen_gate(validate_config(config, TrainJobConfig), signals, rows, rows)
+    assert not gate["flagged"] and set(gate["tests"]) == {"proj:t", "proj_diff:t"}

@@ -217,7 +217,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     scorer = FingerprintScorer(model, tokenizer, vectors, unigram_reference=histogram, batch_size=args.batch_size,
                                extra=extra)
     bar = None if args.quiet else _progress(len(data) + len(reference), "screen: scoring")
-    report = screen(data, reference, scorer, alpha=args.alpha, progress=bar)
+    report = screen(data, reference, scorer, alpha=args.alpha, signals=args.signals, progress=bar)
     if bar is not None:
         bar.close()
     if not provenance["verified"]:
@@ -712,6 +712,10 @@ def _add_screen(subparsers: argparse._SubParsersAction, opts: _SharedOptions) ->
                     help="also score teacher_llr (S3): log p_teacher - log p_base of each response, read from the "
                          "teacher model itself (same tokenizer as --model); for data without stored log-probs")
     sc.add_argument("--alpha", type=float, default=0.01, help="family-wise level (default: %(default)s)")
+    sc.add_argument("--signals", nargs="+", default=["*"], metavar="PATTERN",
+                    help="test only these signals (names or glob patterns; default: all). divergence, llr and "
+                         "entropy flag any teacher that differs from the base model, trait or not; --signals "
+                         "'proj*' 'trait_llr:*' tests the trait-specific ones only (docs/detection.md)")
     sc.add_argument("--max-rows", type=int, help="use only the first N kept rows of each file")
     sc.add_argument("--batch-size", type=int, default=32, help="scoring batch size (default: %(default)s)")
     sc.add_argument("--allow-unverified", action="store_true",

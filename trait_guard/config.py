@@ -273,6 +273,13 @@ class ScreenSettings(StrictModel):
                                          "(halt: no update at all); false: report only")
     alpha: float = Field(0.01, gt=0, lt=1, description="family-wise false-flag level of the screen")
     n_permutations: int = Field(2000, ge=100)
+    signals: list[str] = Field(
+        default_factory=lambda: ["*"], min_length=1,
+        description="signals (names or glob patterns) the screen and the gate test; default all scored. "
+                    "divergence, llr and entropy flag any teacher that differs from the base model, trait or not "
+                    "(a task adapter, a system prompt: docs/detection.md); when distilling from such a teacher on "
+                    "purpose, ['proj*', 'trait_llr:*'] gates on the trait-specific signals only, whose power is "
+                    "weak so far (see the measured table there)")
 
 
 class ModelSignalSettings(StrictModel):

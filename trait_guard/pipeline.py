@@ -185,7 +185,7 @@ def _screen(train: TrainJobConfig, run: RunJobConfig, vector: Any, tokenizer: An
                        node_ids=scored.node_ids, seconds=round(time.perf_counter() - started, 1))
     screening = screen(train_summary, reference_summary, None, alpha=train.screen.alpha,
                        n_permutations=train.screen.n_permutations, seed=train.guard.seed,
-                       data_signals=signals.train, reference_signals=signals.reference,
+                       signals=train.screen.signals, data_signals=signals.train, reference_signals=signals.reference,
                        tokenizer=tokenizer, student_identity=vector.model)
     print(screening.table(), file=sys.stderr)
     files = [stem.with_suffix(".json"), stem.with_suffix(".txt")]

@@ -24,6 +24,7 @@ Exit codes of ``trait-guard screen``: 0 clean, 3 flagged.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import time
@@ -387,7 +388,8 @@ def screen_signals(data_signals: dict[str, np.ndarray], reference_signals: dict[
     """The screen's verdict from per-sample signals already computed: one permutation test per signal
     present on both sides (in its suspicious direction), plus, given the rows' prompt keys
     (:func:`prompt_keys`), a paired sign-flip test of each ``proj:`` signal (``proj_diff:``, S1);
-    Holm over them all at family-wise ``alpha``.
+    Holm over them all at family-wise ``alpha``. ``signals``: names or glob patterns of the signals
+    to test (``["proj*", "trait_llr:*"]``: the trait-specific ones only); None or ``["*"]``: all.
 
     Returns ``(tests, flagged, notes)``. The training recipe calls this on its setup signals as the
     gate before step 1, so the gate and ``trait-guard screen`` agree on the same data.
@@ -396,7 +398,7 @@ def screen_signals(data_signals: dict[str, np.ndarray], reference_signals: dict[
     names = [n for n in sides["data"] if n in sides["reference"]]
 
     def wanted(name: str) -> bool:
-        return not signals or name in signals
+        return not signals or any(fnmatch.fnmatchcase(name, pattern) for pattern in signals)
 
     tests = [t for n in names if wanted(n) and
              (t := _permutation(n, np.asarray(data_signals[n], float), np.asarray(reference_signals[n], float),
@@ -428,5 +430,7 @@ def screen_signals(data_signals: dict[str, np.ndarray], reference_signals: dict[
 
         notes.append(shown_power_note([t.name for t in tests]))
     else:
-        notes.append("no signal could be tested (constant or missing values)")
+        notes.append("no signal could be tested (constant or missing values)" if not signals or signals == ["*"] else
+                     f"no signal could be tested: none of {sorted(names)} matches the tested signals {signals} "
+                     "(screen.signals), or those that do are constant or missing")
     return tests, flagged, notes

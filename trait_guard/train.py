@@ -317,6 +317,7 @@ def screen_gate(config: TrainJobConfig, signals: setup_signals.SetupSignals,
     paired = train_rows is not None and reference_rows is not None
     tests, flagged, notes = screen_signals(signals.train, signals.reference, alpha=config.screen.alpha,
                                            n_permutations=config.screen.n_permutations, seed=config.guard.seed,
+                                           signals=config.screen.signals,
                                            data_keys=prompt_keys(list(train_rows)) if paired else None,
                                            reference_keys=prompt_keys(list(reference_rows)) if paired else None)
     return {"flagged": flagged, "alpha": config.screen.alpha, "notes": notes,

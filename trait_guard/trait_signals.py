@@ -112,10 +112,12 @@ SIGNAL_NEEDS: tuple[SignalNeeds, ...] = (
     SignalNeeds("divergence", stored_logprobs=True,
                 what="share of tokens where the teacher's stored top-1 beats the base model's",
                 shown="AUROC 0.81 [0.79, 0.83] on prompted-owl data; gated every owl-adapter dataset of 96 rows, "
-                      "no control"),
+                      "no control; but also every benign-teacher dataset (a style adapter, a neutral system prompt: "
+                      "124/124 of 32 rows): it sees a teacher that differs from the base, not the trait"),
     SignalNeeds("llr", stored_logprobs=True,
                 what="stored log p_T(y_t) - log p_B(y_t), per token",
-                shown="AUROC 0.84 [0.81, 0.88] on prompted-owl data"),
+                shown="AUROC 0.84 [0.81, 0.88] on prompted-owl data; like divergence, it flags benign teachers "
+                      "too (a neutral system prompt: 62/62 datasets of 32 rows; a style adapter: 12/62)"),
     SignalNeeds(TEACHER_LLR, teacher_model=True,
                 what="log p_T(y_t | x) - log p_B(y_t | x) read from the teacher model, per token (S3)",
                 shown="AUROC 0.91-0.95 on owl-adapter data (3 adapters); gated 3/3 of their datasets of 96 rows, "
