@@ -52,6 +52,10 @@ file (a cheaper look at a pool whose full scoring would take hours)::
         --benign benign-adapter neutral-prompt --trait owl-prompt owl-adapter --vectors owl.safetensors \
         --gate-signals 'proj*' --max-rows 640 --max-reference-rows 1000 --sizes 32 64 128
 
+With one pool the output also holds each teacher's separation from the reference per signal
+(``separation``: AUROC per sample and from disjoint bags of ``--separation-bags`` rows, with bootstrap
+intervals; the clean teachers are its null, measured the same way).
+
 The scored signals are cached per teacher in ``<pool>/replay_signals-<teacher>-<hash>.npz`` (hash of
 its file and the reference's, the model, the persona vectors and the scorer settings), so a rerun only
 replays, and a scoring run stopped part-way resumes at the first teacher it had not finished. ``--tiny`` generates a pool with
@@ -369,6 +373,54 @@ def plant(signals: dict[str, np.ndarray], reference: dict[str, np.ndarray], sign
     out = {n: np.asarray(signals[n]) for n in names}
     out[signal] = out[signal] + sign * shift * spread
     return out
+
+
+def separation(scored: dict[str, dict[str, np.ndarray]], args: argparse.Namespace, bag_sizes: tuple[int, ...] = (1, 16),
+               n_boot: int = 1000) -> list[dict[str, Any]]:
+    """Per named teacher and signal: the AUROC of its rows against the reference's, per sample (K = 1) and
+    from disjoint bags of K rows (each bag's mean; the rows randomly cut, none in two bags), with a 95%
+    bootstrap interval over rows or bags. Each signal is oriented in its suspicious direction (a "down"
+    signal negated), so 0.5 is no separation and 1 is the direction the gate tests. The clean teachers'
+    rows, measured the same way, are the null; the benign teachers' say how a teacher that differs
+    from the base model without a trait looks. ``proj_diff:`` is a paired test, not a two-sample
+    score, and has no row here (its gate counts are in the results)."""
+    from trait_guard.fingerprint import suspicious_direction
+    from trait_guard.validation import auroc, auroc_bootstrap_ci
+
+    reference = scored[args.reference]
+    names = [n for n in reference if n != "n_tokens"]
+    rows = []
+    for role, teachers in teachers_by_role(args).items():
+        for teacher in teachers:
+            for name in names:
+                sign = -1.0 if suspicious_direction(name) == "down" else 1.0
+                for k in bag_sizes:
+                    sides = []
+                    for side, values in ((teacher, scored[teacher][name]), (args.reference, reference[name])):
+                        values = sign * np.asarray(values, float)
+                        values = values[np.isfinite(values)]
+                        bags = partition(len(values), k, dataset_rng(args.seed, k, f"separation:{side}:{name}"))
+                        sides.append(values[bags].mean(axis=1))
+                    value = auroc(*sides)
+                    ci = auroc_bootstrap_ci(*sides, n_boot=n_boot, seed=args.seed) if np.isfinite(value) else None
+                    rows.append({"teacher": teacher, "role": role, "signal": name, "bag_size": k,
+                                 "bags": [len(sides[0]), len(sides[1])], "auroc": value, "ci95": ci})
+    return rows
+
+
+def markdown_separation_table(rows: list[dict[str, Any]], bag_size: int) -> str:
+    """One row per signal, one column per teacher: AUROC [95% CI] against the reference at ``bag_size``."""
+    at = [r for r in rows if r["bag_size"] == bag_size]
+    teachers = list(dict.fromkeys((r["teacher"], r["role"]) for r in at))
+    lines = ["| signal | " + " | ".join(f"{t} ({role})" for t, role in teachers) + " |",
+             "|---|" + "---|" * len(teachers)]
+    for signal in dict.fromkeys(r["signal"] for r in at):
+        cells = []
+        for teacher, _ in teachers:
+            r = next(x for x in at if x["teacher"] == teacher and x["signal"] == signal)
+            cells.append("-" if r["ci95"] is None else f"{r['auroc']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]")
+        lines.append(f"| {signal} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def power_curve(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -692,6 +744,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gate-seed", type=int, default=guard.seed, help="the permutation seed (recipe: guard.seed)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the partitions into datasets")
     parser.add_argument("--batch-size", type=int, default=32, help="scoring batch")
+    parser.add_argument("--separation-bags", nargs="*", type=int, default=[1, 16], metavar="K",
+                        help="one pool: each teacher's AUROC per signal against the reference, per sample (1) "
+                             "and from disjoint bags of K rows (default: %(default)s; none: skip)")
     parser.add_argument("--max-rows", type=int, help="score and replay only each teacher's first N kept rows")
     parser.add_argument("--max-reference-rows", type=int, help="only the reference's first N kept rows")
     parser.add_argument("--tiny", action="store_true", help="build and replay a pool of the tiny random Llama")
@@ -754,7 +809,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(pools) > 1:
         from trait_guard.models import default_device, load_model
         loaded = load_model(args.model, device=default_device())
-    scored, scoring, results, replay_seconds = {}, {}, [], 0.0
+    scored, scoring, results, replay_seconds, separated = {}, {}, [], 0.0, []
     for pool in pools:
         pool_scored, pool_scoring = score_pool(pool, args.reference, teachers, args.model, args.vectors,
                                                args.batch_size, loaded, args.max_rows, args.max_reference_rows)
@@ -767,6 +822,7 @@ def main(argv: list[str] | None = None) -> None:
         replay_seconds += time.perf_counter() - replay_started
         if len(pools) == 1:
             scored, scoring, results = pool_scored, pool_scoring, pool_results
+            separated = separation(scored, args, tuple(args.separation_bags)) if args.separation_bags else []
             break
         # one replicate among several: its teachers are named <pool>/<teacher> in the output
         scored.update({f"{pool.name}/{name}": values for name, values in pool_scored.items()})
@@ -812,6 +868,9 @@ def main(argv: list[str] | None = None) -> None:
                                  "TraitGuard (default config, batch 8) built on each: the CUSUM's honest threshold "
                                  "(bootstrap over reference draws) vs the nominal one, and the e-process's evidence "
                                  "ceiling on its design shift",
+            "separation": "one pool only: per teacher and signal, AUROC of its rows vs the reference's, the signal "
+                          "oriented in its suspicious direction; per sample and from disjoint bags of K rows (bag "
+                          "means; rows randomly cut, none in two bags); 95% percentile bootstrap over rows or bags",
             "pooled": "per size and role, the datasets of all its teachers together (counts summed; no dataset "
                       "in two teachers), with exact intervals; with several pools, over all of them (each "
                       "pool's datasets judged against its own reference)",
@@ -825,6 +884,7 @@ def main(argv: list[str] | None = None) -> None:
         "tiny": tiny,
         "results": results,
         "pooled": pooled(results),
+        "separation": separated,
         "power_curve": curve,
         "calibration_study": study,
         "replay_seconds": replay_seconds,
@@ -839,6 +899,9 @@ def main(argv: list[str] | None = None) -> None:
         print("\nPooled over the teachers of each role:\n" + markdown_pooled_table(output["pooled"]))
     if curve:
         print("\n" + markdown_power_table(curve))
+    for k in args.separation_bags if separated else []:
+        print(f"\nAUROC against the reference, {'per sample' if k == 1 else f'disjoint bags of {k}'} "
+              f"(95% bootstrap CI):\n" + markdown_separation_table(separated, k))
     seconds = scoring["seconds"] if len(pools) == 1 else sum(r["seconds"] for r in scoring.values())
     cached = scoring["cached"] if len(pools) == 1 else all(r["cached"] for r in scoring.values())
     print(f"\nrows: {output['rows']}; scoring {seconds:.0f} s (cached: {cached}), "

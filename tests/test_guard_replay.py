@@ -125,6 +125,29 @@ def test_paired_projection_difference_sees_a_lean_that_the_prompt_spread_hides(r
     assert unpaired["owl"]["gate"]["k"] < owl["gate"]["k"]
 
 
+def test_separation_is_oriented_bagged_disjointly_and_null_on_clean_data(replay):
+    """AUROC against the reference: a 0.5-sd shift up in llr gives the normal-theory per-sample AUROC
+    Phi(0.5 / sqrt 2) = 0.64 and Phi(0.5 * 4 / sqrt 2) = 0.92 from bag means of 16; a shift *down* in nll (its suspicious
+    direction is up) gives below 0.5; a clean teacher's interval holds 0.5."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(9)
+    scored = {"control": signals(rng, 2000), "clean": signals(rng, 2000), "owl": signals(rng, 2000, shift=0.5)}
+    scored["owl"]["nll"] = scored["owl"]["nll"] - 0.25  # 0.5 sd below the reference
+    many = replay.parse_args(["--pool", "unused", "--clean", "clean", "--trait", "owl"])
+    rows = {(r["teacher"], r["signal"], r["bag_size"]): r for r in replay.separation(scored, many, (1, 16), n_boot=300)}
+    owl = rows[("owl", "llr", 1)]
+    assert owl["bags"] == [2000, 2000] and abs(owl["auroc"] - norm.cdf(0.5 / np.sqrt(2))) < 0.03
+    assert owl["ci95"][0] < owl["auroc"] < owl["ci95"][1]
+    assert rows[("owl", "llr", 16)]["bags"] == [125, 125] and abs(rows[("owl", "llr", 16)]["auroc"] - norm.cdf(2 / np.sqrt(2))) < 0.05
+    assert rows[("owl", "nll", 1)]["auroc"] < 0.4  # oriented: lower nll is the unsuspicious direction
+    clean = rows[("clean", "llr", 1)]
+    assert clean["role"] == "clean" and clean["ci95"][0] < 0.5 < clean["ci95"][1]
+    assert rows[("clean", "divergence", 1)]["auroc"] == 0.5  # all zeros on both sides: ties
+    table = replay.markdown_separation_table(list(rows.values()), 16)
+    assert table.splitlines()[0] == "| signal | clean (clean) | owl (trait) |" and "| llr | " in table
+
+
 def test_stream_delay_is_the_eprocess_alarm(replay):
     """With one watched signal the guard's delay is its e-process's first alarm (index + 1)."""
     rng = np.random.default_rng(3)
