@@ -409,7 +409,11 @@ def separation(scored: dict[str, dict[str, np.ndarray]], args: argparse.Namespac
 
 
 def markdown_separation_table(rows: list[dict[str, Any]], bag_size: int) -> str:
-    """One row per signal, one column per teacher: AUROC [95% CI] against the reference at ``bag_size``."""
+    """One row per signal (with the direction the gate tests: "both" is not oriented, so there an AUROC far
+    below 0.5 separates as well as one far above), one column per teacher: AUROC [95% CI] against the
+    reference at ``bag_size``."""
+    from trait_guard.fingerprint import suspicious_direction
+
     at = [r for r in rows if r["bag_size"] == bag_size]
     teachers = list(dict.fromkeys((r["teacher"], r["role"]) for r in at))
     lines = ["| signal | " + " | ".join(f"{t} ({role})" for t, role in teachers) + " |",
@@ -419,7 +423,7 @@ def markdown_separation_table(rows: list[dict[str, Any]], bag_size: int) -> str:
         for teacher, _ in teachers:
             r = next(x for x in at if x["teacher"] == teacher and x["signal"] == signal)
             cells.append("-" if r["ci95"] is None else f"{r['auroc']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]")
-        lines.append(f"| {signal} | " + " | ".join(cells) + " |")
+        lines.append(f"| {signal} ({suspicious_direction(signal)}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

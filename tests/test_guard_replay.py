@@ -145,7 +145,7 @@ def test_separation_is_oriented_bagged_disjointly_and_null_on_clean_data(replay)
     assert clean["role"] == "clean" and clean["ci95"][0] < 0.5 < clean["ci95"][1]
     assert rows[("clean", "divergence", 1)]["auroc"] == 0.5  # all zeros on both sides: ties
     table = replay.markdown_separation_table(list(rows.values()), 16)
-    assert table.splitlines()[0] == "| signal | clean (clean) | owl (trait) |" and "| llr | " in table
+    assert table.splitlines()[0] == "| signal | clean (clean) | owl (trait) |" and "| llr (up) | " in table
 
 
 def test_stream_delay_is_the_eprocess_alarm(replay):
