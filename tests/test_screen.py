@@ -270,9 +270,10 @@ def test_the_gate_can_test_the_trait_specific_signals_only():
     every, flagged, _ = screen_signals(data, reference, alpha=0.01, n_permutations=2000, data_keys=keys,
                                        reference_keys=keys)
     assert flagged and [t.name for t in every if t.flagged] == ["divergence"]
-    trait_only, flagged, _ = screen_signals(data, reference, alpha=0.01, n_permutations=2000, signals=["proj*"],
+    trait_only, flagged, notes = screen_signals(data, reference, alpha=0.01, n_permutations=2000, signals=["proj*"],
                                             data_keys=keys, reference_keys=keys)
     assert not flagged and sorted(t.name for t in trait_only) == ["proj:t", "proj_diff:t"]
+    assert any("restricted to ['proj*']" in n and "not tested: divergence" in n for n in notes)
     none, flagged, notes = screen_signals(data, reference, alpha=0.01, signals=["trait_llr:*"])
     assert none == [] and not flagged and "matches the tested signals ['trait_llr:*'] (screen.signals)" in notes[-1]
 

@@ -415,6 +415,10 @@ def screen_signals(data_signals: dict[str, np.ndarray], reference_signals: dict[
                 tests.append(test)
             elif len(differences) < 2:
                 notes.append(f"{paired} not tested: {len(differences)} data row(s) share a prompt with the reference")
+    if signals and signals != ["*"]:
+        notes.append(f"tested signals restricted to {signals} (screen.signals): "
+                     f"{', '.join(t.name for t in tests) or 'none'}; not tested: "
+                     f"{', '.join(n for n in names if not wanted(n)) or 'none'}")
     flagged = False
     resolution = gate_resolution(len(next(iter(data_signals.values()), [])),
                                  len(next(iter(reference_signals.values()), [])), len(tests), alpha, n_permutations)
