@@ -88,7 +88,7 @@ def test_the_gate_flags_text_only_data_on_teacher_llr_and_caches_the_model_signa
     assert summary["updates"] == 0 and summary["halt"]["gate"]
     note = next(n for n in gate["notes"] if n.startswith("signals for what is at hand"))
     assert "stored teacher log-probs: no" in note and "teacher model: yes" in note
-    assert note.endswith("not computed here: proj:animal:owl")  # no vector given
+    assert note.endswith("not computed here: proj:animal:owl, proj_diff:animal:owl")  # no vector given
     assert len(list(cache.glob("signals-*.npz"))) == 1
 
     again = run_training(job(tiny_llama_dir, data, tmp_path / "b", cache, "sharp", signals))

@@ -68,11 +68,11 @@ def sharp():
 def test_available_signals_by_situation():
     assert available_signals(False, False, False) == ["nll", "entropy", "unigram"]
     assert available_signals(False, False, True, trait_id="animal:owl") == [
-        "nll", "entropy", "unigram", "proj:animal:owl", "trait_llr:animal:owl"]
+        "nll", "entropy", "unigram", "proj:animal:owl", "proj_diff:animal:owl", "trait_llr:animal:owl"]
     assert available_signals(True, False, False) == ["nll", "entropy", "unigram", "divergence", "llr"]
     assert available_signals(False, True, False) == ["nll", "entropy", "unigram", TEACHER_LLR, MODEL_DIFF]
     everything = available_signals(True, True, True)
-    assert len(everything) == 9 and "trait_llr:<trait>" in everything
+    assert len(everything) == 10 and "trait_llr:<trait>" in everything
     for name in ("trait_llr:animal:owl", TEACHER_LLR, MODEL_DIFF):
         assert suspicious_direction(name) == "up"
 
@@ -192,7 +192,8 @@ def test_the_power_note_says_what_each_tested_signal_has_shown():
 
     note = shown_power_note(["divergence", "proj:animal:owl", "trait_llr:animal:eagle", "proj_diff:animal:owl"])
     assert "divergence: AUROC 0.81" in note and "proj:animal:owl: none: AUROC 0.50" in note
-    assert "trait_llr:animal:eagle: none yet" in note and "proj_diff:animal:owl: not measured" in note
+    assert "trait_llr:animal:eagle: none yet" in note and "proj_diff:animal:owl: none: flagged 0/32" in note
+    assert shown_power_note(["proj_diffx"]).endswith("proj_diffx: not measured")
     assert all(n.shown for n in SIGNAL_NEEDS)
     rng = np.random.default_rng(0)
     _, _, notes = screen_signals({"nll": rng.normal(0, 1, 40)}, {"nll": rng.normal(0, 1, 60)}, alpha=0.01,

@@ -104,7 +104,12 @@ SIGNAL_NEEDS: tuple[SignalNeeds, ...] = (
                 shown="none: AUROC 0.52 on prompted-owl data"),
     SignalNeeds("proj:<trait>", trait_spec=True,
                 what="projection on a persona vector extracted from the base model with the spec",
-                shown="none: AUROC 0.50 [0.47, 0.54] on prompted-owl data"),
+                shown="none: AUROC 0.50 [0.47, 0.54] on prompted-owl data; owl-adapter rows lean away from the owl "
+                      "vector (AUROC 0.11 from bags of 16, the untested direction); a gate on proj* gated 0/32 owl "
+                      "datasets of 32 rows"),
+    SignalNeeds("proj_diff:<trait>", trait_spec=True,
+                what="per prompt, the row's projection minus the reference's answers to the same prompt (S1, paired)",
+                shown="none: flagged 0/32 prompted-owl and owl-adapter datasets of 32 rows (SmolLM2 clean pool)"),
     SignalNeeds("trait_llr:<trait>", trait_spec=True,
                 what="log p_B(y | x, trait prompt) - log p_B(y | x, neutral prompt), per token (S2)",
                 shown="none yet: AUROC 0.45-0.51 on owl-adapter data (3 adapters), 0/3 of their datasets "
