@@ -166,13 +166,17 @@ def expand(patterns: list[str], names: list[str]) -> list[str]:
     return sorted(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
 
 
+def signal_names(signals: dict[str, np.ndarray]) -> list[str]:
+    """The per-sample signals among a teacher's scored arrays (``n_tokens`` is a row count, not one)."""
+    return [n for n in signals if n != "n_tokens"]
+
+
 def gate_names(names: list[str], paired: bool) -> list[str]:
     """The signals the gate can test: the scored ones, and with prompt keys (``paired``) the paired
     projection difference ``proj_diff:<trait>`` of each ``proj:<trait>``."""
-    from trait_guard.screen import PAIRED_PREFIX
+    from trait_guard.screen import paired_name
 
-    extra = [PAIRED_PREFIX + n.removeprefix("proj:") for n in names if n.startswith("proj:")] if paired else []
-    return names + extra
+    return names + ([paired_name(n) for n in names if n.startswith("proj:")] if paired else [])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,7 +294,7 @@ def replay(scored: dict[str, dict[str, np.ndarray]], args: argparse.Namespace,
     """Every (size, teacher) replay: the clean teachers first, then the benign and the trait teachers.
     ``keys``: every teacher's (and the reference's) prompt key per row, for the paired ``proj_diff:``."""
     reference = scored[args.reference]
-    names = [n for n in reference if n != "n_tokens"]
+    names = signal_names(reference)
     gate_signals = expand(args.gate_signals, gate_names(names, keys is not None))
     if not expand(args.signals, names):
         raise SystemExit(f"no watched signal {args.signals} among the scored signals {names}")
@@ -387,24 +391,21 @@ def separation(scored: dict[str, dict[str, np.ndarray]], args: argparse.Namespac
     from trait_guard.fingerprint import suspicious_direction
     from trait_guard.validation import auroc, auroc_bootstrap_ci
 
-    reference = scored[args.reference]
-    names = [n for n in reference if n != "n_tokens"]
+    def bag_means(side: str, name: str, k: int) -> np.ndarray:
+        values = np.asarray(scored[side][name], float)
+        values = (-values if suspicious_direction(name) == "down" else values)[np.isfinite(values)]
+        return values[partition(len(values), k, dataset_rng(args.seed, k, f"separation:{side}:{name}"))].mean(axis=1)
+
+    names = signal_names(scored[args.reference])
+    reference = {(name, k): bag_means(args.reference, name, k) for name in names for k in bag_sizes}
     rows = []
     for role, teachers in teachers_by_role(args).items():
-        for teacher in teachers:
-            for name in names:
-                sign = -1.0 if suspicious_direction(name) == "down" else 1.0
-                for k in bag_sizes:
-                    sides = []
-                    for side, values in ((teacher, scored[teacher][name]), (args.reference, reference[name])):
-                        values = sign * np.asarray(values, float)
-                        values = values[np.isfinite(values)]
-                        bags = partition(len(values), k, dataset_rng(args.seed, k, f"separation:{side}:{name}"))
-                        sides.append(values[bags].mean(axis=1))
-                    value = auroc(*sides)
-                    ci = auroc_bootstrap_ci(*sides, n_boot=n_boot, seed=args.seed) if np.isfinite(value) else None
-                    rows.append({"teacher": teacher, "role": role, "signal": name, "bag_size": k,
-                                 "bags": [len(sides[0]), len(sides[1])], "auroc": value, "ci95": ci})
+        for teacher, name, k in ((t, n, k) for t in teachers for n in names for k in bag_sizes):
+            sides = (bag_means(teacher, name, k), reference[(name, k)])
+            value = auroc(*sides)
+            ci = auroc_bootstrap_ci(*sides, n_boot=n_boot, seed=args.seed) if np.isfinite(value) else None
+            rows.append({"teacher": teacher, "role": role, "signal": name, "bag_size": k,
+                         "bags": [len(sides[0]), len(sides[1])], "auroc": value, "ci95": ci})
     return rows
 
 
@@ -457,7 +458,7 @@ def calibration_study(reference: dict[str, np.ndarray], sizes: list[int], args: 
     seconds included (what a training run pays before step 1)."""
     from trait_guard.guard import TraitGuard
 
-    names = [n for n in reference if n != "n_tokens"]
+    names = signal_names(reference)
     rng = np.random.default_rng(args.seed)
     n_rows = len(next(iter(reference.values())))
     out = []
@@ -839,7 +840,7 @@ def main(argv: list[str] | None = None) -> None:
     study_started = time.perf_counter()
     study = calibration_study(scored[args.reference], args.calibration_sizes, args) if args.calibration_sizes else []
     study_seconds = time.perf_counter() - study_started
-    names = [n for n in next(iter(scored.values())) if n != "n_tokens"]
+    names = signal_names(next(iter(scored.values())))
     output = {
         "command": reproducible_command(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

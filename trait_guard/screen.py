@@ -216,6 +216,11 @@ def _permutation(name: str, data: np.ndarray, reference: np.ndarray, direction: 
 PAIRED_PREFIX = "proj_diff:"
 
 
+def paired_name(projection: str) -> str:
+    """The paired test's name for a ``proj:<trait>`` signal: ``proj_diff:<trait>``."""
+    return PAIRED_PREFIX + projection.removeprefix("proj:")
+
+
 def paired_differences(data: np.ndarray, reference: np.ndarray, data_keys: list[Any],
                        reference_keys: list[Any]) -> np.ndarray:
     """Per data row whose key (prompt) the reference also answers: its value minus the mean of the
@@ -406,7 +411,7 @@ def screen_signals(data_signals: dict[str, np.ndarray], reference_signals: dict[
     notes: list[str] = []
     if data_keys is not None and reference_keys is not None:
         for name in (n for n in names if n.startswith("proj:")):
-            paired = PAIRED_PREFIX + name.removeprefix("proj:")
+            paired = paired_name(name)
             if not wanted(paired):
                 continue
             differences = paired_differences(data_signals[name], reference_signals[name], data_keys, reference_keys)
