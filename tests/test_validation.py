@@ -183,3 +183,36 @@ def test_a_restored_grid_takes_its_gate_signals_from_an_earlier_output(grid, tmp
     assert "owl-adapter s1: panel shift +0.300, excess +0.380, gate clean" in done.stdout
     saved = json.loads((tmp_path / "merged.json").read_text())
     assert saved["added_datasets_from"] == ["<outside>/earlier.json"] and len(saved["datasets"]) == 12
+
+
+def test_a_group_comparison_has_the_exact_mann_whitney_answer(grid):
+    """--compare owl-adapter@1,2,3 control: on 'tracking' every owl dataset is above every control
+    (U 15/15, p 1 / C(8, 3)); on 'noise' U and p equal a count over all 56 arrangements of the labels;
+    'constant' (infinite effect sizes) has no finite values and is left out."""
+    import itertools
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "signal_vs_transfer.py"
+    done = subprocess.run([sys.executable, str(script), str(grid), "--compare", "owl-adapter@1,2,3", "control",
+                           "--replicates", "0", "--out", str(grid / "c.json")], capture_output=True, text=True, check=True)
+    tests = {t["signal"]: t for t in json.loads((grid / "c.json").read_text())["compare"]["tests"]}
+    assert set(tests) == {"tracking", "noise"}
+    assert tests["tracking"]["u"] == 15 and tests["tracking"]["u_max"] == 15
+    assert tests["tracking"]["p"] == pytest.approx(1 / math.comb(8, 3))
+    high, low = [-0.2, 0.5, 0.1], [0.2, 0.6, -0.3, 0.0, 0.4]  # the fixture's noise values, replicates 1-3 vs 0-4
+    assert sorted(tests["noise"]["high"].values()) == sorted(high) and len(tests["noise"]["low"]) == 5
+    values = high + low
+
+    def u(chosen):  # pairs (chosen, other) where the chosen dataset is larger (no ties in the fixture)
+        return sum(values[i] > values[j] for i in chosen for j in range(8) if j not in chosen)
+
+    counts = [u(chosen) for chosen in itertools.combinations(range(8), 3)]
+    observed = u((0, 1, 2))
+    assert tests["noise"]["u"] == observed == 7
+    assert tests["noise"]["p"] == pytest.approx(sum(c >= observed for c in counts) / len(counts))
+    assert "| tracking | 15 / 15 |" in done.stdout  # --replicates limits the table's datasets, not the groups
+    bad = subprocess.run([sys.executable, str(script), str(grid), "--compare", "owl-adapter@one", "control"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "TEACHER@R,R" in bad.stderr
+    missing = subprocess.run([sys.executable, str(script), str(grid), "--compare", "eagle", "control",
+                              "--out", str(grid / "m.json")], capture_output=True, text=True)
+    assert missing.returncode == 1 and "no signal has datasets in both groups" in missing.stderr
