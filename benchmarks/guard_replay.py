@@ -171,6 +171,12 @@ def signal_names(signals: dict[str, np.ndarray]) -> list[str]:
     return [n for n in signals if n != "n_tokens"]
 
 
+def has_projection(names: Any) -> bool:
+    """Whether any of the signal ``names`` is a persona projection (``proj:<trait>``): then rows are
+    paired by prompt and the gate also tests ``proj_diff:<trait>``."""
+    return any(n.startswith("proj:") for n in names)
+
+
 def gate_names(names: list[str], paired: bool) -> list[str]:
     """The signals the gate can test: the scored ones, and with prompt keys (``paired``) the paired
     projection difference ``proj_diff:<trait>`` of each ``proj:<trait>``."""
@@ -819,7 +825,7 @@ def main(argv: list[str] | None = None) -> None:
         pool_scored, pool_scoring = score_pool(pool, args.reference, teachers, args.model, args.vectors,
                                                args.batch_size, loaded, args.max_rows, args.max_reference_rows)
         keys = None
-        if any(n.startswith("proj:") for n in pool_scored[args.reference]):  # proj_diff pairs rows by prompt
+        if has_projection(pool_scored[args.reference]):
             keys = {name: read_prompt_keys(pool, name, row_limit(name, args.reference, args.max_rows,
                                                                  args.max_reference_rows)) for name in pool_scored}
         replay_started = time.perf_counter()
@@ -849,7 +855,7 @@ def main(argv: list[str] | None = None) -> None:
                    "model": args.model, "vectors": args.vectors, "sizes": args.sizes, "alpha": args.alpha,
                    "max_rows": args.max_rows, "max_reference_rows": args.max_reference_rows,
                    "guard": guard_config(args.alpha, args.signals).model_dump(mode="json"),
-                   "guard_signals": expand(args.signals, names), "gate_signals": expand(args.gate_signals, gate_names(names, any(n.startswith("proj:") for n in names))),
+                   "guard_signals": expand(args.signals, names), "gate_signals": expand(args.gate_signals, gate_names(names, has_projection(names))),
                    "n_permutations": args.n_permutations, "gate_seed": args.gate_seed, "partition_seed": args.seed,
                    "batch_size_observe": 1, "labels": labels, "plant_shifts": args.plant_shifts,
                    "plant_signal": args.plant_signal, "plant_teacher": args.plant_teacher or (args.clean or [None])[0],
