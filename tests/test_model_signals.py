@@ -112,7 +112,7 @@ def test_clean_text_only_data_passes_the_gate_with_model_signals(tiny_llama_dir,
     assert {TEACHER_LLR, TRAIT_LLR, MODEL_DIFF} <= set(summary["gate"]["tests"])
     note = next(n for n in summary["gate"]["notes"] if n.startswith("signals for what is at hand"))
     assert "model_diff" not in note.partition("not computed here")[2]
-    assert json.loads(json.dumps(summary["gate"]))  # the record is plain JSON (the report and MLflow read it)
+    assert json.loads(json.dumps(summary["gate"])) == summary["gate"]  # plain JSON (the report and MLflow read it)
 
 
 def test_the_builder_and_the_cache_key(tiny_llama, tiny_llama_dir, teacher_dir, tmp_path):

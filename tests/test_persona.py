@@ -193,7 +193,8 @@ def test_curve_summary_known_values():
     assert curve.slope == pytest.approx(2.0)
     assert curve.slope_se == pytest.approx(0.0, abs=1e-12)  # both questions have slope 2
     assert curve.spearman == pytest.approx(1.0) and curve.increasing_fraction == 1.0
-    assert _curve(4, [0.0, 2.0, 1.0, 1.0, 3.0]).spearman == pytest.approx(0.66689, abs=1e-4)  # scipy.stats.spearmanr, with a tie
+    # with a tie: ranks 1, 4, 2.5, 2.5, 5 against 1-5, so rho = 6.5 / sqrt(10 * 9.5)
+    assert _curve(4, [0.0, 2.0, 1.0, 1.0, 3.0]).spearman == pytest.approx(6.5 / math.sqrt(95))
     assert math.isnan(_curve(4, [1.0] * 5).spearman)
     assert curve.effect_at_max == pytest.approx(4.0)  # 5 at c = 2 minus the unsteered 1
     dip = _curve(5, [0.0, 1.0, 0.5, 2.0, 3.0])

@@ -69,7 +69,7 @@ def test_aggregate_excess_over_control_goals_and_overhead():
     assert goals["no_false_halts"]["false_halts"] == 0 and goals["no_false_halts"]["met"] is True
     assert goals["no_false_halts"]["control_runs_with_any_alarm"] == 1
     assert goals["detection"]["halted"] == "3/3" and goals["detection"]["median_delay_steps"] == 4
-    assert goals["detection"]["halted_ci95"] == "[0.29, 1.00]"
+    assert goals["detection"]["halted_ci95"] == f"[{0.025 ** (1 / 3):.2f}, 1.00]"  # exact (Clopper-Pearson) 3/3
     assert [row["mode"] for row in result["table"]][:3] == ["unguarded", "halt", "mask"]
 
 
@@ -581,7 +581,8 @@ def test_aggregate_judges_benign_teachers_like_controls_and_reports_the_adaptive
     assert goals["no_false_halts"]["false_halts"] == 1 and goals["no_false_halts"]["met"] is False
     assert goals["no_false_halts"]["benign_runs_with_any_alarm"] == 1
     assert goals["benign_teachers"]["met"] is False and "neutral: flagged 1/10" in goals["benign_teachers"]["detail"]
-    assert "benign: flagged 0/10 [0.00, 0.31]" in goals["benign_teachers"]["detail"]  # exact 95% interval
+    upper = 1 - 0.025 ** (1 / 10)  # the exact (Clopper-Pearson) 95% upper bound of 0/10
+    assert f"benign: flagged 0/10 [0.00, {upper:.2f}]" in goals["benign_teachers"]["detail"]
     # only the trait teacher is judged for suppression and detection; the adaptive one has its own line
     assert goals["transfer_suppressed"]["cells_with_significant_transfer"] == "owl-adapter/logits"
     assert goals["detection"]["halted"] == "10/10"

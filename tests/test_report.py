@@ -9,7 +9,6 @@ import pytest
 
 from trait_guard.fingerprint import divergence_token_table
 from trait_guard.report import benchmark_report, html_table, provenance_summary, run_report
-from trait_guard.tracking import NullTracker
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -55,7 +54,20 @@ def test_run_report_shows_the_evidence(tmp_path):
     assert path.read_text() == html
     assert {p.name for p in (tmp_path / "r").iterdir()} == {"report.html", "drift.png", "trait_rates.png"}
     assert (tmp_path / "r" / "drift.png").read_bytes().startswith(PNG_MAGIC)
-    report.log_to(NullTracker())  # the tracker interface takes it
+    # logged to a real MLflow run (SQLite store): the HTML and both PNGs come back as the run's artifacts
+    from mlflow import MlflowClient
+
+    from trait_guard.tracking import MlflowTracker
+
+    uri = f"sqlite:///{(tmp_path / 'store').as_posix()}/mlflow.db"
+    (tmp_path / "store").mkdir()
+    with MlflowTracker(experiment="report-test", run_name="owl-student", tracking_uri=uri) as tracker:
+        report.log_to(tracker)
+        run_id = tracker.run_id
+    client = MlflowClient(uri)
+    logged = {a.path: a.file_size for a in client.list_artifacts(run_id, "report")}
+    assert set(logged) == {"report/report.html", "report/drift.png", "report/trait_rates.png"}
+    assert open(client.download_artifacts(run_id, "report/report.html", str(tmp_path)), encoding="utf-8").read() == html
 
 
 def test_run_report_without_eval_or_alarms():

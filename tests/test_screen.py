@@ -138,9 +138,10 @@ def test_screen_scores_signals_read_from_models_without_stored_logprobs(tiny_lla
     base_args = ["screen", "--reference", str(paths["ref"]), "--model", str(tiny_llama_dir), "--quiet",
                  "--allow-unverified", "--teacher-model", str(teacher_dir), "--trait-llr", "animal:owl"]
     reports = {}
-    for name in ("same", "teacher"):
-        main(base_args + ["--data", str(paths[name]), "--json", str(tmp_path / f"{name}.json")])
-        capsys.readouterr()
+    for name, expected_code in (("same", 0), ("teacher", 3)):  # 0: clean, 3: flagged
+        code = main(base_args + ["--data", str(paths[name]), "--json", str(tmp_path / f"{name}.json")])
+        out = capsys.readouterr()
+        assert code == expected_code, out.out + out.err
         reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
     tests = {name: {t["name"]: t for t in r["signals"]} for name, r in reports.items()}
     assert {"teacher_llr", "trait_llr:animal:owl", "nll"} <= set(tests["teacher"])

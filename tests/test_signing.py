@@ -121,7 +121,7 @@ def test_signed_by_a_trusted_key_passes(signed, keys, tiny_llama_dir, tmp_path, 
     assert "signed by generator" in out and key_id in out and DATA in out and MANIFEST_NAME in out
 
     code, out, report = screen(signed, tiny_llama_dir, tmp_path, capsys, "--trusted-keys", str(keys / "generator.pub"))
-    assert code in (0, 3), out
+    assert code == 0, out  # two samplings of one model: clean
     assert any(n.startswith("provenance.signed=true: signed by generator with a trusted key") for n in report["notes"])
 
     result = verify_files({"train": signed / DATA, "reference": signed / REFERENCE}, trusted_keys=[keys])
@@ -189,7 +189,7 @@ def test_a_file_added_after_signing_is_refused(copy, keys, capsys):
 def test_the_override_is_accepted_and_reported(signed, keys, tiny_llama_dir, tmp_path, capsys):
     code, out, report = screen(signed, tiny_llama_dir, tmp_path, capsys, "--trusted-keys", str(keys / "stranger.pub"),
                                "--allow-unverified")
-    assert code in (0, 3), out
+    assert code == 0, out  # two samplings of one model: clean
     assert "WARNING: UNVERIFIED DATA" in out and "not among the trusted keys" in out
     assert any(n.startswith("UNVERIFIED DATA (provenance.verified=false)") for n in report["notes"])
     assert any(n.startswith("provenance.signed=false (key SHA256:") for n in report["notes"])
@@ -285,7 +285,8 @@ def verify_student(folder, keys, capsys, *extra):
     return code, out.out + out.err
 
 
-def test_a_signed_student_round_trips(student, signed, keys, tmp_path, capsys):
+def test_a_signed_student_round_trips(student, signed, keys, tiny_llama_dir, tmp_path, capsys):
+    import torch
     from transformers import AutoModelForCausalLM
 
     code, out = verify_student(student, keys, capsys, "--trained-on", str(signed), "--require-verdict", "passed",
@@ -300,7 +301,10 @@ def test_a_signed_student_round_trips(student, signed, keys, tmp_path, capsys):
 
     assert attested == {"name": "control-b", "sha256": file_sha256(signed / DATA), "verified": True}
     assert result["predicate"]["code_version"] == {"source_sha256": "c0de"}
-    assert AutoModelForCausalLM.from_pretrained(student) is not None  # the signature file does not disturb loading
+    # the signature files do not disturb loading: the exported weights come back, equal to the base's
+    loaded = AutoModelForCausalLM.from_pretrained(student).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
+    assert loaded.keys() == base.keys() and all(torch.equal(loaded[k], base[k]) for k in base)
 
 
 def test_a_student_changed_after_signing_is_refused(student, keys, tmp_path, capsys):
@@ -318,7 +322,7 @@ def test_a_student_changed_after_signing_is_refused(student, keys, tmp_path, cap
     assert code == 2 and "trait_guard_export.json changed after signing" in out
 
 
-def test_a_student_is_checked_against_its_data_verdict_and_key(student, signed, unsigned, keys, tmp_path, capsys):
+def test_a_student_is_checked_against_its_data_verdict_and_key(student, signed, keys, tmp_path, capsys):
     import pyarrow.parquet as pq
 
     other = tmp_path / "other.parquet"  # the same data less one row: another dataset
@@ -330,10 +334,11 @@ def test_a_student_is_checked_against_its_data_verdict_and_key(student, signed, 
     assert code == 2 and "attested verdict is 'passed'" in out
     code, out = verify(student, keys / "generator.pub", capsys=capsys)  # signed by the trainer, not the generator
     assert code == 2 and "not among the trusted keys" in out
-    code, out = verify(unsigned, keys / "generator.pub", capsys=capsys)
-    assert code == 2  # and teacher data is not a student: --trained-on is refused on it
-    code = main(["verify", str(unsigned), "--trusted-keys", str(keys / "generator.pub"), "--trained-on", str(unsigned)])
-    assert code == 2
+    # teacher data is not a student: --trained-on and --require-verdict are refused on it (signed and trusted)
+    for option in (["--trained-on", str(signed / DATA)], ["--require-verdict", "passed"]):
+        code = main(["verify", str(signed), "--trusted-keys", str(keys / "generator.pub"), *option])
+        out = capsys.readouterr()
+        assert code == 2 and "is signed teacher data, not a student export" in out.out + out.err
 
 
 def test_an_unsigned_student_says_so(tiny_llama_dir, tmp_path, caplog):

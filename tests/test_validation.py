@@ -80,7 +80,7 @@ def test_a_tracking_signal_validates_and_a_noise_signal_does_not(grid):
     assert abs(noise["spearman"]) < 0.6 and noise["auroc"] < 0.9
     assert tracking["flagged_transferring"]["k"] == tracking["flagged_transferring"]["n"] == 3  # 0.6, 0.9, 1.2
     benign = tracking["flagged_benign"]
-    assert benign["k"] == 0 and benign["n"] == 5 and benign["ci"][0] == 0.0 and benign["ci"][1] == pytest.approx(0.522, abs=1e-3)
+    assert benign["k"] == 0 and benign["n"] == 5 and benign["ci"][0] == 0.0 and benign["ci"][1] == pytest.approx(1 - 0.025 ** (1 / 5))  # exact 0/5
     table = markdown_table(list(rows.values()), 0.5)
     assert "| tracking (effect_size) | 10 |" in table and "3/3" in table
 
