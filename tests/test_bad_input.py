@@ -1,6 +1,10 @@
 """Bad input is refused with an error that names the fix, before anything is lost: one case per row
 of the table in docs/reliability.md. Most cases go through the real `trait-guard train` command
-(in-process `cli.main`), whose exit status for bad input is 2."""
+(in-process `cli.main`), whose exit status for bad input is 2.
+
+Markers are per test: those that need the tiny model, generated data and a persona vector (the
+``workspace`` fixture, ~8 s to build once) or that train are marked ``slow``; the rest (unreadable
+config files, the guard's non-finite checks, YAML and family fuzzing) run in the fast suite."""
 
 import math
 import shutil
@@ -21,8 +25,6 @@ from trait_guard.generation import generate_local
 from trait_guard.guard import TraitGuard
 from trait_guard.persona import PersonaVector, extract
 from trait_guard.traits import load_trait
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +94,7 @@ CONFIG_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, change, message", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
 def test_bad_config_values(case, change, message, tiny_llama_dir, workspace, tmp_path, capsys):
     config = _set(_good(tiny_llama_dir, workspace, tmp_path / "out"), *change)
@@ -116,6 +119,7 @@ def test_unreadable_configs(case, text, message, tmp_path, capsys):
     assert code == 2 and message in err, err
 
 
+@pytest.mark.slow
 def test_vectors_for_another_model(tiny_llama_dir, workspace, tmp_path, capsys):
     from trait_guard.models import load_model
     from trait_guard.testing import save_tiny_model
@@ -130,6 +134,7 @@ def test_vectors_for_another_model(tiny_llama_dir, workspace, tmp_path, capsys):
     assert code == 2 and "extract vectors for it with `trait-guard extract --model" in err, err
 
 
+@pytest.mark.slow
 def test_corrupted_and_nan_vectors(tiny_llama_dir, workspace, tmp_path, capsys):
     config = _good(tiny_llama_dir, workspace, tmp_path / "out")
     garbage = tmp_path / "garbage.safetensors"
@@ -145,6 +150,7 @@ def test_corrupted_and_nan_vectors(tiny_llama_dir, workspace, tmp_path, capsys):
         PersonaVector(vector.trait, vector.model, vector.vectors, vector.layer, vector.method)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["empty", "no-provenance-columns", "not-parquet", "no-manifest", "tampered"])
 def test_bad_data_files(case, tiny_llama_dir, workspace, tmp_path, capsys):
     from trait_guard.dataset import SCHEMA
@@ -194,6 +200,7 @@ def test_reference_without_finite_values_names_the_cause():
         TraitGuard(GuardConfig(signals=["nll"]), {"nll": np.full(50, np.nan)}, batch_size=4)
 
 
+@pytest.mark.slow
 def test_nan_model_weights_halt_training_before_the_update(tiny_llama_dir, workspace, tmp_path):
     """A student whose forward pass gives NaN (a broken checkpoint): the first loss is NaN, the run
     halts at step 1 without applying it, and says why."""
@@ -229,6 +236,7 @@ _keys = st.sampled_from(["optim", "guard", "data", "student", "probe", "tracking
                          "output_dir", "distill", "lr", "batch_size", "target_ert", "train", "unknown"])
 
 
+@pytest.mark.slow  # ~3.3 s: 300 fuzzed configs through pydantic
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(_keys, _values, max_size=6))
 def test_fuzzed_configs_fail_only_with_config_errors(data):
