@@ -1,4 +1,6 @@
 import importlib.util
+import json
+import warnings
 
 import pytest
 import torch
@@ -117,23 +119,75 @@ def test_dtype_rule_bf16_on_cuda_fp32_on_cpu_and_refusals():
         resolve_device("cuda")
 
 
+def _cli_output(command: str, out):
+    """What a finished ``command`` wrote, as tensors that depend on the weights' dtype: the saved persona
+    vectors (extract), the per-question target log-probabilities (eval), the LoRA weights (adapter)."""
+    from safetensors.torch import load_file
+
+    if command == "eval":
+        result = json.loads(out.read_text())
+        return {"target_logprob": torch.tensor([q["target_logprob"] for q in result["per_question"]],
+                                               dtype=torch.float64)}
+    return load_file(out / "adapter_model.safetensors" if command == "adapter" else out)
+
+
 @pytest.mark.parametrize("command", ["extract", "eval", "adapter"])
-def test_cli_device_and_dtype_reach_load_model(command, monkeypatch, tmp_path, capsys):
-    """extract, eval and adapter pass --device/--dtype (default auto/auto) to load_model, and a refused
-    combination exits 2 (bad input) with the fix, before any work."""
+def test_cli_device_and_dtype_reach_the_real_loader(command, tiny_llama_dir, tmp_path, capsys):
+    """extract, eval and adapter pass --device/--dtype (default auto/auto) to the real load_model, and a
+    refused combination exits 2 (bad input) with the loader's fix, before any work.
+
+    No command prints the dtype it loaded, so what the loader did is read from what it leaves behind,
+    on a real (tiny) checkpoint: ``--device cuda`` on this machine without CUDA gets the loader's own
+    refusal (from resolve_device inside load_model), ``float16`` on the CPU its dtype refusal, and the
+    runs that succeed are told apart by their output: with no options, with ``--device auto --dtype
+    auto`` and with ``--device cpu --dtype float32`` the command writes the very same numbers (auto is
+    float32 on the CPU), while ``--device cpu --dtype bfloat16`` gets the loader's bf16-on-CPU warning
+    and writes different ones (the model really ran in bfloat16). Runs where CUDA is visible are
+    skipped: auto then means bfloat16 on the GPU (test_dtype_rule_bf16_on_cuda_fp32_on_cpu_and_refusals
+    checks that rule).
+    """
     from trait_guard.cli import main
 
-    seen = []
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: auto places the model there and --device cuda is accepted")
+    spec = tmp_path / "t.yaml"
+    spec.write_text("name: t\ninstructions: [{pos: say e, neg: say a}]\nextract_questions: [hi, hello, what]\n"
+                    "eval_questions: [hey, yo, ok]\njudge: {keywords: [e]}\nbehavior_questions: [one, two]\n")
 
-    def fake_load(name, **kwargs):
-        seen.append(kwargs)
-        raise ModelLoadError("stop here")
+    def output_path(name: str):
+        return tmp_path / (f"{name}.safetensors" if command == "extract" else name)
 
-    monkeypatch.setattr(models, "load_model", fake_load)
-    args = [command, "--trait", "animal:owl", *(["--out", str(tmp_path / "out")] if command != "eval" else [])]
-    assert main(args) == 2
-    assert main([*args, "--device", "cuda", "--dtype", "bfloat16"]) == 2
-    assert seen == [{"device": "auto", "dtype": "auto"}, {"device": "cuda", "dtype": "bfloat16"}]
-    monkeypatch.undo()
-    assert main([*args, "--device", "cpu", "--dtype", "float16"]) == 2
+    def run(name: str, *placement: str) -> int:
+        out = output_path(name)
+        common = ["--model", str(tiny_llama_dir), "--quiet", *placement]
+        args = {"extract": ["extract", "--trait", str(spec), "--out", str(out), "--max-new-tokens", "3",
+                            "--layer-choice", "separation", "--random-controls", "0"],
+                "eval": ["eval", "--trait", str(spec), "--samples", "2", "--json", str(out)],
+                "adapter": ["adapter", "--trait", "animal:owl", "--task", "arithmetic", "--out", str(out),
+                            "--steps", "1"]}[command]
+        return main([*args, *common])
+
+    assert run("cuda", "--device", "cuda", "--dtype", "bfloat16") == 2
+    assert "device 'cuda' asked for, but no CUDA device is visible" in capsys.readouterr().err
+    assert run("fp16", "--device", "cpu", "--dtype", "float16") == 2
     assert "float16 on the CPU is not supported" in capsys.readouterr().err
+    assert not any(tmp_path.glob("cuda*")) and not any(tmp_path.glob("fp16*"))  # refused before any work
+
+    outputs = {}
+    for name, placement in [("default", ()), ("auto", ("--device", "auto", "--dtype", "auto")),
+                            ("float32", ("--device", "cpu", "--dtype", "float32"))]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert run(name, *placement) == 0, name
+        assert not [w for w in caught if "bfloat16" in str(w.message)], name
+        outputs[name] = _cli_output(command, output_path(name))
+    with pytest.warns(UserWarning, match="dtype bfloat16 on the CPU"):
+        assert run("bfloat16", "--device", "cpu", "--dtype", "bfloat16") == 0
+    outputs["bfloat16"] = _cli_output(command, output_path("bfloat16"))
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    assert all(outputs.values())
+    assert same(outputs["default"], outputs["float32"]) and same(outputs["auto"], outputs["float32"])
+    assert not same(outputs["bfloat16"], outputs["float32"])
