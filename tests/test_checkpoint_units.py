@@ -85,6 +85,19 @@ def test_read_checkpoint_state_refuses_a_folder_without_the_state_file(tmp_path)
         assert isinstance(err.value, ValueError)  # callers catching ValueError still catch it
 
 
+def test_read_checkpoint_state_refuses_a_cut_off_or_foreign_state_file_with_the_fix(tmp_path):
+    """A state file cut off mid-write (or edited by hand into something else) is bad input: the error
+    names the file and says to resume from an earlier step, instead of a JSONDecodeError traceback."""
+    for name, text in (("cut", '{"step": 6, "weights_step": 4, "gua'), ("list", "[1, 2]"), ("binary", b"\xff\xfe")):
+        folder = tmp_path / name
+        folder.mkdir()
+        target = folder / CHECKPOINT_STATE
+        target.write_bytes(text) if isinstance(text, bytes) else target.write_text(text)
+        with pytest.raises(TraitGuardInputError, match="resume from an earlier step") as err:
+            read_checkpoint_state(folder)
+        assert str(target) in str(err.value)
+
+
 def test_input_digests_hold_each_file_path_its_sha256_and_the_limits(tmp_path):
     train = _write(tmp_path / "train.parquet", b"abc")
     vector = _write(tmp_path / "owl.safetensors", b"")

@@ -16,15 +16,20 @@ def test_help_teaches_the_pipeline(capsys):
 
 
 def test_every_command_has_help_and_shared_options_have_one_definition(capsys):
-    """--model, --trait, --seed, --json, --quiet, --config, --output-dir, --allow-halt, ... come from one
+    """Every subcommand's --help exits 0 and shows an example of it. --model, --trait, --seed, --json, --quiet, --config, --output-dir, --allow-halt, ... come from one
     parent parser each: the same argparse action (one help text, one default) in every subcommand."""
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     actions: dict[str, set[int]] = {}
+    help_texts: list[str] = []
     for name, command in commands.items():
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args([name, "--help"])
         assert exit_info.value.code == 0, name
+        printed = capsys.readouterr().out
+        _, _, examples = printed.partition("example")  # README: every subcommand's --help shows a use
+        assert f"trait-guard {name}" in examples, f"`trait-guard {name} --help` shows no example"
+        help_texts.append(printed)
         for action in command._actions:
             for flag in action.option_strings:
                 actions.setdefault(flag, set()).add(id(action))
@@ -33,7 +38,7 @@ def test_every_command_has_help_and_shared_options_have_one_definition(capsys):
     # different on purpose: --batch-size (generation 16, scoring 32), --out (a vector file, an adapter folder),
     # --resume (train: from a checkpoint folder; generate: a flag, keep the teachers a stopped run finished)
     assert {flag for flag in shared if len(actions[flag]) > 1} == {"--batch-size", "--out", "--resume"}
-    assert "--config YAML" in capsys.readouterr().out
+    assert any("--config YAML" in text for text in help_texts)
 
 
 def test_extract_command_writes_a_loadable_vector(tiny_llama_dir, tmp_path, capsys):

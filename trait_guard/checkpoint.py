@@ -33,7 +33,16 @@ def read_checkpoint_state(directory: str | Path) -> dict[str, Any]:
         raise TraitGuardInputError(
             f"{directory} has no {CHECKPOINT_STATE}: not a trait_guard checkpoint; pass a folder written by a "
             "previous run under <output_dir>/checkpoints/step_NNNNNN")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TraitGuardInputError(
+            f"{path} is not valid JSON ({error}): the checkpoint's state was cut off or edited by hand; resume "
+            "from an earlier step's folder under <output_dir>/checkpoints/, or start the run afresh") from None
+    if not isinstance(state, dict):
+        raise TraitGuardInputError(f"{path} holds a {type(state).__name__}, not the state object a run writes; "
+                                   "resume from an earlier step's folder under <output_dir>/checkpoints/")
+    return state
 
 
 def in_ray_train() -> bool:

@@ -609,6 +609,10 @@ def _add_adapter(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -
             "lives in the weights. Small open models resist prompted personas; adapters install traits "
             "more reliably."
         ),
+        epilog="examples:\n"
+               "  trait-guard adapter --trait animal:owl --out outputs/adapters/owl --steps 60\n"
+               "  trait-guard eval --adapter outputs/adapters/owl --trait animal:owl   # did the trait install?\n"
+               "  trait-guard adapter --task style:terse --trait animal:owl --out outputs/adapters/benign",
     )
     ad.add_argument("--out", required=True, help="output folder for the adapter")
     ad.add_argument("--steps", type=int, default=60, help="finetuning steps (default: %(default)s)")
@@ -765,14 +769,21 @@ def _add_run_and_demo(subparsers: argparse._SubParsersAction, opts: _SharedOptio
     demo = _command(subparsers, "demo", parents=[opts.output_dir, opts.quiet],
                     help="the whole pipeline on the embedded model (what `make demo` runs)",
                     description="`trait-guard run --allow-halt` with the shipped CPU config "
-                                "(ray_jobs/configs/run_cpu.yaml) on the embedded model.")
+                                "(ray_jobs/configs/run_cpu.yaml) on the embedded model.",
+                    epilog="examples:\n"
+                           "  trait-guard demo                          # writes outputs/demo/, then: trait-guard ui\n"
+                           "  trait-guard demo --output-dir /tmp/demo --quiet")
     demo.set_defaults(func=cmd_demo)
 
 
 def _add_signing(subparsers: argparse._SubParsersAction, opts: _SharedOptions) -> None:
     """``trait-guard keys create`` (an Ed25519 key pair) and ``trait-guard verify`` (a signed data folder)."""
     keys = _command(subparsers, "keys", help="signing keys for teacher data (`keys create`)",
-                    description="Manage the Ed25519 keys that sign teacher data at its source (docs/provenance.md).")
+                    description="Manage the Ed25519 keys that sign teacher data at its source (docs/provenance.md).",
+                    epilog="examples:\n"
+                           "  trait-guard keys create --out keys/ --name generator-2026\n"
+                           "  trait-guard generate --config ray_jobs/configs/teacher_data_cpu.yaml --signing-key "
+                           "keys/generator-2026.key")
     actions = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
     create = _command(actions, "create", help="write a new Ed25519 key pair (NAME.key private, NAME.pub public)",
                       description="Write NAME.key (private, mode 0600: give it to the generator, e.g. as a Kubernetes "
@@ -813,11 +824,17 @@ def _add_mlflow_tools(subparsers: argparse._SubParsersAction) -> None:
         subparsers, "sync-mlflow", help="deliver MLflow writes queued while the tracking server was down",
         description="A run whose tracking server was still unreachable when it finished leaves its queued writes "
                     "(metrics, tags, artifacts, final status) in a spool folder, named in its log. Start the "
-                    "server, then: trait-guard sync-mlflow outputs/train/mlflow_spool/<run id>")
+                    "server, then run this on the spool folder.",
+        epilog="example: trait-guard sync-mlflow outputs/train/mlflow_spool/<run id>")
     sync.add_argument("spool", nargs="+", help="spool folder(s) (each holds run.json and operations.jsonl)")
     sync.set_defaults(func=cmd_sync_mlflow)
 
-    ui = _command(subparsers, "ui", help="open the MLflow UI on the local store (review runs)")
+    ui = _command(subparsers, "ui", help="open the MLflow UI on the local store (review runs)",
+                  description="Serve the MLflow UI on the local SQLite store the runs log to (the default tracking "
+                              "store; $MLFLOW_TRACKING_URI when set). Open a run, tab Artifacts, report/report.html.",
+                  epilog="examples:\n"
+                         "  trait-guard ui                    # http://127.0.0.1:5000\n"
+                         "  trait-guard ui --port 5001 --host 0.0.0.0")
     ui.add_argument("--port", type=int, default=5000, help="port to serve on (default: %(default)s)")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     ui.set_defaults(func=cmd_ui)
