@@ -102,7 +102,8 @@ SIGNAL_NEEDS: tuple[SignalNeeds, ...] = (
                 shown="none: AUROC 0.51 on prompted-owl data"),
     SignalNeeds("unigram", what="token surprisal under a histogram of the base model's own generations",
                 shown="none in its tested direction: AUROC 0.52 on prompted-owl data; downward it separates owl-adapter "
-                      "data (19/20 datasets below -0.2 effect size) but also 2/4 benign adapters: in no gate"),
+                      "data (19/20 datasets below -0.2 effect size) but also 3/6 benign adapters, and a pre-registered "
+                      "replication failed (p 0.087): in no gate"),
     SignalNeeds("proj:<trait>", trait_spec=True,
                 what="projection on a persona vector extracted from the base model with the spec",
                 shown="none: AUROC 0.50 [0.47, 0.54] on prompted-owl data; owl-adapter rows lean away from the owl "
