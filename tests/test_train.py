@@ -210,3 +210,37 @@ def test_logit_distillation_trains_on_the_teachers_top_k(tiny_llama_dir, data, t
     # so before any update the KL is 0 (up to float32 rounding); a renormalized top-k would make it > 0
     assert losses[0] == pytest.approx(0.0, abs=1e-5)
     assert all(loss >= -1e-7 for loss in losses)
+
+
+def test_a_drift_halt_records_its_step_and_its_decisions(tiny_llama_dir, data, tmp_path):
+    """The probe's drift alarm halts the run after that step's update: the step is in the history marked
+    halt (the report's decision points read it), its data decisions reach MLflow beside the drift
+    decision, and the halt names the drift. A drift threshold just above 0 makes the first probe
+    whose shift toward owl is positive halt; the test finds that step in the logged shifts."""
+    from trait_guard.models import load_model
+    from trait_guard.persona import extract
+    from trait_guard.traits import load_trait
+
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    vector = extract(model, tokenizer, load_trait("animal:owl"), n_instructions=1, n_questions=4,
+                     max_new_tokens=4).vectors["last_prompt"]
+    path = vector.save(tmp_path / "owl.safetensors")
+    config = job(tiny_llama_dir, data, tmp_path / "out", train="control-b", vectors=[str(path)],
+                 guard={"drift_threshold": 1e-9}, probe={"every_n_steps": 1},
+                 optim={"max_steps": 8})
+    summary = run_training(config)
+    client = mlflow.MlflowClient(config.tracking.tracking_uri)
+    shifts = {m.step: m.value for m in client.get_metric_history(summary["mlflow_run_id"], "probe/shift/animal:owl")}
+    assert sorted(shifts) == list(range(1, summary["steps"] + 1))  # a probe after every update
+    positive = [step for step, shift in sorted(shifts.items()) if shift > 1e-9]
+    assert positive, f"no probe shift toward owl in 8 steps ({shifts}): the halt path was not exercised"
+    halt_step = positive[0]
+    assert summary["halted"] and summary["halt"]["step"] == halt_step == summary["steps"] == summary["updates"]
+    assert summary["halt"]["reason"].startswith("student drift animal:owl=")
+    history = summary["history"]
+    assert [h["step"] for h in history] == list(range(1, halt_step + 1))
+    assert [h["action"] for h in history] == ["pass"] * (halt_step - 1) + ["halt"]
+    run_id = summary["mlflow_run_id"]
+    # the halting step's data decision reached MLflow (it was dropped before), beside its drift decision
+    for key in ("guard/eprocess/nll", "guard/eprocess/unigram", "guard/drift/animal:owl"):
+        assert halt_step in {m.step for m in client.get_metric_history(run_id, key)}, key

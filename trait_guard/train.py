@@ -686,12 +686,14 @@ def _train_loop(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.M
             outcome.step_times.append(time.perf_counter() - step_started)
             metrics = {"train/loss": step_loss, "train/lr": lr, "train/step_seconds": outcome.step_times[-1],
                        "guard/weight_mean": float(np.mean([float(d.sample_weights.mean()) for d in decisions]))}
+            for each in decisions:  # the step's data decisions (one per micro-batch), before its probe's
+                tracker.log_decision(each)
             if step % config.probe.every_n_steps == 0 and inputs.vectors:
                 drift = _probe(run, inputs, setup, model, step, metrics, guard_step=step * accumulation,
                                steering=steps.steering)
-                if drift is not None and drift.halt:
+                if drift is not None and drift.halt:  # after this step's update: it is recorded, marked halt
                     outcome.halted = {"step": step, "reason": drift.reason}
-                    tracker.log_metrics(metrics, step=step)
+                    _record_step(run, guard, engine, decisions, metrics, history, step, halted_by=drift)
                     _print_progress(run, step, total_steps, step_loss, lr, f"HALT: {drift.reason}", loop_started)
                     break
             _record_step(run, guard, engine, decisions, metrics, history, step)
@@ -759,18 +761,20 @@ def _start_steering(config: TrainJobConfig, model: torch.nn.Module, vector: Any)
 
 
 def _record_step(run: RunContext, guard: Any, engine: Any, decisions: Any, metrics: dict[str, float],
-                 history: list[dict[str, Any]], step: int | None = None) -> None:
-    """After an update: metrics and the decisions (one per micro-batch) to MLflow, the step into the
-    history (with the guard's state after its last micro-batch), and the periodic checkpoint."""
+                 history: list[dict[str, Any]], step: int | None = None, halted_by: Any = None) -> None:
+    """After an update (its decisions already logged): the metrics to MLflow, the step into the history
+    (with the guard's state after its last micro-batch), and the periodic checkpoint. ``halted_by``: the
+    probe's drift decision that halts the run after this update: the step's history entry says halt,
+    and no periodic checkpoint is written (the halt writes its own)."""
     decisions = decisions if isinstance(decisions, list) else [decisions]
     decision, config = decisions[-1], run.config
     step = decision.step if step is None else step
     run.tracker.log_metrics(metrics, step=step)
-    for each in decisions:
-        run.tracker.log_decision(each)
     history.append({"step": step, "statistic": decision.evidence.get(guard.kind, {}), "detector": guard.kind,
                     "loss": metrics["train/loss"], "thresholds": decision.evidence.get("thresholds", {}),
-                    "action": decision.action.value, "lr": metrics.get("train/lr")})
+                    "action": (halted_by or decision).action.value, "lr": metrics.get("train/lr")})
+    if halted_by is not None:
+        return
     if config.checkpoint.every_n_steps and step % config.checkpoint.every_n_steps == 0:
         save_checkpoint(engine, run.out_dir, step, guard, history, run.tracker, {"loss": metrics["train/loss"]},
                         run.in_ray, recipe=run.recipe or _recipe_state(config))
