@@ -772,7 +772,7 @@ def _record_step(run: RunContext, guard: Any, engine: Any, decisions: Any, metri
     run.tracker.log_metrics(metrics, step=step)
     history.append({"step": step, "statistic": decision.evidence.get(guard.kind, {}), "detector": guard.kind,
                     "loss": metrics["train/loss"], "thresholds": decision.evidence.get("thresholds", {}),
-                    "action": (halted_by or decision).action.value, "lr": metrics.get("train/lr")})
+                    "action": (decision if halted_by is None else halted_by).action.value, "lr": metrics.get("train/lr")})
     if halted_by is not None:
         return
     if config.checkpoint.every_n_steps and step % config.checkpoint.every_n_steps == 0:
