@@ -88,13 +88,10 @@ def test_read_checkpoint_state_refuses_a_folder_without_the_state_file(tmp_path)
 def test_read_checkpoint_state_refuses_a_cut_off_or_foreign_state_file_with_the_fix(tmp_path):
     """A state file cut off mid-write (or edited by hand into something else) is bad input: the error
     names the file and says to resume from an earlier step, instead of a JSONDecodeError traceback."""
-    for name, text in (("cut", '{"step": 6, "weights_step": 4, "gua'), ("list", "[1, 2]"), ("binary", b"\xff\xfe")):
-        folder = tmp_path / name
-        folder.mkdir()
-        target = folder / CHECKPOINT_STATE
-        target.write_bytes(text) if isinstance(text, bytes) else target.write_text(text)
+    for name, data in (("cut", b'{"step": 6, "weights_step": 4, "gua'), ("list", b"[1, 2]"), ("binary", b"\xff\xfe")):
+        target = _write(tmp_path / name / CHECKPOINT_STATE, data)
         with pytest.raises(TraitGuardInputError, match="resume from an earlier step") as err:
-            read_checkpoint_state(folder)
+            read_checkpoint_state(target.parent)
         assert str(target) in str(err.value)
 
 

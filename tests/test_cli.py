@@ -16,8 +16,9 @@ def test_help_teaches_the_pipeline(capsys):
 
 
 def test_every_command_has_help_and_shared_options_have_one_definition(capsys):
-    """Every subcommand's --help exits 0 and shows an example of it. --model, --trait, --seed, --json, --quiet, --config, --output-dir, --allow-halt, ... come from one
-    parent parser each: the same argparse action (one help text, one default) in every subcommand."""
+    """Every subcommand's --help exits 0 and shows an example of it. --model, --trait, --seed, --json,
+    --quiet, --config, --output-dir, --allow-halt, ... come from one parent parser each: the same
+    argparse action (one help text, one default) in every subcommand."""
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     actions: dict[str, set[int]] = {}

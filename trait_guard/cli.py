@@ -772,7 +772,7 @@ def _add_run_and_demo(subparsers: argparse._SubParsersAction, opts: _SharedOptio
                                 "(ray_jobs/configs/run_cpu.yaml) on the embedded model.",
                     epilog="examples:\n"
                            "  trait-guard demo                          # writes outputs/demo/, then: trait-guard ui\n"
-                           "  trait-guard demo --output-dir /tmp/demo --quiet")
+                           "  trait-guard demo --output-dir outputs/demo-2 --quiet   # a second demo beside the first")
     demo.set_defaults(func=cmd_demo)
 
 
