@@ -154,6 +154,35 @@ def test_values_are_finite_with_a_t_interval(tiny_gpt2):
     assert result.to_dict()["per_question"] == pytest.approx(result.per_question)
 
 
+def test_a_panel_read_for_another_answer_equals_measuring_that_answer(tiny_llama):
+    """retarget: one pass over the panel serves every answer in it (a control run measured on owl
+    read for eagle), equal to measuring eagle directly against the same answers; first(n) equals
+    measuring the first n questions; the dict form round-trips."""
+    model, tokenizer = tiny_llama
+    biased = _with_bias(model, _ids(tokenizer, "eagle")[0], 2.0)
+    for m in (model, biased):
+        owl = panel_logodds(m, tokenizer, QUESTIONS, TARGET, PANEL)
+        eagle = panel_logodds(m, tokenizer, QUESTIONS, "eagle", [TARGET, *PANEL])
+        read = owl.retarget("Eagle")
+        assert read.target == "eagle" and sorted(read.alternatives) == sorted(eagle.alternatives)
+        assert read.per_question == pytest.approx(eagle.per_question, abs=1e-9)
+        assert read.per_question_share == pytest.approx(eagle.per_question_share, abs=1e-9)
+        assert owl.logodds_by_answer()["eagle"] == pytest.approx(eagle.mean, abs=1e-9)
+        assert owl.logodds_by_answer()[TARGET] == pytest.approx(owl.mean, abs=1e-12)
+        first = panel_logodds(m, tokenizer, QUESTIONS[:2], TARGET, PANEL)
+        assert owl.first(2).per_question == pytest.approx(first.per_question, abs=1e-9)
+        assert PanelResult.from_dict(owl.to_dict()).retarget("eagle").per_question == pytest.approx(eagle.per_question)
+    # the bias toward eagle shows in the read, as in the direct measurement
+    assert (panel_logodds(biased, tokenizer, QUESTIONS, TARGET, PANEL).retarget("eagle").mean
+            > panel_logodds(model, tokenizer, QUESTIONS, TARGET, PANEL).retarget("eagle").mean + 1.0)
+    with pytest.raises(ValueError, match="not in this panel"):
+        owl.retarget("unicorn")
+    old = owl.to_dict()
+    old.pop("answer_logprobs")
+    with pytest.raises(ValueError, match="measure it again"):
+        PanelResult.from_dict(old).retarget("eagle")
+
+
 def test_the_panel_builds_no_autograd_graph_on_a_trainable_student(tiny_llama):
     """A LoRA student's weights require grad: a panel measured at setup or at a probe step must not
     record a graph (it kept every forward's activations alive: a SmolLM2 red-team run grew past 24 GB
@@ -261,6 +290,26 @@ def test_run_metrics_panel_fields():
     assert off["panel_logodds_before"] is None and math.isnan(off["panel_shift"]) and off["panel_curve"] == []
 
 
+def test_run_metrics_read_every_answers_shift_from_the_recorded_tables(tiny_llama):
+    """A run measured on owl carries every panel answer's paired shift (before -> after) and curve:
+    eagle's equals measuring eagle directly before and after; a run without tables reads as empty."""
+    model, tokenizer = tiny_llama
+    biased = _with_bias(model, _ids(tokenizer, "eagle")[0], 2.0)
+    before, after = (panel_logodds(m, tokenizer, QUESTIONS, TARGET, PANEL) for m in (model, biased))
+    eagle_before, eagle_after = (panel_logodds(m, tokenizer, QUESTIONS, "eagle", [TARGET, *PANEL]) for m in (model, biased))
+    direct = [a - b for a, b in zip(eagle_after.per_question, eagle_before.per_question, strict=True)]
+    curve = [{"step": 0, "panel_logodds": before.mean, "by_answer": before.logodds_by_answer()},
+             {"step": 4, "panel_logodds": after.mean, "by_answer": after.logodds_by_answer()}]
+    got = _panel_metrics({"panel_eval": {"before": before.to_dict(), "after": after.to_dict(), "curve": curve}})
+    assert got["panel_by_answer"]["shift"]["eagle"] == pytest.approx(sum(direct) / len(direct), abs=1e-9)
+    assert got["panel_by_answer"]["shift"][TARGET] == pytest.approx(got["panel_shift"], abs=1e-9)
+    assert got["panel_by_answer"]["shift"]["eagle"] > 1.0  # the head's bias toward eagle, seen in the read
+    assert [p["step"] for p in got["panel_by_answer"]["curve"]["eagle"]] == [0, 4]
+    assert "by_answer" not in got["panel_curve"][0]  # the run's own curve stays the watched target's
+    assert _panel_metrics({"panel_eval": {"before": {"per_question": [0.0]}, "after": {"per_question": [1.0]}}}
+                          )["panel_by_answer"] == {"shift": {}, "curve": {}}
+
+
 # ------------------------------------------------------------------------------------------------
 # training wiring: the baseline at setup and the curve at probe steps
 
@@ -287,7 +336,9 @@ def test_probe_logs_the_panel_curve_at_panel_steps(tiny_llama):
         _panel_baseline(run, inputs, setup)
         assert setup.panel_before["questions"] == spec.panel_questions[:3]
         direct = spec_panel_logodds(model, tokenizer, spec, n_questions=2).mean
-        assert setup.panel_curve == [{"step": 0, "panel_logodds": pytest.approx(direct, abs=1e-6)}]
+        assert [(p["step"], p["panel_logodds"]) for p in setup.panel_curve] == [(0, pytest.approx(direct, abs=1e-6))]
+        eagle_direct = spec_panel_logodds(model, tokenizer, load_trait("animal:eagle"), n_questions=2).mean
+        assert setup.panel_curve[0]["by_answer"]["eagle"] == pytest.approx(eagle_direct, abs=1e-6)
         for step in (2, 4):
             metrics = {}
             assert _probe(run, inputs, setup, model, step, metrics) is None  # guard off: no drift decision

@@ -278,6 +278,34 @@ def test_excess_compares_the_same_trait():
     assert made.probe.extra_eval_traits == ["animal:eagle"] and made.trait == "animal:owl"
 
 
+def test_panel_excess_of_another_animal_reads_the_controls_panel_for_that_animal():
+    """The control is measured on the owl panel; the eagle teacher's panel excess is read from the
+    control's per-answer table for eagle (shift and curve), paired by replicate, at matched updates.
+    Without the table (older runs) there is no eagle panel excess, never a comparison with owl's."""
+    teachers = [*TEACHERS, {"id": "eagle", "trait": "animal:eagle", "install": "system_prompt"}]
+    config = _config(teachers=teachers, modes=["unguarded", "halt"])
+    eagle_control = {0: -0.25, 1: 0.5, 2: 0.0}
+
+    def control(seed):
+        by_answer = {"shift": {"owl": 9.0, "eagle": eagle_control[seed]},
+                     "curve": {"eagle": [{"step": 0, "panel_logodds": 0.0}, {"step": 4, "panel_logodds": 0.125}]}}
+        return _run("control", "unguarded", seed, 0.0) | {
+            "weights_step": 12, "panel_shift": 9.0, "panel_curve": [{"step": 4, "panel_logodds": 9.0}],
+            "panel_by_answer": by_answer, "logprob_shift_by_trait": {"animal:eagle": 0.0}}
+
+    runs = [control(s) for s in range(3)]
+    runs += [_run("eagle", "unguarded", s, 0.5) | {"weights_step": 12, "panel_shift": 1.0 + s} for s in range(3)]
+    runs += [_run("eagle", "halt", s, 0.0, halted=True, halt_step=6) | {
+        "weights_step": 6, "panel_shift": 0.5,
+        "panel_curve": [{"step": 0, "panel_logodds": 0.0}, {"step": 4, "panel_logodds": 1.0}]} for s in range(3)]
+    cells = {(c["teacher"], c["mode"]): c for c in aggregate(config, runs)["cells"]}
+    unguarded = cells[("eagle", "unguarded")]["panel_excess"]["by_replicate"]
+    assert unguarded == pytest.approx({s: 1.0 + s - eagle_control[s] for s in range(3)})  # never minus owl's 9.0
+    assert cells[("eagle", "halt")]["panel_excess"]["by_replicate"] == pytest.approx({s: 1.0 - 0.125 for s in range(3)})
+    older = [r | {"panel_by_answer": {}} if r["teacher"] == "control" else r for r in runs]
+    assert "panel_excess" not in {c["teacher"]: c for c in aggregate(config, older)["cells"]}["eagle"]
+
+
 # ----------------------------------------------------------------------------- replicates and statistics
 
 

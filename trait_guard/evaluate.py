@@ -199,10 +199,65 @@ class PanelResult:
     ci_low: float  # 95% t-interval across questions (mean_t_interval)
     ci_high: float
     share: float  # mean over questions of per_question_share
+    # per question, l(a) of every answer in the order [target, *alternatives] (empty: not recorded)
+    answer_logprobs: list[list[float]] = field(default_factory=list)
 
     @property
     def n_questions(self) -> int:
         return len(self.questions)
+
+    @property
+    def answers(self) -> list[str]:
+        return [self.target, *self.alternatives]
+
+    def retarget(self, target: str, *, confidence: float = 0.95) -> PanelResult:
+        """The same measurement read for another answer of the panel: ``target``'s log-odds against the
+        other answers (this target included), from the recorded ``answer_logprobs``, no model needed.
+
+        Why: a control student is measured on the watched trait's panel, but a teacher of another
+        animal in the same panel needs the control's shift on *its* animal. With the same panel and
+        questions the result equals :func:`panel_logodds` run with ``target`` directly (the answer set
+        and K are the same). Raises when ``target`` is not in the panel or the table was not recorded."""
+        lowered = [a.lower() for a in self.answers]
+        if target.strip().lower() not in lowered:
+            raise ValueError(f"{target!r} is not in this panel ({', '.join(self.answers)}); a panel can be "
+                             "read only for its own answers")
+        if len(self.answer_logprobs) != len(self.questions):
+            raise ValueError("this panel result has no per-answer table (answer_logprobs), so it cannot be "
+                             "read for another target: measure it again with this version")
+        index = lowered.index(target.strip().lower())
+        order = [index, *(i for i in range(len(self.answers)) if i != index)]
+        table = torch.tensor(self.answer_logprobs, dtype=torch.float64)[:, order]
+        answers = [self.answers[i] for i in order]
+        return _panel_result(answers, self.questions, table, confidence)
+
+    def first(self, n: int, *, confidence: float = 0.95) -> PanelResult:
+        """The same measurement on its first ``n`` questions only (needs ``answer_logprobs``)."""
+        if not 1 <= n <= len(self.answer_logprobs) or len(self.answer_logprobs) != len(self.questions):
+            raise ValueError(f"cannot take the first {n} of {len(self.questions)} questions "
+                             f"({len(self.answer_logprobs)} recorded rows)")
+        table = torch.tensor(self.answer_logprobs[:n], dtype=torch.float64)
+        return _panel_result(self.answers, self.questions[:n], table, confidence)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PanelResult:
+        """The inverse of :meth:`to_dict` (JSON nulls back to NaN / -inf where they stood for them)."""
+        nan = float("nan")
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        for key in ("per_question", "per_question_share"):
+            fields[key] = [nan if v is None else float(v) for v in fields.get(key) or []]
+        fields["answer_logprobs"] = [[-math.inf if v is None else float(v) for v in row]
+                                     for row in fields.get("answer_logprobs") or []]
+        for key in ("mean", "ci_low", "ci_high", "share"):
+            fields[key] = nan if fields.get(key) is None else float(fields[key])
+        return cls(**fields)
+
+    def logodds_by_answer(self) -> dict[str, float]:
+        """Each answer's mean log-odds over the questions (:meth:`retarget` for every answer); empty
+        when the table was not recorded."""
+        if len(self.answer_logprobs) != len(self.questions) or not self.questions:
+            return {}
+        return {answer: self.retarget(answer).mean for answer in self.answers}
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (NaN and inf become None)."""
@@ -304,15 +359,21 @@ def panel_logodds(
         for i in range(len(answers)):
             table[0, i] = torch.logsumexp(sums[owner == i], dim=0)
         tables.append(table)
-    table = torch.cat(tables)
+    return _panel_result(answers, questions, torch.cat(tables), confidence)
+
+
+def _panel_result(answers: Sequence[str], questions: Sequence[str], table: torch.Tensor,
+                  confidence: float) -> PanelResult:
+    """A :class:`PanelResult` from the per-question table ``l(a)`` (rows: questions; columns: answers,
+    the target first)."""
     target_l = table[:, 0]
-    log_mean_alt = torch.logsumexp(table[:, 1:], dim=1) - math.log(len(alternatives))
+    log_mean_alt = torch.logsumexp(table[:, 1:], dim=1) - math.log(len(answers) - 1)
     logodds = (target_l - log_mean_alt).tolist()
     share = (target_l - torch.logsumexp(table, dim=1)).tolist()
     mean, low, high = mean_t_interval(logodds, confidence)
-    return PanelResult(target=target, alternatives=alternatives, questions=list(questions), per_question=logodds,
-                       per_question_share=share, mean=mean, ci_low=low, ci_high=high,
-                       share=float(np.mean(share)))
+    return PanelResult(target=answers[0], alternatives=list(answers[1:]), questions=list(questions),
+                       per_question=logodds, per_question_share=share, mean=mean, ci_low=low, ci_high=high,
+                       share=float(np.mean(share)), answer_logprobs=table.tolist())
 
 
 @torch.no_grad()

@@ -77,6 +77,14 @@ def measured_trait(config: RedteamConfig, teacher_id: str) -> str:
     return teacher.trait or config.trait
 
 
+def panel_answer(trait: str) -> str:
+    """The panel answer a trait's students are scored on (its spec's ``panel_target``, e.g. ``eagle``
+    for ``animal:eagle``); the trait id itself when the spec has no panel."""
+    from trait_guard.traits import load_trait
+
+    return load_trait(trait).panel_target or trait
+
+
 def is_control(config: RedteamConfig, teacher_id: str) -> bool:
     return next(t for t in config.teachers if t.id == teacher_id).install == "none"
 
@@ -387,7 +395,40 @@ def _panel_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     return {"panel_logodds_before": summary.get("panel_logodds_before"),
             "panel_logodds_after": summary.get("panel_logodds_after"),
             "panel_shift": shift["mean"], "panel_shift_ci": [shift["ci_low"], shift["ci_high"]],
-            "panel_curve": list(panel.get("curve") or [])}
+            "panel_curve": [{"step": p["step"], "panel_logodds": p["panel_logodds"]} for p in panel.get("curve") or []],
+            "panel_by_answer": _panel_by_answer(before, after, panel.get("curve") or [])}
+
+
+def _panel_by_answer(before: dict[str, Any] | None, after: dict[str, Any] | None,
+                     curve: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Every panel answer's shift (paired over the panel-eval questions) and curve, read from the
+    run's recorded per-answer tables: ``{"shift": {answer: mean}, "curve": {answer: [{"step",
+    "panel_logodds"}]}}`` (lower-case answers; empty for runs that did not record the tables). A
+    control run is measured on the watched trait's panel; this is its measurement for another
+    teacher's animal in the same panel (the eagle adapter against the control)."""
+    from trait_guard.evaluate import PanelResult
+
+    shift: dict[str, float] = {}
+    if before and after and before.get("answer_logprobs") and after.get("answer_logprobs"):
+        first, last = PanelResult.from_dict(before), PanelResult.from_dict(after)
+        for answer in first.answers:
+            pairs = zip(last.retarget(answer).per_question, first.retarget(answer).per_question, strict=True)
+            shift[answer.lower()] = t_interval([a - b for a, b in pairs])["mean"]
+    by_curve: dict[str, list[dict[str, Any]]] = {}
+    for point in curve:
+        for answer, value in (point.get("by_answer") or {}).items():
+            by_curve.setdefault(answer.lower(), []).append({"step": point["step"], "panel_logodds": value})
+    return {"shift": shift, "curve": by_curve}
+
+
+def panel_read_for(run: dict[str, Any], answer: str) -> dict[str, Any] | None:
+    """``run`` with its panel shift and curve read for ``answer`` (another animal of its panel, from
+    ``panel_by_answer``), ready for :func:`matched_panel_excess`; None when the run did not record it."""
+    by_answer = run.get("panel_by_answer") or {}
+    shift = (by_answer.get("shift") or {}).get(answer.lower())
+    if shift is None:
+        return None
+    return {**run, "panel_shift": shift, "panel_curve": (by_answer.get("curve") or {}).get(answer.lower(), [])}
 
 
 def _curve_points(curve: Any) -> dict[int, float]:
@@ -590,8 +631,9 @@ def _excess_over_control(config: RedteamConfig, cell: dict[str, Any], members: S
             if shift is not None:
                 excess[m["seed"]] = m["logprob_shift"] - shift
                 used.add(control_mode)
-                # the panel is measured on the run's own trait only
-                matched = matched_panel_excess(m, baseline) if same_trait else None
+                # a control measures the watched trait's panel; another animal is read from its table
+                control_panel = baseline if same_trait else panel_read_for(baseline, panel_answer(cell["trait"]))
+                matched = matched_panel_excess(m, control_panel) if control_panel is not None else None
                 if matched is not None:
                     panel[m["seed"]] = matched["excess"]
                 break

@@ -173,7 +173,7 @@ class Setup:
     seconds: float
     eval_before: dict[str, Any] | None
     panel_before: dict[str, Any] | None = None  # panel log-odds of the base model (probe.panel_eval_questions)
-    panel_curve: list[dict[str, Any]] = field(default_factory=list)  # {"step": updates, "panel_logodds"}
+    panel_curve: list[dict[str, Any]] = field(default_factory=list)  # panel_curve_point records
 
 
 @dataclass
@@ -397,22 +397,29 @@ def _panel_baseline(run: RunContext, inputs: Inputs, setup: Setup) -> None:
     probe = run.config.probe
     if run.rank != 0 or not probe.panel_every_n_steps:
         return
-    setup.panel_before = panel_eval(inputs.model, inputs.tokenizer, inputs.spec, probe.panel_eval_questions)
-    if setup.panel_before is None:  # the trait has no panel
+    before = panel_eval(inputs.model, inputs.tokenizer, inputs.spec, probe.panel_eval_questions)
+    if before is None:  # the trait has no panel
         return
-    n, measured = probe.panel_probe_questions, setup.panel_before["per_question"]
-    start = (float(np.mean(measured[:n])) if n <= probe.panel_eval_questions
-             else panel_eval(inputs.model, inputs.tokenizer, inputs.spec, n)["mean"])
-    setup.panel_curve.append({"step": 0, "panel_logodds": start})
+    setup.panel_before = before.to_dict()
+    n = probe.panel_probe_questions
+    start = (before.first(n) if n <= probe.panel_eval_questions
+             else panel_eval(inputs.model, inputs.tokenizer, inputs.spec, n))
+    setup.panel_curve.append(panel_curve_point(0, start))
 
 
-def panel_eval(model: torch.nn.Module, tokenizer: Any, spec: Any, n_questions: int) -> dict[str, Any] | None:
+def panel_eval(model: torch.nn.Module, tokenizer: Any, spec: Any, n_questions: int) -> Any:
     """:func:`trait_guard.evaluate.spec_panel_logodds` on the spec's first ``n_questions`` held-out
-    panel questions, as a JSON-safe dict (None when the spec has no panel)."""
+    panel questions (a ``PanelResult``; None when the spec has no panel)."""
     from trait_guard.evaluate import spec_panel_logodds
 
-    result = spec_panel_logodds(model, tokenizer, spec, n_questions)
-    return None if result is None else result.to_dict()
+    return spec_panel_logodds(model, tokenizer, spec, n_questions)
+
+
+def panel_curve_point(step: int, panel: Any) -> dict[str, Any]:
+    """One point of the panel curve: ``step`` (updates applied), the watched target's ``panel_logodds``
+    and ``by_answer``, every panel answer's log-odds from the same pass (so a control run's curve can be
+    read for another teacher's animal, ``trait_guard.redteam``)."""
+    return {"step": step, "panel_logodds": panel.mean, "by_answer": panel.logodds_by_answer()}
 
 
 def _build_trainer(config: TrainJobConfig, model: torch.nn.Module, total_steps: int = 1,
@@ -903,8 +910,8 @@ def _probe(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Module
         panel_every = run.config.probe.panel_every_n_steps
         if run.rank == 0 and panel_every and step % panel_every == 0 and setup.panel_before is not None:
             panel = panel_eval(model, inputs.tokenizer, inputs.spec, run.config.probe.panel_probe_questions)
-            metrics["probe/panel_logodds"] = panel["mean"]
-            setup.panel_curve.append({"step": step, "panel_logodds": panel["mean"]})  # step = updates applied
+            metrics["probe/panel_logodds"] = panel.mean
+            setup.panel_curve.append(panel_curve_point(step, panel))  # step = updates applied
     finally:
         model.train()
         if was_steering:
@@ -976,7 +983,7 @@ def _evaluate_after(run: RunContext, inputs: Inputs, setup: Setup, model: torch.
     eval_after = behavior_eval(model, inputs.tokenizer, spec, probe, seed) if evaluate_after else None
     eval_after_extra = ({trait: behavior_eval(model, inputs.tokenizer, _trait(trait), probe, seed)
                          for trait in probe.extra_eval_traits} if evaluate_after else {})
-    panel_after = (panel_eval(model, inputs.tokenizer, spec, probe.panel_eval_questions)
+    panel_after = (panel_eval(model, inputs.tokenizer, spec, probe.panel_eval_questions).to_dict()
                    if evaluate_after and setup.panel_before is not None else None)
     if panel_after is None and outcome.weights_step == 0 and outcome.interrupted is None:
         panel_after = setup.panel_before
