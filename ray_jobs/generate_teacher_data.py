@@ -3,37 +3,27 @@
 Submit to a cluster (the working directory is shipped to every node)::
 
     ray job submit --working-dir . -- python -m ray_jobs.generate_teacher_data \
-        --config ray_jobs/configs/teacher_data_cpu.yaml
+        --config ray_jobs/configs/teacher_data_cpu.yaml [--signing-key keys/teacher.key] [--resume]
 
 or run on a local Ray with ``python -m ray_jobs.generate_teacher_data --config ...``. Inside a Ray
 job, ``ray.init()`` joins the cluster the job was submitted to.
+
+The same as `trait-guard generate` (its options: --signing-key, --n-prompts, --output-dir,
+--resume; exit status 2 with the fix on bad input).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
-from trait_guard.config import GenerateJobConfig, load_config
-from trait_guard.generation import generate_datasets
+#: the `trait-guard` command this job runs (its options, checks and exit status)
+COMMAND = "generate"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a GenerateJobConfig YAML")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep the teachers a stopped run of this job finished; generate the others")
-    args = parser.parse_args(argv)
+    from trait_guard.cli import main as cli_main
 
-    # setup
-    config = load_config(args.config, GenerateJobConfig)
-    # run
-    report = generate_datasets(config, progress=sys.stderr.isatty(), resume=args.resume)
-    # report
-    print(report.table())
-    print(json.dumps(report.to_dict(), indent=2))
-    return 0
+    return cli_main([COMMAND, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

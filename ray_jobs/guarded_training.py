@@ -5,32 +5,24 @@
 
 Inside a Ray job, ``ray.init()`` joins the cluster the job was submitted to; Ray Train places one
 DeepSpeed rank per worker and restarts from the last checkpoint after a worker failure.
+
+The same as `trait-guard train` (its options, checks and exit status), so the Ray job's status tells
+the truth: 0 trained, 4 halted or gated by the guard (the job FAILS; --allow-halt: 0), 2 bad input
+(the message names the fix), 128+N stopped by signal N (it prints the --resume command).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
-from trait_guard.config import TrainJobConfig, load_config, with_overrides
-from trait_guard.train import run_training
+#: the `trait-guard` command this job runs (its options, checks and exit status)
+COMMAND = "train"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a TrainJobConfig YAML")
-    parser.add_argument("--resume", help="a checkpoint folder to continue from")
-    args = parser.parse_args(argv)
+    from trait_guard.cli import main as cli_main
 
-    # setup
-    config = with_overrides(load_config(args.config, TrainJobConfig), {"resume_from": args.resume or None},
-                            source=args.config)
-    # run
-    summary = run_training(config)
-    # report
-    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2, default=str))
-    return 0
+    return cli_main([COMMAND, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -4,29 +4,23 @@
 
 The CPU config runs on the embedded SmolLM2-135M-Instruct; ray_jobs/configs/run_gpu.yaml is the GPU
 cluster profile (Qwen2.5-7B-Instruct, LoRA, ZeRO-2, bf16).
+
+The same as `trait-guard run` (its options and exit status: 4 when the guard halted a student, so
+the Ray job fails unless --allow-halt; 2 with the fix on bad input).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from trait_guard.config import RunJobConfig, load_config
-from trait_guard.pipeline import format_summary, run_pipeline
+#: the `trait-guard` command this job runs (its options, checks and exit status)
+COMMAND = "run"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a RunJobConfig YAML")
-    args = parser.parse_args(argv)
+    from trait_guard.cli import main as cli_main
 
-    # setup
-    config = load_config(args.config, RunJobConfig)
-    # run
-    summary = run_pipeline(config, progress=sys.stderr.isatty())
-    # report
-    print(format_summary(summary))
-    return 0
+    return cli_main([COMMAND, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

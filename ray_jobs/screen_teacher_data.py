@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import sys
 
+#: the `trait-guard` command this job runs (its options, checks and exit status)
+COMMAND = "screen"
+
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
@@ -23,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from trait_guard.cli import main as cli_main
 
-    command = ["screen", *rest]
+    command = [COMMAND, *rest]
     if not args.num_gpus:
         return cli_main(command)
     import ray

@@ -224,7 +224,10 @@ def _check_pip(argv: list[str]) -> None:
 
 
 def _check_ray(argv: list[str]) -> None:
+    import importlib
     import importlib.util
+
+    from trait_guard.cli import build_parser
 
     assert argv[:2] == ["job", "submit"] and "--" in argv, argv
     entry = argv[argv.index("--") + 1:]
@@ -232,9 +235,13 @@ def _check_ray(argv: list[str]) -> None:
     module = entry[2]
     spec = importlib.util.find_spec(module)
     assert module.startswith("ray_jobs.") and spec is not None, f"no module {module}"
+    job = importlib.import_module(module)
+    # a job runs one `trait-guard` command: its flags are that command's (plus the job's own, e.g.
+    # screen's --num-gpus, which its source declares)
+    _, unknown = build_parser().parse_known_args([job.COMMAND, *entry[3:]])
     source = Path(spec.origin).read_text(encoding="utf-8")
-    for flag in (a for a in entry[3:] if a.startswith("--")):
-        assert f'"{flag}"' in source, f"{module} has no option {flag}"
+    for flag in (a for a in unknown if a.startswith("--")):
+        assert f'"{flag}"' in source, f"{module} (trait-guard {job.COMMAND}) has no option {flag}"
     _configs_in(entry[3:])
 
 
