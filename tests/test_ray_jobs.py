@@ -96,6 +96,18 @@ def test_screen_job_refuses_bad_input_with_exit_2(parquets, tiny_llama_dir, tmp_
     assert "--allow-unverified" in capsys.readouterr().err and not report_path.exists()
 
 
+def test_the_gpu_screen_task_sends_its_report_back(parquets, tiny_llama_dir, tmp_path, capsys):
+    """With --num-gpus the screen runs in a Ray task on a GPU node, where a --json file would stay: the
+    task's function returns the exit status and the report's text for the driver to write. Here it runs
+    in this process (no GPU to schedule on), on the shifted set."""
+    args = screen_args(parquets, tiny_llama_dir, parquets["shifted"], tmp_path / "unused.json")
+    command = [screen_teacher_data.COMMAND, *args[: args.index("--json")]]
+    code, report = screen_teacher_data._screen_on_a_worker(command, True)
+    assert code == 3 and json.loads(report)["flagged"] and not (tmp_path / "unused.json").exists()
+    assert screen_teacher_data._screen_on_a_worker(command, False) == (3, None)
+    capsys.readouterr()
+
+
 # --------------------------------------------------------------------------------------------------
 # guarded_training
 
