@@ -222,22 +222,24 @@ class PanelResult:
         if target.strip().lower() not in lowered:
             raise ValueError(f"{target!r} is not in this panel ({', '.join(self.answers)}); a panel can be "
                              "read only for its own answers")
-        if len(self.answer_logprobs) != len(self.questions):
-            raise ValueError("this panel result has no per-answer table (answer_logprobs), so it cannot be "
-                             "read for another target: measure it again with this version")
         index = lowered.index(target.strip().lower())
         order = [index, *(i for i in range(len(self.answers)) if i != index)]
-        table = torch.tensor(self.answer_logprobs, dtype=torch.float64)[:, order]
+        table = self._table()[:, order]
         answers = [self.answers[i] for i in order]
         return _panel_result(answers, self.questions, table, confidence)
 
     def first(self, n: int, *, confidence: float = 0.95) -> PanelResult:
         """The same measurement on its first ``n`` questions only (needs ``answer_logprobs``)."""
-        if not 1 <= n <= len(self.answer_logprobs) or len(self.answer_logprobs) != len(self.questions):
-            raise ValueError(f"cannot take the first {n} of {len(self.questions)} questions "
-                             f"({len(self.answer_logprobs)} recorded rows)")
-        table = torch.tensor(self.answer_logprobs[:n], dtype=torch.float64)
-        return _panel_result(self.answers, self.questions[:n], table, confidence)
+        if not 1 <= n <= len(self.questions):
+            raise ValueError(f"cannot take the first {n} of {len(self.questions)} questions")
+        return _panel_result(self.answers, self.questions[:n], self._table()[:n], confidence)
+
+    def _table(self) -> torch.Tensor:
+        """``answer_logprobs`` as a (questions x answers) float64 tensor; raises when not recorded."""
+        if len(self.answer_logprobs) != len(self.questions):
+            raise ValueError("this panel result has no per-answer table (answer_logprobs), so it cannot be "
+                             "read again (another target, fewer questions): measure it again with this version")
+        return torch.tensor(self.answer_logprobs, dtype=torch.float64)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PanelResult:
@@ -256,7 +258,7 @@ class PanelResult:
         """Each answer's mean log-odds over the questions (:meth:`retarget` for every answer); empty
         when the table was not recorded."""
         if len(self.answer_logprobs) != len(self.questions) or not self.questions:
-            return {}
+            return {}  # not recorded (older results): nothing to read
         return {answer: self.retarget(answer).mean for answer in self.answers}
 
     def to_dict(self) -> dict[str, Any]:

@@ -58,6 +58,7 @@ from trait_guard.checkpoint import (
 )
 from trait_guard.config import Action, TrainJobConfig
 from trait_guard.errors import TraitGuardInputError
+from trait_guard.evaluate import PanelResult, spec_panel_logodds
 from trait_guard.persona import probe_projections, probe_shifts
 from trait_guard.ranks import all_ranks_true, gather_signals, world
 from trait_guard.rollback import RollbackRecord, WeightSnapshots, snapshot_support
@@ -397,25 +398,17 @@ def _panel_baseline(run: RunContext, inputs: Inputs, setup: Setup) -> None:
     probe = run.config.probe
     if run.rank != 0 or not probe.panel_every_n_steps:
         return
-    before = panel_eval(inputs.model, inputs.tokenizer, inputs.spec, probe.panel_eval_questions)
+    before = spec_panel_logodds(inputs.model, inputs.tokenizer, inputs.spec, probe.panel_eval_questions)
     if before is None:  # the trait has no panel
         return
     setup.panel_before = before.to_dict()
     n = probe.panel_probe_questions
     start = (before.first(n) if n <= probe.panel_eval_questions
-             else panel_eval(inputs.model, inputs.tokenizer, inputs.spec, n))
+             else spec_panel_logodds(inputs.model, inputs.tokenizer, inputs.spec, n))
     setup.panel_curve.append(panel_curve_point(0, start))
 
 
-def panel_eval(model: torch.nn.Module, tokenizer: Any, spec: Any, n_questions: int) -> Any:
-    """:func:`trait_guard.evaluate.spec_panel_logodds` on the spec's first ``n_questions`` held-out
-    panel questions (a ``PanelResult``; None when the spec has no panel)."""
-    from trait_guard.evaluate import spec_panel_logodds
-
-    return spec_panel_logodds(model, tokenizer, spec, n_questions)
-
-
-def panel_curve_point(step: int, panel: Any) -> dict[str, Any]:
+def panel_curve_point(step: int, panel: PanelResult) -> dict[str, Any]:
     """One point of the panel curve: ``step`` (updates applied), the watched target's ``panel_logodds``
     and ``by_answer``, every panel answer's log-odds from the same pass (so a control run's curve can be
     read for another teacher's animal, ``trait_guard.redteam``)."""
@@ -909,7 +902,7 @@ def _probe(run: RunContext, inputs: Inputs, setup: Setup, model: torch.nn.Module
         metrics.update({f"probe/shift/{k}": v for k, v in shifts.items()})
         panel_every = run.config.probe.panel_every_n_steps
         if run.rank == 0 and panel_every and step % panel_every == 0 and setup.panel_before is not None:
-            panel = panel_eval(model, inputs.tokenizer, inputs.spec, run.config.probe.panel_probe_questions)
+            panel = spec_panel_logodds(model, inputs.tokenizer, inputs.spec, run.config.probe.panel_probe_questions)
             metrics["probe/panel_logodds"] = panel.mean
             setup.panel_curve.append(panel_curve_point(step, panel))  # step = updates applied
     finally:
@@ -983,7 +976,7 @@ def _evaluate_after(run: RunContext, inputs: Inputs, setup: Setup, model: torch.
     eval_after = behavior_eval(model, inputs.tokenizer, spec, probe, seed) if evaluate_after else None
     eval_after_extra = ({trait: behavior_eval(model, inputs.tokenizer, _trait(trait), probe, seed)
                          for trait in probe.extra_eval_traits} if evaluate_after else {})
-    panel_after = (panel_eval(model, inputs.tokenizer, spec, probe.panel_eval_questions).to_dict()
+    panel_after = (spec_panel_logodds(model, inputs.tokenizer, spec, probe.panel_eval_questions).to_dict()
                    if evaluate_after and setup.panel_before is not None else None)
     if panel_after is None and outcome.weights_step == 0 and outcome.interrupted is None:
         panel_after = setup.panel_before
